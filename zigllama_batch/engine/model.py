@@ -1,0 +1,289 @@
+"""LLaMA forward pass in numpy, one ragged batch per call (selective batching, as in Orca).
+
+Inside: :class:`StepInput` (one sequence's share of a step) and :class:`LLaMAModel`, whose
+:meth:`~LLaMAModel.step` is the only forward entry point. One step runs any mix of sequences:
+some feed a chunk of their prompt, others one decode token.
+
+- Embedding, RMSNorm, the fused Q/K/V projection, the output projection and the SwiGLU MLP run
+  once over all new tokens concatenated: one matrix multiply per weight per step.
+- Attention runs against each sequence's KV-cache slot. Single-token (decode) items are batched
+  into one masked attention over their slots; prompt chunks run one by one with a causal mask.
+- Only each item's last new token goes through the output head.
+
+RoPE rotates adjacent pairs of dimensions ``(2i, 2i+1)`` of every head: the layout llama.cpp's
+converter writes Q/K weights in (Hugging Face's "rotate half" applied to un-permuted weights is the
+same computation). Shapes use N = new tokens in the step, B = items, H = query heads,
+KVH = key/value heads, G = H // KVH, D = model width, hd = head width, L = attended positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .gguf_loader import LayerWeights, LlamaConfig, LlamaWeights
+from .kv_cache import KVCache
+
+__all__ = ["LLaMAModel", "StepInput"]
+
+F32 = NDArray[np.float32]
+I64 = NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class StepInput:
+    """One sequence's part of a step: its cache slot, its new tokens and where they start."""
+
+    slot: int
+    """KV-cache slot holding this sequence's earlier keys and values."""
+    token_ids: Sequence[int]
+    """New tokens: a prompt chunk, or the one token sampled last step."""
+    start_pos: int
+    """Position of ``token_ids[0]``; positions before it must already be in the cache."""
+
+
+class LLaMAModel:
+    """A Llama-architecture decoder with float32 weights.
+
+    The model holds no per-sequence state: keys and values live in a :class:`KVCache` passed to
+    each :meth:`step`, so several caches (or several disjoint slot sets of one cache) can use the
+    same weights. A step is safe to run in a worker thread while the caller's event loop runs.
+    """
+
+    def __init__(self, config: LlamaConfig, weights: LlamaWeights) -> None:
+        self.config = config
+        self.weights = weights
+        hd = config.head_dim
+        # RoPE tables for every position, computed in float64 then rounded once.
+        inv_freq = 1.0 / (config.rope_base ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+        if weights.rope_freqs is not None:
+            inv_freq = inv_freq / weights.rope_freqs.astype(np.float64)
+        positions = np.arange(config.context_length, dtype=np.float64) / config.rope_scale
+        angles = np.outer(positions, inv_freq)  # (context, hd/2)
+        # e^(i angle): rotating the pair (x[2j], x[2j+1]) is multiplying x[2j] + i x[2j+1] by it.
+        self._rotation: NDArray[np.complex64] = np.exp(1j * angles).astype(np.complex64)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the model scores."""
+        return self.config.vocab_size
+
+    def new_cache(self, n_slots: int, max_context: int | None = None) -> KVCache:
+        """A KV cache for this model with ``n_slots`` slots of ``max_context`` positions."""
+        return KVCache(self.config, n_slots, max_context or self.config.context_length)
+
+    def step(self, items: Sequence[StepInput], cache: KVCache) -> F32:
+        """Run one forward step over a ragged batch and return each item's next-token logits.
+
+        Writes the new tokens' keys and values into their slots of ``cache``.
+
+        Args:
+            items: one entry per sequence; slots must be distinct.
+            cache: the cache whose slots the items name.
+
+        Returns:
+            ``(len(items), vocab_size)`` float32 logits of each item's last new token.
+
+        Raises:
+            ValueError: an item names a bad slot, is empty, overruns the cache or holds a token
+                id outside the vocabulary.
+        """
+        if not items:
+            return np.zeros((0, self.vocab_size), np.float32)
+        batch = _Batch.build(items, cache, self.vocab_size, self._rotation)
+        w = self.weights
+        x = w.embed_t[:, batch.token_ids].T.copy()  # (N, D)
+        for layer_index, layer in enumerate(w.layers):
+            self._layer(x, layer, cache.k[layer_index], cache.v[layer_index], batch)
+        last = _rms_norm(x[batch.last_rows], w.output_norm, self.config.rms_eps)  # (B, D)
+        logits: F32 = last @ w.output  # (B, vocab)
+        return logits
+
+    def _layer(
+        self, x: F32, layer: LayerWeights, k_cache: F32, v_cache: F32, batch: _Batch
+    ) -> None:
+        """One transformer block, updating the residual stream ``x`` (N, D) in place."""
+        c = self.config
+        n, hd = x.shape[0], c.head_dim
+        q_width, kv_width = c.n_heads * hd, c.n_kv_heads * hd
+
+        h = _rms_norm(x, layer.attn_norm, c.rms_eps)
+        qkv = h @ layer.wqkv  # (N, (H + 2 KVH) hd)
+        # RoPE on queries and keys at once: pairs of dims as complex numbers times e^(i angle).
+        qk = qkv[:, : q_width + kv_width].reshape(n, c.n_heads + c.n_kv_heads, hd)
+        qk = (qk.view(np.complex64) * batch.rotation).view(np.float32)  # (N, H + KVH, hd)
+        q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
+        v = qkv[:, q_width + kv_width :].reshape(n, c.n_kv_heads, hd)
+        k_cache[batch.token_slots, :, batch.positions] = k  # (N, KVH, hd) written in place
+        v_cache[batch.token_slots, :, batch.positions] = v
+
+        q *= np.float32(1.0 / np.sqrt(hd))
+        attn = np.empty((n, c.n_heads, hd), np.float32)  # (N, H, hd)
+        if batch.decode_rows.size:
+            attn[batch.decode_rows] = _decode_attention(
+                q[batch.decode_rows], k_cache, v_cache, batch
+            )
+        for item_index in batch.prefill_items:
+            rows = batch.rows[item_index]
+            attn[rows] = _prefill_attention(
+                q[rows], k_cache, v_cache, batch.slots[item_index], batch.starts[item_index]
+            )
+        x += attn.reshape(n, q_width) @ layer.wo
+
+        h = _rms_norm(x, layer.ffn_norm, c.rms_eps)
+        gate_up = h @ layer.w_gate_up  # (N, 2F)
+        gate, up = gate_up[:, : c.ffn_dim], gate_up[:, c.ffn_dim :]
+        # SwiGLU: silu(gate) * up = gate / (1 + e^-gate) * up, in one scratch array.
+        act = np.negative(gate)
+        np.exp(act, out=act)
+        act += 1.0
+        np.divide(gate, act, out=act)
+        act *= up
+        x += act @ layer.w_down
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"LLaMAModel({c.name!r}, layers={c.n_layers}, dim={c.dim}, heads={c.n_heads}/"
+            f"{c.n_kv_heads}, vocab={c.vocab_size}, context={c.context_length}, "
+            f"weights={self.weights.nbytes / 2**20:.0f} MiB)"
+        )
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Index arrays that every layer of one step reuses."""
+
+    token_ids: I64  # (N,)
+    positions: I64  # (N,) absolute position of every new token
+    token_slots: I64  # (N,) cache slot of every new token
+    rows: list[slice]  # per item: its rows among the N tokens
+    last_rows: I64  # (B,) row of each item's last token
+    slots: list[int]
+    starts: list[int]
+    prefill_items: list[int]  # items with more than one new token
+    decode_rows: I64  # rows of single-token items, ordered by slot
+    decode_slots: I64  # their slots (ascending)
+    decode_lengths: I64  # positions each attends to (start + 1)
+    decode_slot_range: slice | None  # when decode slots are consecutive: a view, not a gather
+    decode_mask: F32  # (Bd, 1, 1, Lmax): 0 where a position is attended, -inf past its end
+    rotation: NDArray[np.complex64]  # (N, 1, hd/2): RoPE factor of each new token
+
+    @staticmethod
+    def build(
+        items: Sequence[StepInput],
+        cache: KVCache,
+        vocab_size: int,
+        rotation: NDArray[np.complex64],
+    ) -> _Batch:
+        seen: set[int] = set()
+        token_ids: list[int] = []
+        positions: list[np.ndarray] = []
+        token_slots: list[np.ndarray] = []
+        rows: list[slice] = []
+        prefill_items: list[int] = []
+        decode: list[tuple[int, int, int]] = []  # (slot, row, start)
+        for i, item in enumerate(items):
+            n = len(item.token_ids)
+            if not 0 <= item.slot < cache.n_slots:
+                raise ValueError(f"item {i}: slot {item.slot} outside [0, {cache.n_slots})")
+            if item.slot in seen:
+                raise ValueError(f"item {i}: slot {item.slot} appears twice in one step")
+            seen.add(item.slot)
+            if n == 0:
+                raise ValueError(f"item {i}: no new tokens")
+            if item.start_pos < 0 or item.start_pos + n > cache.max_context:
+                raise ValueError(
+                    f"item {i}: positions {item.start_pos}..{item.start_pos + n - 1} do not fit "
+                    f"a cache of {cache.max_context}"
+                )
+            row0 = len(token_ids)
+            token_ids.extend(item.token_ids)
+            positions.append(np.arange(item.start_pos, item.start_pos + n))
+            token_slots.append(np.full(n, item.slot))
+            rows.append(slice(row0, row0 + n))
+            if n == 1:
+                decode.append((item.slot, row0, item.start_pos))
+            else:
+                prefill_items.append(i)
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise ValueError(f"token ids must be in [0, {vocab_size})")
+        decode.sort()
+        d_slots = np.array([d[0] for d in decode], dtype=np.int64)
+        d_lengths = np.array([d[2] + 1 for d in decode], dtype=np.int64)
+        consecutive = bool(decode) and d_slots[-1] - d_slots[0] == len(decode) - 1
+        l_max = int(d_lengths.max()) if decode else 0
+        mask = np.where(np.arange(l_max)[None, :] < d_lengths[:, None], 0.0, -np.inf)
+        all_positions = np.concatenate(positions)
+        return _Batch(
+            token_ids=ids,
+            positions=all_positions,
+            token_slots=np.concatenate(token_slots),
+            rows=rows,
+            last_rows=np.array([r.stop - 1 for r in rows], dtype=np.int64),
+            slots=[item.slot for item in items],
+            starts=[item.start_pos for item in items],
+            prefill_items=prefill_items,
+            decode_rows=np.array([d[1] for d in decode], dtype=np.int64),
+            decode_slots=d_slots,
+            decode_lengths=d_lengths,
+            decode_slot_range=slice(int(d_slots[0]), int(d_slots[-1]) + 1) if consecutive else None,
+            decode_mask=mask.astype(np.float32)[:, None, None, :],
+            rotation=rotation[all_positions][:, None, :],
+        )
+
+
+def _rms_norm(x: F32, weight: F32, eps: float) -> F32:
+    """RMSNorm over rows: x / sqrt(mean(x^2) + eps) * weight. x: (N, D)."""
+    rms = np.einsum("ij,ij->i", x, x)  # (N,) sum of squares
+    rms *= np.float32(1.0 / x.shape[1])
+    rms += np.float32(eps)
+    np.sqrt(rms, out=rms)
+    out: F32 = x / rms[:, None]
+    out *= weight
+    return out
+
+
+def _softmax_inplace(scores: F32) -> F32:
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
+def _decode_attention(q: F32, k_cache: F32, v_cache: F32, batch: _Batch) -> F32:
+    """Attention for single-token items, all at once, padded to the longest of them.
+
+    q: (Bd, H, hd) already scaled, in the order of ``batch.decode_slots``. Returns (Bd, H, hd).
+    """
+    bd, n_heads, hd = q.shape
+    n_kv = k_cache.shape[1]
+    l_max = batch.decode_mask.shape[-1]
+    where = batch.decode_slot_range if batch.decode_slot_range is not None else batch.decode_slots
+    keys = k_cache[where, :, :l_max]  # (Bd, KVH, L, hd): a view when the slots are consecutive
+    values = v_cache[where, :, :l_max]
+    qg = q.reshape(bd, n_kv, n_heads // n_kv, hd)  # (Bd, KVH, G, hd)
+    scores = qg @ keys.transpose(0, 1, 3, 2)  # (Bd, KVH, G, L)
+    scores += batch.decode_mask
+    out: F32 = _softmax_inplace(scores) @ values  # (Bd, KVH, G, hd)
+    return out.reshape(bd, n_heads, hd)
+
+
+def _prefill_attention(q: F32, k_cache: F32, v_cache: F32, slot: int, start: int) -> F32:
+    """Causal attention of one prompt chunk over its slot. q: (T, H, hd). Returns (T, H, hd)."""
+    t, n_heads, hd = q.shape
+    n_kv = k_cache.shape[1]
+    length = start + t
+    keys = k_cache[slot, :, :length]  # (KVH, L, hd)
+    values = v_cache[slot, :, :length]
+    qg = q.reshape(t, n_kv, n_heads // n_kv, hd).transpose(1, 2, 0, 3)  # (KVH, G, T, hd)
+    scores = qg @ keys[:, None].transpose(0, 1, 3, 2)  # (KVH, G, T, L)
+    # Token i of the chunk sits at position start + i and sees positions 0..start + i.
+    future = np.arange(length)[None, :] > (start + np.arange(t))[:, None]  # (T, L)
+    scores[..., future] = -np.inf
+    out = _softmax_inplace(scores) @ values[:, None]  # (KVH, G, T, hd)
+    return out.transpose(2, 0, 1, 3).reshape(t, n_heads, hd)

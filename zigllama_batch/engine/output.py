@@ -1,0 +1,109 @@
+"""From sampled token ids to the text a caller sees, with every stop rule applied.
+
+Inside: :class:`OutputDecoder`, one per generated sequence. It detokenizes incrementally, ends the
+sequence on an end-of-sequence or stop token, a stop string, ``max_tokens`` or a full context,
+and never emits any part of a stop string: text that could still grow into one is held back
+until it cannot.
+"""
+
+from __future__ import annotations
+
+from ..generation import FinishReason, GenerationConfig
+from .tokenizer import Tokenizer
+
+__all__ = ["OutputDecoder"]
+
+
+class OutputDecoder:
+    """Turns one sequence's sampled tokens into text chunks and decides when it is finished."""
+
+    __slots__ = (
+        "_config",
+        "_detok",
+        "_held",
+        "_max_context",
+        "_max_stop_len",
+        "_prompt_tokens",
+        "_stop_ids",
+        "finish_reason",
+        "logprobs",
+        "text",
+        "token_ids",
+    )
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        config: GenerationConfig,
+        *,
+        prompt_tokens: int,
+        max_context: int,
+    ) -> None:
+        """Args:
+        tokenizer: the model's tokenizer.
+        config: the request's settings (stop rules, ``max_tokens``).
+        prompt_tokens: length of the prompt, for the context limit.
+        max_context: most tokens the sequence may hold, prompt included.
+        """
+        self._config = config
+        self._detok = tokenizer.detokenizer()
+        stop_ids = set(config.stop_token_ids)
+        if not config.ignore_eos:
+            stop_ids |= tokenizer.stop_ids
+        self._stop_ids = frozenset(stop_ids)
+        self._max_stop_len = max((len(s) for s in config.stop), default=0)
+        self._prompt_tokens = prompt_tokens
+        self._max_context = max_context
+        self._held = ""  # decoded text not emitted yet: it may be the start of a stop string
+        self.text = ""
+        """Text emitted so far."""
+        self.token_ids: list[int] = []
+        """Tokens generated so far."""
+        self.logprobs: list[float] = []
+        """Log-probabilities of the generated tokens (when the config asks for them)."""
+        self.finish_reason: FinishReason | None = None
+        """Why the sequence ended, once it has."""
+
+    @property
+    def finished(self) -> bool:
+        """True once a stop rule has ended the sequence."""
+        return self.finish_reason is not None
+
+    def add(self, token_id: int, logprob: float | None = None) -> str:
+        """Take the next sampled token; return the text that may be shown now (maybe empty)."""
+        if self.finish_reason is not None:
+            raise RuntimeError("the sequence is already finished")
+        self.token_ids.append(token_id)
+        if self._config.logprobs and logprob is not None:
+            self.logprobs.append(logprob)
+        if token_id in self._stop_ids:
+            return self._finish(FinishReason.STOP, self._held + self._detok.flush())
+        pending = self._held + self._detok.push(token_id)
+        if self._config.stop:
+            cut = min((i for s in self._config.stop if (i := pending.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                return self._finish(FinishReason.STOP, pending[:cut])
+        if (
+            len(self.token_ids) >= self._config.max_tokens
+            or self._prompt_tokens + len(self.token_ids) >= self._max_context
+        ):
+            return self._finish(FinishReason.LENGTH, pending + self._detok.flush())
+        hold = self._holdback(pending)
+        self._held = pending[len(pending) - hold :]
+        chunk = pending[: len(pending) - hold]
+        self.text += chunk
+        return chunk
+
+    def _finish(self, reason: FinishReason, chunk: str) -> str:
+        self.finish_reason = reason
+        self._held = ""
+        self.text += chunk
+        return chunk
+
+    def _holdback(self, pending: str) -> int:
+        """Length of the longest tail of ``pending`` that is a proper start of a stop string."""
+        for n in range(min(len(pending), self._max_stop_len - 1), 0, -1):
+            tail = pending[-n:]
+            if any(s.startswith(tail) for s in self._config.stop):
+                return n
+        return 0

@@ -1,0 +1,436 @@
+"""Tokenizer built from a GGUF file's own vocabulary, on the ``tokenizers`` library.
+
+Inside: :class:`Tokenizer` (encode, decode, chat template, special ids) and
+:class:`IncrementalDetokenizer` (turns a token stream into text without ever emitting half of a
+multi-byte character).
+
+Two vocabulary kinds are read from ``tokenizer.ggml.*`` metadata:
+
+- ``gpt2``: byte-level BPE (SmolLM, Llama 3, ...). The pre-tokenizer follows
+  ``tokenizer.ggml.pre`` with the same split rules llama.cpp uses; unknown kinds fall back to
+  GPT-2's rule with a warning.
+- ``llama``: SentencePiece-style BPE with byte fallback (Llama 2, TinyLlama, Mistral). Merges
+  come from the file or, when absent, from the token scores, as transformers derives them.
+
+Control tokens (``<|im_start|>``, ``<s>``...) are matched as single tokens in any text, chat
+template output included. Chat templates render in jinja2's immutable sandbox; a model without
+a template gets ChatML.
+
+Left out: the other GGUF vocabulary kinds (``bert``, ``t5``, ``rwkv``), normalizers beyond
+SentencePiece's space handling.
+"""
+
+from __future__ import annotations
+
+import codecs
+import datetime
+import enum
+import logging
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from ..errors import InvalidRequest, ModelLoadError
+
+__all__ = ["IncrementalDetokenizer", "Tokenizer"]
+
+logger = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Pre-tokenizer split rules by `tokenizer.ggml.pre`, as in llama.cpp's llama-vocab.cpp.
+_GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
+    "default": (_GPT2_PATTERN,),
+    "gpt2": (_GPT2_PATTERN,),
+    "llama-bpe": (_LLAMA3_PATTERN,),
+    "llama3": (_LLAMA3_PATTERN,),
+    "smollm": (r"\p{N}", _GPT2_PATTERN),
+    "starcoder": (r"\p{N}", _GPT2_PATTERN),
+    "refact": (r"\p{N}", _GPT2_PATTERN),
+}
+
+_END_OF_GENERATION = frozenset(
+    {
+        "<|endoftext|>",
+        "<|im_end|>",
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<EOT>",
+        "</s>",
+    }
+)
+
+
+class _TokenType(enum.IntEnum):
+    """``tokenizer.ggml.token_type`` values (llama.cpp's llama_token_type)."""
+
+    UNDEFINED = 0
+    NORMAL = 1
+    UNKNOWN = 2
+    CONTROL = 3
+    USER_DEFINED = 4
+    UNUSED = 5
+    BYTE = 6
+
+
+class IncrementalDetokenizer:
+    """Turns token ids into text one token at a time.
+
+    Bytes of a character split across tokens are held until the character is complete, so a
+    chunk never ends in half a character. Control tokens produce no text.
+    """
+
+    __slots__ = ("_decoder", "_token_bytes")
+
+    def __init__(self, token_bytes: Sequence[bytes]) -> None:
+        self._token_bytes = token_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (possibly empty)."""
+        return self._decoder.decode(self._token_bytes[token_id])
+
+    def flush(self) -> str:
+        """End the stream; bytes of an unfinished character come out as U+FFFD."""
+        return self._decoder.decode(b"", final=True)
+
+
+class Tokenizer:
+    """Encodes text and chat messages to token ids and back, as the model's GGUF file says."""
+
+    def __init__(self, metadata: Mapping[str, Any]) -> None:
+        """Build the tokenizer from GGUF metadata (``tokenizer.ggml.*`` and ``tokenizer.chat_template``).
+
+        Raises:
+            ModelLoadError: the vocabulary is missing or of an unsupported kind.
+        """
+        kind = metadata.get("tokenizer.ggml.model")
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        if not tokens:
+            raise ModelLoadError(
+                "the model file has no tokenizer vocabulary (tokenizer.ggml.tokens)"
+            )
+        self._tokens: list[str] = list(tokens)
+        n = len(self._tokens)
+        types = metadata.get("tokenizer.ggml.token_type") or [_TokenType.NORMAL] * n
+        self._types = [_TokenType(t) if 0 <= t <= 6 else _TokenType.NORMAL for t in types]
+        merges = metadata.get("tokenizer.ggml.merges")
+        vocab = {tok: i for i, tok in enumerate(self._tokens)}
+        if kind == "gpt2":
+            self._hf = self._byte_level_bpe(vocab, merges, metadata.get("tokenizer.ggml.pre"))
+            default_add_bos = False
+        elif kind == "llama":
+            scores = metadata.get("tokenizer.ggml.scores")
+            self._hf = self._sentencepiece_bpe(vocab, merges, scores)
+            default_add_bos = True
+        else:
+            raise ModelLoadError(f"tokenizer kind {kind!r} is not supported (only 'gpt2', 'llama')")
+        self.kind: str = kind
+        self._add_special_tokens()
+
+        def special(key: str) -> int | None:
+            value = metadata.get(f"tokenizer.ggml.{key}_token_id")
+            return int(value) if value is not None and 0 <= int(value) < n else None
+
+        self.bos_id: int | None = special("bos")
+        """Beginning-of-sequence token, or None."""
+        self.eos_id: int | None = special("eos")
+        """End-of-sequence token, or None."""
+        add_bos = metadata.get("tokenizer.ggml.add_bos_token")
+        self.add_bos: bool = bool(default_add_bos if add_bos is None else add_bos)
+        """Whether plain-text prompts start with the BOS token."""
+        stops = {special(k) for k in ("eos", "eot", "eom")}
+        # Like llama.cpp, also end on the well-known end-of-text/turn control tokens the metadata
+        # does not name (SmolLM's <|endoftext|> ends a document, <|im_end|> a chat turn).
+        stops |= {
+            i
+            for i, (t, ty) in enumerate(zip(self._tokens, self._types, strict=True))
+            if ty == _TokenType.CONTROL and t in _END_OF_GENERATION
+        }
+        self.stop_ids: frozenset[int] = frozenset(i for i in stops if i is not None)
+        """Tokens that end a generation (end of sequence, end of turn)."""
+        self.chat_template: str = metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        """The Jinja chat template (the model's own, or ChatML when it has none)."""
+
+    @classmethod
+    def from_gguf(cls, path: str) -> Tokenizer:
+        """Read only the tokenizer of a GGUF file."""
+        from .gguf_loader import read_gguf_metadata
+
+        return cls(read_gguf_metadata(path))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokens in the vocabulary."""
+        return len(self._tokens)
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text``; special-token strings become their single token.
+
+        Args:
+            text: the text to encode.
+            add_bos: prepend the BOS token; None follows the model's metadata.
+        """
+        ids: list[int] = self._hf.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids`` (control tokens left out unless ``skip_special_tokens`` is False)."""
+        self._check_ids(ids)
+        text: str = self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text
+
+    def token_to_str(self, token_id: int) -> str:
+        """The vocabulary entry of ``token_id`` as stored in the file (e.g. ``'Ġworld'``)."""
+        return self._tokens[token_id]
+
+    def detokenizer(self) -> IncrementalDetokenizer:
+        """A fresh incremental detokenizer for one generated stream."""
+        return IncrementalDetokenizer(self._token_bytes)
+
+    def encode_prompt(self, prompt: str | Sequence[Mapping[str, Any]]) -> list[int]:
+        """Token ids of a prompt: text as :meth:`encode` does, or chat messages rendered with
+        the chat template and its generation prompt.
+
+        Raises:
+            InvalidRequest: the prompt is neither a string nor a list of valid messages.
+        """
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        # The template writes any BOS itself, as Hugging Face's apply_chat_template does.
+        return self.encode(self.apply_chat_template(prompt), add_bos=False)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+    ) -> str:
+        """Render chat messages with the model's template.
+
+        Args:
+            messages: ``[{"role": "user", "content": "..."}, ...]``; content may also be a list of
+                OpenAI-style parts ``{"type": "text", "text": "..."}``.
+            add_generation_prompt: end with the header of an assistant turn.
+
+        Raises:
+            InvalidRequest: the messages are malformed or the template rejects them.
+        """
+        clean = _validate_messages(messages)
+        try:
+            return self._template.render(
+                messages=clean,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self._tokens[self.bos_id] if self.bos_id is not None else "",
+                eos_token=self._tokens[self.eos_id] if self.eos_id is not None else "",
+            )
+        except jinja2.TemplateError as exc:
+            raise InvalidRequest(f"the chat template rejected the messages: {exc}") from exc
+
+    # -- construction --------------------------------------------------------------------------
+
+    @staticmethod
+    def _byte_level_bpe(
+        vocab: dict[str, int], merges: list[str] | None, pre: str | None
+    ) -> HFTokenizer:
+        if not merges:
+            raise ModelLoadError("a 'gpt2' tokenizer needs tokenizer.ggml.merges")
+        pairs = [_split_merge(m) for m in merges]
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+        splits = _PRE_TOKENIZER_SPLITS.get(pre or "default")
+        if splits is None:
+            logger.warning("pre-tokenizer %r is not known; using GPT-2's split rule", pre)
+            splits = _PRE_TOKENIZER_SPLITS["default"]
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in splits]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    def _sentencepiece_bpe(
+        self, vocab: dict[str, int], merges: list[str] | None, scores: list[float] | None
+    ) -> HFTokenizer:
+        if merges:
+            pairs = [_split_merge(m) for m in merges]
+        elif scores:
+            pairs = _merges_from_scores(vocab, scores, self._types)
+        else:
+            raise ModelLoadError("a 'llama' tokenizer needs tokenizer.ggml.scores or merges")
+        unk = next(
+            (
+                t
+                for t, ty in zip(self._tokens, self._types, strict=True)
+                if ty == _TokenType.UNKNOWN
+            ),
+            None,
+        )
+        tok = HFTokenizer(
+            models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True)
+        )
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first", split=False
+        )
+        tok.decoder = decoders.Sequence(
+            [
+                decoders.Replace("▁", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(" ", 1, 0),
+            ]
+        )
+        return tok
+
+    def _add_special_tokens(self) -> None:
+        control = [
+            AddedToken(t, special=True, normalized=False)
+            for t, ty in zip(self._tokens, self._types, strict=True)
+            if ty == _TokenType.CONTROL or ty == _TokenType.UNKNOWN
+        ]
+        user = [
+            AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(self._tokens, self._types, strict=True)
+            if ty == _TokenType.USER_DEFINED
+        ]
+        self._hf.add_special_tokens(control)
+        self._hf.add_tokens(user)
+
+    @cached_property
+    def _token_bytes(self) -> list[bytes]:
+        """The bytes each token stands for in generated text (control tokens: none)."""
+        out: list[bytes] = []
+        if self.kind == "gpt2":
+            byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
+            for tok, ty in zip(self._tokens, self._types, strict=True):
+                if ty in (_TokenType.CONTROL, _TokenType.UNKNOWN, _TokenType.UNUSED):
+                    out.append(b"")
+                elif ty == _TokenType.USER_DEFINED or any(ch not in byte_of for ch in tok):
+                    out.append(tok.encode())
+                else:
+                    out.append(bytes(byte_of[ch] for ch in tok))
+        else:
+            for tok, ty in zip(self._tokens, self._types, strict=True):
+                if ty in (_TokenType.CONTROL, _TokenType.UNKNOWN, _TokenType.UNUSED):
+                    out.append(b"")
+                elif ty == _TokenType.BYTE:
+                    out.append(bytes([int(tok[3:-1], 16)]))  # "<0x0A>"
+                else:
+                    out.append(tok.replace("▁", " ").encode())
+        return out
+
+    @cached_property
+    def _template(self) -> jinja2.Template:
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+
+        def raise_exception(message: str) -> None:
+            raise jinja2.TemplateError(message)
+
+        def strftime_now(fmt: str) -> str:
+            return datetime.datetime.now().strftime(fmt)
+
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
+        try:
+            return env.from_string(self.chat_template)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ModelLoadError(f"the model's chat template does not parse: {exc}") from exc
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        for i in ids:
+            if not 0 <= i < len(self._tokens):
+                raise InvalidRequest(
+                    f"token id {i} is outside the vocabulary (0..{len(self._tokens) - 1})"
+                )
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(kind={self.kind!r}, vocab={self.vocab_size}, bos={self.bos_id}, "
+            f"eos={self.eos_id}, add_bos={self.add_bos})"
+        )
+
+
+def _validate_messages(messages: object) -> list[dict[str, str]]:
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidRequest(f"messages[{i}] must be an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            raise InvalidRequest(f"messages[{i}].role must be a non-empty string")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            texts = []
+            for part in content:
+                if not isinstance(part, Mapping) or part.get("type") != "text":
+                    raise InvalidRequest(f"messages[{i}].content: only text parts are supported")
+                texts.append(str(part.get("text", "")))
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content must be a string")
+        clean.append(
+            {
+                **{k: v for k, v in message.items() if isinstance(k, str)},
+                "role": role,
+                "content": content,
+            }
+        )
+    return clean
+
+
+def _split_merge(merge: str) -> tuple[str, str]:
+    left, sep, right = merge.partition(" ")
+    if not sep:
+        raise ModelLoadError(f"malformed BPE merge {merge!r}")
+    return left, right
+
+
+def _merges_from_scores(
+    vocab: dict[str, int], scores: Sequence[float], types: Sequence[_TokenType]
+) -> list[tuple[str, str]]:
+    """BPE merges implied by SentencePiece scores: every split of a token into two tokens,
+    the merged token's score deciding the order (as transformers' ``generate_merges``)."""
+    candidates: list[tuple[float, int, int, str, str]] = []
+    for piece, idx in vocab.items():
+        if types[idx] != _TokenType.NORMAL:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                candidates.append((-scores[idx], vocab[left], vocab[right], left, right))
+    candidates.sort()
+    return [(left, right) for *_, left, right in candidates]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map that byte-level BPE vocabularies are written in."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
