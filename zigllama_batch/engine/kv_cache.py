@@ -1,8 +1,9 @@
 """The preallocated key/value cache and its slot allocator.
 
 A slot holds one sequence's keys and values for every layer, up to ``max_context`` positions.
-Memory is reserved once (``np.zeros``, so the operating system maps pages only as they are
-written) and written in place by :meth:`LLaMAModel.step`; no step copies the cache.
+Memory is reserved once and written in place by :meth:`LLaMAModel.step`; no step copies the
+cache. The reservation is virtual: pages are mapped as positions are written, so a cache sized
+for long contexts costs only what its sequences use.
 
 Layout: one array per layer and per K/V, shaped ``(slots, kv_heads, max_context, head_dim)``.
 Keeping layers apart (rather than one ``slots x layers x ...`` block) lets a step take a layer's
@@ -12,6 +13,8 @@ slice for a run of neighbouring slots as a view.
 from __future__ import annotations
 
 import heapq
+import math
+import mmap
 
 import numpy as np
 from numpy.typing import NDArray
@@ -39,12 +42,8 @@ class KVCache:
         self.n_slots = n_slots
         self.max_context = max_context
         shape = (n_slots, config.n_kv_heads, max_context, config.head_dim)
-        self.k: list[NDArray[np.float32]] = [
-            np.zeros(shape, np.float32) for _ in range(config.n_layers)
-        ]
-        self.v: list[NDArray[np.float32]] = [
-            np.zeros(shape, np.float32) for _ in range(config.n_layers)
-        ]
+        self.k: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(config.n_layers)]
+        self.v: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(config.n_layers)]
         self._free: list[int] = list(range(n_slots))  # a heap: lowest free slot first
         self._used: set[int] = set()
 
@@ -87,3 +86,16 @@ class KVCache:
             f"KVCache(slots={self.n_slots}, used={self.n_used}, max_context={self.max_context}, "
             f"reserved={self.nbytes / 2**20:.0f} MiB)"
         )
+
+
+def _lazy_zeros(shape: tuple[int, ...]) -> NDArray[np.float32]:
+    """Zeroed float32 memory that the OS maps 4 KiB page by page as it is written.
+
+    An anonymous mmap rather than ``np.zeros``: numpy asks Linux for transparent huge pages on
+    large allocations, and then the first write anywhere in a 2 MiB stretch commits all of it,
+    so touching one position of every slot would commit most of the cache.
+    """
+    buffer = mmap.mmap(-1, max(1, math.prod(shape) * 4))  # anonymous: zero-filled
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buffer, np.float32).reshape(shape)

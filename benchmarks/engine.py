@@ -1,0 +1,215 @@
+"""Engine speed on the default model: load time, prefill and decode throughput, peak memory.
+
+Decode steps are timed A/B interleaved with the bare float32 matrix multiplies of the same step
+(same shapes, same weights): their ratio, the engine's share of the matrix-multiply bound, holds
+on a noisy machine where absolute figures drift. Medians everywhere.
+
+    python benchmarks/engine.py [--model PATH] [--steps 32] [--out benchmarks/results/engine.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zigllama_batch import GenerationConfig, load_model
+from zigllama_batch.engine import Engine, LLaMAModel, SequenceStep
+
+BATCHES = (1, 8, 32, 64)
+PREFILL_LENGTHS = (16, 256)
+
+
+def bare_matmuls(model: LLaMAModel, batch: int, scratch: dict[int, Any]) -> None:
+    """The matrix multiplies of one decode step of ``batch`` tokens, and nothing else."""
+    if batch not in scratch:
+        c = model.config
+        scratch[batch] = (
+            np.ones((batch, c.dim), np.float32),
+            np.ones((batch, c.ffn_dim), np.float32),
+        )
+    x, a = scratch[batch]
+    w = model.weights
+    for layer in w.layers:
+        x @ layer.wqkv
+        x @ layer.wo
+        x @ layer.w_gate_up
+        a @ layer.w_down
+    x @ w.output
+
+
+def bench_decode(
+    engine: Engine, batch: int, steps: int, rng: np.random.Generator
+) -> dict[str, float]:
+    model = engine.model
+    config = GenerationConfig.greedy(ignore_eos=True)
+    slots = [engine.allocate_slot() for _ in range(batch)]
+    prompts = [list(map(int, rng.integers(100, 40000, 16))) for _ in slots]
+    states = [engine.new_sampling(config, p) for p in prompts]
+    outs = engine.step(
+        [SequenceStep(s, p, 0, st) for s, p, st in zip(slots, prompts, states, strict=True)]
+    )
+    tokens = [o.token_id for o in outs if o is not None]
+    scratch: dict[int, Any] = {}
+    bare_matmuls(model, batch, scratch)  # warm up
+    engine_times, bound_times = [], []
+    for i in range(steps):
+        pos = 16 + i
+        t0 = time.perf_counter()
+        outs = engine.step(
+            [SequenceStep(s, [t], pos, st) for s, t, st in zip(slots, tokens, states, strict=True)]
+        )
+        t1 = time.perf_counter()
+        bare_matmuls(model, batch, scratch)
+        t2 = time.perf_counter()
+        tokens = [o.token_id for o in outs if o is not None]
+        engine_times.append(t1 - t0)
+        bound_times.append(t2 - t1)
+    for s in slots:
+        engine.free_slot(s)
+    e, b = statistics.median(engine_times), statistics.median(bound_times)
+    ratios = [bt / et for et, bt in zip(engine_times, bound_times, strict=True)]
+    return {
+        "batch": batch,
+        "step_ms": e * 1e3,
+        "tokens_per_s": batch / e,
+        "matmul_bound_ms": b * 1e3,
+        "matmul_bound_tokens_per_s": batch / b,
+        "share_of_bound": statistics.median(ratios),
+        "other_ms_per_step": (e - b) * 1e3,
+    }
+
+
+def bench_prefill(
+    engine: Engine, length: int, repeats: int, rng: np.random.Generator
+) -> dict[str, float]:
+    times = []
+    for _ in range(repeats):
+        slot = engine.allocate_slot()
+        prompt = list(map(int, rng.integers(100, 40000, length)))
+        t0 = time.perf_counter()
+        engine.step(
+            [SequenceStep(slot, prompt, 0, engine.new_sampling(GenerationConfig.greedy(), prompt))]
+        )
+        times.append(time.perf_counter() - t0)
+        engine.free_slot(slot)
+    t = statistics.median(times)
+    return {"prompt_tokens": length, "ms": t * 1e3, "tokens_per_s": length / t}
+
+
+def bench_memory(model_path: str | None, slots: int, context: int) -> dict[str, float]:
+    """Peak resident set of a fresh process that loads the model and fills every slot of a
+    ``slots`` x ``context`` cache to its last position."""
+    cmd = [sys.executable, __file__, "--memory-only", f"--slots={slots}", f"--context={context}"]
+    if model_path:
+        cmd.append(f"--model={model_path}")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def _memory_only(model_path: str | None, slots: int, context: int) -> None:
+    model, tokenizer = load_model(model_path, progress=False)
+    engine = Engine(model, tokenizer, n_slots=slots, max_context=context)
+    chunk = 512
+    for start in range(0, context, chunk):
+        n = min(chunk, context - start)
+        for first in range(0, slots, 4):  # four sequences per step
+            engine.step(
+                [SequenceStep(s, [7] * n, start, None) for s in range(first, min(first + 4, slots))]
+            )
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "slots": slots,
+                "context": context,
+                "kv_cache_mib": engine.cache.nbytes / 2**20,
+                "peak_rss_mib": peak_kib / 1024,
+            }
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="GGUF file (default model when omitted)")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps timed per batch size")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine.json"))
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--slots", type=int, default=32, help=argparse.SUPPRESS)
+    ap.add_argument("--context", type=int, default=1024, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_only:
+        _memory_only(args.model, args.slots, args.context)
+        return
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_s = time.perf_counter() - t0
+    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rng = np.random.default_rng(0)
+    engine = Engine(model, tokenizer, n_slots=max(BATCHES), max_context=1024)
+
+    prefill = [bench_prefill(engine, n, 7, rng) for n in PREFILL_LENGTHS]
+    decode = [bench_decode(engine, b, args.steps, rng) for b in BATCHES]
+    del engine
+    memory = None if args.skip_memory else bench_memory(args.model, 32, 1024)
+
+    b1 = next(d for d in decode if d["batch"] == 1)["tokens_per_s"]
+    b32 = next(d for d in decode if d["batch"] == 32)["tokens_per_s"]
+    result = {
+        "model": repr(model),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": _cores(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
+        "load_s": load_s,
+        "rss_after_load_mib": rss_after_load,
+        "prefill": prefill,
+        "decode": decode,
+        "batch32_over_batch1": b32 / b1,
+        "memory": memory,
+    }
+    print(f"model: {result['model']}\nload: {load_s:.2f} s (RSS {rss_after_load:.0f} MiB)\n")
+    print("prefill          ms    tokens/s")
+    for p in prefill:
+        print(f"  {p['prompt_tokens']:>4} tokens {p['ms']:>8.1f} {p['tokens_per_s']:>9.0f}")
+    print("\ndecode   step ms  tokens/s  matmul-bound tokens/s  share  other ms/step")
+    for d in decode:
+        print(
+            f"  B={d['batch']:<3} {d['step_ms']:>8.1f} {d['tokens_per_s']:>9.0f} "
+            f"{d['matmul_bound_tokens_per_s']:>16.0f} {d['share_of_bound']:>10.0%} "
+            f"{d['other_ms_per_step']:>9.1f}"
+        )
+    print(f"\nbatch 32 / batch 1: {result['batch32_over_batch1']:.1f}x")
+    if memory:
+        print(
+            f"peak RSS, {memory['slots']} slots x {memory['context']} tokens filled: "
+            f"{memory['peak_rss_mib']:.0f} MiB (KV cache {memory['kv_cache_mib']:.0f} MiB)"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny GGUF models written per session, and the real default model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tiny_gguf import TinySpec, write_tiny_gguf
+
+from zigllama_batch import LLaMAModel, Tokenizer, load_model
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny float32 Llama GGUF with a byte-level BPE vocabulary."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_path: Path) -> tuple[LLaMAModel, Tokenizer]:
+    """The tiny model and tokenizer, loaded once."""
+    return load_model(tiny_path)
+
+
+@pytest.fixture
+def write_gguf(tmp_path: Path) -> Callable[..., Path]:
+    """Write a tiny GGUF with the given TinySpec fields and return its path."""
+
+    def write(name: str = "model.gguf", **fields: object) -> Path:
+        return write_tiny_gguf(tmp_path / name, TinySpec(**fields))  # type: ignore[arg-type]
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def real() -> tuple[LLaMAModel, Tokenizer]:
+    """The real default model (SmolLM2-135M-Instruct), fetched into the cache on first use."""
+    return load_model(progress=False)

@@ -1,0 +1,131 @@
+"""GGUF loading: hyperparameters from metadata, dequantization, and a typed error for every way
+a file can be unusable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from tiny_gguf import K_QUANTS, file_tensors
+
+from zigllama_batch import ModelLoadError, load_model
+from zigllama_batch.engine import StepInput, read_gguf
+
+
+def test_config_comes_from_metadata(write_gguf: Callable[..., Path]) -> None:
+    """Every hyperparameter is read from the file, and tied heads are detected."""
+    path = write_gguf(
+        n_layers=3,
+        dim=96,
+        n_heads=6,
+        n_kv_heads=2,
+        ffn_dim=160,
+        context_length=300,
+        rope_base=50000.0,
+        rms_eps=1e-6,
+        tied=False,
+    )
+    c = read_gguf(path).config
+    assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.ffn_dim) == (3, 96, 6, 2, 160)
+    assert (c.context_length, c.rope_base, c.head_dim) == (300, 50000.0, 16)
+    assert c.rms_eps == pytest.approx(1e-6)
+    assert c.vocab_size == 3 + 256 + 34
+    assert not c.tied_embeddings
+    assert read_gguf(write_gguf("tied.gguf", tied=True)).config.tied_embeddings
+
+
+@pytest.mark.parametrize(
+    "qtype", [Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, *K_QUANTS]
+)
+def test_every_quant_type_is_dequantized_once_to_float32(
+    write_gguf: Callable[..., Path], qtype: Q
+) -> None:
+    """Weights equal the gguf package's dequantization of the stored tensor, in (in, out) layout."""
+    path = write_gguf(
+        qtypes={"ffn_down.weight": qtype, "ffn_up.weight": qtype}
+        if qtype not in K_QUANTS
+        else {"ffn_down.weight": qtype}
+    )
+    contents = read_gguf(path)
+    raw = file_tensors(path)
+    layer = contents.weights.layers[1]
+    assert layer.w_down.dtype == np.float32
+    assert layer.w_down.flags.c_contiguous
+    np.testing.assert_array_equal(layer.w_down, raw["blk.1.ffn_down.weight"].T)
+    reader = gguf.GGUFReader(str(path))
+    assert {t.tensor_type for t in reader.tensors if t.name == "blk.1.ffn_down.weight"} == {qtype}
+    model, _ = load_model(path)
+    logits = model.step([StepInput(0, [5, 6, 7], 0)], model.new_cache(1, 16))
+    assert np.isfinite(logits).all()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """A path that does not exist raises ModelLoadError naming it."""
+    with pytest.raises(ModelLoadError, match=r"not found.*nope\.gguf"):
+        load_model(tmp_path / "nope.gguf")
+
+
+def test_not_a_gguf_file(tmp_path: Path) -> None:
+    """A file without the GGUF magic raises ModelLoadError."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 definitely a zip file")
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        load_model(path)
+
+
+def test_truncated_gguf_file(tmp_path: Path, tiny_path: Path) -> None:
+    """A GGUF file cut short raises ModelLoadError, not a parser's internal exception."""
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(tiny_path.read_bytes()[:5000])
+    with pytest.raises(ModelLoadError):
+        load_model(path)
+
+
+def test_other_architecture(write_gguf: Callable[..., Path]) -> None:
+    """A model of another architecture raises ModelLoadError naming it."""
+    with pytest.raises(ModelLoadError, match="'gpt2' is not supported"):
+        load_model(write_gguf(arch="gpt2"))
+
+
+@pytest.mark.parametrize(
+    "tensor", ["blk.1.attn_k.weight", "output_norm.weight", "token_embd.weight"]
+)
+def test_missing_tensor(write_gguf: Callable[..., Path], tensor: str) -> None:
+    """A file without a required tensor raises ModelLoadError naming the tensor."""
+    with pytest.raises(ModelLoadError, match=f"'{tensor}' is missing"):
+        load_model(write_gguf(drop_tensors=[tensor]))
+
+
+def test_missing_metadata_key(write_gguf: Callable[..., Path]) -> None:
+    """A file without a required hyperparameter raises ModelLoadError naming the key."""
+    with pytest.raises(ModelLoadError, match=r"llama\.block_count"):
+        load_model(write_gguf(drop_keys=["block_count"]))
+
+
+def test_wrong_tensor_shape(write_gguf: Callable[..., Path], tmp_path: Path) -> None:
+    """A tensor whose shape disagrees with the metadata raises ModelLoadError naming it."""
+    good = write_gguf()
+    reader = gguf.GGUFReader(str(good))
+    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, vtype, sub_type=sub)
+    for t in reader.tensors:
+        data = np.asarray(t.data)
+        if t.name == "blk.0.ffn_gate.weight":
+            data = np.ascontiguousarray(data[:-1])  # one output row short
+        writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match=r"'blk\.0\.ffn_gate\.weight' has shape"):
+        load_model(tmp_path / "bad.gguf")

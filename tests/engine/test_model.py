@@ -1,0 +1,177 @@
+"""LLaMAModel.step on tiny GGUF models: correctness against an independent forward pass, batch
+invariance (alone vs. batched, whole vs. chunked prompts) and input validation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from tiny_gguf import TinySpec, reference_logits, write_tiny_gguf
+
+from zigllama_batch import LLaMAModel, Tokenizer, load_model
+from zigllama_batch.engine import StepInput
+
+QUANT_MIXES = {
+    "f32": {},
+    "f16": {"weight": Q.F16},
+    "q8_0": {"weight": Q.Q8_0},
+    "q4_0+q4_1+q5_0": {
+        "attn_q.weight": Q.Q4_0,
+        "attn_k.weight": Q.Q4_1,
+        "ffn_up.weight": Q.Q5_0,
+        "token_embd.weight": Q.Q8_0,
+    },
+    "bf16+q5_1": {"ffn_gate.weight": Q.BF16, "attn_output.weight": Q.Q5_1},
+}
+
+
+def logits_token_by_token(model: LLaMAModel, ids: list[int], slot: int = 0) -> np.ndarray:
+    cache = model.new_cache(slot + 1, 128)
+    return np.stack([model.step([StepInput(slot, [t], p)], cache)[0] for p, t in enumerate(ids)])
+
+
+@pytest.mark.parametrize("mix", sorted(QUANT_MIXES))
+def test_step_matches_independent_forward_pass(tmp_path: Path, mix: str) -> None:
+    """Logits at every position equal a float64 Hugging Face-style forward pass of the same file."""
+    spec = TinySpec(qtypes=QUANT_MIXES[mix], tied=mix != "f16", seed=3)
+    path = write_tiny_gguf(tmp_path / "m.gguf", spec)
+    model, _ = load_model(path)
+    ids = list(np.random.default_rng(1).integers(0, model.vocab_size, 40))
+    want = reference_logits(path, spec, ids)
+    got = logits_token_by_token(model, ids)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+    # The prefill path (whole prompt in one step) gives the last position's logits too.
+    cache = model.new_cache(1, 128)
+    last = model.step([StepInput(0, ids, 0)], cache)[0]
+    np.testing.assert_allclose(last, want[-1], atol=2e-4, rtol=0)
+
+
+def test_grouped_query_attention_and_untied_head(tmp_path: Path) -> None:
+    """A model with 8 query heads sharing 2 KV heads and a separate output head is exact too."""
+    spec = TinySpec(n_heads=8, n_kv_heads=2, dim=128, tied=False, n_layers=3, seed=5)
+    path = write_tiny_gguf(tmp_path / "m.gguf", spec)
+    model, _ = load_model(path)
+    ids = list(range(5, 45))
+    np.testing.assert_allclose(
+        logits_token_by_token(model, ids), reference_logits(path, spec, ids), atol=2e-4, rtol=0
+    )
+
+
+def _prompts(model: LLaMAModel) -> list[list[int]]:
+    rng = np.random.default_rng(7)
+    return [list(map(int, rng.integers(0, model.vocab_size, n))) for n in (1, 5, 17, 33, 64)]
+
+
+def test_logits_do_not_depend_on_batch_companions(tiny: tuple[LLaMAModel, Tokenizer]) -> None:
+    """A sequence's logits are the same alone or in a step with other prefills and decodes."""
+    model, _ = tiny
+    prompts = _prompts(model)
+    alone = []
+    for p in prompts:
+        cache = model.new_cache(1, 128)
+        alone.append(model.step([StepInput(0, p, 0)], cache)[0])
+    cache = model.new_cache(8, 128)
+    # Warm two other slots so the mixed step also carries decode items at other positions.
+    model.step([StepInput(6, [3, 4, 5], 0), StepInput(7, [9] * 20, 0)], cache)
+    items = [StepInput(i, p, 0) for i, p in enumerate(prompts)]
+    items += [StepInput(6, [8], 3), StepInput(7, [2], 20)]
+    together = model.step(items[::-1], cache)[::-1]
+    for i in range(len(prompts)):
+        np.testing.assert_allclose(together[i], alone[i], atol=1e-4, rtol=0)
+    for row, history in ((5, [3, 4, 5, 8]), (6, [9] * 20 + [2])):
+        solo = model.step([StepInput(0, history, 0)], model.new_cache(1, 128))[0]
+        np.testing.assert_allclose(together[row], solo, atol=1e-4, rtol=0)
+
+
+def test_prompt_fed_whole_in_chunks_or_token_by_token_agree(
+    tiny: tuple[LLaMAModel, Tokenizer],
+) -> None:
+    """Whole prompt, chunks of 7, and single tokens give the same logits for what follows."""
+    model, _ = tiny
+    prompt = _prompts(model)[-1]
+    nxt = [11, 12, 13]
+    results = []
+    for chunk in (len(prompt), 7, 1):
+        cache = model.new_cache(1, 128)
+        for pos in range(0, len(prompt), chunk):
+            out = model.step([StepInput(0, prompt[pos : pos + chunk], pos)], cache)[0]
+        trail = [out]
+        for i, t in enumerate(nxt):
+            trail.append(model.step([StepInput(0, [t], len(prompt) + i)], cache)[0])
+        results.append(np.stack(trail))
+    np.testing.assert_allclose(results[1], results[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(results[2], results[0], atol=1e-4, rtol=0)
+
+
+def test_decode_batch_over_scattered_slots_matches_neighbouring_slots(
+    tiny: tuple[LLaMAModel, Tokenizer],
+) -> None:
+    """Decode items in non-adjacent slots (gathered) equal the same items in adjacent slots."""
+    model, _ = tiny
+    prompts = _prompts(model)[1:4]
+    outs = []
+    for slots in ([0, 1, 2], [5, 1, 3]):
+        cache = model.new_cache(6, 128)
+        model.step([StepInput(s, p, 0) for s, p in zip(slots, prompts, strict=True)], cache)
+        outs.append(
+            model.step(
+                [StepInput(s, [21], len(p)) for s, p in zip(slots, prompts, strict=True)], cache
+            )
+        )
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=0)
+
+
+def test_step_writes_only_its_own_slots(tiny: tuple[LLaMAModel, Tokenizer]) -> None:
+    """A step never touches the cache of slots it was not given."""
+    model, _ = tiny
+    cache = model.new_cache(3, 64)
+    model.step([StepInput(1, [1, 2, 3], 0)], cache)
+    snapshot = [k[[0, 2]].copy() for k in cache.k]
+    model.step([StepInput(1, [4], 3)], cache)
+    for layer, k in enumerate(cache.k):
+        assert np.array_equal(k[[0, 2]], snapshot[layer])
+
+
+@pytest.mark.parametrize(
+    ("items", "match"),
+    [
+        ([StepInput(2, [1], 0)], "slot 2 outside"),
+        ([StepInput(0, [1], 0), StepInput(0, [2], 1)], "appears twice"),
+        ([StepInput(0, [], 0)], "no new tokens"),
+        ([StepInput(0, [1, 2], 63)], "do not fit"),
+        ([StepInput(0, [1], -1)], "do not fit"),
+        ([StepInput(0, [10_000], 0)], "token ids must be"),
+    ],
+)
+def test_step_rejects_bad_items(
+    tiny: tuple[LLaMAModel, Tokenizer], items: list[StepInput], match: str
+) -> None:
+    """Malformed step items raise ValueError saying what is wrong."""
+    model, _ = tiny
+    with pytest.raises(ValueError, match=match):
+        model.step(items, model.new_cache(2, 64))
+
+
+def test_empty_step_returns_no_logits(tiny: tuple[LLaMAModel, Tokenizer]) -> None:
+    """A step with no items is a no-op with a (0, vocab) result."""
+    model, _ = tiny
+    assert model.step([], model.new_cache(1, 8)).shape == (0, model.vocab_size)
+
+
+def test_kv_cache_hands_out_lowest_free_slot(write_gguf: Callable[..., Path]) -> None:
+    """Slots are allocated lowest first, freed ones are reused, and misuse raises."""
+    model, _ = load_model(write_gguf())
+    cache = model.new_cache(3, 16)
+    assert [cache.allocate() for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(RuntimeError):
+        cache.allocate()
+    cache.free(1)
+    assert cache.n_free == 1
+    assert cache.allocate() == 1
+    with pytest.raises(ValueError, match="not allocated"):
+        cache.free(1) or cache.free(1)
+    with pytest.raises(ValueError, match="max_context"):
+        model.new_cache(1, 10_000)

@@ -1,0 +1,70 @@
+"""The zigllama-batch command line, run in-process on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zigllama_batch.cli import main
+
+
+def test_generate_streams_text_and_reports_stats(
+    tiny_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`generate` prints the completion on stdout and a one-line summary on stderr."""
+    code = main(
+        [
+            "generate",
+            "the cat",
+            "--model",
+            str(tiny_path),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "5",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out.strip()
+    assert "5 tokens" in err
+    assert "finish: length" in err
+
+
+def test_generate_chat_without_streaming(
+    tiny_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--chat --no-stream` sends a chat message and prints the whole answer once."""
+    assert (
+        main(
+            [
+                "generate",
+                "hi",
+                "--chat",
+                "--system",
+                "be brief",
+                "--no-stream",
+                "--model",
+                str(tiny_path),
+                "--seed",
+                "1",
+                "--max-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().err.startswith("[")
+
+
+def test_bad_flag_value_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    """An invalid sampling flag exits 2 with the field named, before any model loads."""
+    assert main(["generate", "x", "--top-p", "7", "--model", "/nonexistent.gguf"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_missing_model_file_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    """A model path that does not exist exits 1 with a one-line error."""
+    assert main(["generate", "x", "--model", "/nonexistent.gguf"]) == 1
+    assert "model file not found" in capsys.readouterr().err

@@ -1,0 +1,108 @@
+"""The ``zigllama-batch`` command line.
+
+``zigllama-batch generate "PROMPT"`` streams a completion from the model to the terminal.
+Each sub-command parses its own flags and calls the library; nothing here is needed to use
+zigllama_batch from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import ZigllamaBatchError
+from .generation import GenerationConfig, Prompt
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except ZigllamaBatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zigllama-batch",
+        description="Batched LLaMA-family inference on the CPU (pure numpy, GGUF models).",
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate text from a prompt")
+    gen.add_argument("prompt", help="the prompt text (a user message with --chat)")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
+    gen.add_argument("--system", help="system message (with --chat)")
+    _add_sampling_flags(gen)
+    gen.add_argument("--no-stream", action="store_true", help="print the text once it is done")
+    gen.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
+    gen.set_defaults(run=_generate)
+    return parser
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    default = GenerationConfig()
+    parser.add_argument("--max-tokens", type=int, default=default.max_tokens)
+    parser.add_argument(
+        "--temperature", type=float, default=default.temperature, help="0 for greedy decoding"
+    )
+    parser.add_argument("--top-k", type=int, default=default.top_k)
+    parser.add_argument("--top-p", type=float, default=default.top_p)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> GenerationConfig:
+    """The GenerationConfig the sampling flags describe (ValueError names a bad flag)."""
+    return GenerationConfig(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generator import TextGenerator, load_model
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model, tokenizer = load_model(args.model)
+    generator = TextGenerator(model, tokenizer)
+    prompt: Prompt = args.prompt
+    if args.chat:
+        messages = [{"role": "user", "content": args.prompt}]
+        if args.system:
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt = messages
+    if args.no_stream:
+        result = generator.generate(prompt, config)
+        print(result.text)
+    else:
+        result = generator.generate(
+            prompt, config, callback=lambda chunk, _: print(chunk, end="", flush=True)
+        )
+        print()
+    print(
+        f"[{result.completion_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, "
+        f"first token after {result.time_to_first_token_ms:.0f} ms, "
+        f"finish: {result.finish_reason}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
