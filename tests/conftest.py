@@ -37,3 +37,12 @@ def write_gguf(tmp_path: Path) -> Callable[..., Path]:
 def real() -> tuple[LLaMAModel, Tokenizer]:
     """The real default model (SmolLM2-135M-Instruct), fetched into the cache on first use."""
     return load_model(progress=False)
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """Run every async test on the default asyncio loop and on uvloop."""
+    import asyncio
+
+    import uvloop
+
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}

@@ -1,9 +1,25 @@
 """zigllama_batch: serve a LLaMA-family GGUF model to many concurrent callers by batching.
 
 The numpy engine (:class:`LLaMAModel`, :class:`Tokenizer`, :class:`TextGenerator`) runs one model
-on the CPU; the batch processor (next to come) shares it between asyncio callers.
+on the CPU; :class:`BatchProcessor` shares it between asyncio callers::
+
+    async with BatchProcessor(model, tokenizer, BatchConfig(strategy="continuous")) as processor:
+        result = await processor.submit(BatchRequest(prompt="Hello"))
 """
 
+from .batching import (
+    BatchConfig,
+    BatchingStrategy,
+    BatchProcessor,
+    BatchRequest,
+    BatchResult,
+    BatchStats,
+    CallbackFailed,
+    ManualClock,
+    RequestStream,
+    RequestTimeline,
+    StreamChunk,
+)
 from .engine.gguf_loader import LlamaConfig
 from .engine.model import LLaMAModel
 from .engine.tokenizer import Tokenizer
@@ -31,6 +47,13 @@ from .generator import TextGenerator, load_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchConfig",
+    "BatchProcessor",
+    "BatchRequest",
+    "BatchResult",
+    "BatchStats",
+    "BatchingStrategy",
+    "CallbackFailed",
     "ChatMessage",
     "FinishReason",
     "GenerationConfig",
@@ -39,14 +62,18 @@ __all__ = [
     "InvalidRequest",
     "LLaMAModel",
     "LlamaConfig",
+    "ManualClock",
     "ModelLoadError",
     "ProcessorStopped",
     "Prompt",
     "PromptTooLong",
     "QueueFull",
     "RequestCancelled",
+    "RequestStream",
+    "RequestTimeline",
     "RequestTimeout",
     "StreamCallback",
+    "StreamChunk",
     "TextGenerator",
     "Tokenizer",
     "ZigllamaBatchError",

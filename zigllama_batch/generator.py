@@ -107,8 +107,6 @@ class TextGenerator:
     def _start(self, prompt: Prompt, config: GenerationConfig) -> _Run:
         started = time.perf_counter()
         prompt_ids = self.tokenizer.encode_prompt(prompt)
-        if not prompt_ids:  # an empty prompt continues from the start-of-sequence token
-            prompt_ids = [self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0]
         if len(prompt_ids) >= self.engine.max_context:
             raise PromptTooLong(len(prompt_ids), self.engine.max_context)
         decoder = OutputDecoder(

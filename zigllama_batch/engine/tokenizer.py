@@ -209,15 +209,21 @@ class Tokenizer:
 
     def encode_prompt(self, prompt: str | Sequence[Mapping[str, Any]]) -> list[int]:
         """Token ids of a prompt: text as :meth:`encode` does, or chat messages rendered with
-        the chat template and its generation prompt.
+        the chat template and its generation prompt. An empty prompt is the BOS token alone.
 
         Raises:
             InvalidRequest: the prompt is neither a string nor a list of valid messages.
         """
         if isinstance(prompt, str):
-            return self.encode(prompt)
-        # The template writes any BOS itself, as Hugging Face's apply_chat_template does.
-        return self.encode(self.apply_chat_template(prompt), add_bos=False)
+            ids = self.encode(prompt)
+        else:
+            # The template writes any BOS itself, as Hugging Face's apply_chat_template does.
+            ids = self.encode(self.apply_chat_template(prompt), add_bos=False)
+        if not ids:  # an empty prompt continues from the start-of-sequence token
+            if self.bos_id is None:
+                raise InvalidRequest("the prompt is empty and the model has no BOS token")
+            ids = [self.bos_id]
+        return ids
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True

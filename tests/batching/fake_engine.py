@@ -1,0 +1,112 @@
+"""A fake engine with the real ``step()`` signature, for fast and exact scheduling tests.
+
+It uses the tiny model's real tokenizer (so text, stop rules and chat prompts are real) but no
+model: each sampled token is a letter chosen from the sequence's position, so a sequence's output
+does not depend on what it is batched with. Tests can hold steps (to keep the engine busy), make
+a step raise, charge a ManualClock per step, and read back every step's composition.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from zigllama_batch import GenerationConfig, ManualClock, Tokenizer
+from zigllama_batch.engine import SequenceStep, TokenSample
+
+
+@dataclass(frozen=True)
+class StepItem:
+    slot: int
+    n_tokens: int
+    start_pos: int
+    sampled: bool
+
+
+class FakeEngine:
+    """Engine double: real slot bookkeeping and tokenizer, scripted steps."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        n_slots: int = 8,
+        max_context: int = 256,
+        clock: ManualClock | None = None,
+        step_cost: Callable[[Sequence[SequenceStep]], float] | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self._n_slots = n_slots
+        self._max_context = max_context
+        self._free = list(range(n_slots))
+        self.clock = clock
+        self.step_cost = step_cost
+        self.steps: list[list[StepItem]] = []
+        self.fail_with: BaseException | None = None
+        self._gate = threading.Event()
+        self._gate.set()
+        self.waiting_at_gate = threading.Event()
+        self.letters = [tokenizer.encode(c)[0] for c in "abcdefghijklmnopqrstuvwxyz"]
+
+    # -- the engine signature -----------------------------------------------------------------
+    @property
+    def n_slots(self) -> int:
+        return self._n_slots
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate_slot(self) -> int:
+        return heapq.heappop(self._free)
+
+    def free_slot(self, slot: int) -> None:
+        assert slot not in self._free
+        heapq.heappush(self._free, slot)
+
+    def new_sampling(self, config: GenerationConfig, prompt_ids: Sequence[int]) -> Any:
+        return config
+
+    def step(self, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
+        self.waiting_at_gate.set()
+        self._gate.wait()
+        self.waiting_at_gate.clear()
+        self.steps.append(
+            [
+                StepItem(it.slot, len(it.token_ids), it.start_pos, it.sampling is not None)
+                for it in items
+            ]
+        )
+        if self.fail_with is not None:
+            error, self.fail_with = self.fail_with, None
+            raise error
+        if self.clock is not None and self.step_cost is not None:
+            self.clock.advance(self.step_cost(items))
+        return [
+            TokenSample(self.token_at(it.start_pos + len(it.token_ids)), 0.0)
+            if it.sampling is not None
+            else None
+            for it in items
+        ]
+
+    # -- test controls ------------------------------------------------------------------------
+    def token_at(self, position: int) -> int:
+        """The token a sequence gets after ``position`` tokens."""
+        return self.letters[position % 26]
+
+    def hold(self) -> None:
+        """Make the next steps wait until release()."""
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def batch_sizes(self) -> list[int]:
+        return [len(s) for s in self.steps]

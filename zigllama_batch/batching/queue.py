@@ -1,0 +1,108 @@
+"""RequestQueue: the waiting requests, in the order they should be served.
+
+A binary heap keyed by *aged priority*: ``priority + submitted / aging``. Ageing every waiting
+request by one level per ``aging`` seconds is the same as ordering by that fixed key (the "now"
+term is common to all), so the heap never needs re-sorting. Equal keys fall back to arrival order.
+With ageing off the key is the plain priority. A request that waits ``(p_low - p_high) * aging``
+seconds is served before any ``p_high`` request arriving after it: low priorities cannot starve.
+
+Cancellation is lazy: a cancelled request stays in the heap until popped (and is skipped), but
+leaves the live count at once. The queue is bounded and refuses past its bound with
+:class:`~zigllama_batch.errors.QueueFull`, carrying a retry hint from the recent admission rate.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+
+from ..errors import QueueFull
+from .request import RequestState, TrackedRequest
+
+__all__ = ["RequestQueue"]
+
+_RATE_WINDOW = 64  # admissions remembered for the drain-rate estimate
+
+
+class RequestQueue:
+    """Priority queue of waiting requests with a bound, ageing and lazy removal."""
+
+    def __init__(self, max_size: int, *, aging_s: float | None) -> None:
+        self.max_size = max_size
+        self._aging_s = aging_s or None
+        self._heap: list[tuple[float, int, TrackedRequest]] = []
+        self._arrivals: deque[TrackedRequest] = deque()  # arrival order, for the oldest waiter
+        self._order = itertools.count()
+        self._live = 0
+        self._admitted_at: deque[float] = deque(maxlen=_RATE_WINDOW)
+
+    def __len__(self) -> int:
+        return self._live
+
+    def push(self, request: TrackedRequest) -> None:
+        """Queue a request.
+
+        Raises:
+            QueueFull: ``max_size`` requests are already waiting.
+        """
+        if self._live >= self.max_size:
+            raise QueueFull(self.max_size, self.retry_after_s())
+        key = float(request.priority)
+        if self._aging_s is not None:
+            key += request.submitted / self._aging_s
+        heapq.heappush(self._heap, (key, next(self._order), request))
+        self._arrivals.append(request)
+        self._live += 1
+
+    def pop(self, now: float) -> TrackedRequest | None:
+        """Remove and return the request to serve next, or None when none waits."""
+        while self._heap:
+            _, _, request = heapq.heappop(self._heap)
+            if request.state is RequestState.QUEUED:
+                self._live -= 1
+                self._admitted_at.append(now)
+                return request
+        return None
+
+    def peek(self, n: int) -> list[TrackedRequest]:
+        """The next ``n`` requests to be served, in order, without removing them."""
+        if n <= 0:
+            return []
+        live = (entry for entry in self._heap if entry[2].state is RequestState.QUEUED)
+        return [entry[2] for entry in heapq.nsmallest(n, live)]
+
+    def discard(self, request: TrackedRequest) -> None:
+        """Account for a queued request that was cancelled, timed out or stopped.
+
+        Call after moving it out of the QUEUED state; its heap entry is dropped lazily.
+        """
+        assert request.state is not RequestState.QUEUED
+        self._live -= 1
+        if len(self._heap) > 2 * self._live + 64:  # mostly dead entries: rebuild
+            self._heap = [e for e in self._heap if e[2].state is RequestState.QUEUED]
+            heapq.heapify(self._heap)
+
+    def oldest_submitted(self) -> float | None:
+        """Submission time of the longest-waiting live request."""
+        while self._arrivals and self._arrivals[0].state is not RequestState.QUEUED:
+            self._arrivals.popleft()
+        return self._arrivals[0].submitted if self._arrivals else None
+
+    def retry_after_s(self) -> float:
+        """Seconds until a place in a full queue is likely free, from the recent admission rate
+        (1 s before there is any history)."""
+        if len(self._admitted_at) < 2:
+            return 1.0
+        span = self._admitted_at[-1] - self._admitted_at[0]
+        if span <= 0:
+            return 0.1
+        rate = (len(self._admitted_at) - 1) / span  # admissions per second
+        return max(0.1, 1.0 / rate)
+
+    def waiting(self) -> list[TrackedRequest]:
+        """Every live request, in serving order (for a close without drain)."""
+        return [e[2] for e in sorted(self._heap) if e[2].state is RequestState.QUEUED]
+
+    def __repr__(self) -> str:
+        return f"RequestQueue(waiting={self._live}, max_size={self.max_size})"

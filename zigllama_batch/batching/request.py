@@ -1,0 +1,153 @@
+"""A request's life inside the processor: its state, its sequence and its single outcome.
+
+Inside: :class:`RequestState` (explicit lifecycle), ``FINISHED`` (the terminal states) and
+:class:`TrackedRequest`, the record the queue, the scheduler and the caller's future share.
+Every transition happens on the event loop; ``finish()`` is the one place an outcome is set,
+so each request ends exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Sequence
+from typing import Any
+
+from ..engine.output import OutputDecoder
+from ..errors import ZigllamaBatchError
+from ..generation import GenerationConfig
+from .types import BatchRequest, BatchResult, RequestId, StreamChunk
+
+__all__ = ["FINISHED", "RequestState", "TrackedRequest"]
+
+
+class RequestState(enum.Enum):
+    """Where a request is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+
+FINISHED = frozenset(
+    {RequestState.COMPLETED, RequestState.FAILED, RequestState.CANCELLED, RequestState.TIMED_OUT}
+)
+"""States a request never leaves."""
+
+
+class TrackedRequest:
+    """One request as the processor tracks it, from submission to its outcome."""
+
+    __slots__ = (
+        "admitted",
+        "batch_sizes",
+        "config",
+        "deadline",
+        "decoder",
+        "first_token",
+        "future",
+        "id",
+        "num_computed",
+        "priority",
+        "prompt_ids",
+        "request",
+        "sampling",
+        "slot",
+        "state",
+        "steps",
+        "stream",
+        "submitted",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        request: BatchRequest,
+        request_id: RequestId,
+        prompt_ids: Sequence[int],
+        decoder: OutputDecoder,
+        *,
+        submitted: float,
+        deadline: float | None,
+        future: asyncio.Future[BatchResult],
+    ) -> None:
+        self.request = request
+        self.id = request_id
+        self.config: GenerationConfig = request.config
+        self.priority = request.priority
+        self.prompt_ids = list(prompt_ids)
+        self.decoder = decoder
+        self.submitted = submitted
+        self.deadline = deadline
+        self.future = future
+        self.state = RequestState.QUEUED
+        # Sequence state, set at admission and owned by one worker while running.
+        self.slot: int | None = None
+        self.worker: int | None = None
+        self.sampling: Any = None
+        self.num_computed = 0  # prompt + output tokens already in the KV cache
+        self.admitted: float | None = None
+        self.first_token: float | None = None
+        self.steps = 0
+        self.batch_sizes: list[int] = []
+        # Where streamed chunks go (a RequestStream's buffer), when someone streams it.
+        self.stream: asyncio.Queue[StreamChunk | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True once the request has its outcome."""
+        return self.state in FINISHED
+
+    @property
+    def prefilling(self) -> bool:
+        """True while prompt tokens remain to be fed to the model."""
+        return self.num_computed < len(self.prompt_ids)
+
+    def next_tokens(self, budget: int) -> list[int]:
+        """Tokens this sequence feeds next: up to ``budget`` prompt tokens, or its last token."""
+        if self.prefilling:
+            return self.prompt_ids[self.num_computed : self.num_computed + budget]
+        return [self.decoder.token_ids[-1]]
+
+    def finish(
+        self,
+        state: RequestState,
+        *,
+        result: BatchResult | None = None,
+        error: BaseException | None = None,
+    ) -> bool:
+        """Give the request its outcome, once. Returns False if it already had one."""
+        if self.state in FINISHED:
+            return False
+        assert state in FINISHED
+        assert (result is None) != (error is None)
+        self.state = state
+        if not self.future.done():
+            if result is not None:
+                self.future.set_result(result)
+            else:
+                self.future.set_exception(error)  # type: ignore[arg-type]
+        if self.stream is not None:
+            self.stream.put_nowait(None)  # end of stream; the reader then reads the future
+        return True
+
+    def __repr__(self) -> str:
+        return (
+            f"<TrackedRequest {self.id!r} {self.state.value} priority={self.priority} "
+            f"prompt={len(self.prompt_ids)} computed={self.num_computed} slot={self.slot}>"
+        )
+
+
+def error_state(error: BaseException) -> RequestState:
+    """The terminal state an error puts a request in."""
+    from ..errors import RequestCancelled, RequestTimeout
+
+    if isinstance(error, RequestTimeout):
+        return RequestState.TIMED_OUT
+    if isinstance(error, RequestCancelled):
+        return RequestState.CANCELLED
+    assert isinstance(error, ZigllamaBatchError)
+    return RequestState.FAILED

@@ -1,0 +1,137 @@
+"""Counters and distributions an operator reads from a running processor.
+
+Inside: :class:`StatsRecorder`, fed by the processor on the event loop, and its
+:meth:`~StatsRecorder.snapshot` (a frozen :class:`~zigllama_batch.batching.types.BatchStats`).
+Percentiles come from the most recent ``window`` observations of each kind; counts and sums cover
+the processor's whole life. Observers (such as the HTTP server's Prometheus metrics) can
+subscribe to each finished request and step.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .request import RequestState
+from .types import BatchResult, BatchStats, Percentiles
+
+__all__ = ["StatsObserver", "StatsRecorder"]
+
+
+class StatsObserver:
+    """Receives every event the recorder counts; override what you need."""
+
+    def on_reject(self) -> None:
+        """A request was refused at submission."""
+
+    def on_finish(self, state: RequestState, result: BatchResult | None) -> None:
+        """A request ended (``result`` is set when it completed)."""
+
+    def on_step(self, sequences: int, new_tokens: int, seconds: float) -> None:
+        """An engine step finished."""
+
+
+@dataclass(slots=True)
+class _Series:
+    """Recent values of one measurement."""
+
+    window: int
+    values: deque[float] = field(default_factory=deque)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+        if len(self.values) > self.window:
+            self.values.popleft()
+
+    def percentiles(self) -> Percentiles:
+        v = list(self.values)
+        if not v:
+            return Percentiles()
+        if len(v) == 1:
+            return Percentiles(v[0], v[0], v[0], v[0], 1)
+        q = statistics.quantiles(v, n=100, method="inclusive")
+        return Percentiles(q[49], q[89], q[98], statistics.fmean(v), len(v))
+
+
+class StatsRecorder:
+    """Accumulates a processor's statistics (event-loop thread only)."""
+
+    def __init__(self, now: Callable[[], float], window: int = 10_000) -> None:
+        self._now = now
+        self.observers: list[StatsObserver] = []
+        self.submitted = 0
+        self.rejected = 0
+        self.ended: Counter[RequestState] = Counter()
+        self.tokens = 0
+        self.latency_sum_ms = 0.0
+        self.steps = 0
+        self.step_sequences = 0
+        self.first_submit: float | None = None
+        self.last_finish: float | None = None
+        self.batch_sizes: Counter[int] = Counter()
+        self.latency = _Series(window)
+        self.queue_time = _Series(window)
+        self.ttft = _Series(window)
+        self.step_time = _Series(window)
+
+    def on_submit(self) -> None:
+        """A request was accepted into the queue."""
+        self.submitted += 1
+        if self.first_submit is None:
+            self.first_submit = self._now()
+
+    def on_reject(self) -> None:
+        """A request was refused (queue full, or processor closed)."""
+        self.rejected += 1
+        for o in self.observers:
+            o.on_reject()
+
+    def on_finish(self, state: RequestState, generated: int, result: BatchResult | None) -> None:
+        """A request ended with ``generated`` tokens produced."""
+        self.ended[state] += 1
+        self.tokens += generated
+        self.last_finish = self._now()
+        if result is not None:
+            self.latency_sum_ms += result.latency_ms
+            self.latency.add(result.latency_ms)
+            self.queue_time.add(result.queue_time_ms)
+            self.ttft.add(result.time_to_first_token_ms)
+        for o in self.observers:
+            o.on_finish(state, result)
+
+    def on_step(self, sequences: int, new_tokens: int, seconds: float) -> None:
+        """An engine step of ``sequences`` sequences and ``new_tokens`` tokens finished."""
+        self.steps += 1
+        self.step_sequences += sequences
+        self.batch_sizes[sequences] += 1
+        self.step_time.add(seconds * 1000)
+        for o in self.observers:
+            o.on_step(sequences, new_tokens, seconds)
+
+    def snapshot(self, *, queue_depth: int, running: int) -> BatchStats:
+        """A frozen copy of everything, with the current queue depth and running count."""
+        completed = self.ended[RequestState.COMPLETED]
+        end = self.last_finish if (queue_depth == 0 and running == 0) else self._now()
+        span = (end or 0.0) - (self.first_submit or 0.0)
+        return BatchStats(
+            total_requests=self.submitted,
+            total_tokens=self.tokens,
+            avg_latency_ms=self.latency_sum_ms / completed if completed else 0.0,
+            avg_throughput_tps=self.tokens / span if span > 0 else 0.0,
+            completed=completed,
+            failed=self.ended[RequestState.FAILED],
+            cancelled=self.ended[RequestState.CANCELLED],
+            timed_out=self.ended[RequestState.TIMED_OUT],
+            rejected=self.rejected,
+            queue_depth=queue_depth,
+            running=running,
+            steps=self.steps,
+            latency_ms=self.latency.percentiles(),
+            queue_time_ms=self.queue_time.percentiles(),
+            time_to_first_token_ms=self.ttft.percentiles(),
+            step_time_ms=self.step_time.percentiles(),
+            mean_batch_size=self.step_sequences / self.steps if self.steps else 0.0,
+            batch_size_histogram=dict(sorted(self.batch_sizes.items())),
+        )

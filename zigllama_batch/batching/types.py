@@ -1,0 +1,264 @@
+"""The batch processor's public data types: what a caller configures, sends and gets back.
+
+Inside: :class:`BatchingStrategy`, :class:`BatchConfig`, :class:`BatchRequest`,
+:class:`StreamChunk`, :class:`RequestTimeline`, :class:`BatchResult`, :class:`Percentiles` and
+:class:`BatchStats`. All are plain frozen values; nothing here runs.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..generation import FinishReason, GenerationConfig, GenerationResult, Prompt
+
+__all__ = [
+    "BatchConfig",
+    "BatchRequest",
+    "BatchResult",
+    "BatchStats",
+    "BatchingStrategy",
+    "Percentiles",
+    "RequestId",
+    "RequestTimeline",
+    "StreamChunk",
+    "TokenCallback",
+]
+
+RequestId = int | str
+"""A request's id: given by the caller, or a counter the processor assigns."""
+
+
+class BatchingStrategy(enum.StrEnum):
+    """How requests are grouped into batches (the strings are accepted wherever a strategy is)."""
+
+    FIXED_SIZE = "fixed_size"
+    """Start when ``max_batch_size`` requests wait (a partial batch only when draining); the
+    batch runs until all of its sequences finish, nobody joins."""
+    DYNAMIC_TIMEOUT = "dynamic_timeout"
+    """Start when the batch is full or the oldest waiting request has waited ``timeout_ms``;
+    nobody joins a running batch."""
+    ADAPTIVE = "adaptive"
+    """Start when waiting longer would miss ``latency_target_ms``, judged from measured step
+    costs; the batch size follows queue pressure; nobody joins a running batch."""
+    CONTINUOUS = "continuous"
+    """Every step admits waiting requests into free slots (prompt chunks within a per-step token
+    budget); finished sequences leave at once."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchConfig:
+    """How a :class:`~zigllama_batch.BatchProcessor` batches, bounds and times requests.
+
+    Strategies are also accepted as strings (``"continuous"``). Invalid values raise
+    ``ValueError`` naming the field.
+    """
+
+    max_batch_size: int = 32
+    """Most sequences one worker runs in a step; 32 is where CPU decode throughput levels off."""
+    strategy: BatchingStrategy = BatchingStrategy.DYNAMIC_TIMEOUT
+    """How batches form (see :class:`BatchingStrategy`)."""
+    timeout_ms: float = 100.0
+    """DYNAMIC_TIMEOUT: longest a request waits for its batch to fill."""
+    num_workers: int = 1
+    """Batches in the executor at once, each with its own cache slots. More than one only helps
+    with more cores than one batch's matrix multiplies can use."""
+    max_queue_size: int = 1024
+    """Requests allowed to wait; one more raises QueueFull at once."""
+    latency_target_ms: float = 5000.0
+    """ADAPTIVE: end-to-end latency each request should stay under."""
+    max_step_tokens: int = 512
+    """Most new tokens in one step (decode tokens plus prompt chunks): bounds how long one step,
+    and so one inter-token gap of running streams, can take."""
+    prefill_chunk: int = 512
+    """Most prompt tokens one sequence feeds in a step; long prompts are split into chunks."""
+    priority_aging_ms: float = 1000.0
+    """Every this many milliseconds of waiting counts as one priority level better, so low
+    priorities cannot starve; 0 disables aging."""
+    request_timeout_ms: float | None = None
+    """Default deadline of a request (its own ``timeout_ms`` wins); None means no deadline."""
+    max_context: int | None = None
+    """Positions per cache slot (prompt plus output); None: min(2048, the model's context)."""
+    result_retention: int = 1024
+    """Finished outcomes of ``submit_async`` requests kept until read; beyond this many unread,
+    the oldest are dropped."""
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "strategy", BatchingStrategy(self.strategy))
+        except ValueError:
+            names = ", ".join(s.value for s in BatchingStrategy)
+            raise ValueError(f"strategy: must be one of {names}, got {self.strategy!r}") from None
+        _positive_int("max_batch_size", self.max_batch_size)
+        _positive_int("num_workers", self.num_workers)
+        _positive_int("max_queue_size", self.max_queue_size)
+        _positive_int("max_step_tokens", self.max_step_tokens)
+        _positive_int("prefill_chunk", self.prefill_chunk)
+        _non_negative("timeout_ms", self.timeout_ms)
+        _non_negative("priority_aging_ms", self.priority_aging_ms)
+        _non_negative("latency_target_ms", self.latency_target_ms, strict=True)
+        if self.request_timeout_ms is not None:
+            _non_negative("request_timeout_ms", self.request_timeout_ms, strict=True)
+        if self.max_context is not None and (
+            not isinstance(self.max_context, int) or self.max_context < 2
+        ):
+            raise ValueError(f"max_context: must be an int >= 2 or None, got {self.max_context!r}")
+        if (
+            isinstance(self.result_retention, bool)
+            or not isinstance(self.result_retention, int)
+            or self.result_retention < 0
+        ):
+            raise ValueError(
+                f"result_retention: must be an int >= 0, got {self.result_retention!r}"
+            )
+
+
+TokenCallback = Callable[["StreamChunk", RequestId], Any]
+"""Called with ``(chunk, request_id)`` for every generated token; may be ``async``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchRequest:
+    """One generation request for the processor.
+
+    ``prompt`` is text or a list of chat messages (rendered with the model's chat template).
+    ``priority``: lower is served first; equal priorities are first come, first served.
+    """
+
+    prompt: Prompt
+    config: GenerationConfig = field(default_factory=GenerationConfig)
+    priority: int = 0
+    callback: TokenCallback | None = None
+    id: RequestId | None = None
+    """Assigned by the processor when None; an id already in use by a live request is refused."""
+    timeout_ms: float | None = None
+    """Deadline from submission; None uses ``BatchConfig.request_timeout_ms``."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, GenerationConfig):
+            raise ValueError(
+                f"config: must be a GenerationConfig, got {type(self.config).__name__}"
+            )
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise ValueError(f"priority: must be an int, got {self.priority!r}")
+        if self.callback is not None and not callable(self.callback):
+            raise ValueError("callback: must be callable")
+        if self.id is not None and (
+            isinstance(self.id, bool) or not isinstance(self.id, int | str)
+        ):
+            raise ValueError(f"id: must be an int or str, got {self.id!r}")
+        if self.timeout_ms is not None:
+            _non_negative("timeout_ms", self.timeout_ms, strict=True)
+        if not isinstance(self.prompt, str) and not isinstance(self.prompt, list | tuple):
+            raise ValueError("prompt: must be a str or a list of chat messages")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """The text one generated token adds (possibly empty while a character or a possible stop
+    string is held back), the token's id, and the finish reason on the last chunk."""
+
+    text: str
+    token_id: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestTimeline:
+    """When things happened to a request (processor clock, seconds) and the steps it ran in."""
+
+    submitted: float
+    admitted: float
+    """When it got a cache slot (left the queue)."""
+    first_token: float
+    finished: float
+    steps: int
+    """Engine steps that included this request."""
+    batch_sizes: tuple[int, ...]
+    """Sequences in each of those steps."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchResult:
+    """The outcome of one request, with its timing."""
+
+    id: RequestId
+    result: GenerationResult
+    latency_ms: float
+    """Submission to last token."""
+    queue_time_ms: float
+    """Submission to admission into a batch."""
+    time_to_first_token_ms: float
+    """Submission to first generated token."""
+    batch_size: int
+    """Most sequences in any step this request ran in."""
+    timeline: RequestTimeline
+
+    @property
+    def text(self) -> str:
+        """The generated text (shortcut for ``result.text``)."""
+        return self.result.text
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    """p50 / p90 / p99 and mean of recent observations (zeros before any)."""
+
+    p50: float = 0.0
+    p90: float = 0.0
+    p99: float = 0.0
+    mean: float = 0.0
+    count: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchStats:
+    """A consistent snapshot of a processor's counters and distributions."""
+
+    total_requests: int
+    """Requests accepted (queued) since start."""
+    total_tokens: int
+    """Tokens generated since start."""
+    avg_latency_ms: float
+    """Mean latency of completed requests."""
+    avg_throughput_tps: float
+    """Generated tokens per second since the first request was accepted."""
+    completed: int
+    failed: int
+    """Ended by an error: engine, callback or stop without drain."""
+    cancelled: int
+    timed_out: int
+    rejected: int
+    """Refused at submission (queue full, or submitted after close)."""
+    queue_depth: int
+    """Requests waiting now."""
+    running: int
+    """Sequences holding a cache slot now."""
+    steps: int
+    latency_ms: Percentiles
+    queue_time_ms: Percentiles
+    time_to_first_token_ms: Percentiles
+    step_time_ms: Percentiles
+    mean_batch_size: float
+    """Mean sequences per step."""
+    batch_size_histogram: Mapping[int, int]
+    """Steps by number of sequences in them."""
+
+    @property
+    def finished(self) -> int:
+        """Requests that have ended, by any outcome."""
+        return self.completed + self.failed + self.cancelled + self.timed_out
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+
+
+def _non_negative(name: str, value: object, *, strict: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value
+    if not ok or value < 0 or (strict and value == 0) or value == float("inf"):  # type: ignore[operator]
+        bound = "> 0" if strict else ">= 0"
+        raise ValueError(f"{name}: must be a finite number {bound}, got {value!r}")
