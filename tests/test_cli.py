@@ -68,3 +68,51 @@ def test_missing_model_file_is_reported(capsys: pytest.CaptureFixture[str]) -> N
     """A model path that does not exist exits 1 with a one-line error."""
     assert main(["generate", "x", "--model", "/nonexistent.gguf"]) == 1
     assert "model file not found" in capsys.readouterr().err
+
+
+def test_demo_runs_concurrent_requests_and_prints_a_summary(
+    tiny_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`demo` pushes N requests through the processor and prints the summary table."""
+    code = main(
+        [
+            "demo",
+            "--requests",
+            "6",
+            "--max-batch-size",
+            "4",
+            "--strategy",
+            "dynamic_timeout",
+            "--model",
+            str(tiny_path),
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "throughput" in out
+    assert "mean batch size" in out
+    assert "6 requests, strategy dynamic_timeout" in err
+
+
+def test_processor_works_from_a_plain_script(tiny_path: Path, tmp_path: Path) -> None:
+    """A script using asyncio.run() and `async with BatchProcessor` runs to completion."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import asyncio\n"
+        "from zigllama_batch import BatchProcessor, BatchConfig, BatchRequest, GenerationConfig, load_model\n"
+        "async def main():\n"
+        f"    model, tokenizer = load_model({str(tiny_path)!r})\n"
+        "    async with BatchProcessor(model, tokenizer, BatchConfig(max_batch_size=4)) as p:\n"
+        "        rs = await asyncio.gather(*(p.submit(BatchRequest(prompt='the cat',\n"
+        "            config=GenerationConfig.greedy(max_tokens=3, ignore_eos=True))) for _ in range(5)))\n"
+        "    print([r.result.completion_tokens for r in rs])\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[3, 3, 3, 3, 3]"

@@ -1,6 +1,7 @@
 """The ``zigllama-batch`` command line.
 
-``zigllama-batch generate "PROMPT"`` streams a completion from the model to the terminal.
+``zigllama-batch generate "PROMPT"`` streams a completion from the model to the terminal;
+``zigllama-batch demo`` runs many concurrent requests through the batch processor.
 Each sub-command parses its own flags and calls the library; nothing here is needed to use
 zigllama_batch from Python.
 """
@@ -11,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .batching.types import BatchingStrategy
 from .errors import ZigllamaBatchError
 from .generation import GenerationConfig, Prompt
 
@@ -46,6 +48,17 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-stream", action="store_true", help="print the text once it is done")
     gen.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
     gen.set_defaults(run=_generate)
+
+    demo = commands.add_parser(
+        "demo", help="fire many concurrent requests through the batch processor, live"
+    )
+    demo.add_argument(
+        "--strategy", default="continuous", choices=[s.value for s in BatchingStrategy]
+    )
+    demo.add_argument("--requests", type=int, default=32, help="concurrent requests (default 32)")
+    demo.add_argument("--max-batch-size", type=int, default=32)
+    demo.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
+    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -101,6 +114,34 @@ def _generate(args: argparse.Namespace) -> int:
         f"finish: {result.finish_reason}]",
         file=sys.stderr,
     )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .demo import format_summary, run_demo
+    from .generator import load_model
+
+    if args.requests < 1 or args.max_batch_size < 1:
+        print("error: --requests and --max-batch-size must be >= 1", file=sys.stderr)
+        return 2
+    model, tokenizer = load_model(args.model)
+    print(
+        f"{model!r}\n{args.requests} requests, strategy {args.strategy}, "
+        f"max batch size {args.max_batch_size}",
+        file=sys.stderr,
+    )
+    summary = asyncio.run(
+        run_demo(
+            model,
+            tokenizer,
+            strategy=args.strategy,
+            requests=args.requests,
+            max_batch_size=args.max_batch_size,
+        )
+    )
+    print(format_summary(summary, args.strategy))
     return 0
 
 

@@ -8,9 +8,9 @@ min-p, then one uniform draw from the request's own generator. Greedy rows skip 
 each request owns its generator and candidates are ordered by (probability, token id), the same
 seed and prompt give the same tokens whatever else is in the batch.
 
-Top-p and min-p look only at the highest ``_CANDIDATES`` tokens when their probability mass
-already reaches ``top_p`` there (almost always: language models are peaked); otherwise the whole
-vocabulary is sorted. Both give the same nucleus. Stop strings and stop tokens are handled by the
+With a top-k, candidates are the k best tokens. Without one, top-p and min-p find the nucleus
+from the sorted probabilities and draw in token-id order, so no step sorts token ids over the
+whole vocabulary. Stop strings and stop tokens are handled by the
 caller on the text side (see :mod:`zigllama_batch.engine.output`).
 """
 
@@ -28,13 +28,13 @@ __all__ = ["SamplingState", "sample"]
 F32 = NDArray[np.float32]
 F64 = NDArray[np.float64]
 
-_CANDIDATES = 1024  # tokens kept after the first partial sort; holds the nucleus in practice
+_BLOCK = 1024  # tokens per block of the two-level inverse CDF of plain temperature sampling
 
 
 class SamplingState:
     """One sequence's sampling settings, random generator and token counts for penalties."""
 
-    __slots__ = ("_generated_counts", "_seen", "config", "rng")
+    __slots__ = ("_generated", "_seen", "config", "rng")
 
     def __init__(
         self, config: GenerationConfig, prompt_ids: Sequence[int], vocab_size: int
@@ -43,33 +43,32 @@ class SamplingState:
         self.rng = np.random.default_rng(config.seed)
         # Token bookkeeping only when a penalty needs it: prompt + output for the repetition
         # penalty, output counts for presence/frequency penalties (OpenAI semantics).
-        self._seen: NDArray[np.bool_] | None = None
-        self._generated_counts: NDArray[np.int32] | None = None
+        self._seen: set[int] | None = None
+        self._generated: dict[int, int] | None = None
         if config.repetition_penalty != 1.0:
-            self._seen = np.zeros(vocab_size, np.bool_)
-            self._seen[np.asarray(prompt_ids, dtype=np.int64)] = True
+            self._seen = {int(t) for t in prompt_ids}
         if config.presence_penalty or config.frequency_penalty:
-            self._generated_counts = np.zeros(vocab_size, np.int32)
+            self._generated = {}
 
     def record(self, token_id: int) -> None:
         """Account for a token the sequence generated."""
         if self._seen is not None:
-            self._seen[token_id] = True
-        if self._generated_counts is not None:
-            self._generated_counts[token_id] += 1
+            self._seen.add(token_id)
+        if self._generated is not None:
+            self._generated[token_id] = self._generated.get(token_id, 0) + 1
 
     def apply_penalties(self, logits: F32) -> None:
         """Penalise, in place, the logits (vocab,) of tokens already seen or generated."""
         c = self.config
-        if self._seen is not None:
-            seen = np.flatnonzero(self._seen)
+        if self._seen:
+            seen = np.fromiter(self._seen, np.int64, len(self._seen))
             vals = logits[seen]
             logits[seen] = np.where(
                 vals > 0, vals / c.repetition_penalty, vals * c.repetition_penalty
             )
-        if self._generated_counts is not None:
-            used = np.flatnonzero(self._generated_counts)
-            counts = self._generated_counts[used].astype(np.float32)
+        if self._generated:
+            used = np.fromiter(self._generated, np.int64, len(self._generated))
+            counts = np.fromiter(self._generated.values(), np.float32, len(self._generated))
             logits[used] -= c.presence_penalty + c.frequency_penalty * counts
 
 
@@ -90,19 +89,14 @@ def sample(logits: F32, states: Sequence[SamplingState]) -> tuple[NDArray[np.int
     tokens = np.empty(rows, np.int64)
     logprobs = np.full(rows, np.nan, np.float32)
 
-    work = logits
-    penalised = [i for i, s in enumerate(states) if s.config.has_penalties]
-    if penalised:
-        work = logits.copy()
-        for i in penalised:
-            states[i].apply_penalties(work[i])
-
     greedy = [i for i, s in enumerate(states) if s.config.is_greedy]
-    if greedy:
-        tokens[greedy] = np.argmax(work[greedy], axis=1)
     drawn = [i for i, s in enumerate(states) if not s.config.is_greedy]
+    if greedy:
+        tokens[greedy] = np.argmax(_penalised(logits, greedy, states), axis=1)
     if drawn:
-        tokens[drawn] = _draw(work[drawn], [states[i] for i in drawn])
+        x = _penalised(logits, drawn, states)
+        x /= np.array([states[i].config.temperature for i in drawn], np.float32)[:, None]
+        tokens[drawn] = _draw(x, [states[i] for i in drawn])
 
     wants_logprobs = [i for i, s in enumerate(states) if s.config.logprobs]
     if wants_logprobs:
@@ -116,70 +110,126 @@ def sample(logits: F32, states: Sequence[SamplingState]) -> tuple[NDArray[np.int
     return tokens, logprobs
 
 
-def _draw(logits: F32, states: Sequence[SamplingState]) -> NDArray[np.int64]:
-    """Sample one token per row with temperature, top-k, top-p and min-p."""
-    rows, vocab = logits.shape
+def _penalised(logits: F32, rows: list[int], states: Sequence[SamplingState]) -> F32:
+    """A copy of the given rows with each sequence's penalties applied."""
+    out = logits[rows]
+    for j, i in enumerate(rows):
+        if states[i].config.has_penalties:
+            states[i].apply_penalties(out[j])
+    return out
+
+
+def _draw(scaled: F32, states: Sequence[SamplingState]) -> NDArray[np.int64]:
+    """Sample one token per row of temperature-scaled logits with top-k, top-p and min-p.
+
+    Rows fall in three groups, each handled with whole-matrix operations: rows with a top-k
+    (candidates: their k best tokens), rows with only top-p / min-p (the nucleus, see
+    :func:`_draw_nucleus`) and rows with plain temperature (the whole vocabulary, in token-id
+    order).
+    """
+    rows, vocab = scaled.shape
     configs = [s.config for s in states]
-    temps = np.array([c.temperature for c in configs], np.float32)[:, None]
-    scaled = logits / temps  # (rows, vocab)
-    k_of = np.array([c.top_k if c.top_k > 0 else vocab for c in configs])
-    n_cand = int(min(vocab, max([_CANDIDATES, *(int(k) for k in k_of if k < vocab)])))
-
-    # The n_cand best tokens of each row, ordered by (value descending, token id).
-    if n_cand < vocab:
-        idx = np.argpartition(-scaled, n_cand - 1, axis=1)[:, :n_cand]
-    else:
-        idx = np.broadcast_to(np.arange(vocab), (rows, vocab))
-    vals = np.take_along_axis(scaled, idx, axis=1).astype(np.float64)
-    order = np.lexsort((idx, -vals), axis=1)
-    idx = np.take_along_axis(idx, order, axis=1)
-    vals = np.take_along_axis(vals, order, axis=1)
-
-    # Probabilities: over the row's top-k when it has one, else over the whole vocabulary.
-    col = np.arange(n_cand)[None, :]
-    in_k = col < k_of[:, None]
-    vals = np.where(in_k, vals, -np.inf)
-    top = vals[:, :1]
-    limited = k_of <= n_cand
-    norm = np.where(
-        limited,
-        np.log(np.exp(vals - top).sum(axis=1)),
-        np.log(np.exp(scaled.astype(np.float64) - top).sum(axis=1)),
-    )
-    probs = np.exp(vals - top - norm[:, None])  # (rows, n_cand)
-
-    top_p = np.array([c.top_p for c in configs])[:, None]
-    min_p = np.array([c.min_p for c in configs])[:, None]
-    mass_before = np.cumsum(probs, axis=1) - probs
-    keep = in_k & (mass_before < top_p) & (probs >= min_p * probs[:, :1])
-    # Rows whose distribution reaches past the candidates need the whole vocabulary.
-    unfiltered = (top_p[:, 0] >= 1.0) & (min_p[:, 0] <= 0.0)
-    escapes = ~limited & (unfiltered | (mass_before[:, -1] + probs[:, -1] < top_p[:, 0]))
-
+    u = np.array([s.rng.random() for s in states])  # exactly one draw per row and step
     chosen = np.empty(rows, np.int64)
-    for r in range(rows):
-        u = states[r].rng.random()
-        if escapes[r]:
-            chosen[r] = _draw_full(scaled[r], configs[r], u)
-            continue
-        p = np.where(keep[r], probs[r], 0.0)
-        cdf = np.cumsum(p)
-        pick = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
-        chosen[r] = idx[r, min(pick, n_cand - 1)]
+
+    top_k = [c.top_k if 0 < c.top_k < vocab else 0 for c in configs]
+    with_k = [r for r in range(rows) if top_k[r]]
+    plain = [
+        r
+        for r in range(rows)
+        if not top_k[r] and configs[r].top_p >= 1.0 and configs[r].min_p <= 0.0
+    ]
+    nucleus = [r for r in range(rows) if not top_k[r] and r not in plain]
+
+    if with_k:
+        k = np.array([top_k[r] for r in with_k])
+        idx, vals = _top_k(scaled[with_k], k)
+        probs = np.exp(vals - vals[:, :1])
+        probs /= probs.sum(axis=1, keepdims=True)
+        chosen[with_k] = _pick(idx, probs, [configs[r] for r in with_k], u[with_k])
+    if plain:
+        p = np.exp(scaled[plain] - scaled[plain].max(axis=1, keepdims=True))
+        chosen[plain] = np.minimum(
+            _count_below(p, u[plain] * p.sum(axis=1, dtype=np.float64)), vocab - 1
+        )
+    if nucleus:
+        chosen[nucleus] = _draw_nucleus(scaled[nucleus], [configs[r] for r in nucleus], u[nucleus])
     return chosen
 
 
-def _draw_full(scaled: F32, config: GenerationConfig, u: float) -> int:
-    """Sample from the whole vocabulary (no top-k): plain temperature, or a wide nucleus."""
-    x = scaled.astype(np.float64)
-    p = np.exp(x - x.max())
-    p /= p.sum()
-    ids = np.arange(p.size)
-    if config.top_p < 1.0 or config.min_p > 0.0:
-        ids = np.lexsort((ids, -p))
-        p = p[ids]
-        mass_before = np.cumsum(p) - p
-        p = np.where((mass_before < config.top_p) & (p >= config.min_p * p[0]), p, 0.0)
-    cdf = np.cumsum(p)
-    pick = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
-    return int(ids[min(pick, p.size - 1)])
+def _draw_nucleus(x: F32, configs: Sequence[GenerationConfig], u: F64) -> NDArray[np.int64]:
+    """Top-p / min-p over the whole vocabulary without sorting token ids.
+
+    The nucleus is every token above the probability of the n-th best, where n is the fewest
+    best tokens whose mass reaches top_p, plus (for exact ties at that probability) the
+    lowest ids among the tied. Sorting the probabilities alone finds n; the draw then walks
+    the nucleus in token-id order.
+    """
+    rows, vocab = x.shape
+    p = np.exp(x - x.max(axis=1, keepdims=True))  # (rows, vocab); the best token has 1.0
+    total = p.sum(axis=1, dtype=np.float64)
+    top_p = np.array([c.top_p for c in configs])
+    min_p = np.array([c.min_p for c in configs], np.float32)
+    ascending = np.sort(p, axis=1)
+    # The least likely tokens whose mass stays below 1 - top_p are left out; n are kept.
+    n = vocab - _count_below(ascending, (1.0 - top_p) * total)
+    n = np.clip(n, 1, vocab)
+    cut = ascending[np.arange(rows), vocab - n]  # probability of the n-th best
+    keep = p >= np.maximum(cut, min_p)[:, None]  # min-p is relative to the best token (1.0)
+    for r in np.flatnonzero(keep.sum(axis=1) > n):  # ties at the cut: keep the lowest ids
+        tied = np.flatnonzero(p[r] == cut[r])
+        keep[r, tied[len(tied) - (int(keep[r].sum()) - n[r]) :]] = False
+    p *= keep
+    drawn: NDArray[np.int64] = np.minimum(
+        _count_below(p, u * p.sum(axis=1, dtype=np.float64)), vocab - 1
+    )
+    return drawn
+
+
+def _count_below(w: F32, target: F64) -> NDArray[np.int64]:
+    """Per row, how many leading entries of ``w`` (non-negative) have a running sum below
+    ``target``: the index an inverse-CDF draw lands on. Two levels (block sums, then one
+    block) to avoid a float64 cumulative sum over the whole row."""
+    rows, vocab = w.shape
+    starts = np.arange(0, vocab, _BLOCK)
+    block_cdf = np.cumsum(np.add.reduceat(w, starts, axis=1), axis=1, dtype=np.float64)
+    block = (block_cdf < target[:, None]).sum(axis=1)
+    out = np.full(rows, vocab, np.int64)
+    for r in np.flatnonzero(block < len(starts)):
+        b = int(block[r])
+        before = block_cdf[r, b - 1] if b else 0.0
+        inner = np.cumsum(w[r, starts[b] : starts[b] + _BLOCK], dtype=np.float64)
+        out[r] = starts[b] + int((inner < target[r] - before).sum())
+    return out
+
+
+def _top_k(x: F32, k: NDArray[np.int64]) -> tuple[NDArray[np.int64], F64]:
+    """Each row's k[r] best tokens, ordered by (value desc, id asc), padded with -inf."""
+    rows, vocab = x.shape
+    width = int(k.max())
+    best = np.sort(np.partition(x, vocab - width, axis=1)[:, vocab - width :], axis=1)[:, ::-1]
+    threshold = best[np.arange(rows), k - 1]  # each row's k-th largest value
+    idx = np.zeros((rows, width), np.int64)
+    vals = np.full((rows, width), -np.inf)
+    for r in range(rows):
+        ids = np.flatnonzero(x[r] >= threshold[r])  # ascending ids; ties may add a few
+        v = x[r, ids].astype(np.float64)
+        order = np.argsort(-v, kind="stable")[: k[r]]  # stable: equal values keep id order
+        idx[r, : len(order)] = ids[order]
+        vals[r, : len(order)] = v[order]
+    return idx, vals
+
+
+def _pick(
+    idx: NDArray[np.int64], probs: F64, configs: Sequence[GenerationConfig], u: F64
+) -> NDArray[np.int64]:
+    """Apply top-p and min-p to sorted candidate probabilities and draw with ``u``."""
+    top_p = np.array([c.top_p for c in configs])[:, None]
+    min_p = np.array([c.min_p for c in configs])[:, None]
+    mass_before = np.cumsum(probs, axis=1) - probs
+    keep = (mass_before < top_p) & (probs >= min_p * probs[:, :1]) & (probs > 0)
+    cdf = np.cumsum(np.where(keep, probs, 0.0), axis=1)
+    pick = (cdf < u[:, None] * cdf[:, -1:]).sum(axis=1)
+    pick = np.minimum(pick, keep.sum(axis=1) - 1)
+    picked: NDArray[np.int64] = idx[np.arange(len(idx)), pick]
+    return picked

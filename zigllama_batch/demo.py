@@ -1,0 +1,154 @@
+"""``zigllama-batch demo``: many concurrent requests through one BatchProcessor, watched live.
+
+Fires N requests at once (chat questions and text continuations of varied length), shows
+progress while they run (requests done, tokens/s, current batch size, queue depth), then prints
+a summary table and one sample answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from .batching import BatchConfig, BatchingStrategy, BatchProcessor, BatchRequest, StreamChunk
+from .engine.model import LLaMAModel
+from .engine.tokenizer import Tokenizer
+from .generation import GenerationConfig
+
+__all__ = ["DemoSummary", "demo_requests", "run_demo"]
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Explain in two sentences why the sky is blue.",
+    "Write a haiku about a lighthouse.",
+    "Give three tips for learning a new language.",
+    "What is the difference between a list and a tuple in Python?",
+    "Name the planets of the solar system.",
+    "Suggest a name for a friendly robot.",
+    "How do bees make honey?",
+]
+CONTINUATIONS = [
+    "Once upon a time, in a village by the sea,",
+    "The most important invention of the twentieth century was",
+    "def fibonacci(n):",
+    "My grandmother's secret recipe for apple pie",
+]
+
+
+def demo_requests(n: int, *, seed: int = 0) -> list[BatchRequest]:
+    """``n`` varied requests: chat questions (greedy) and text continuations (balanced
+    sampling, each with its own seed), 16 to 96 new tokens."""
+    out = []
+    for i in range(n):
+        max_tokens = (16, 32, 48, 64, 96)[i % 5]
+        if i % 3 == 2:
+            prompt: str | list[dict[str, str]] = CONTINUATIONS[i % len(CONTINUATIONS)]
+        else:
+            prompt = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+        preset = GenerationConfig.greedy if i % 3 != 2 else GenerationConfig.balanced
+        config = preset(max_tokens=max_tokens, seed=seed + i)
+        out.append(BatchRequest(prompt=prompt, config=config, id=i))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSummary:
+    """What a demo run measured."""
+
+    requests: int
+    wall_s: float
+    tokens: int
+    tokens_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    mean_batch_size: float
+    sample_prompt: str
+    sample_answer: str
+
+
+async def run_demo(
+    model: LLaMAModel,
+    tokenizer: Tokenizer,
+    *,
+    strategy: BatchingStrategy | str = BatchingStrategy.CONTINUOUS,
+    requests: int = 32,
+    max_batch_size: int = 32,
+    out: TextIO = sys.stderr,
+) -> DemoSummary:
+    """Run the demo and return its figures; progress goes to ``out``."""
+    config = BatchConfig(
+        strategy=BatchingStrategy(strategy),
+        max_batch_size=max_batch_size,
+        timeout_ms=100,
+        latency_target_ms=10_000,
+    )
+    generated = 0
+
+    def count(chunk: StreamChunk, request_id: object) -> None:
+        nonlocal generated
+        generated += 1
+
+    batch = [
+        BatchRequest(prompt=r.prompt, config=r.config, id=r.id, callback=count)
+        for r in demo_requests(requests)
+    ]
+    started = time.perf_counter()
+    async with BatchProcessor(model, tokenizer, config) as processor:
+        tasks = [asyncio.create_task(processor.submit(r)) for r in batch]
+        live = out.isatty()
+        last_line = 0.0
+        while not all(t.done() for t in tasks):
+            await asyncio.sleep(0.25)
+            now = time.perf_counter()
+            if not live and now - last_line < 2.0:
+                continue
+            last_line = now
+            s = processor.stats
+            elapsed = now - started
+            line = (
+                f"done {s.completed:>3}/{requests}  {generated / elapsed:6.1f} tokens/s  "
+                f"batch {s.running:>3}  queued {s.queue_depth:>3}  {elapsed:5.1f} s"
+            )
+            print(f"\r{line}" if live else line, end="" if live else "\n", file=out, flush=True)
+        results = [await t for t in tasks]  # surfaces any request's error
+        stats = processor.stats
+    if out.isatty():
+        print(file=out)
+    wall = time.perf_counter() - started
+    sample = results[0]
+    prompt = batch[0].prompt
+    return DemoSummary(
+        requests=requests,
+        wall_s=wall,
+        tokens=stats.total_tokens,
+        tokens_per_s=stats.total_tokens / wall,
+        latency_p50_ms=stats.latency_ms.p50,
+        latency_p99_ms=stats.latency_ms.p99,
+        ttft_p50_ms=stats.time_to_first_token_ms.p50,
+        ttft_p99_ms=stats.time_to_first_token_ms.p99,
+        mean_batch_size=stats.mean_batch_size,
+        sample_prompt=prompt if isinstance(prompt, str) else str(prompt[-1]["content"]),
+        sample_answer=sample.text,
+    )
+
+
+def format_summary(summary: DemoSummary, strategy: str) -> str:
+    """The summary table and sample answer as text."""
+    rows = [
+        ("strategy", strategy),
+        ("requests", f"{summary.requests}"),
+        ("wall time", f"{summary.wall_s:.1f} s"),
+        ("tokens generated", f"{summary.tokens}"),
+        ("throughput", f"{summary.tokens_per_s:.1f} tokens/s"),
+        ("latency p50 / p99", f"{summary.latency_p50_ms:.0f} / {summary.latency_p99_ms:.0f} ms"),
+        ("first token p50 / p99", f"{summary.ttft_p50_ms:.0f} / {summary.ttft_p99_ms:.0f} ms"),
+        ("mean batch size", f"{summary.mean_batch_size:.1f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    table = "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    return f"{table}\n\nsample: {summary.sample_prompt}\nanswer: {summary.sample_answer.strip()}"
