@@ -46,14 +46,15 @@ class PromptTooLong(InvalidRequest):
     """The prompt (plus at least one generated token) does not fit the context window.
 
     Attributes:
-        prompt_tokens: how many tokens the prompt encodes to.
+        prompt_tokens: how many tokens the prompt encodes to (a lower bound for prompts too long
+            to be worth encoding).
         max_context: how many tokens a sequence may hold in total.
     """
 
-    def __init__(self, prompt_tokens: int, max_context: int) -> None:
+    def __init__(self, prompt_tokens: int, max_context: int, *, at_least: bool = False) -> None:
         super().__init__(
-            f"prompt has {prompt_tokens} tokens but the context holds {max_context} "
-            f"(the prompt must leave room for at least one generated token)"
+            f"prompt has {'at least ' if at_least else ''}{prompt_tokens} tokens but the context "
+            f"holds {max_context} (the prompt must leave room for at least one generated token)"
         )
         self.prompt_tokens = prompt_tokens
         self.max_context = max_context

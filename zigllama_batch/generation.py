@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Self
 
+from .errors import InvalidRequest
+
 __all__ = [
     "ChatMessage",
     "FinishReason",
@@ -100,12 +102,12 @@ class GenerationConfig:
             _check_int("seed", self.seed, minimum=0)
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop: every stop string must be a non-empty str, got {s!r}")
+                raise InvalidRequest(f"stop: every stop string must be a non-empty str, got {s!r}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, minimum=0)
         for name in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")
+                raise InvalidRequest(f"{name}: must be a bool, got {getattr(self, name)!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -183,16 +185,16 @@ class GenerationResult:
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: must be an int, got {value!r}")
+        raise InvalidRequest(f"{name}: must be an int, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+        raise InvalidRequest(f"{name}: must be >= {minimum}, got {value}")
 
 
 def _check_float(
     name: str, value: object, *, low: float, high: float, low_open: bool = False
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+        raise InvalidRequest(f"{name}: must be a finite number, got {value!r}")
     if value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name}: must be in {bracket}{low}, {high}], got {value}")
+        raise InvalidRequest(f"{name}: must be in {bracket}{low}, {high}], got {value}")

@@ -131,8 +131,8 @@ def test_dynamic_timeout_dispatches_when_full_or_when_the_oldest_times_out() -> 
     assert s.plan(view(2, oldest=1.0), 1, 5.0, draining=False).admit == 0
 
 
-def test_adaptive_starts_early_enough_for_its_target_and_caps_the_batch() -> None:
-    """ADAPTIVE waits while the oldest request has slack, and caps size to fit the target."""
+def test_adaptive_starts_early_enough_for_its_target() -> None:
+    """ADAPTIVE waits while the oldest request has slack, then starts in time for the target."""
     s = Adaptive(BatchConfig(max_batch_size=32, latency_target_ms=1000))
     s.costs = StepCostModel(fixed_s=0.01, per_token_s=0.001)
     # One waiting request of 10 prompt + 20 output tokens: service ~0.03 + 19 * 0.011 = 0.24 s.
@@ -140,12 +140,23 @@ def test_adaptive_starts_early_enough_for_its_target_and_caps_the_batch() -> Non
     assert plan.admit == 0
     assert plan.wake_at == pytest.approx(0.95 - 1.25 * s.service_s([(10, 20)]))
     assert s.plan(view(1, oldest=0.0), 0, plan.wake_at, draining=False).admit == 1  # type: ignore[arg-type]
-    # Many long requests: the cap keeps the predicted service within half the target.
+    assert s.plan(view(1, oldest=0.0), 0, 0.1, draining=True).admit == 1
+
+
+def test_adaptive_batch_size_follows_queue_pressure() -> None:
+    """With a latency cap's worth of requests waiting, ADAPTIVE takes everything waiting (up to
+    max_batch_size) at once, even when one request alone cannot meet the target."""
+    s = Adaptive(BatchConfig(max_batch_size=32, latency_target_ms=1000))
+    s.costs = StepCostModel(fixed_s=0.01, per_token_s=0.001)
     heavy = [(10, 30)] * 40
-    plan = s.plan(view(40, head=heavy), 0, 0.0, draining=False)
-    assert 1 <= plan.admit < 32
-    assert s.service_s(heavy[: plan.admit]) <= 0.5
-    assert s.service_s(heavy[: plan.admit + 1]) > 0.5
+    cap = s.latency_cap(heavy)
+    assert s.service_s(heavy[:cap]) <= 0.5 < s.service_s(heavy[: cap + 1])
+    assert s.plan(view(cap - 1, head=heavy[: cap - 1]), 0, 0.0, draining=False).admit == 0
+    assert s.plan(view(cap, head=heavy[:cap]), 0, 0.0, draining=False).admit == cap
+    assert s.plan(view(40, head=heavy), 0, 0.0, draining=False).admit == 32
+    hopeless = [(10, 2000)] * 3  # even one request takes longer than the target
+    assert s.latency_cap(hopeless) == 1
+    assert s.plan(view(3, head=hopeless), 0, 0.0, draining=False).admit == 3
 
 
 def test_step_cost_model_learns_fixed_and_per_token_costs() -> None:

@@ -76,8 +76,16 @@ class ManualClock:
             if deadline <= self._now:
                 return
             future: asyncio.Future[None] = loop.create_future()
-            heapq.heappush(self._sleepers, (deadline, next(self._order), future))
-        await future
+            entry = (deadline, next(self._order), future)
+            heapq.heappush(self._sleepers, entry)
+        try:
+            await future
+        finally:
+            if not future.done() or future.cancelled():  # woken early: forget the sleeper
+                with self._lock:
+                    if entry in self._sleepers:
+                        self._sleepers.remove(entry)
+                        heapq.heapify(self._sleepers)
 
 
 def _wake(future: asyncio.Future[None]) -> None:

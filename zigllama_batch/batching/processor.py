@@ -29,7 +29,7 @@ from .request import TrackedRequest
 from .scheduler import EngineLike, Scheduler
 from .stats import StatsRecorder
 from .stream import RequestStream
-from .types import BatchConfig, BatchRequest, BatchResult, BatchStats, RequestId
+from .types import BatchConfig, BatchRequest, BatchResult, BatchStats, RequestId, is_request_id
 
 __all__ = ["BatchProcessor", "ProcessorState"]
 
@@ -49,7 +49,8 @@ class BatchProcessor:
     Use as ``async with BatchProcessor(model, tokenizer, config) as processor:``; leaving the
     block drains (queued and running requests finish). All methods are called from the event
     loop the processor was started on; model steps run in a worker thread, so the loop stays
-    free for the host application.
+    free for the host application. Token callbacks run on the loop: a plain function must be
+    quick; slow work belongs in an ``async def`` callback (awaited in order, off the step path).
     """
 
     def __init__(
@@ -90,6 +91,11 @@ class BatchProcessor:
         needed = config.max_batch_size * config.num_workers
         if engine.n_slots < needed:
             raise ValueError(f"the engine has {engine.n_slots} slots; this config needs {needed}")
+        if config.max_context is not None and config.max_context != engine.max_context:
+            raise ValueError(
+                f"max_context: the engine's slots hold {engine.max_context} positions, the config "
+                f"asks for {config.max_context}; build the engine with the size you want"
+            )
         self.config = config
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -129,38 +135,56 @@ class BatchProcessor:
         await self._scheduler.process_queue(worker)
 
     async def aclose(self, drain: bool = True, *, drain_timeout: float | None = None) -> None:
-        """Stop accepting requests and shut down. Idempotent.
+        """Stop accepting requests and shut down. Idempotent; a later call with
+        ``drain=False`` cuts a draining close short.
 
         Args:
-            drain: let queued and running requests finish (True), or end them at once with
-                :class:`ProcessorStopped` (False; a running step still completes first).
+            drain: let queued and running requests finish, callbacks included (True), or end
+                them at once with :class:`ProcessorStopped` (False; a running step still
+                completes first).
             drain_timeout: with ``drain``, seconds to wait before ending the rest as with
                 ``drain=False``.
+
+        Raises:
+            RuntimeError: awaited from one of this processor's own callbacks (it would wait for
+                itself); schedule it with ``asyncio.create_task`` there instead.
         """
         if self._state is ProcessorState.NEW:
             self._state = ProcessorState.CLOSED
             await self._scheduler.shutdown()
             return
+        if asyncio.current_task() in self._scheduler.delivery_tasks():
+            raise RuntimeError("aclose() awaited inside a callback of the same processor")
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close(drain, drain_timeout))
+        elif not drain:
+            self._scheduler.stop()
         await asyncio.shield(self._closing)
 
     async def _close(self, drain: bool, drain_timeout: float | None) -> None:
         self._state = ProcessorState.CLOSING
+        loop = asyncio.get_running_loop()
+        deadline = None if drain_timeout is None else loop.time() + drain_timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
         if drain:
             self._scheduler.begin_drain()
         else:
             self._scheduler.stop()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=drain_timeout if drain else None)
-            if pending:
-                self._scheduler.stop()
-                await asyncio.wait(pending)
+        _, pending = await asyncio.wait(self._tasks, timeout=remaining())
+        if pending:
+            self._scheduler.stop()
+            await asyncio.wait(pending)
+        await self._scheduler.settle_deliveries(remaining())
         await self._scheduler.shutdown()
-        await self._watcher
-        for task in self._tasks:  # surface a crashed worker instead of hiding it
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        await asyncio.wait([self._watcher])
+        for task in [*self._tasks, self._watcher]:  # a crash was logged and ended the requests
+            if not task.cancelled():
+                task.exception()
+        for rec in list(self._live.values()):  # safety net: nothing outlives the processor
+            self._scheduler.abort(rec, ProcessorStopped("the processor closed"))
         self._state = ProcessorState.CLOSED
 
     async def __aenter__(self) -> Self:
@@ -237,6 +261,8 @@ class BatchProcessor:
 
     def cancel(self, request_id: RequestId) -> bool:
         """Cancel a live request by id; returns False if it is not live (unknown or ended)."""
+        if not is_request_id(request_id):
+            raise InvalidRequest(f"a request id is an int or a str, got {request_id!r}")
         rec = self._live.get(request_id)
         if rec is None:
             return False
@@ -274,16 +300,15 @@ class BatchProcessor:
     def _accept(self, request: BatchRequest, *, streamed: bool = False) -> TrackedRequest:
         if not isinstance(request, BatchRequest):
             raise InvalidRequest(f"expected a BatchRequest, got {type(request).__name__}")
-        if self._state is not ProcessorState.RUNNING:
+        if self._state is not ProcessorState.RUNNING or self._scheduler.stopping:
             self._stats.on_reject()
-            raise ProcessorStopped(
-                "the processor is not running"
-                + (
-                    " (start it with `async with` or `await start()`)"
-                    if self._state is ProcessorState.NEW
-                    else f" ({self._state.value})"
-                )
-            )
+            if self._state is ProcessorState.NEW:
+                why = "start it with `async with` or `await start()`"
+            elif self._scheduler.crashed is not None:
+                why = f"it stopped after an internal error: {self._scheduler.crashed!r}"
+            else:
+                why = self._state.value
+            raise ProcessorStopped(f"the processor is not running ({why})")
         request_id = request.id
         if request_id is None:
             request_id = next(self._ids)
@@ -291,8 +316,12 @@ class BatchProcessor:
                 request_id = next(self._ids)
         elif request_id in self._live or request_id in self._detached:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        prompt_ids = self.tokenizer.encode_prompt(request.prompt)
         max_context = self.engine.max_context
+        if isinstance(request.prompt, str):  # too long to be worth tokenizing on the loop?
+            at_least = len(request.prompt.encode()) // self.tokenizer.max_token_bytes
+            if at_least >= max_context:
+                raise PromptTooLong(at_least, max_context, at_least=True)
+        prompt_ids = self.tokenizer.encode_prompt(request.prompt)
         if len(prompt_ids) >= max_context:
             raise PromptTooLong(len(prompt_ids), max_context)
         now = self.clock.now()
@@ -326,6 +355,8 @@ class BatchProcessor:
         return rec
 
     def _lookup(self, request_id: RequestId) -> TrackedRequest:
+        if not is_request_id(request_id):
+            raise InvalidRequest(f"a request id is an int or a str, got {request_id!r}")
         rec = self._detached.get(request_id)
         if rec is None:
             raise InvalidRequest(

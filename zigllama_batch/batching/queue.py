@@ -62,6 +62,12 @@ class RequestQueue:
             if request.state is RequestState.QUEUED:
                 self._live -= 1
                 self._admitted_at.append(now)
+                if len(self._arrivals) > 2 * self._live + 64:
+                    self._arrivals = deque(
+                        r
+                        for r in self._arrivals
+                        if r.state is RequestState.QUEUED and r is not request
+                    )
                 return request
         return None
 
@@ -82,6 +88,8 @@ class RequestQueue:
         if len(self._heap) > 2 * self._live + 64:  # mostly dead entries: rebuild
             self._heap = [e for e in self._heap if e[2].state is RequestState.QUEUED]
             heapq.heapify(self._heap)
+        if len(self._arrivals) > 2 * self._live + 64:
+            self._arrivals = deque(r for r in self._arrivals if r.state is RequestState.QUEUED)
 
     def oldest_submitted(self) -> float | None:
         """Submission time of the longest-waiting live request."""

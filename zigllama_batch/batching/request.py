@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..engine.output import OutputDecoder
-from ..errors import ZigllamaBatchError
+from ..errors import RequestCancelled, RequestTimeout, ZigllamaBatchError
 from ..generation import GenerationConfig
 from .types import BatchRequest, BatchResult, RequestId, StreamChunk
 
@@ -143,8 +143,6 @@ class TrackedRequest:
 
 def error_state(error: BaseException) -> RequestState:
     """The terminal state an error puts a request in."""
-    from ..errors import RequestCancelled, RequestTimeout
-
     if isinstance(error, RequestTimeout):
         return RequestState.TIMED_OUT
     if isinstance(error, RequestCancelled):

@@ -21,6 +21,7 @@ import asyncio
 import heapq
 import inspect
 import itertools
+import logging
 import math
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,8 @@ from .strategies import Plan, WaitingView, make_strategy
 from .types import BatchConfig, BatchResult, RequestTimeline, StreamChunk
 
 __all__ = ["CallbackFailed", "EngineLike", "Scheduler", "build_step"]
+
+logger = logging.getLogger(__name__)
 
 
 class CallbackFailed(ZigllamaBatchError):
@@ -126,16 +129,28 @@ class _Delivery:
         self.task = asyncio.ensure_future(self._run(scheduler, rec))
 
     async def _run(self, scheduler: Scheduler, rec: TrackedRequest) -> None:
-        while True:
-            item = await self.queue.get()
-            if isinstance(item, BatchResult):
-                scheduler.end(rec, RequestState.COMPLETED, result=item)
-                return
-            try:
-                await item
-            except Exception as exc:
-                scheduler.fail_callback(rec, exc)
-                return
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, BatchResult):
+                    scheduler.end(rec, RequestState.COMPLETED, result=item)
+                    return
+                try:
+                    await item
+                except asyncio.CancelledError as exc:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # this delivery is being cancelled: the request ended otherwise
+                    scheduler.fail_callback(rec, exc)  # the callback itself was cancelled
+                    return
+                except Exception as exc:
+                    scheduler.fail_callback(rec, exc)
+                    return
+        finally:
+            while not self.queue.empty():  # callbacks that will not run now
+                pending = self.queue.get_nowait()
+                if inspect.iscoroutine(pending):
+                    pending.close()
 
 
 class Scheduler:
@@ -158,10 +173,13 @@ class Scheduler:
         self._deadlines: list[tuple[float, int, TrackedRequest]] = []
         self._deadline_order = itertools.count()
         self._deadline_changed = _Signal()
+        self._deadlines_ended = 0
         self._deliveries: dict[TrackedRequest, _Delivery] = {}
         self.draining = False
         self.stopping = False
         self.closed = False
+        self.crashed: BaseException | None = None
+        """Set when a worker or the deadline watcher died of an unexpected error."""
 
     # -- requests in and out -------------------------------------------------------------------
 
@@ -198,6 +216,12 @@ class Scheduler:
         self.stats.on_finish(state, len(rec.decoder.token_ids), result)
         if result is not None:
             self.strategy.observe_finish(result.result.completion_tokens, rec.config.max_tokens)
+        if len(self._deadlines) > 64 and rec.deadline is not None:
+            self._deadlines_ended += 1
+            if 2 * self._deadlines_ended > len(self._deadlines):  # mostly ended: rebuild
+                self._deadlines = [d for d in self._deadlines if d[2].state not in FINISHED]
+                heapq.heapify(self._deadlines)
+                self._deadlines_ended = 0
         self._changed.notify()  # a worker frees the slot before its next step
 
     def abort(self, rec: TrackedRequest, error: ZigllamaBatchError) -> None:
@@ -227,12 +251,24 @@ class Scheduler:
                     await self._changed.wait(self.clock, plan.wake_at)
                     continue
                 await self._step(worker)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._crash(exc)
+            raise
         finally:
             for rec in worker.running:
                 self.abort(
                     rec, ProcessorStopped("the processor stopped before this request finished")
                 )
             self._reap(worker)
+
+    def _crash(self, exc: BaseException) -> None:
+        """A scheduler task died of a bug: refuse new work and end every pending request."""
+        logger.error("zigllama_batch scheduler task failed; stopping the processor", exc_info=exc)
+        if self.crashed is None:
+            self.crashed = exc
+        self.stop(f"the processor stopped after an internal error: {exc!r}")
 
     def _plan(self, worker: _Worker) -> Plan:
         now = self.clock.now()
@@ -250,12 +286,17 @@ class Scheduler:
         return plan
 
     def _admit(self, worker: _Worker, rec: TrackedRequest, now: float) -> None:
-        rec.slot = self.engine.allocate_slot()
-        rec.worker = worker.index
-        rec.sampling = self.engine.new_sampling(rec.config, rec.prompt_ids)
-        rec.state = RequestState.RUNNING
+        rec.state = RequestState.RUNNING  # popped from the queue: no longer counted there
         rec.admitted = now
-        worker.running.append(rec)
+        rec.worker = worker.index
+        rec.slot = self.engine.allocate_slot()
+        worker.running.append(rec)  # from here on, _reap frees the slot whatever happens
+        try:
+            rec.sampling = self.engine.new_sampling(rec.config, rec.prompt_ids)
+        except Exception as exc:
+            error = GenerationError(f"could not start request {rec.id!r}: {exc!r}")
+            error.__cause__ = exc
+            self.end(rec, RequestState.FAILED, error=error)
 
     def _reap(self, worker: _Worker) -> None:
         """Free the slots of sequences that are done generating or have ended."""
@@ -288,7 +329,11 @@ class Scheduler:
             # Shielded: if this worker is cancelled the step still finishes in its thread.
             outputs = await asyncio.shield(step)
         except asyncio.CancelledError:
-            await asyncio.wait([step])  # never reuse a slot a running step is writing
+            while not step.done():  # never free a slot a running step is still writing
+                try:
+                    await asyncio.wait([step])
+                except asyncio.CancelledError:
+                    continue
             raise
         except Exception as exc:
             error = GenerationError(f"the engine step failed: {exc!r}")
@@ -376,6 +421,15 @@ class Scheduler:
 
     async def watch_deadlines(self) -> None:
         """End requests whose deadline passes, wherever they are, until the processor closes."""
+        try:
+            await self._watch_deadlines()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._crash(exc)
+            raise
+
+    async def _watch_deadlines(self) -> None:
         while not self.closed:
             now = self.clock.now()
             while self._deadlines and self._deadlines[0][0] <= now:
@@ -398,7 +452,7 @@ class Scheduler:
         self.draining = True
         self._changed.notify()
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "the processor closed without draining") -> None:
         """End every queued and running request with ProcessorStopped; workers return after
         their current step."""
         self.stopping = True
@@ -406,19 +460,32 @@ class Scheduler:
             self.end(
                 rec,
                 RequestState.FAILED,
-                error=ProcessorStopped("the processor closed without draining"),
+                error=ProcessorStopped(reason),
             )
         for worker in self.workers:
             for rec in worker.running:
-                self.abort(rec, ProcessorStopped("the processor closed without draining"))
+                self.abort(rec, ProcessorStopped(reason))
+        for rec in list(self._deliveries):  # generated, callbacks still pending
+            self.abort(rec, ProcessorStopped(reason))
         self._changed.notify()
 
+    def delivery_tasks(self) -> list[asyncio.Future[None]]:
+        """The tasks running requests' async callbacks."""
+        return [d.task for d in self._deliveries.values()]
+
+    async def settle_deliveries(self, wait_s: float | None) -> None:
+        """Wait (at most ``wait_s`` seconds) for pending callbacks, then stop the rest."""
+        current = asyncio.current_task()
+        pending = [d.task for d in self._deliveries.values() if d.task is not current]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=wait_s)
+            if late:
+                self.stop()
+                await asyncio.wait(late)
+
     async def shutdown(self) -> None:
-        """After the workers have returned: stop the deadline watcher, settle pending callback
-        deliveries and release the executor."""
+        """After the workers and deliveries are done: stop the deadline watcher and release
+        the executor."""
         self.closed = True
         self._deadline_changed.notify()
-        pending = [d.task for d in self._deliveries.values()]
-        if pending:
-            await asyncio.wait(pending)
         self._executor.shutdown(wait=False)

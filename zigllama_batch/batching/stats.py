@@ -9,6 +9,7 @@ subscribe to each finished request and step.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections import Counter, deque
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from .request import RequestState
 from .types import BatchResult, BatchStats, Percentiles
 
 __all__ = ["StatsObserver", "StatsRecorder"]
+
+logger = logging.getLogger(__name__)
 
 
 class StatsObserver:
@@ -85,8 +88,7 @@ class StatsRecorder:
     def on_reject(self) -> None:
         """A request was refused (queue full, or processor closed)."""
         self.rejected += 1
-        for o in self.observers:
-            o.on_reject()
+        self._notify("on_reject")
 
     def on_finish(self, state: RequestState, generated: int, result: BatchResult | None) -> None:
         """A request ended with ``generated`` tokens produced."""
@@ -98,8 +100,7 @@ class StatsRecorder:
             self.latency.add(result.latency_ms)
             self.queue_time.add(result.queue_time_ms)
             self.ttft.add(result.time_to_first_token_ms)
-        for o in self.observers:
-            o.on_finish(state, result)
+        self._notify("on_finish", state, result)
 
     def on_step(self, sequences: int, new_tokens: int, seconds: float) -> None:
         """An engine step of ``sequences`` sequences and ``new_tokens`` tokens finished."""
@@ -107,8 +108,14 @@ class StatsRecorder:
         self.step_sequences += sequences
         self.batch_sizes[sequences] += 1
         self.step_time.add(seconds * 1000)
-        for o in self.observers:
-            o.on_step(sequences, new_tokens, seconds)
+        self._notify("on_step", sequences, new_tokens, seconds)
+
+    def _notify(self, event: str, *args: object) -> None:
+        for observer in self.observers:  # an observer's bug must not stop the scheduler
+            try:
+                getattr(observer, event)(*args)
+            except Exception:
+                logger.exception("stats observer %r failed on %s", observer, event)
 
     def snapshot(self, *, queue_depth: int, running: int) -> BatchStats:
         """A frozen copy of everything, with the current queue depth and running count."""

@@ -161,10 +161,13 @@ class Adaptive:
     Service time of a batch of n requests is predicted as one prefill step of their prompt
     tokens plus (expected output length) decode steps of n tokens, from the learned
     :class:`StepCostModel`; expected output length is ``max_tokens`` scaled by the fraction of it
-    that finished requests actually used. The batch is capped at the largest n whose service time
-    fits half the target (a request arriving just after a dispatch waits about one batch). With
-    enough requests waiting to reach the cap it starts at once; otherwise it waits until the
-    oldest request's slack is used up.
+    that finished requests actually used. The *latency cap* is the largest n whose service time
+    fits half the target (a request arriving just after a dispatch waits about one batch).
+
+    Under pressure (at least a latency cap's worth of requests waiting) waiting cannot help
+    anyone's latency, so the batch is everything waiting, up to ``max_batch_size``: batch size
+    follows the queue. Otherwise it waits while the oldest request still has slack, and starts
+    early enough for it to finish within the target.
     """
 
     needs_head = True
@@ -191,31 +194,36 @@ class Adaptive:
         longest = max(math.ceil(m * self.output_fraction) for _, m in head)
         return self.costs.step_s(prompt) + max(longest - 1, 0) * self.costs.step_s(len(head))
 
-    def plan(self, waiting: WaitingView, running: int, now: float, *, draining: bool) -> Plan:
-        """Admit as many as fit the target once waiting no longer pays."""
-        if running or not waiting.count:
-            return Plan()
-        head = list(waiting.head[: self.max_batch])
-        # Requests not yet arrived are assumed to look like the average waiting one.
+    def latency_cap(self, head: Sequence[tuple[int, int]]) -> int:
+        """Largest batch (at least 1) whose predicted service fits half the target; requests not
+        yet arrived are assumed to look like the average waiting one."""
         typical = (
             round(sum(p for p, _ in head) / len(head)),
             round(sum(m for _, m in head) / len(head)),
         )
 
         def batch(n: int) -> list[tuple[int, int]]:
-            return head[:n] + [typical] * max(n - len(head), 0)
+            return list(head[:n]) + [typical] * max(n - len(head), 0)
 
         cap = 1
         while cap < self.max_batch and self.service_s(batch(cap + 1)) <= self.target_s / 2:
             cap += 1
-        if waiting.count >= cap or draining:
-            return Plan(admit=min(waiting.count, cap))
+        return cap
+
+    def plan(self, waiting: WaitingView, running: int, now: float, *, draining: bool) -> Plan:
+        """Admit everything waiting under pressure, or when the oldest request's slack is spent."""
+        if running or not waiting.count:
+            return Plan()
+        head = list(waiting.head[: self.max_batch])
+        n = min(waiting.count, self.max_batch)
+        if draining or waiting.count >= self.latency_cap(head):
+            return Plan(admit=n)
         assert waiting.oldest_submitted is not None
         # Start while the oldest request can still make the target, leaving room for the batch
         # to grow with what arrives meanwhile.
         start_by = waiting.oldest_submitted + 0.95 * self.target_s - 1.25 * self.service_s(head)
         if now >= start_by:
-            return Plan(admit=waiting.count)
+            return Plan(admit=n)
         return Plan(wake_at=start_by)
 
 

@@ -35,7 +35,8 @@ class RequestStream:
         self._buffer = rec.stream
         self._cancel = cancel
         self._loop = asyncio.get_running_loop()
-        self._ended = False
+        self._ended = False  # the end-of-stream marker was read
+        self._closed = False  # aclose() was called: iteration stops
         self.result: BatchResult | None = None
         """The request's result, once the stream is exhausted."""
 
@@ -48,6 +49,8 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> StreamChunk:
+        if self._closed:
+            raise StopAsyncIteration
         if not self._ended:
             chunk = await self._buffer.get()
             if chunk is not None:
@@ -66,7 +69,9 @@ class RequestStream:
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
-        """Stop streaming; cancels the request if it is not finished. Idempotent."""
+        """Stop streaming (later iteration ends at once); cancels the request if it is not
+        finished. Idempotent."""
+        self._closed = True
         if not self._rec.finished:
             self._cancel(self._rec, RequestCancelled(f"stream of request {self._rec.id!r} closed"))
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InvalidRequest
 from ..generation import FinishReason, GenerationConfig, GenerationResult, Prompt
 
 __all__ = [
@@ -29,6 +30,9 @@ __all__ = [
 
 RequestId = int | str
 """A request's id: given by the caller, or a counter the processor assigns."""
+
+MAX_PRIORITY = 1_000_000
+"""Largest priority magnitude a request may have."""
 
 
 class BatchingStrategy(enum.StrEnum):
@@ -91,8 +95,8 @@ class BatchConfig:
         except ValueError:
             names = ", ".join(s.value for s in BatchingStrategy)
             raise ValueError(f"strategy: must be one of {names}, got {self.strategy!r}") from None
-        _positive_int("max_batch_size", self.max_batch_size)
-        _positive_int("num_workers", self.num_workers)
+        _positive_int("max_batch_size", self.max_batch_size, maximum=4096)
+        _positive_int("num_workers", self.num_workers, maximum=64)
         _positive_int("max_queue_size", self.max_queue_size)
         _positive_int("max_step_tokens", self.max_step_tokens)
         _positive_int("prefill_chunk", self.prefill_chunk)
@@ -112,6 +116,14 @@ class BatchConfig:
         ):
             raise ValueError(
                 f"result_retention: must be an int >= 0, got {self.result_retention!r}"
+            )
+        if (
+            self.strategy is BatchingStrategy.FIXED_SIZE
+            and self.max_queue_size < self.max_batch_size
+        ):
+            raise ValueError(
+                f"max_queue_size: FIXED_SIZE waits for {self.max_batch_size} queued requests, so "
+                f"the queue must hold at least that many, got {self.max_queue_size}"
             )
 
 
@@ -138,21 +150,34 @@ class BatchRequest:
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, GenerationConfig):
-            raise ValueError(
+            raise InvalidRequest(
                 f"config: must be a GenerationConfig, got {type(self.config).__name__}"
             )
-        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
-            raise ValueError(f"priority: must be an int, got {self.priority!r}")
-        if self.callback is not None and not callable(self.callback):
-            raise ValueError("callback: must be callable")
-        if self.id is not None and (
-            isinstance(self.id, bool) or not isinstance(self.id, int | str)
+        if (
+            isinstance(self.priority, bool)
+            or not isinstance(self.priority, int)
+            or abs(self.priority) > MAX_PRIORITY
         ):
-            raise ValueError(f"id: must be an int or str, got {self.id!r}")
+            raise InvalidRequest(
+                f"priority: must be an int in [-{MAX_PRIORITY}, {MAX_PRIORITY}], "
+                f"got {self.priority!r}"
+            )
+        if self.callback is not None and not callable(self.callback):
+            raise InvalidRequest("callback: must be callable")
+        if self.id is not None and not is_request_id(self.id):
+            raise InvalidRequest(f"id: must be an int or str, got {self.id!r}")
         if self.timeout_ms is not None:
-            _non_negative("timeout_ms", self.timeout_ms, strict=True)
+            try:
+                _non_negative("timeout_ms", self.timeout_ms, strict=True)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
         if not isinstance(self.prompt, str) and not isinstance(self.prompt, list | tuple):
-            raise ValueError("prompt: must be a str or a list of chat messages")
+            raise InvalidRequest("prompt: must be a str or a list of chat messages")
+
+
+def is_request_id(value: object) -> bool:
+    """True for a usable request id (an int or a str)."""
+    return isinstance(value, int | str) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,9 +277,11 @@ class BatchStats:
         return self.completed + self.failed + self.cancelled + self.timed_out
 
 
-def _positive_int(name: str, value: object) -> None:
+def _positive_int(name: str, value: object, *, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}: must be at most {maximum}, got {value}")
 
 
 def _non_negative(name: str, value: object, *, strict: bool = False) -> None:

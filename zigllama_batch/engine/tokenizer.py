@@ -199,6 +199,14 @@ class Tokenizer:
         text: str = self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return text
 
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """Most UTF-8 bytes one token stands for: a text of n bytes has at least
+        n / max_token_bytes tokens."""
+        return max(
+            1, max(len(b) for b in self._token_bytes), max(len(t.encode()) for t in self._tokens)
+        )
+
     def token_to_str(self, token_id: int) -> str:
         """The vocabulary entry of ``token_id`` as stored in the file (e.g. ``'Ġworld'``)."""
         return self._tokens[token_id]

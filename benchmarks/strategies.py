@@ -1,0 +1,351 @@
+"""Batching strategies compared on one seeded arrival trace, on the default model.
+
+The same trace (Poisson arrivals; prompts of varied length; output lengths drawn from an
+exponential distribution, mean 64, capped at 256, generated in full with ``ignore_eos``) is
+replayed through each strategy at max batch size 32 and through a no-batching baseline (one
+request at a time), at several arrival rates. Reported per run: output tokens/s over the
+makespan, p50/p99 latency and time to first token, mean batch size; for CONTINUOUS at
+saturation also the scheduler's own time per step and the host loop's wake-up lag.
+
+    python benchmarks/strategies.py [--requests 48] [--rates 1,2,4,inf] [--out benchmarks/results]
+
+Writes ``strategies.json`` and ``strategies.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zigllama_batch import (
+    BatchConfig,
+    BatchProcessor,
+    BatchRequest,
+    GenerationConfig,
+    LLaMAModel,
+    Tokenizer,
+    load_model,
+)
+from zigllama_batch.engine import Engine, SequenceStep, TokenSample
+
+TOPICS = [
+    "the history of the printing press",
+    "how volcanoes form",
+    "the water cycle",
+    "why cats purr",
+    "the rules of chess",
+    "how a bicycle works",
+    "the life of bees",
+    "black holes",
+    "the Roman Empire",
+    "photosynthesis",
+    "how to bake bread",
+    "the invention of the telephone",
+]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at_s: float
+    prompt: str
+    max_tokens: int
+
+
+def make_trace(n: int, rate: float, seed: int) -> list[Arrival]:
+    """``n`` arrivals at ``rate`` per second (inf: all at once), same prompts and lengths for
+    every rate with the same seed."""
+    rng = np.random.default_rng(seed)
+    lengths = np.minimum(np.ceil(rng.exponential(64, n)), 256).astype(int)
+    gaps = rng.exponential(1.0, n)
+    out = []
+    t = 0.0
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        repeat = int(rng.integers(1, 6))  # prompts of ~15 to ~120 tokens
+        prompt = f"Write about {topic}. " + " ".join(
+            f"Mention detail number {j} about {topic}." for j in range(repeat * 2)
+        )
+        out.append(Arrival(t, prompt, int(max(lengths[i], 1))))
+        if math.isfinite(rate):
+            t += gaps[i] / rate
+    return out
+
+
+class TimedEngine:
+    """An Engine whose steps record their start and end (perf_counter), for the scheduler's
+    overhead: the time between one step's end and the next one's start."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.tokenizer = engine.tokenizer
+        self.spans: list[tuple[float, float, int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    @property
+    def n_slots(self) -> int:
+        return self._engine.n_slots
+
+    @property
+    def max_context(self) -> int:
+        return self._engine.max_context
+
+    @property
+    def free_slots(self) -> int:
+        return self._engine.free_slots
+
+    def step(self, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
+        t0 = time.perf_counter()
+        out = self._engine.step(items)
+        self.spans.append((t0, time.perf_counter(), len(items)))
+        return out
+
+
+async def run_trace(
+    model: LLaMAModel,
+    tokenizer: Tokenizer,
+    config: BatchConfig,
+    trace: list[Arrival],
+    *,
+    measure_loop: bool = False,
+) -> dict[str, Any]:
+    engine = TimedEngine(Engine(model, tokenizer, n_slots=config.max_batch_size))
+    processor = BatchProcessor.from_engine(engine, config)
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - t - 0.001)
+
+    async with processor:
+        tick = asyncio.create_task(ticker()) if measure_loop else None
+        start = time.perf_counter()
+        tasks = []
+        for a in trace:
+            delay = start + a.at_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            request = BatchRequest(
+                prompt=a.prompt,
+                config=GenerationConfig.greedy(max_tokens=a.max_tokens, ignore_eos=True),
+            )
+            tasks.append(asyncio.create_task(processor.submit(request)))
+        await processor.aclose()  # drain: FIXED_SIZE runs its last partial batch
+        results = [await t for t in tasks]
+        makespan = time.perf_counter() - start
+        stop.set()
+        if tick is not None:
+            await tick
+        stats = processor.stats
+    tokens = sum(r.result.completion_tokens for r in results)
+    lat = sorted(r.latency_ms for r in results)
+    ttft = sorted(r.time_to_first_token_ms for r in results)
+    out: dict[str, Any] = {
+        "strategy": config.strategy.value if config.max_batch_size > 1 else "no_batching",
+        "max_batch_size": config.max_batch_size,
+        "requests": len(results),
+        "tokens": tokens,
+        "makespan_s": makespan,
+        "tokens_per_s": tokens / makespan,
+        "latency_p50_ms": _pct(lat, 50),
+        "latency_p99_ms": _pct(lat, 99),
+        "ttft_p50_ms": _pct(ttft, 50),
+        "ttft_p99_ms": _pct(ttft, 99),
+        "mean_batch_size": stats.mean_batch_size,
+    }
+    spans = engine.spans
+    if len(spans) > 3:
+        # Scheduler time per step: gap from a step's end to the next step's start, while busy.
+        gaps = [(b[0] - a[1], a[2]) for a, b in itertools.pairwise(spans)]
+        steps = [(end - begin, n) for begin, end, n in spans]
+        big = [g for g, n in gaps if n >= 24]
+        big_steps = [s for s, n in steps if n >= 24]
+        if big and big_steps:
+            out["scheduler_ms_per_step_at_batch_24plus"] = statistics.median(big) * 1000
+            out["step_ms_at_batch_24plus"] = statistics.median(big_steps) * 1000
+            out["scheduler_share_of_step"] = statistics.median(big) / statistics.median(big_steps)
+    if measure_loop and lags:
+        lags.sort()
+        out["loop_lag_p50_ms"] = _pct(lags, 50) * 1000
+        out["loop_lag_p99_ms"] = _pct(lags, 99) * 1000
+    return out
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    return float(np.percentile(sorted_values, q)) if sorted_values else 0.0
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    names = sorted({r["strategy"] for r in rows})
+    rates = sorted({r["rate"] for r in rows})
+    xs = list(range(len(rates)))
+    labels = ["all at once" if not math.isfinite(r) else f"{r:g}/s" for r in rates]
+    for name in names:
+        by_rate = {r["rate"]: r for r in rows if r["strategy"] == name}
+        for ax, key, title in zip(
+            axes,
+            ["tokens_per_s", "ttft_p99_ms", "latency_p99_ms"],
+            ["throughput (output tokens/s)", "p99 time to first token (ms)", "p99 latency (ms)"],
+            strict=True,
+        ):
+            ax.plot(
+                xs,
+                [by_rate[r][key] if r in by_rate else np.nan for r in rates],
+                marker="o",
+                label=name,
+            )
+            ax.set_title(title)
+            ax.set_xticks(xs, labels)
+            ax.set_xlabel("arrival rate")
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
+    axes[0].legend()
+    fig.suptitle("Batching strategies, SmolLM2-135M (numpy, 2 CPU cores), max batch size 32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--requests", type=int, default=40, help="requests per finite-rate trace")
+    ap.add_argument(
+        "--saturation-requests",
+        type=int,
+        default=96,
+        help="requests arriving all at once (rate inf)",
+    )
+    ap.add_argument(
+        "--rates", default="1,2,4,inf", help="arrival rates per second (inf: all at once)"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+
+    model, tokenizer = load_model(args.model)
+    configs = [
+        BatchConfig(strategy="continuous", max_batch_size=1),  # the no-batching baseline
+        BatchConfig(strategy="fixed_size", max_batch_size=32),
+        BatchConfig(strategy="dynamic_timeout", max_batch_size=32, timeout_ms=500),
+        BatchConfig(strategy="adaptive", max_batch_size=32, latency_target_ms=20_000),
+        BatchConfig(strategy="continuous", max_batch_size=32),
+    ]
+    rates = [float(r) for r in args.rates.split(",")]
+    rows = []
+    for rate in rates:
+        n = args.requests if math.isfinite(rate) else args.saturation_requests
+        trace = make_trace(n, rate, args.seed)
+        for config in configs:  # every strategy sees the same trace, back to back
+            saturated = not math.isfinite(rate)
+            row = await run_trace(
+                model,
+                tokenizer,
+                config,
+                trace,
+                measure_loop=saturated and config.max_batch_size > 1,
+            )
+            row["rate"] = rate
+            rows.append(row)
+            print(
+                f"rate {rate:>4g}/s {row['strategy']:>16}: {row['tokens_per_s']:6.1f} tok/s  "
+                f"latency p50/p99 {row['latency_p50_ms']:7.0f}/{row['latency_p99_ms']:7.0f} ms  "
+                f"TTFT p50/p99 {row['ttft_p50_ms']:7.0f}/{row['ttft_p99_ms']:7.0f} ms  "
+                f"batch {row['mean_batch_size']:4.1f}",
+                flush=True,
+            )
+    write_results(Path(args.out), rows, args)
+
+
+def write_results(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(rows)
+    (out / "strategies.json").write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "cpu": platform.processor() or platform.machine(),
+                    "python": platform.python_version(),
+                },
+                "trace": {
+                    "requests": args.requests,
+                    "saturation_requests": args.saturation_requests,
+                    "seed": args.seed,
+                    "output_tokens": "exponential, mean 64, capped at 256, ignore_eos",
+                    "first": [asdict(a) for a in make_trace(3, 1.0, args.seed)],
+                },
+                "runs": [
+                    {**r, "rate": r["rate"] if math.isfinite(r["rate"]) else "inf"} for r in rows
+                ],
+                "summary": summary,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    plot(rows, out / "strategies.png")
+    print("\n" + "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    print(f"\nwrote {out / 'strategies.json'} and {out / 'strategies.png'}")
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ratios the targets are stated in."""
+    out: dict[str, Any] = {}
+    sat = [r for r in rows if not math.isfinite(r["rate"])]
+    by = {r["strategy"]: r for r in sat}
+    if "continuous" in by and "no_batching" in by:
+        out["continuous_over_no_batching_at_saturation"] = round(
+            by["continuous"]["tokens_per_s"] / by["no_batching"]["tokens_per_s"], 2
+        )
+    for static in ("fixed_size", "dynamic_timeout", "adaptive"):
+        if static in by and "continuous" in by:
+            out[f"continuous_over_{static}_at_saturation"] = round(
+                by["continuous"]["tokens_per_s"] / by[static]["tokens_per_s"], 2
+            )
+    ttft_wins = []
+    for rate in sorted({r["rate"] for r in rows}):
+        at = {r["strategy"]: r for r in rows if r["rate"] == rate}
+        if "continuous" in at:
+            statics = [
+                at[s]["ttft_p99_ms"]
+                for s in ("fixed_size", "dynamic_timeout", "adaptive")
+                if s in at
+            ]
+            ttft_wins.append(bool(statics) and at["continuous"]["ttft_p99_ms"] < min(statics))
+    out["continuous_lowest_p99_ttft_at_every_rate"] = all(ttft_wins)
+    if "continuous" in by:
+        for key in (
+            "scheduler_share_of_step",
+            "scheduler_ms_per_step_at_batch_24plus",
+            "step_ms_at_batch_24plus",
+            "loop_lag_p50_ms",
+            "loop_lag_p99_ms",
+        ):
+            if key in by["continuous"]:
+                out[f"continuous_{key}"] = round(by["continuous"][key], 4)
+    return out
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

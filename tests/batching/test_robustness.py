@@ -1,0 +1,224 @@
+"""The processor under misuse and internal failure: observers and callbacks that misbehave,
+closes that race with callbacks, a crashed worker, and bad input at the edges."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import eventually, settle
+from fake_engine import FakeEngine
+
+from zigllama_batch import (
+    BatchConfig,
+    BatchProcessor,
+    BatchRequest,
+    CallbackFailed,
+    GenerationConfig,
+    InvalidRequest,
+    ProcessorStopped,
+    PromptTooLong,
+    StreamChunk,
+)
+from zigllama_batch.batching import StatsObserver
+from zigllama_batch.batching.request import RequestState
+
+Make = Callable[..., Any]
+
+
+def req(n: int = 4, **kw: Any) -> BatchRequest:
+    return BatchRequest(prompt=kw.pop("prompt", "the cat"),
+                        config=GenerationConfig.greedy(max_tokens=n), **kw)
+
+
+def all_zero(p: Any) -> bool:
+    return all(v == 0 for v in p._counts().values())
+
+
+async def test_a_failing_stats_observer_does_not_stop_service(
+    make_processor: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An observer that raises is logged and ignored; requests keep being served."""
+
+    class Broken(StatsObserver):
+        def on_step(self, sequences: int, new_tokens: int, seconds: float) -> None:
+            raise RuntimeError("metrics backend down")
+
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    p.stats_recorder.observers.append(Broken())
+    results = [await p.submit(req(3)) for _ in range(2)]
+    assert [r.result.completion_tokens for r in results] == [3, 3]
+    assert "metrics backend down" in caplog.text
+
+
+class Fatal(BaseException):
+    """Stands for an error no handler should swallow."""
+
+
+async def test_a_crashed_worker_stops_the_processor_and_ends_every_request(
+    make_processor: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If a scheduler task dies, pending requests end with ProcessorStopped, new ones are
+    refused at once, and aclose() still completes."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=1)
+    engine.hold()
+    running = asyncio.create_task(p.submit(req(5)))
+    await eventually(engine.waiting_at_gate.is_set)
+    queued = asyncio.create_task(p.submit(req(5)))
+    await settle(0.01)
+    engine.fail_with = Fatal()
+    engine.release()
+    for task in (running, queued):
+        with pytest.raises(ProcessorStopped, match="internal error"):
+            await task
+    with pytest.raises(ProcessorStopped, match="internal error"):
+        p.submit_async(req(1))
+    await p.aclose()
+    assert p.state.value == "closed"
+    assert all_zero(p)
+    assert "scheduler task failed" in caplog.text
+
+
+async def test_an_async_callback_that_is_cancelled_fails_its_request(make_processor: Make) -> None:
+    """A callback raising CancelledError (e.g. awaiting a cancelled task) ends its request with
+    CallbackFailed instead of leaving it without an outcome."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2)
+
+    async def callback(chunk: StreamChunk, request_id: object) -> None:
+        other = asyncio.create_task(asyncio.sleep(10))
+        other.cancel()
+        await other
+
+    with pytest.raises(CallbackFailed):
+        await p.submit(req(3, callback=callback))
+    await eventually(lambda: all_zero(p))
+
+
+@pytest.mark.parametrize("close", [{"drain": False}, {"drain": True, "drain_timeout": 0.05}])
+async def test_close_is_bounded_by_pending_callbacks(
+    make_processor: Make, close: dict[str, Any]
+) -> None:
+    """A callback that never returns cannot hold up aclose(drain=False) or a drain with a
+    timeout; its request ends with ProcessorStopped."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2,
+                                        manual_clock=False)
+    hang = asyncio.Event()
+
+    async def callback(chunk: StreamChunk, request_id: object) -> None:
+        await hang.wait()
+
+    task = asyncio.create_task(p.submit(req(2, callback=callback)))
+    await eventually(lambda: p.stats.steps >= 2)
+    started = time.monotonic()
+    await p.aclose(**close)
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(ProcessorStopped):
+        await task
+    assert all_zero(p)
+
+
+async def test_aclose_from_inside_a_callback_is_refused(make_processor: Make) -> None:
+    """Awaiting aclose() inside one of the processor's own callbacks raises RuntimeError
+    (it would wait for itself) and fails only that request."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2)
+
+    async def callback(chunk: StreamChunk, request_id: object) -> None:
+        await p.aclose()
+
+    with pytest.raises(CallbackFailed) as info:
+        await p.submit(req(2, callback=callback))
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert (await p.submit(req(2))).result.completion_tokens == 2
+
+
+async def test_a_second_close_without_drain_cuts_a_drain_short(make_processor: Make) -> None:
+    """aclose(drain=False) while a draining aclose() waits ends the remaining requests."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=1)
+    engine.hold()
+    ids = [p.submit_async(req(3)) for _ in range(4)]
+    await eventually(engine.waiting_at_gate.is_set)
+    draining = asyncio.create_task(p.aclose())
+    await settle(0.01)
+    stopping = asyncio.create_task(p.aclose(drain=False))
+    await settle(0.01)
+    engine.release()
+    await asyncio.gather(draining, stopping)
+    outcomes = []
+    for i in ids:
+        try:
+            await p.result(i)
+            outcomes.append("done")
+        except ProcessorStopped:
+            outcomes.append("stopped")
+    assert outcomes.count("stopped") >= 3
+
+
+async def test_closed_stream_stops_iterating(make_processor: Make) -> None:
+    """After stream.aclose(), iteration ends instead of replaying buffered chunks."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    stream = p.stream(req(30))
+    await stream.__anext__()
+    await eventually(lambda: p.stats.steps >= 5)
+    await stream.aclose()
+    assert [c async for c in stream] == []
+    await stream.aclose()
+
+
+async def test_huge_prompt_is_refused_before_tokenizing(make_processor: Make) -> None:
+    """A prompt whose byte length alone proves it too long is refused without tokenizing."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    started = time.perf_counter()
+    with pytest.raises(PromptTooLong, match="at least"):
+        p.submit_async(req(2, prompt="word " * 200_000))
+    assert time.perf_counter() - started < 0.05
+
+
+async def test_bad_ids_and_priorities_are_typed_errors(make_processor: Make) -> None:
+    """Out-of-range priorities and non-id lookups raise InvalidRequest (a ValueError)."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    with pytest.raises(InvalidRequest, match="priority"):
+        req(1, priority=10**400)
+    for call in (p.poll, p.cancel):
+        with pytest.raises(InvalidRequest):
+            call([1, 2])  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest):
+        await p.result({"id": 1})  # type: ignore[arg-type]
+    assert p.cancel("nobody") is False
+
+
+async def test_engine_and_config_must_agree(tiny: Any) -> None:
+    """from_engine refuses a config whose slots or context the engine does not have."""
+    engine = FakeEngine(tiny[1], n_slots=4, max_context=256)
+    with pytest.raises(ValueError, match="slots"):
+        BatchProcessor.from_engine(engine, BatchConfig(max_batch_size=8))
+    with pytest.raises(ValueError, match="max_context"):
+        BatchProcessor.from_engine(engine, BatchConfig(max_batch_size=4, max_context=512))
+
+
+async def test_failing_sampling_setup_fails_the_request_without_leaking(
+    make_processor: Make,
+) -> None:
+    """If starting a sequence fails (new_sampling raises), that request fails with a typed
+    error, its slot is returned and the queue count stays right."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    original = engine.new_sampling
+    engine.new_sampling = lambda *a: (_ for _ in ()).throw(RuntimeError("bad seed"))  # type: ignore[method-assign]
+    with pytest.raises(Exception, match="bad seed"):
+        await p.submit(req(2))
+    engine.new_sampling = original  # type: ignore[method-assign]
+    assert (await p.submit(req(2))).result.completion_tokens == 2
+    assert all_zero(p)
+    assert len(p._scheduler.queue) == 0
+
+
+async def test_finished_requests_are_not_kept_alive_by_deadlines(make_processor: Make) -> None:
+    """Ended requests with distant deadlines do not pile up in the deadline heap."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=8,
+                                        request_timeout_ms=3_600_000)
+    await asyncio.gather(*(p.submit(req(1)) for _ in range(300)))
+    alive = [d for d in p._scheduler._deadlines if d[2].state not in (RequestState.QUEUED,
+                                                                       RequestState.RUNNING)]
+    assert len(alive) < 200
