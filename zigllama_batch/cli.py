@@ -1,7 +1,8 @@
 """The ``zigllama-batch`` command line.
 
 ``zigllama-batch generate "PROMPT"`` streams a completion from the model to the terminal;
-``zigllama-batch demo`` runs many concurrent requests through the batch processor.
+``zigllama-batch demo`` runs many concurrent requests through the batch processor;
+``zigllama-batch serve`` serves the OpenAI-compatible HTTP API.
 Each sub-command parses its own flags and calls the library; nothing here is needed to use
 zigllama_batch from Python.
 """
@@ -59,6 +60,36 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-batch-size", type=int, default=32)
     demo.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
     demo.set_defaults(run=_demo)
+
+    srv = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    srv.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
+    srv.add_argument("--model-name", help="id clients pass as `model` (default: file name)")
+    srv.add_argument(
+        "--strategy", default="continuous", choices=[s.value for s in BatchingStrategy]
+    )
+    srv.add_argument("--max-batch-size", type=int, default=32)
+    srv.add_argument("--max-queue-size", type=int, default=1024)
+    srv.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="positions per sequence (default: min(2048, model context))",
+    )
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` (or set ZIGLLAMA_BATCH_API_KEY)",
+    )
+    srv.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a SIGTERM/SIGINT shutdown waits for requests in flight",
+    )
+    srv.add_argument("--log-level", default="info")
+    srv.set_defaults(run=_serve)
     return parser
 
 
@@ -143,6 +174,39 @@ def _demo(args: argparse.Namespace) -> int:
     )
     print(format_summary(summary, args.strategy))
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .server.run import serve
+    except ImportError as exc:
+        print(
+            f"error: the server needs its extra: pip install 'zigllama-batch[server]' ({exc})",
+            file=sys.stderr,
+        )
+        return 2
+    from .batching.types import BatchConfig
+
+    try:
+        config = BatchConfig(
+            strategy=BatchingStrategy(args.strategy),
+            max_batch_size=args.max_batch_size,
+            max_queue_size=args.max_queue_size,
+            max_context=args.max_context,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return serve(
+        model=args.model,
+        config=config,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        model_name=args.model_name,
+        drain_timeout=args.drain_timeout,
+        log_level=args.log_level,
+    )
 
 
 if __name__ == "__main__":

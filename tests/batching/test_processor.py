@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import eventually, settle
+from async_helpers import eventually, settle
 
 from zigllama_batch import (
     BatchRequest,

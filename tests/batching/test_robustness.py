@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import eventually, settle
+from async_helpers import eventually, settle
 from fake_engine import FakeEngine
 
 from zigllama_batch import (
@@ -30,8 +30,9 @@ Make = Callable[..., Any]
 
 
 def req(n: int = 4, **kw: Any) -> BatchRequest:
-    return BatchRequest(prompt=kw.pop("prompt", "the cat"),
-                        config=GenerationConfig.greedy(max_tokens=n), **kw)
+    return BatchRequest(
+        prompt=kw.pop("prompt", "the cat"), config=GenerationConfig.greedy(max_tokens=n), **kw
+    )
 
 
 def all_zero(p: Any) -> bool:
@@ -103,8 +104,7 @@ async def test_close_is_bounded_by_pending_callbacks(
 ) -> None:
     """A callback that never returns cannot hold up aclose(drain=False) or a drain with a
     timeout; its request ends with ProcessorStopped."""
-    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2,
-                                        manual_clock=False)
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2, manual_clock=False)
     hang = asyncio.Event()
 
     async def callback(chunk: StreamChunk, request_id: object) -> None:
@@ -216,9 +216,13 @@ async def test_failing_sampling_setup_fails_the_request_without_leaking(
 
 async def test_finished_requests_are_not_kept_alive_by_deadlines(make_processor: Make) -> None:
     """Ended requests with distant deadlines do not pile up in the deadline heap."""
-    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=8,
-                                        request_timeout_ms=3_600_000)
+    p, engine, _ = await make_processor(
+        strategy="continuous", max_batch_size=8, request_timeout_ms=3_600_000
+    )
     await asyncio.gather(*(p.submit(req(1)) for _ in range(300)))
-    alive = [d for d in p._scheduler._deadlines if d[2].state not in (RequestState.QUEUED,
-                                                                       RequestState.RUNNING)]
+    alive = [
+        d
+        for d in p._scheduler._deadlines
+        if d[2].state not in (RequestState.QUEUED, RequestState.RUNNING)
+    ]
     assert len(alive) < 200

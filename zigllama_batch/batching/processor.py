@@ -290,6 +290,16 @@ class BatchProcessor:
         )
 
     @property
+    def queue_depth(self) -> int:
+        """Requests waiting now (cheaper than a full :attr:`stats` snapshot)."""
+        return len(self._scheduler.queue)
+
+    @property
+    def running(self) -> int:
+        """Sequences holding a cache slot now."""
+        return self._scheduler.running
+
+    @property
     def stats_recorder(self) -> StatsRecorder:
         """The live recorder (add a :class:`~zigllama_batch.batching.stats.StatsObserver` to
         its ``observers`` to receive every event)."""

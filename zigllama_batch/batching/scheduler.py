@@ -358,7 +358,9 @@ class Scheduler:
             rec.first_token = now
         logprob = None if math.isnan(out.logprob) else out.logprob
         text = rec.decoder.add(out.token_id, logprob)
-        chunk = StreamChunk(text, out.token_id, rec.decoder.finish_reason)
+        chunk = StreamChunk(
+            text, out.token_id, rec.decoder.finish_reason, logprob if rec.config.logprobs else None
+        )
         if rec.stream is not None:
             rec.stream.put_nowait(chunk)
         callback = rec.request.callback

@@ -29,8 +29,9 @@ class StatsObserver:
     def on_reject(self) -> None:
         """A request was refused at submission."""
 
-    def on_finish(self, state: RequestState, result: BatchResult | None) -> None:
-        """A request ended (``result`` is set when it completed)."""
+    def on_finish(self, state: RequestState, generated: int, result: BatchResult | None) -> None:
+        """A request ended after generating ``generated`` tokens (``result`` is set when it
+        completed)."""
 
     def on_step(self, sequences: int, new_tokens: int, seconds: float) -> None:
         """An engine step finished."""
@@ -100,7 +101,7 @@ class StatsRecorder:
             self.latency.add(result.latency_ms)
             self.queue_time.add(result.queue_time_ms)
             self.ttft.add(result.time_to_first_token_ms)
-        self._notify("on_finish", state, result)
+        self._notify("on_finish", state, generated, result)
 
     def on_step(self, sequences: int, new_tokens: int, seconds: float) -> None:
         """An engine step of ``sequences`` sequences and ``new_tokens`` tokens finished."""

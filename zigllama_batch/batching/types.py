@@ -188,6 +188,8 @@ class StreamChunk:
     text: str
     token_id: int
     finish_reason: FinishReason | None = None
+    logprob: float | None = None
+    """The token's log-probability, when the request asked for logprobs."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -207,6 +207,10 @@ class Tokenizer:
             1, max(len(b) for b in self._token_bytes), max(len(t.encode()) for t in self._tokens)
         )
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes ``token_id`` adds to generated text (none for control tokens)."""
+        return self._token_bytes[token_id]
+
     def token_to_str(self, token_id: int) -> str:
         """The vocabulary entry of ``token_id`` as stored in the file (e.g. ``'Ġworld'``)."""
         return self._tokens[token_id]

@@ -1,0 +1,268 @@
+"""The HTTP server under N concurrent streaming clients, against the same load in-process.
+
+Starts ``zigllama-batch serve`` (CONTINUOUS, max batch size 32, default model) on a free
+loopback port. Each of N clients sends streamed chat completions back to back (64 output
+tokens each, ``ignore_eos``), for N = 1, 8 and 32. Reported: requests/s, output tokens/s, p50/p99
+latency and time to first token, measured by the clients. At N = 32 the same closed-loop load
+also runs in-process (``processor.stream``), interleaved with the HTTP runs, and the HTTP/in-
+process throughput ratio (median over rounds) is the server's overhead.
+
+    python benchmarks/server.py [--requests-per-client 3] [--rounds 2] [--out benchmarks/results]
+
+The load generator is plain httpx with a minimal SSE reader, so the clients take as little of
+the 2 cores as possible. Writes ``server.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from zigllama_batch import BatchConfig, BatchProcessor, BatchRequest, GenerationConfig, load_model
+
+OUTPUT_TOKENS = 64
+TOPICS = [
+    "the sea",
+    "a lighthouse",
+    "bees",
+    "a robot",
+    "autumn",
+    "the moon",
+    "a library",
+    "trains",
+    "mountains",
+    "coffee",
+    "a garden",
+    "winter",
+]
+
+
+def prompt(i: int) -> str:
+    return f"Write a short story about {TOPICS[i % len(TOPICS)]}."
+
+
+def start_server(port: int, max_batch_size: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "zigllama_batch.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--max-batch-size",
+            str(max_batch_size),
+            "--log-level",
+            "warning",
+        ],
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("server did not start")
+
+
+async def http_load(base: str, model: str, clients: int, per_client: int) -> dict[str, Any]:
+    """Closed loop: each client sends its requests one after another."""
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    tokens = 0
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
+
+        async def client(c: int) -> None:
+            nonlocal tokens
+            for j in range(per_client):
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": prompt(c + j)}],
+                    "max_tokens": OUTPUT_TOKENS,
+                    "stream": True,
+                    "ignore_eos": True,
+                    "stream_options": {"include_usage": True},
+                }
+                start = time.perf_counter()
+                first = None
+                async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        event = json.loads(line[6:])
+                        if (
+                            first is None
+                            and event["choices"]
+                            and event["choices"][0]["delta"].get("content")
+                        ):
+                            first = time.perf_counter()
+                        if event.get("usage"):
+                            tokens += event["usage"]["completion_tokens"]
+                end = time.perf_counter()
+                latencies.append(end - start)
+                ttfts.append((first or end) - start)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        elapsed = time.perf_counter() - started
+    return _summary("http", clients, len(latencies), tokens, elapsed, latencies, ttfts)
+
+
+async def inprocess_load(
+    processor: BatchProcessor, clients: int, per_client: int
+) -> dict[str, Any]:
+    """The same closed loop, through processor.stream in this process."""
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    tokens = 0
+
+    async def client(c: int) -> None:
+        nonlocal tokens
+        for j in range(per_client):
+            request = BatchRequest(
+                prompt=[{"role": "user", "content": prompt(c + j)}],
+                config=GenerationConfig(
+                    max_tokens=OUTPUT_TOKENS, temperature=1.0, top_k=0, top_p=1.0, ignore_eos=True
+                ),
+            )
+            start = time.perf_counter()
+            first = None
+            stream = processor.stream(request)
+            async for chunk in stream:
+                if first is None and chunk.text:
+                    first = time.perf_counter()
+            end = time.perf_counter()
+            assert stream.result is not None
+            tokens += stream.result.result.completion_tokens
+            latencies.append(end - start)
+            ttfts.append((first or end) - start)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    elapsed = time.perf_counter() - started
+    return _summary("in_process", clients, len(latencies), tokens, elapsed, latencies, ttfts)
+
+
+def _summary(
+    kind: str,
+    clients: int,
+    n: int,
+    tokens: int,
+    elapsed: float,
+    latencies: list[float],
+    ttfts: list[float],
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "clients": clients,
+        "requests": n,
+        "output_tokens": tokens,
+        "elapsed_s": elapsed,
+        "requests_per_s": n / elapsed,
+        "output_tokens_per_s": tokens / elapsed,
+        "latency_p50_ms": float(np.percentile(latencies, 50) * 1000),
+        "latency_p99_ms": float(np.percentile(latencies, 99) * 1000),
+        "ttft_p50_ms": float(np.percentile(ttfts, 50) * 1000),
+        "ttft_p99_ms": float(np.percentile(ttfts, 99) * 1000),
+    }
+
+
+def show(row: dict[str, Any]) -> None:
+    print(
+        f"{row['kind']:>10} N={row['clients']:<3} {row['requests_per_s']:6.2f} req/s "
+        f"{row['output_tokens_per_s']:7.1f} tok/s  latency p50/p99 {row['latency_p50_ms']:6.0f}/"
+        f"{row['latency_p99_ms']:6.0f} ms  TTFT p50/p99 {row['ttft_p50_ms']:5.0f}/"
+        f"{row['ttft_p99_ms']:5.0f} ms",
+        flush=True,
+    )
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests-per-client", type=int, default=3)
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="interleaved HTTP/in-process rounds at N=32"
+    )
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = start_server(port, args.max_batch_size)
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient() as http:
+        model = (await http.get(f"{base}/v1/models")).json()["data"][0]["id"]
+    rows: list[dict[str, Any]] = []
+    try:
+        for n in (1, 8):
+            row = await http_load(base, model, n, args.requests_per_client)
+            rows.append(row)
+            show(row)
+        llama, tokenizer = load_model()
+        config = BatchConfig(strategy="continuous", max_batch_size=args.max_batch_size)
+        ratios = []
+        async with BatchProcessor(llama, tokenizer, config) as processor:
+            for _ in range(args.rounds):
+                inproc = await inprocess_load(processor, 32, args.requests_per_client)
+                show(inproc)
+                http = await http_load(base, model, 32, args.requests_per_client)
+                show(http)
+                rows += [inproc, http]
+                ratios.append(http["output_tokens_per_s"] / inproc["output_tokens_per_s"])
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    ratio = statistics.median(ratios)
+    http32 = statistics.median(
+        r["output_tokens_per_s"] for r in rows if r["kind"] == "http" and r["clients"] == 32
+    )
+    print(
+        f"\nN=32: HTTP delivers {ratio:.0%} of the in-process output tokens/s "
+        f"(median of {len(ratios)} interleaved rounds); HTTP median {http32:.0f} tokens/s"
+    )
+    write(Path(args.out), rows, ratio, http32, args.max_batch_size)
+
+
+def write(out: Path, rows: list[dict[str, Any]], ratio: float, http32: float, batch: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "server.json").write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "cpu": platform.processor() or platform.machine(),
+                    "python": platform.python_version(),
+                },
+                "output_tokens_per_request": OUTPUT_TOKENS,
+                "max_batch_size": batch,
+                "runs": rows,
+                "http_over_in_process_at_32": ratio,
+                "http_tokens_per_s_at_32": http32,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {out / 'server.json'}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,356 @@
+"""The OpenAI-compatible app over httpx's ASGI transport: responses in OpenAI's shape, streaming
+as server-sent events, and every error path with its status and error body."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from async_helpers import eventually
+from fake_engine import FakeEngine
+
+from zigllama_batch import BatchConfig, BatchProcessor, LLaMAModel, Tokenizer
+from zigllama_batch.server import create_app
+
+Tiny = tuple[LLaMAModel, Tokenizer]
+MODEL = "tiny"
+
+
+@pytest.fixture
+async def served(tiny: Tiny) -> AsyncIterator[tuple[httpx.AsyncClient, BatchProcessor, FakeEngine]]:
+    """A running processor over the fake engine, behind the app, with an httpx client."""
+    engine = FakeEngine(tiny[1], n_slots=4, max_context=256)
+    processor = BatchProcessor.from_engine(
+        engine, BatchConfig(strategy="continuous", max_batch_size=4, max_queue_size=4)
+    )
+    app = create_app(processor, model_name=MODEL, api_key="sekret", max_body_bytes=4096)
+    await processor.start()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers={"Authorization": "Bearer sekret"}
+    ) as client:
+        yield client, processor, engine
+    engine.release()
+    await processor.aclose(drain=False)
+
+
+def sse(body: str) -> list[Any]:
+    """The JSON payloads of a server-sent event stream, and the final [DONE]."""
+    out: list[Any] = []
+    for line in body.splitlines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def assert_error(
+    r: httpx.Response, status: int, *, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return dict(error)
+
+
+async def test_completion(served: Any) -> None:
+    """A completion returns text, finish_reason and usage in OpenAI's shape."""
+    client, _, _ = served
+    r = await client.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": "the cat", "max_tokens": 5, "temperature": 0},
+    )
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion"
+    assert body["id"].startswith("cmpl-")
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert len(choice["text"]) == 5
+    assert body["usage"]["completion_tokens"] == 5
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
+
+
+async def test_chat_completion_with_logprobs(served: Any) -> None:
+    """A chat completion returns an assistant message and per-token logprobs when asked."""
+    client, _, _ = served
+    r = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3,
+            "logprobs": True,
+            "seed": 1,
+            "top_k": 5,
+            "min_p": 0.1,
+            "priority": 2,
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    message = body["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3
+    assert "".join(c["token"] for c in content) == message["content"]
+
+
+async def test_streamed_completion_and_chat(served: Any) -> None:
+    """stream: true sends data: chunks, the usage chunk when asked, then data: [DONE]."""
+    client, _, _ = served
+    r = await client.post(
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": "the cat",
+            "max_tokens": 4,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse(r.text)
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] == 4
+    text_chunks = events[:-2]
+    assert "".join(e["choices"][0]["text"] for e in text_chunks) != ""
+    assert text_chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+    r = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3,
+            "stream": True,
+        },
+    )
+    events = sse(r.text)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+async def test_models_health_and_metrics(served: Any) -> None:
+    """GET /v1/models lists the served model; /health is ok; /metrics is Prometheus text."""
+    client, _, _ = served
+    models = (await client.get("/v1/models")).json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert (await client.get("/health")).json()["status"] == "ok"
+    await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    text = (await client.get("/metrics")).text
+    assert 'zigllama_requests_total{outcome="completed"} 1.0' in text
+    assert "zigllama_time_to_first_token_seconds_bucket" in text
+    assert "zigllama_queue_depth 0.0" in text
+    assert "zigllama_step_batch_size_count" in text
+    assert "zigllama_generated_tokens_total 2.0" in text
+
+
+async def test_malformed_json_and_wrong_types_are_400(served: Any) -> None:
+    """Bad JSON, a non-object body, a wrong field type or a missing field each get a 400."""
+    client, _, _ = served
+    r = await client.post(
+        "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert_error(r, 400)
+    assert_error(await client.post("/v1/completions", json=[1, 2]), 400)
+    r = await client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": "5"}
+    )
+    assert_error(r, 400, param="max_tokens")
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": "hi"})
+    assert_error(r, 400, param="messages")
+    r = await client.post("/v1/completions", json={"model": MODEL})
+    assert_error(r, 400, param="prompt")
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "temperature": 3})
+    assert_error(r, 400, param="temperature")
+
+
+async def test_unsupported_parameters_are_refused(served: Any) -> None:
+    """n > 1, tools, logit_bias and echo are refused rather than ignored."""
+    client, _, _ = served
+    for extra in ({"n": 2}, {"logit_bias": {"1": 5}}, {"echo": True}, {"logprobs": 3}):
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", **extra})
+        assert_error(r, 400)
+    r = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function"}],
+        },
+    )
+    assert_error(r, 400)
+
+
+async def test_prompt_too_long_names_the_limit(served: Any) -> None:
+    """A prompt over the context is a 400 with code context_length_exceeded and the limit."""
+    client, _, _ = served
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 300})
+    error = assert_error(r, 400, code="context_length_exceeded", param="prompt")
+    assert "256" in error["message"]
+
+
+async def test_bad_api_key_is_401(served: Any) -> None:
+    """A missing or wrong bearer token gets 401; /health stays open."""
+    client, _, _ = served
+    body = {"model": MODEL, "prompt": "x"}
+    r = await client.post("/v1/completions", json=body, headers={"Authorization": "Bearer no"})
+    assert_error(r, 401, code="invalid_api_key")
+    r = await client.get("/v1/models", headers={"Authorization": ""})
+    assert_error(r, 401)
+    assert (await client.get("/health", headers={"Authorization": ""})).status_code == 200
+
+
+async def test_oversized_body_is_413(served: Any) -> None:
+    """A body over the limit gets 413, whether declared by Content-Length or streamed."""
+    client, _, _ = served
+    big = json.dumps({"model": MODEL, "prompt": "x" * 5000}).encode()
+    assert_error(await client.post("/v1/completions", content=big), 413, code="request_too_large")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(big), 1000):
+            yield big[i : i + 1000]
+
+    assert_error(await client.post("/v1/completions", content=chunks()), 413)
+
+
+async def test_full_queue_is_429_with_retry_after(served: Any) -> None:
+    """With the queue full, a request gets 429 and a Retry-After header."""
+    client, processor, engine = served
+    engine.hold()
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    running = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(4)]
+    await eventually(lambda: processor.running == 4 and engine.waiting_at_gate.is_set())
+    queued = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(4)]
+    await eventually(lambda: processor.queue_depth == 4)
+    r = await client.post("/v1/completions", json=body)
+    assert_error(r, 429, code="queue_full")
+    assert int(r.headers["retry-after"]) >= 1
+    engine.release()
+    assert all(p.status_code == 200 for p in await asyncio.gather(*running, *queued))
+
+
+async def test_stopped_processor_is_503(served: Any) -> None:
+    """After the processor closes, requests get 503 and /health reports unavailable."""
+    client, processor, _ = served
+    await processor.aclose()
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert_error(r, 503, code="server_shutting_down")
+    assert (await client.get("/health")).status_code == 503
+
+
+async def test_unknown_model_and_route(served: Any) -> None:
+    """Another model id gets 404 model_not_found; an unknown path gets an OpenAI-shaped 404."""
+    client, _, _ = served
+    r = await client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"})
+    assert_error(r, 404, code="model_not_found", param="model")
+    assert_error(await client.get("/v1/nothing"), 404)
+
+
+async def _call_asgi(
+    app: Any,
+    path: str,
+    body: dict[str, Any],
+    on_body: Callable[[int], bool],
+    disconnected: asyncio.Event | None = None,
+) -> list[bytes]:
+    """Drive the ASGI app by hand; the client disconnects when on_body(n_chunks) is True or
+    when ``disconnected`` is set."""
+    raw = json.dumps(body).encode()
+    disconnected = disconnected or asyncio.Event()
+    sent: list[bytes] = []
+    request_done = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal request_done
+        if not request_done:
+            request_done = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            sent.append(message["body"])
+            if on_body(len(sent)):
+                disconnected.set()
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
+        "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer sekret")],
+        "client": ("127.0.0.1", 1234),
+        "server": ("test", 80),
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_client_disconnect_mid_stream_cancels_the_request(tiny: Tiny) -> None:
+    """A client that goes away mid-stream cancels its request: the slot is freed at once."""
+    engine = FakeEngine(tiny[1], n_slots=2)
+    processor = BatchProcessor.from_engine(
+        engine, BatchConfig(strategy="continuous", max_batch_size=2)
+    )
+    app = create_app(processor, model_name=MODEL, api_key="sekret")
+    async with processor:
+        sent = await _call_asgi(
+            app,
+            "/v1/completions",
+            {"model": MODEL, "prompt": "the cat", "max_tokens": 200, "stream": True},
+            on_body=lambda n: n >= 3,
+        )
+        assert 3 <= len(sent) < 50
+        await eventually(lambda: processor.running == 0)
+        assert processor.stats.cancelled == 1
+        assert engine.free_slots == 2
+
+
+async def test_client_disconnect_cancels_a_non_streamed_request(tiny: Tiny) -> None:
+    """A non-streamed request whose client disconnects is cancelled too."""
+    engine = FakeEngine(tiny[1], n_slots=2)
+    processor = BatchProcessor.from_engine(
+        engine, BatchConfig(strategy="continuous", max_batch_size=2)
+    )
+    app = create_app(processor, model_name=MODEL)
+    async with processor:
+        engine.hold()
+        gone = asyncio.Event()
+        call = asyncio.create_task(
+            _call_asgi(
+                app,
+                "/v1/completions",
+                {"model": MODEL, "prompt": "x", "max_tokens": 50},
+                on_body=lambda n: False,
+                disconnected=gone,
+            )
+        )
+        await eventually(engine.waiting_at_gate.is_set)
+        gone.set()  # the client goes away while its request runs
+        sent = await call
+        engine.release()
+        assert sent == []  # nobody to answer
+        await eventually(lambda: processor.running == 0)
+        assert processor.stats.cancelled == 1

@@ -1,0 +1,244 @@
+"""The real server as a subprocess on a free loopback port, with the default model, driven by
+the official ``openai`` client: completions, streamed chat, 16 concurrent streams, a cancelled
+stream, 429 under an over-full queue, and a graceful SIGTERM shutdown that exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI
+
+pytestmark = [pytest.mark.real_model, pytest.mark.asyncio(loop_factories=["asyncio"])]
+
+API_KEY = "test-key"
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[str]
+    base_url: str
+    model: str
+
+    def client(self, **kw: object) -> AsyncOpenAI:
+        return AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=API_KEY, **kw)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(*args: str) -> Server:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "zigllama_batch.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--api-key",
+            API_KEY,
+            "--log-level",
+            "warning",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{process.stdout.read()}")  # type: ignore[union-attr]
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                model = httpx.get(
+                    f"{base}/v1/models", timeout=5, headers={"Authorization": f"Bearer {API_KEY}"}
+                ).json()
+                return Server(process, base, model["data"][0]["id"])
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("server did not become healthy in 120 s")
+
+
+def stop_server(server: Server) -> int:
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        return server.process.wait(timeout=60)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    s = start_server("--max-batch-size", "16")
+    yield s
+    assert stop_server(s) == 0
+    if s.process.stdout is not None:
+        s.process.stdout.close()
+
+
+@pytest.fixture
+async def client(server: Server) -> AsyncIterator[AsyncOpenAI]:
+    """An openai client for the module's server, closed after the test."""
+    async with server.client() as c:
+        yield c
+
+
+async def test_completion(server: Server, client: AsyncOpenAI) -> None:
+    """A greedy completion answers with text, finish reason and usage."""
+    r = await client.completions.create(
+        model=server.model, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert r.choices[0].text.strip()
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage is not None
+    assert r.usage.completion_tokens <= 8
+    assert r.usage.prompt_tokens == 5
+
+
+async def test_streamed_chat(server: Server, client: AsyncOpenAI) -> None:
+    """A streamed chat completion arrives in chunks that add up to a sensible answer."""
+    stream = await client.chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=30,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, finish, usage = "", None, None
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert "Paris" in text
+    assert finish == "stop"
+    assert usage is not None
+    assert usage.completion_tokens > 3
+
+
+async def test_sixteen_concurrent_streams_all_finish_with_right_usage(
+    server: Server, client: AsyncOpenAI
+) -> None:
+    """16 concurrent streamed requests all finish; each reports exactly the tokens it streamed."""
+
+    async def one(i: int) -> tuple[int, int]:
+        stream = await client.chat.completions.create(
+            model=server.model,
+            messages=[{"role": "user", "content": f"Tell me fact {i}."}],
+            max_tokens=12 + i,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True, "seed": i},
+        )
+        pieces, completion = 0, -1
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces += 1
+            if chunk.usage:
+                completion = chunk.usage.completion_tokens
+        return completion, pieces
+
+    results = await asyncio.gather(*(one(i) for i in range(16)))
+    assert [c for c, _ in results] == [12 + i for i in range(16)]
+    assert all(p > 0 for _, p in results)
+
+
+async def metric(server: Server, name: str) -> float:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{server.base_url}/metrics")).text
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_cancelled_stream_releases_its_slot(server: Server, client: AsyncOpenAI) -> None:
+    """Closing a stream early cancels the request on the server and frees its slot."""
+    before = await metric(server, 'zigllama_requests_total{outcome="cancelled"}')
+    stream = await client.completions.create(
+        model=server.model,
+        prompt="Once upon a time",
+        max_tokens=1000,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    seen = 0
+    async for _ in stream:
+        seen += 1
+        if seen == 3:
+            break
+    await stream.close()
+    for _ in range(100):
+        if (
+            await metric(server, 'zigllama_requests_total{outcome="cancelled"}')
+        ) > before and await metric(server, "zigllama_running_sequences") == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await metric(server, 'zigllama_requests_total{outcome="cancelled"}') == before + 1
+    assert await metric(server, "zigllama_running_sequences") == 0
+
+
+async def test_overfull_queue_gets_429_and_sigterm_exits_cleanly() -> None:
+    """With a small queue, excess requests get 429 (RateLimitError) with Retry-After; SIGTERM
+    while a stream runs lets it finish, then the server exits 0."""
+    s = start_server("--max-batch-size", "2", "--max-queue-size", "2")
+    try:
+        async with s.client(max_retries=0) as client:
+            outcomes = await asyncio.gather(
+                *(
+                    client.completions.create(
+                        model=s.model,
+                        prompt="Hello",
+                        max_tokens=20,
+                        extra_body={"ignore_eos": True},
+                    )
+                    for _ in range(12)
+                ),
+                return_exceptions=True,
+            )
+            limited = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
+            assert limited, outcomes
+            assert int(limited[0].response.headers["retry-after"]) >= 1
+            assert all(
+                isinstance(o, openai.RateLimitError) or o.usage.completion_tokens == 20
+                for o in outcomes
+            )
+
+            stream = await client.completions.create(
+                model=s.model,
+                prompt="Once upon a time",
+                max_tokens=40,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            first = await stream.__anext__()
+            s.process.send_signal(signal.SIGTERM)
+            rest = [c async for c in stream]
+        assert first.choices[0].text is not None
+        assert rest[-1].choices[0].finish_reason == "length"
+        assert s.process.wait(timeout=60) == 0
+    finally:
+        if s.process.poll() is None:
+            s.process.kill()
+        if s.process.stdout is not None:
+            s.process.stdout.close()

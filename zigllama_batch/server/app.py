@@ -1,0 +1,497 @@
+"""The OpenAI-compatible ASGI app: HTTP in, BatchRequests to the processor, OpenAI JSON out.
+
+Inside: :func:`create_app`. Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``
+(both also as server-sent events with ``stream: true``), ``GET /v1/models``, ``GET /health`` and
+``GET /metrics``. The app is a thin layer: batching, cancellation and limits live in the
+processor; here requests are parsed and validated, errors are shaped as OpenAI's
+``{"error": {"message", "type", "param", "code"}}``, and a client that goes away cancels its
+request (streamed or not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..batching.processor import BatchProcessor, ProcessorState
+from ..batching.stream import RequestStream
+from ..batching.types import BatchRequest, BatchResult, StreamChunk
+from ..engine.tokenizer import Tokenizer
+from ..errors import (
+    InvalidRequest,
+    ProcessorStopped,
+    PromptTooLong,
+    QueueFull,
+    RequestTimeout,
+    ZigllamaBatchError,
+)
+from .metrics import CONTENT_TYPE_LATEST, ProcessorMetrics
+from .schema import ChatCompletionRequest, CompletionRequest, generation_config
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+"""Largest request body accepted (1 MiB: far more than any prompt the context can hold)."""
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, dict(headers or {})
+
+    def response(self) -> JSONResponse:
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def create_app(
+    processor: BatchProcessor,
+    *,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    manage_processor: bool = False,
+    drain_timeout: float | None = 30.0,
+) -> Starlette:
+    """Build the OpenAI-compatible app around a processor.
+
+    Args:
+        processor: the processor requests go to. Mounted into an existing service, the caller
+            starts and closes it; with ``manage_processor`` the app's lifespan does.
+        model_name: the id clients pass as ``model`` (default: the model's name).
+        api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
+        max_body_bytes: larger request bodies get 413.
+        manage_processor: start the processor on startup and drain it on shutdown.
+        drain_timeout: with ``manage_processor``, seconds a shutdown drain may take before the
+            rest is stopped.
+    """
+    model = getattr(processor.engine, "model", None)
+    name = model_name or (model.config.name if model is not None else "zigllama")
+    api = _Api(processor, name, max_body_bytes)
+    metrics = ProcessorMetrics(processor)
+    processor.stats_recorder.observers.append(metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if manage_processor:
+            await processor.start()
+        try:
+            yield
+        finally:
+            if manage_processor:
+                await processor.aclose(drain=True, drain_timeout=drain_timeout)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return ApiError(exc.status_code, str(exc.detail), type=kind).response()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/completions", api.completions, methods=["POST"]),
+            Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+            Route("/v1/models", api.models, methods=["GET"]),
+            Route("/health", api.health, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
+    )
+    if api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key)
+    app.state.processor = processor
+    app.state.metrics = metrics
+    return app
+
+
+class _BearerAuth:
+    """Requires ``Authorization: Bearer <key>`` on ``/v1/*`` (health and metrics stay open)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = ApiError(
+                    401,
+                    "invalid or missing API key (Authorization: Bearer ...)",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                ).response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that stop (closing the generator) as soon as the client disconnects,
+    whichever ASGI version the server speaks."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stream_task = asyncio.ensure_future(self.stream_response(send))
+        disconnect_task = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        try:
+            await asyncio.wait([stream_task, disconnect_task], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stream_task, disconnect_task):
+                task.cancel()
+            await asyncio.gather(stream_task, disconnect_task, return_exceptions=True)
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if stream_task.done() and not stream_task.cancelled() and stream_task.exception():
+            raise stream_task.exception()  # type: ignore[misc]
+
+
+class _Api:
+    """The endpoint handlers."""
+
+    def __init__(self, processor: BatchProcessor, model_name: str, max_body_bytes: int) -> None:
+        self.processor = processor
+        self.model_name = model_name
+        self.max_body_bytes = max_body_bytes
+        self.created = int(time.time())
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.processor.tokenizer
+
+    # -- endpoints -----------------------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model_name,
+                        "object": "model",
+                        "created": self.created,
+                        "owned_by": "zigllama_batch",
+                        "max_model_len": self.processor.engine.max_context,
+                    }
+                ],
+            }
+        )
+
+    async def health(self, request: Request) -> Response:
+        state = self.processor.state
+        ok = state is ProcessorState.RUNNING and not self.processor._scheduler.stopping
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "state": state.value,
+            "queue_depth": self.processor.queue_depth,
+            "running": self.processor.running,
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._handle(request, CompletionRequest, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._handle(request, ChatCompletionRequest, chat=True)
+
+    # -- the shared path -----------------------------------------------------------------------
+
+    async def _handle(self, request: Request, schema: type[Any], *, chat: bool) -> Response:
+        try:
+            body = await self._parse(request, schema)
+            if body.model != self.model_name:
+                raise ApiError(
+                    404,
+                    f"model {body.model!r} is not served here; this server "
+                    f"serves {self.model_name!r}",
+                    type="not_found_error",
+                    param="model",
+                    code="model_not_found",
+                )
+            config = generation_config(body, max_tokens_default=self.processor.engine.max_context)
+            prompt = body.message_dicts() if chat else body.text()
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            batch_request = BatchRequest(
+                prompt=prompt, config=config, priority=body.priority, id=rid
+            )
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                stream = self.processor.stream(batch_request)
+                events = self._events(stream, rid, chat=chat, include_usage=include_usage)
+                return _EventStream(
+                    events,
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            result = await self._submit(request, batch_request)
+            if result is None:  # the client went away
+                return Response(status_code=499)
+            return JSONResponse(self._full_response(result, rid, chat=chat))
+        except ApiError as exc:
+            return exc.response()
+        except ZigllamaBatchError as exc:
+            return _api_error(exc, chat=chat).response()
+
+    async def _parse(self, request: Request, schema: type[Any]) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _too_large(self.max_body_bytes)
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.max_body_bytes:
+                raise _too_large(self.max_body_bytes)
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise ApiError(400, f"{param}: {first['msg']}", param=param) from exc
+
+    async def _submit(self, request: Request, batch_request: BatchRequest) -> BatchResult | None:
+        """Run a request; cancel it if the client disconnects first (returns None then)."""
+        work = asyncio.ensure_future(self.processor.submit(batch_request))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server cancelled this handler: cancel the request
+            work.cancel()
+            raise
+        finally:
+            gone.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            return None
+        return work.result()
+
+    async def _events(
+        self, stream: RequestStream, rid: str, *, chat: bool, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+            payload: dict[str, Any] = {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+            }
+            if include_usage:
+                payload["usage"] = usage
+            return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+        try:
+            if chat:
+                yield event(
+                    [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            async for chunk in stream:
+                if not chunk.text and chunk.finish_reason is None and chunk.logprob is None:
+                    continue  # text held back (partial character or possible stop string)
+                yield event([self._chunk_choice(chunk, chat=chat)])
+            result = stream.result
+            assert result is not None
+            if include_usage:
+                yield event([], _usage(result))
+            yield b"data: [DONE]\n\n"
+        except ZigllamaBatchError as exc:  # ended mid-stream: timeout, stop, engine failure
+            error = _api_error(exc, chat=chat)
+            body = {
+                "error": {
+                    "message": error.message,
+                    "type": error.type,
+                    "param": error.param,
+                    "code": error.code,
+                }
+            }
+            yield b"data: " + json.dumps(body).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        finally:
+            await stream.aclose()  # a disconnected client cancels its request here
+
+    # -- response bodies -----------------------------------------------------------------------
+
+    def _chunk_choice(self, chunk: StreamChunk, *, chat: bool) -> dict[str, Any]:
+        finish = str(chunk.finish_reason) if chunk.finish_reason is not None else None
+        logprobs: dict[str, list[Any]] | None = None
+        if chat:
+            if chunk.logprob is not None:
+                logprobs = {"content": [self._chat_logprob(chunk.token_id, chunk.logprob)]}
+            delta = {"content": chunk.text} if chunk.text else {}
+            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        if chunk.logprob is not None:
+            token = self._token_text(chunk.token_id)
+            logprobs = {
+                "tokens": [token],
+                "token_logprobs": [chunk.logprob],
+                "top_logprobs": [{token: chunk.logprob}],
+                "text_offset": [0],
+            }
+        return {"index": 0, "text": chunk.text, "logprobs": logprobs, "finish_reason": finish}
+
+    def _full_response(self, result: BatchResult, rid: str, *, chat: bool) -> dict[str, Any]:
+        r = result.result
+        finish = str(r.finish_reason)
+        if chat:
+            logprobs = None
+            if r.logprobs is not None:
+                logprobs = {
+                    "content": [
+                        self._chat_logprob(t, lp)
+                        for t, lp in zip(r.token_ids, r.logprobs, strict=True)
+                    ]
+                }
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
+            kind = "chat.completion"
+        else:
+            choice = {
+                "index": 0,
+                "text": r.text,
+                "logprobs": self._completion_logprobs(result),
+                "finish_reason": finish,
+            }
+            kind = "text_completion"
+        return {
+            "id": rid,
+            "object": kind,
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [choice],
+            "usage": _usage(result),
+        }
+
+    def _completion_logprobs(self, result: BatchResult) -> dict[str, Any] | None:
+        r = result.result
+        if r.logprobs is None:
+            return None
+        tokens = [self._token_text(t) for t in r.token_ids]
+        offsets, at = [], 0
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": list(r.logprobs),
+            "top_logprobs": [{t: lp} for t, lp in zip(tokens, r.logprobs, strict=True)],
+            "text_offset": offsets,
+        }
+
+    def _chat_logprob(self, token_id: int, logprob: float) -> dict[str, Any]:
+        raw = self.tokenizer.token_bytes(token_id)
+        return {
+            "token": raw.decode("utf-8", errors="replace"),
+            "logprob": logprob,
+            "bytes": list(raw),
+            "top_logprobs": [],
+        }
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def _usage(result: BatchResult) -> dict[str, int]:
+    r = result.result
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
+    }
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+def _api_error(exc: ZigllamaBatchError, *, chat: bool) -> ApiError:
+    """The HTTP form of a library error."""
+    if isinstance(exc, PromptTooLong):
+        return ApiError(
+            400, str(exc), param="messages" if chat else "prompt", code="context_length_exceeded"
+        )
+    if isinstance(exc, InvalidRequest):
+        field, sep, _ = str(exc).partition(":")
+        param = field if sep and field.replace("_", "").replace(".", "").isalnum() else None
+        return ApiError(400, str(exc), param=param)
+    if isinstance(exc, QueueFull):
+        retry = max(1, math.ceil(exc.retry_after_s))
+        return ApiError(
+            429,
+            str(exc),
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(retry)},
+        )
+    if isinstance(exc, ProcessorStopped):
+        return ApiError(
+            503, str(exc), type="service_unavailable_error", code="server_shutting_down"
+        )
+    if isinstance(exc, RequestTimeout):
+        return ApiError(504, str(exc), type="timeout_error", code="request_timeout")
+    return ApiError(500, str(exc), type="server_error")
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has disconnected."""
+    receive: Callable[[], Awaitable[Mapping[str, Any]]] = request.receive
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,93 @@
+"""Prometheus metrics of a BatchProcessor, in the text exposition format.
+
+Inside: :class:`ProcessorMetrics`, a :class:`~zigllama_batch.batching.stats.StatsObserver` that
+feeds ``prometheus_client`` counters and histograms from every finished request and step, plus
+gauges read at scrape time. Each instance has its own registry, so several apps (or tests) in one
+process do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from ..batching.processor import BatchProcessor
+from ..batching.request import RequestState
+from ..batching.stats import StatsObserver
+from ..batching.types import BatchResult
+
+__all__ = ["CONTENT_TYPE_LATEST", "ProcessorMetrics"]
+
+_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+_BATCH = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+
+
+class ProcessorMetrics(StatsObserver):
+    """Prometheus view of one processor (register with ``stats_recorder.observers``)."""
+
+    def __init__(self, processor: BatchProcessor) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "zigllama_requests", "Requests ended, by outcome", ["outcome"], registry=r
+        )
+        self.tokens = Counter("zigllama_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter(
+            "zigllama_prompt_tokens", "Prompt tokens of completed requests", registry=r
+        )
+        self.latency = Histogram(
+            "zigllama_request_latency_seconds",
+            "Submission to last token",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "zigllama_time_to_first_token_seconds",
+            "Submission to first token",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "zigllama_queue_time_seconds", "Submission to admission", buckets=_SECONDS, registry=r
+        )
+        self.batch = Histogram(
+            "zigllama_step_batch_size", "Sequences per engine step", buckets=_BATCH, registry=r
+        )
+        self.step = Histogram(
+            "zigllama_step_seconds", "Duration of one engine step", buckets=_SECONDS, registry=r
+        )
+        queue = Gauge("zigllama_queue_depth", "Requests waiting", registry=r)
+        queue.set_function(lambda: processor.queue_depth)
+        running = Gauge("zigllama_running_sequences", "Sequences holding a cache slot", registry=r)
+        running.set_function(lambda: processor.running)
+        for outcome in ("completed", "failed", "cancelled", "timed_out", "rejected"):
+            self.requests.labels(outcome)  # export zeros before the first event
+
+    def on_reject(self) -> None:
+        """Count a refused request."""
+        self.requests.labels("rejected").inc()
+
+    def on_finish(self, state: RequestState, generated: int, result: BatchResult | None) -> None:
+        """Count an ended request and observe its timings."""
+        self.requests.labels(state.value).inc()
+        self.tokens.inc(generated)
+        if result is not None:
+            self.prompt_tokens.inc(result.result.prompt_tokens)
+            self.latency.observe(result.latency_ms / 1000)
+            self.ttft.observe(result.time_to_first_token_ms / 1000)
+            self.queue_time.observe(result.queue_time_ms / 1000)
+
+    def on_step(self, sequences: int, new_tokens: int, seconds: float) -> None:
+        """Observe a step's batch size and duration."""
+        self.batch.observe(sequences)
+        self.step.observe(seconds)
+
+    def render(self) -> bytes:
+        """The metrics in the Prometheus text format."""
+        return bytes(generate_latest(self.registry))
