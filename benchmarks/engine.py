@@ -126,7 +126,7 @@ def _memory_only(model_path: str | None, slots: int, context: int) -> None:
             engine.step(
                 [SequenceStep(s, [7] * n, start, None) for s in range(first, min(first + 4, slots))]
             )
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kib = _peak_rss_kib()
     print(
         json.dumps(
             {
@@ -156,7 +156,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     load_s = time.perf_counter() - t0
-    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_after_load = _peak_rss_kib() / 1024
     rng = np.random.default_rng(0)
     engine = Engine(model, tokenizer, n_slots=max(BATCHES), max_context=1024)
 
@@ -203,6 +203,19 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
+
+
+def _peak_rss_kib() -> int:
+    """Peak resident set of this process. /proc's VmHWM belongs to this process alone;
+    getrusage's ru_maxrss can carry the parent's peak across fork and exec on Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _cores() -> int:

@@ -11,9 +11,11 @@ import zigllama_batch
 
 MODULES = [
     "zigllama_batch",
+    "zigllama_batch.batching",
     "zigllama_batch.engine",
     "zigllama_batch.errors",
     "zigllama_batch.generation",
+    "zigllama_batch.server",
 ]
 
 
@@ -27,10 +29,12 @@ def test_all_is_sorted_and_importable(module_name: str) -> None:
         assert hasattr(module, name), name
 
 
-def test_every_public_name_is_documented() -> None:
+@pytest.mark.parametrize("module_name", MODULES)
+def test_every_public_name_is_documented(module_name: str) -> None:
     """Each public class and function has a docstring, and so do its public methods."""
-    for name in zigllama_batch.__all__:
-        obj = getattr(zigllama_batch, name)
+    module = importlib.import_module(module_name)
+    for name in module.__all__:
+        obj = getattr(module, name)
         if not (inspect.isclass(obj) or inspect.isfunction(obj)):
             continue
         assert inspect.getdoc(obj), name
@@ -41,9 +45,11 @@ def test_every_public_name_is_documented() -> None:
                 assert inspect.getdoc(member), f"{name}.{attr}"
 
 
-def test_errors_form_one_tree() -> None:
+@pytest.mark.parametrize("module_name", MODULES)
+def test_errors_form_one_tree(module_name: str) -> None:
     """Every exported exception derives from ZigllamaBatchError."""
-    for name in zigllama_batch.__all__:
-        obj = getattr(zigllama_batch, name)
+    module = importlib.import_module(module_name)
+    for name in module.__all__:
+        obj = getattr(module, name)
         if inspect.isclass(obj) and issubclass(obj, BaseException):
             assert issubclass(obj, zigllama_batch.ZigllamaBatchError), name
