@@ -121,7 +121,9 @@ async def run_demo(
         print(file=out)
     wall = time.perf_counter() - started
     sample = results[0]
-    prompt = batch[0].prompt
+    first = batch[0].prompt
+    last = first if isinstance(first, str) else first[-1]  # text, or the last chat message
+    prompt = last["content"] if isinstance(last, dict) else str(last)
     return DemoSummary(
         requests=requests,
         wall_s=wall,
@@ -132,7 +134,7 @@ async def run_demo(
         ttft_p50_ms=stats.time_to_first_token_ms.p50,
         ttft_p99_ms=stats.time_to_first_token_ms.p99,
         mean_batch_size=stats.mean_batch_size,
-        sample_prompt=prompt if isinstance(prompt, str) else str(prompt[-1]["content"]),
+        sample_prompt=prompt,
         sample_answer=sample.text,
     )
 

@@ -30,8 +30,9 @@ __all__ = [
 ChatMessage = dict[str, Any]
 """One chat message, e.g. ``{"role": "user", "content": "Hi"}``."""
 
-Prompt = str | Sequence[ChatMessage]
-"""A prompt: plain text, or a list of chat messages rendered with the model's chat template."""
+Prompt = str | Sequence[ChatMessage] | Sequence[int]
+"""A prompt: plain text, a list of chat messages rendered with the model's chat template, or
+token ids used as they are."""
 
 StreamCallback = Callable[[str, int], object]
 """Called with ``(text_chunk, token_id)`` for every generated token (the chunk may be empty

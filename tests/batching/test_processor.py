@@ -513,6 +513,27 @@ async def test_bad_submissions_get_typed_errors(make_processor: Make) -> None:
         await p.submit("not a request")  # type: ignore[arg-type]
 
 
+async def test_token_id_prompts_run_as_their_text_does(make_processor: Make) -> None:
+    """encode_prompt gives the ids a prompt runs as; submitting those ids gives the same
+    output; ids outside the vocabulary and bad id lists are typed errors, at once."""
+    p, _, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    chat = [{"role": "user", "content": "hi"}]
+    ids = p.encode_prompt(chat)
+    assert ids == p.tokenizer.encode_prompt(chat)
+    by_text, by_ids = await asyncio.gather(
+        p.submit(req(5, prompt=chat)), p.submit(req(5, prompt=ids))
+    )
+    assert by_ids.result.token_ids == by_text.result.token_ids
+    assert by_ids.result.prompt_tokens == len(ids)
+    with pytest.raises(InvalidRequest, match="vocabulary"):
+        p.submit_async(req(2, prompt=[1, p.tokenizer.vocab_size]))
+    with pytest.raises(InvalidRequest):
+        p.submit_async(req(2, prompt=[1, "x"]))
+    with pytest.raises(PromptTooLong):
+        p.encode_prompt([5] * 256)
+    assert all_zero(p)
+
+
 async def test_not_started_processor_refuses(tiny: Any) -> None:
     """submit before start raises ProcessorStopped saying how to start."""
     from fake_engine import FakeEngine

@@ -12,8 +12,11 @@ import httpx
 import pytest
 from async_helpers import eventually
 from fake_engine import FakeEngine
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from zigllama_batch import BatchConfig, BatchProcessor, LLaMAModel, Tokenizer
+from zigllama_batch.batching.stream import RequestStream
 from zigllama_batch.server import create_app
 
 Tiny = tuple[LLaMAModel, Tokenizer]
@@ -308,8 +311,12 @@ async def _call_asgi(
     return sent
 
 
-async def test_client_disconnect_mid_stream_cancels_the_request(tiny: Tiny) -> None:
-    """A client that goes away mid-stream cancels its request: the slot is freed at once."""
+async def test_client_disconnect_mid_stream_cancels_the_request(
+    tiny: Tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that goes away mid-stream cancels its request: the slot is freed at once, by
+    the app closing the stream (not left to the garbage collector)."""
+    monkeypatch.setattr(RequestStream, "__del__", lambda self: None)
     engine = FakeEngine(tiny[1], n_slots=2)
     processor = BatchProcessor.from_engine(
         engine, BatchConfig(strategy="continuous", max_batch_size=2)
@@ -354,3 +361,156 @@ async def test_client_disconnect_cancels_a_non_streamed_request(tiny: Tiny) -> N
         assert sent == []  # nobody to answer
         await eventually(lambda: processor.running == 0)
         assert processor.stats.cancelled == 1
+
+
+async def test_api_key_guards_a_mounted_app(tiny: Tiny) -> None:
+    """Mounted under a prefix in another app, /v1 still requires the key; /health stays open."""
+    engine = FakeEngine(tiny[1], n_slots=2)
+    processor = BatchProcessor.from_engine(
+        engine, BatchConfig(strategy="continuous", max_batch_size=2)
+    )
+    inner = create_app(processor, model_name=MODEL, api_key="sekret")
+    outer = Starlette(routes=[Mount("/api", app=inner)])
+    async with (
+        processor,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=outer), base_url="http://test"
+        ) as client,
+    ):
+        assert_error(await client.get("/api/v1/models"), 401, code="invalid_api_key")
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+        assert_error(await client.post("/api/v1/completions", json=body), 401)
+        assert (await client.get("/api/health")).status_code == 200
+        r = await client.get("/api/v1/models", headers={"Authorization": "Bearer sekret"})
+        assert r.status_code == 200
+
+
+async def test_max_tokens_beyond_the_context_is_400(served: Any) -> None:
+    """max_tokens that cannot fit beside the prompt is refused naming the limit; without
+    max_tokens a chat completion may run to the end of the context."""
+    client, _, _ = served
+    r = await client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "the cat", "max_tokens": 10**30}
+    )
+    assert_error(r, 400, code="context_length_exceeded", param="max_tokens")
+    r = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 1000,
+        },
+    )
+    error = assert_error(r, 400, code="context_length_exceeded", param="max_tokens")
+    assert "256" in error["message"]
+    r = await client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True},
+    )
+    assert r.status_code == 200, r.text
+    usage, choice = r.json()["usage"], r.json()["choices"][0]
+    assert usage["total_tokens"] == 256
+    assert choice["finish_reason"] == "length"
+
+
+async def test_token_id_prompts(served: Any) -> None:
+    """A completion prompt may be token ids (also as a one-element list); ids outside the
+    vocabulary are a 400 naming the prompt."""
+    client, _, _ = served
+    for prompt in ([5, 6, 7], [[5, 6, 7]]):
+        r = await client.post(
+            "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == 3
+    r = await client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": [5, 10**9], "max_tokens": 2}
+    )
+    error = assert_error(r, 400, param="prompt")
+    assert "vocabulary" in error["message"]
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"]})
+    assert_error(r, 400, param="prompt")
+
+
+async def test_stream_options_and_streamed_logprob_offsets(served: Any) -> None:
+    """Every stream_options field of the OpenAI client is accepted, and a streamed completion's
+    logprobs carry each chunk's offset in the whole text."""
+    client, _, _ = served
+    r = await client.post(
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": "the cat",
+            "max_tokens": 6,
+            "logprobs": 1,
+            "stream": True,
+            "stream_options": {"include_usage": True, "include_obfuscation": False},
+        },
+    )
+    assert r.status_code == 200, r.text
+    chunks = [e["choices"][0] for e in sse(r.text)[:-2]]
+    offsets = [c["logprobs"]["text_offset"][0] for c in chunks]
+    expected = [sum(len(c["text"]) for c in chunks[:i]) for i in range(len(chunks))]
+    assert offsets == expected
+    assert offsets[-1] > 0
+
+
+async def test_error_params_are_named_as_openai_does(served: Any) -> None:
+    """Validation errors name the parameter as the API does: no pydantic type tags, list
+    indices in brackets."""
+    client, _, _ = served
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": 5})
+    assert_error(r, 400, param="prompt")
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stop": ["a", 3]})
+    assert_error(r, 400, param="stop")
+    r = await client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
+    )
+    assert_error(r, 400, param="messages[0].role")
+
+
+async def test_refused_requests_are_counted_in_metrics(served: Any) -> None:
+    """Requests refused for bad input (400, 404, 413) show in the metrics as invalid."""
+    client, _, _ = served
+    await client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 300})
+    await client.post("/v1/completions", json={"model": "other", "prompt": "x"})
+    text = (await client.get("/metrics")).text
+    assert 'zigllama_requests_total{outcome="invalid"} 2.0' in text
+
+
+async def test_client_gone_while_sending_the_body(tiny: Tiny) -> None:
+    """A client that disconnects before its body has arrived gets nothing queued and no
+    error escapes the app."""
+    engine = FakeEngine(tiny[1], n_slots=2)
+    processor = BatchProcessor.from_engine(
+        engine, BatchConfig(strategy="continuous", max_batch_size=2)
+    )
+    app = create_app(processor, model_name=MODEL)
+    messages = [
+        {"type": "http.request", "body": b'{"model": "tin', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+    }
+    async with processor:
+        await app(scope, receive, send)
+        assert sent[0]["status"] == 499
+        assert processor.stats.total_requests == 0

@@ -141,28 +141,40 @@ async def test_streamed_chat(server: Server, client: AsyncOpenAI) -> None:
 async def test_sixteen_concurrent_streams_all_finish_with_right_usage(
     server: Server, client: AsyncOpenAI
 ) -> None:
-    """16 concurrent streamed requests all finish; each reports exactly the tokens it streamed."""
+    """16 concurrent streamed requests all finish with the usage they asked for, and each
+    stream's text is the text the same (seeded) request gets without streaming."""
 
-    async def one(i: int) -> tuple[int, int]:
+    def ask(i: int) -> dict[str, object]:
+        return {
+            "model": server.model,
+            "messages": [{"role": "user", "content": f"Tell me fact {i}."}],
+            "max_tokens": 12 + i,
+            "extra_body": {"ignore_eos": True, "seed": i},
+        }
+
+    async def streamed(i: int) -> tuple[str, int]:
         stream = await client.chat.completions.create(
-            model=server.model,
-            messages=[{"role": "user", "content": f"Tell me fact {i}."}],
-            max_tokens=12 + i,
+            **ask(i),  # type: ignore[call-overload]
             stream=True,
             stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True, "seed": i},
         )
-        pieces, completion = 0, -1
+        text, completion = "", -1
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                pieces += 1
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
             if chunk.usage:
                 completion = chunk.usage.completion_tokens
-        return completion, pieces
+        return text, completion
 
-    results = await asyncio.gather(*(one(i) for i in range(16)))
-    assert [c for c, _ in results] == [12 + i for i in range(16)]
-    assert all(p > 0 for _, p in results)
+    async def whole(i: int) -> str:
+        response = await client.chat.completions.create(**ask(i))  # type: ignore[call-overload]
+        return str(response.choices[0].message.content)
+
+    results = await asyncio.gather(*(streamed(i) for i in range(16)))
+    assert [c for _, c in results] == [12 + i for i in range(16)]
+    assert all(text for text, _ in results)
+    expected = await asyncio.gather(*(whole(i) for i in range(16)))
+    assert [text for text, _ in results] == expected
 
 
 async def metric(server: Server, name: str) -> float:
@@ -237,6 +249,46 @@ async def test_overfull_queue_gets_429_and_sigterm_exits_cleanly() -> None:
         assert first.choices[0].text is not None
         assert rest[-1].choices[0].finish_reason == "length"
         assert s.process.wait(timeout=60) == 0
+    finally:
+        if s.process.poll() is None:
+            s.process.kill()
+        if s.process.stdout is not None:
+            s.process.stdout.close()
+
+
+async def test_sigterm_drain_is_bounded_and_ends_every_stream() -> None:
+    """SIGTERM with --drain-timeout: a stream that finishes within the timeout completes, one
+    that cannot is ended with an error event (not a broken connection), and the server exits 0
+    soon after the timeout."""
+    s = start_server("--max-batch-size", "2", "--drain-timeout", "3")
+    try:
+        async with s.client(max_retries=0) as client:
+
+            async def run(max_tokens: int) -> list[object]:
+                stream = await client.completions.create(
+                    model=s.model,
+                    prompt="Once upon a time",
+                    max_tokens=max_tokens,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+                return [c async for c in stream]
+
+            short = asyncio.create_task(run(24))
+            long = asyncio.create_task(run(1500))
+            await asyncio.sleep(0.5)  # both are running
+            signalled = time.monotonic()
+            s.process.send_signal(signal.SIGTERM)
+            outcomes = await asyncio.gather(short, long, return_exceptions=True)
+        exit_code = await asyncio.to_thread(s.process.wait, 60)
+        elapsed = time.monotonic() - signalled
+        done, cut = outcomes
+        assert isinstance(done, list), done
+        assert done[-1].choices[0].finish_reason == "length"  # type: ignore[attr-defined]
+        assert isinstance(cut, openai.APIError), cut
+        assert "stopped" in str(cut) or "closed" in str(cut), cut
+        assert exit_code == 0
+        assert elapsed < 30
     finally:
         if s.process.poll() is None:
             s.process.kill()

@@ -24,6 +24,7 @@ from ..engine.output import OutputDecoder
 from ..engine.runner import Engine
 from ..engine.tokenizer import Tokenizer
 from ..errors import InvalidRequest, ProcessorStopped, PromptTooLong, QueueFull, RequestCancelled
+from ..generation import Prompt
 from .clock import Clock, MonotonicClock
 from .request import TrackedRequest
 from .scheduler import EngineLike, Scheduler
@@ -305,6 +306,24 @@ class BatchProcessor:
         its ``observers`` to receive every event)."""
         return self._stats
 
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """The token ids ``prompt`` runs as, as :meth:`submit` computes them (for callers that
+        check a prompt's length first; the ids can be submitted as the prompt).
+
+        Raises:
+            PromptTooLong: the prompt leaves no room in the context for a generated token.
+            InvalidRequest: the prompt is malformed.
+        """
+        max_context = self.engine.max_context
+        if isinstance(prompt, str):  # too long to be worth tokenizing on the loop?
+            at_least = len(prompt.encode()) // self.tokenizer.max_token_bytes
+            if at_least >= max_context:
+                raise PromptTooLong(at_least, max_context, at_least=True)
+        prompt_ids = self.tokenizer.encode_prompt(prompt)
+        if len(prompt_ids) >= max_context:
+            raise PromptTooLong(len(prompt_ids), max_context)
+        return prompt_ids
+
     # -- internals -----------------------------------------------------------------------------
 
     def _accept(self, request: BatchRequest, *, streamed: bool = False) -> TrackedRequest:
@@ -327,13 +346,7 @@ class BatchProcessor:
         elif request_id in self._live or request_id in self._detached:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         max_context = self.engine.max_context
-        if isinstance(request.prompt, str):  # too long to be worth tokenizing on the loop?
-            at_least = len(request.prompt.encode()) // self.tokenizer.max_token_bytes
-            if at_least >= max_context:
-                raise PromptTooLong(at_least, max_context, at_least=True)
-        prompt_ids = self.tokenizer.encode_prompt(request.prompt)
-        if len(prompt_ids) >= max_context:
-            raise PromptTooLong(len(prompt_ids), max_context)
+        prompt_ids = self.encode_prompt(request.prompt)
         now = self.clock.now()
         timeout_ms = request.timeout_ms or self.config.request_timeout_ms
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()

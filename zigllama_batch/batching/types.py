@@ -135,7 +135,8 @@ TokenCallback = Callable[["StreamChunk", RequestId], Any]
 class BatchRequest:
     """One generation request for the processor.
 
-    ``prompt`` is text or a list of chat messages (rendered with the model's chat template).
+    ``prompt`` is text, a list of chat messages (rendered with the model's chat template), or a
+    list of token ids.
     ``priority``: lower is served first; equal priorities are first come, first served.
     """
 
@@ -172,7 +173,7 @@ class BatchRequest:
             except ValueError as exc:
                 raise InvalidRequest(str(exc)) from None
         if not isinstance(self.prompt, str) and not isinstance(self.prompt, list | tuple):
-            raise InvalidRequest("prompt: must be a str or a list of chat messages")
+            raise InvalidRequest("prompt: must be a str, a list of chat messages or of token ids")
 
 
 def is_request_id(value: object) -> bool:

@@ -28,7 +28,7 @@ import enum
 import logging
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 import jinja2.sandbox
@@ -219,18 +219,27 @@ class Tokenizer:
         """A fresh incremental detokenizer for one generated stream."""
         return IncrementalDetokenizer(self._token_bytes)
 
-    def encode_prompt(self, prompt: str | Sequence[Mapping[str, Any]]) -> list[int]:
-        """Token ids of a prompt: text as :meth:`encode` does, or chat messages rendered with
-        the chat template and its generation prompt. An empty prompt is the BOS token alone.
+    def encode_prompt(self, prompt: str | Sequence[Mapping[str, Any]] | Sequence[int]) -> list[int]:
+        """Token ids of a prompt: text as :meth:`encode` does, chat messages rendered with the
+        chat template and its generation prompt, or token ids checked against the vocabulary.
+        An empty prompt is the BOS token alone.
 
         Raises:
-            InvalidRequest: the prompt is neither a string nor a list of valid messages.
+            InvalidRequest: the prompt is none of these, or holds an id outside the vocabulary.
         """
         if isinstance(prompt, str):
             ids = self.encode(prompt)
+        elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = [int(t) for t in prompt]  # type: ignore[arg-type]
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(
+                    f"prompt: token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+                )
         else:
             # The template writes any BOS itself, as Hugging Face's apply_chat_template does.
-            ids = self.encode(self.apply_chat_template(prompt), add_bos=False)
+            messages = cast(Sequence[Mapping[str, Any]], prompt)
+            ids = self.encode(self.apply_chat_template(messages), add_bos=False)
         if not ids:  # an empty prompt continues from the start-of-sequence token
             if self.bos_id is None:
                 raise InvalidRequest("the prompt is empty and the model has no BOS token")

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -101,8 +101,8 @@ def create_app(
     """
     model = getattr(processor.engine, "model", None)
     name = model_name or (model.config.name if model is not None else "zigllama")
-    api = _Api(processor, name, max_body_bytes)
     metrics = ProcessorMetrics(processor)
+    api = _Api(processor, name, max_body_bytes, metrics)
     processor.stats_recorder.observers.append(metrics)
 
     @contextlib.asynccontextmanager
@@ -142,14 +142,17 @@ def create_app(
 
 
 class _BearerAuth:
-    """Requires ``Authorization: Bearer <key>`` on ``/v1/*`` (health and metrics stay open)."""
+    """Requires ``Authorization: Bearer <key>`` on every path but ``/health`` and ``/metrics``
+    (paths taken relative to where the app is mounted)."""
+
+    OPEN_PATHS = frozenset({"/health", "/metrics"})
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and _route_path(scope) not in self.OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 response = ApiError(
@@ -161,6 +164,15 @@ class _BearerAuth:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The request path below the app's mount point (ASGI: ``path`` includes ``root_path``)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
 
 
 class _EventStream(StreamingResponse):
@@ -186,8 +198,15 @@ class _EventStream(StreamingResponse):
 class _Api:
     """The endpoint handlers."""
 
-    def __init__(self, processor: BatchProcessor, model_name: str, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        processor: BatchProcessor,
+        model_name: str,
+        max_body_bytes: int,
+        metrics: ProcessorMetrics,
+    ) -> None:
         self.processor = processor
+        self.metrics = metrics
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
@@ -245,11 +264,24 @@ class _Api:
                     param="model",
                     code="model_not_found",
                 )
-            config = generation_config(body, max_tokens_default=self.processor.engine.max_context)
-            prompt = body.message_dicts() if chat else body.text()
+            prompt_ids = self.processor.encode_prompt(
+                body.message_dicts() if chat else body.prompt_value()
+            )
+            max_context = self.processor.engine.max_context
+            room = max_context - len(prompt_ids)
+            asked = body.requested_max_tokens()
+            if asked is not None and asked > room:
+                raise ApiError(
+                    400,
+                    f"this model's context holds {max_context} tokens; the prompt has "
+                    f"{len(prompt_ids)} and {asked} more were asked for (max_tokens)",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
+            config = generation_config(body, max_tokens_default=room)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             batch_request = BatchRequest(
-                prompt=prompt, config=config, priority=body.priority, id=rid
+                prompt=prompt_ids, config=config, priority=body.priority, id=rid
             )
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -264,10 +296,21 @@ class _Api:
             if result is None:  # the client went away
                 return Response(status_code=499)
             return JSONResponse(self._full_response(result, rid, chat=chat))
+        except ClientDisconnect:  # gone before the body arrived: nobody to answer
+            return Response(status_code=499)
         except ApiError as exc:
+            self._count_refusal(exc)
             return exc.response()
         except ZigllamaBatchError as exc:
-            return _api_error(exc, chat=chat).response()
+            error = _api_error(exc, chat=chat)
+            self._count_refusal(error)
+            return error.response()
+
+    def _count_refusal(self, error: ApiError) -> None:
+        """Count a request refused before it reached the processor's queue (the processor
+        counts its own refusals: a full queue, a stopped processor)."""
+        if error.status in (400, 404, 413):
+            self.metrics.on_invalid()
 
     async def _parse(self, request: Request, schema: type[Any]) -> Any:
         declared = request.headers.get("content-length")
@@ -288,7 +331,7 @@ class _Api:
             return schema.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
+            param = _param_name(first["loc"])
             raise ApiError(400, f"{param}: {first['msg']}", param=param) from exc
 
     async def _submit(self, request: Request, batch_request: BatchRequest) -> BatchResult | None:
@@ -338,10 +381,12 @@ class _Api:
                         }
                     ]
                 )
+            offset = 0  # characters of text sent so far
             async for chunk in stream:
                 if not chunk.text and chunk.finish_reason is None and chunk.logprob is None:
                     continue  # text held back (partial character or possible stop string)
-                yield event([self._chunk_choice(chunk, chat=chat)])
+                yield event([self._chunk_choice(chunk, chat=chat, offset=offset)])
+                offset += len(chunk.text)
             result = stream.result
             assert result is not None
             if include_usage:
@@ -364,7 +409,7 @@ class _Api:
 
     # -- response bodies -----------------------------------------------------------------------
 
-    def _chunk_choice(self, chunk: StreamChunk, *, chat: bool) -> dict[str, Any]:
+    def _chunk_choice(self, chunk: StreamChunk, *, chat: bool, offset: int) -> dict[str, Any]:
         finish = str(chunk.finish_reason) if chunk.finish_reason is not None else None
         logprobs: dict[str, list[Any]] | None = None
         if chat:
@@ -378,7 +423,7 @@ class _Api:
                 "tokens": [token],
                 "token_logprobs": [chunk.logprob],
                 "top_logprobs": [{token: chunk.logprob}],
-                "text_offset": [0],
+                "text_offset": [offset],
             }
         return {"index": 0, "text": chunk.text, "logprobs": logprobs, "finish_reason": finish}
 
@@ -486,6 +531,21 @@ def _api_error(exc: ZigllamaBatchError, *, chat: bool) -> ApiError:
     if isinstance(exc, RequestTimeout):
         return ApiError(504, str(exc), type="timeout_error", code="request_timeout")
     return ApiError(500, str(exc), type="server_error")
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _param_name(loc: tuple[int | str, ...]) -> str | None:
+    """A pydantic error location as OpenAI names a parameter: ``messages[0].role`` (union
+    branch tags such as ``str`` or ``list[str]`` left out)."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif part.isidentifier() and part not in _TYPE_TAGS:
+            name += f".{part}" if name else part
+    return name or None
 
 
 async def _disconnected(request: Request) -> None:

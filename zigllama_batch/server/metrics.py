@@ -66,12 +66,16 @@ class ProcessorMetrics(StatsObserver):
         queue.set_function(lambda: processor.queue_depth)
         running = Gauge("zigllama_running_sequences", "Sequences holding a cache slot", registry=r)
         running.set_function(lambda: processor.running)
-        for outcome in ("completed", "failed", "cancelled", "timed_out", "rejected"):
+        for outcome in ("completed", "failed", "cancelled", "timed_out", "rejected", "invalid"):
             self.requests.labels(outcome)  # export zeros before the first event
 
     def on_reject(self) -> None:
-        """Count a refused request."""
+        """Count a request the processor refused (queue full, not running)."""
         self.requests.labels("rejected").inc()
+
+    def on_invalid(self) -> None:
+        """Count a request refused for bad input before it was queued (HTTP 400, 404, 413)."""
+        self.requests.labels("invalid").inc()
 
     def on_finish(self, state: RequestState, generated: int, result: BatchResult | None) -> None:
         """Count an ended request and observe its timings."""

@@ -1,16 +1,20 @@
 """``zigllama-batch serve``: the app under uvicorn, with a graceful shutdown.
 
-On SIGTERM or SIGINT uvicorn stops accepting connections and waits (up to ``drain_timeout``)
-for requests in flight; the app's lifespan then drains the processor. A server that shut down
-this way exits with status 0.
+On SIGTERM or SIGINT the server stops accepting connections, then drains the processor: requests
+in flight finish, for at most ``drain_timeout`` seconds; whatever is left then ends with
+:class:`~zigllama_batch.errors.ProcessorStopped`, which clients receive as a 503 or as a final
+error event of their stream. Then uvicorn closes the connections and the server exits with
+status 0. A second signal cuts the drain short.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Generator
 from pathlib import Path
@@ -32,8 +36,28 @@ logger = logging.getLogger(__name__)
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, minus re-raising the shutdown signal afterwards: uvicorn does that so the default
-    handler runs, which turns a clean drain into exit status 143 (SIGTERM) or 130 (SIGINT)."""
+    """uvicorn that drains the processor before closing connections, and exits 0 after a
+    signal (uvicorn re-raises the signal once shut down so the default handler runs, which
+    would turn a clean drain into exit status 143 or 130)."""
+
+    def __init__(
+        self, config: uvicorn.Config, processor: BatchProcessor, drain_timeout: float
+    ) -> None:
+        super().__init__(config)
+        self.processor = processor
+        self.drain_timeout = drain_timeout
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # stop accepting first
+            server.close()
+        closing = asyncio.ensure_future(
+            self.processor.aclose(drain=True, drain_timeout=self.drain_timeout)
+        )
+        while not closing.done():
+            await asyncio.wait([closing], timeout=0.1)
+            if self.force_exit and not closing.done():  # a second signal: stop now
+                await self.processor.aclose(drain=False)
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -79,10 +103,12 @@ def serve(
         port=port,
         loop=_loop_name(),
         lifespan="on",
-        timeout_graceful_shutdown=max(1, round(drain_timeout)),
+        # The processor has drained by the time uvicorn waits for connections: this only
+        # bounds the last bytes of responses already complete.
+        timeout_graceful_shutdown=5,
         log_level=log_level,
     )
-    server = _Server(uv_config)
+    server = _Server(uv_config, processor, drain_timeout)
     logger.info("serving %s as %r on http://%s:%d", path, name, host, port)
     server.run()
     return 0 if server.started else 1

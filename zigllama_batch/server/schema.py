@@ -40,6 +40,7 @@ class StreamOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
+    include_obfuscation: bool = True  # accepted; chunks carry no obfuscation padding
 
 
 class _Sampling(BaseModel):
@@ -65,6 +66,10 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False  # extension
     user: str | None = None  # accepted, not used
 
+    def requested_max_tokens(self) -> int | None:
+        """The completion length the client asked for, if it did."""
+        return self.max_tokens
+
     def check_supported(self) -> None:
         """Refuse OpenAI parameters this server does not implement."""
         extra = self.model_extra or {}
@@ -81,18 +86,21 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     """Body of ``POST /v1/completions``."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
 
-    def text(self) -> str:
-        """The prompt (a list must hold exactly one string)."""
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise InvalidRequest("prompt: a list prompt must hold exactly one string")
-            return self.prompt[0]
-        return self.prompt
+    def prompt_value(self) -> str | list[int]:
+        """The one prompt: text or token ids (a list of prompts must hold exactly one)."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise InvalidRequest("prompt: only one prompt per request is supported")
+            return prompt[0]
+        if isinstance(prompt, list) and not prompt:
+            raise InvalidRequest("prompt: an empty list is not a prompt")
+        return prompt  # type: ignore[return-value]
 
     def check_supported(self) -> None:
         """As for every request, plus ``echo`` and logprob alternatives."""
@@ -119,6 +127,12 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
 
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` (the newer name) or ``max_tokens``, if given."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
     def check_supported(self) -> None:
         """As for every request, plus logprob alternatives."""
         super().check_supported()
@@ -142,9 +156,7 @@ def generation_config(
 ) -> GenerationConfig:
     """The decoding settings a request body asks for (InvalidRequest names a bad field)."""
     body.check_supported()
-    max_tokens = body.max_tokens
-    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
-        max_tokens = body.max_completion_tokens
+    max_tokens = body.requested_max_tokens()
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     logprobs = bool(body.logprobs) or (
         isinstance(body, CompletionRequest) and body.logprobs is not None
