@@ -89,7 +89,8 @@ def test_cancelled_requests_leave_the_count_at_once_and_are_skipped() -> None:
 
 
 def test_full_queue_raises_with_a_retry_hint_from_the_drain_rate() -> None:
-    """At the bound, push raises QueueFull with retry_after_s = 1 / admission rate."""
+    """At the bound, push raises QueueFull with retry_after_s = the mean interval between
+    admissions less the time since the last one."""
     q = RequestQueue(2, aging_s=None)
     q.push(rec(name="a"))
     q.push(rec(name="b"))
@@ -101,8 +102,27 @@ def test_full_queue_raises_with_a_retry_hint_from_the_drain_rate() -> None:
     q.push(rec(name="d"))
     q.push(rec(name="e"))
     with pytest.raises(QueueFull) as info:
-        q.push(rec(name="f"))
+        q.push(rec(name="f", submitted=0.6))
+    assert info.value.retry_after_s == pytest.approx(0.4)
+    with pytest.raises(QueueFull) as info:  # overdue: the interval itself
+        q.push(rec(name="g", submitted=5.0))
     assert info.value.retry_after_s == pytest.approx(0.5)
+
+
+def test_retry_hint_counts_a_whole_batch_admitted_at_once_as_one_admission() -> None:
+    """A static strategy admits a batch in one instant: the hint is the time to the next
+    batch, not the spacing of requests inside one."""
+    q = RequestQueue(8, aging_s=None)
+    for batch_at in (0.0, 9.0):
+        for i in range(4):
+            q.push(rec(name=f"{batch_at}-{i}", submitted=batch_at))
+        for _ in range(4):
+            q.pop(batch_at)
+    for i in range(8):
+        q.push(rec(name=f"w{i}", submitted=9.5))
+    with pytest.raises(QueueFull) as info:
+        q.push(rec(name="late", submitted=10.0))
+    assert info.value.retry_after_s == pytest.approx(8.0)
 
 
 def view(

@@ -4,6 +4,7 @@ closes that race with callbacks, a crashed worker, and bad input at the edges.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,9 +19,11 @@ from zigllama_batch import (
     BatchRequest,
     CallbackFailed,
     GenerationConfig,
+    GenerationError,
     InvalidRequest,
     ProcessorStopped,
     PromptTooLong,
+    RequestCancelled,
     StreamChunk,
 )
 from zigllama_batch.batching import StatsObserver
@@ -226,3 +229,158 @@ async def test_finished_requests_are_not_kept_alive_by_deadlines(make_processor:
         if d[2].state not in (RequestState.QUEUED, RequestState.RUNNING)
     ]
     assert len(alive) < 200
+
+
+# -- found in review: callbacks, engine errors and inputs at awkward edges ----------------------
+
+
+async def test_a_sync_callback_that_cancels_its_own_request_and_returns_an_awaitable(
+    make_processor: Make,
+) -> None:
+    """The request ends cancelled, the returned awaitable is dropped, and a draining close
+    still returns (it used to wait forever on a delivery nobody would feed)."""
+    p, _, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    out: asyncio.Queue[StreamChunk] = asyncio.Queue()
+
+    def callback(chunk: StreamChunk, rid: Any) -> Any:
+        if out.qsize() >= 1:
+            p.cancel(rid)
+        return out.put(chunk)
+
+    rid = p.submit_async(req(10, callback=callback))
+    with pytest.raises(RequestCancelled):
+        await p.result(rid)
+    await settle()
+    assert all_zero(p)
+    await asyncio.wait_for(p.aclose(), 5)
+
+
+async def test_a_sync_callback_raising_cancelled_error_fails_only_its_request(
+    make_processor: Make,
+) -> None:
+    """CancelledError from a sync callback (say, .result() of a cancelled future) is that
+    callback's failure: the worker keeps serving the next request."""
+    p, _, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    cancelled = asyncio.get_running_loop().create_future()
+    cancelled.cancel()
+
+    def callback(chunk: StreamChunk, rid: Any) -> None:
+        cancelled.result()
+
+    with pytest.raises(CallbackFailed):
+        await p.submit(req(3, callback=callback))
+    result = await asyncio.wait_for(p.submit(req(3)), 5)
+    assert result.result.completion_tokens == 3
+    assert all_zero(p)
+
+
+async def test_a_stats_observer_raising_cancelled_error_is_contained(
+    make_processor: Make,
+) -> None:
+    """An observer raising CancelledError is logged and ignored like any observer error."""
+
+    class Stray(StatsObserver):
+        def on_step(self, sequences: int, new_tokens: int, seconds: float) -> None:
+            raise asyncio.CancelledError
+
+    p, _, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    p.stats_recorder.observers.append(Stray())
+    result = await asyncio.wait_for(p.submit(req(2)), 5)
+    assert result.result.completion_tokens == 2
+
+
+async def test_a_worker_killed_by_a_stray_cancelled_error_stops_the_processor(
+    make_processor: Make,
+) -> None:
+    """A CancelledError nobody asked for, raised inside the scheduler, is a crash: pending
+    requests end with ProcessorStopped and new ones are refused at once, instead of queueing
+    for a worker that is gone."""
+    p, _, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    strategy = p._scheduler.strategy
+
+    def plan(*args: Any, **kwargs: Any) -> Any:
+        raise asyncio.CancelledError
+
+    strategy.plan = plan
+    with pytest.raises(ProcessorStopped, match="internal error"):
+        await asyncio.wait_for(p.submit(req(2)), 5)
+    with pytest.raises(ProcessorStopped):
+        p.submit_async(req(2))
+
+
+async def test_an_async_callback_that_swallows_cancellation_leaves_no_task(
+    make_processor: Make,
+) -> None:
+    """A request cancelled while its async callback runs ends once, and its delivery task
+    ends too even though the callback ignores the cancellation."""
+    p, _, _ = await make_processor(strategy="continuous", max_batch_size=2, manual_clock=False)
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    async def callback(chunk: StreamChunk, rid: Any) -> None:
+        started.set()
+        with contextlib.suppress(asyncio.CancelledError):  # forgets to re-raise
+            await gate.wait()
+
+    rid = p.submit_async(req(3, callback=callback))
+    await asyncio.wait_for(started.wait(), 5)
+    assert p.cancel(rid)
+    with pytest.raises(RequestCancelled):
+        await p.result(rid)
+    await settle()
+    assert all_zero(p)
+    mine = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not mine and "_Delivery" in repr(t.get_coro())]
+    assert left == []
+
+
+async def test_an_engine_step_raising_stop_iteration_is_a_generation_error(
+    make_processor: Make,
+) -> None:
+    """StopIteration cannot travel through a future; it still fails only that step's requests
+    and frees their slots, and the processor keeps serving."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    engine.fail_with = StopIteration()
+    with pytest.raises(GenerationError, match="StopIteration"):
+        await asyncio.wait_for(p.submit(req(2)), 5)
+    engine.fail_with = None
+    assert (await asyncio.wait_for(p.submit(req(2)), 5)).result.completion_tokens == 2
+    assert all_zero(p)
+
+
+async def test_a_request_that_cannot_start_is_never_prefilled(make_processor: Make) -> None:
+    """A request whose sampling state cannot be made fails at admission, before any step
+    spends time on its prompt."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2)
+
+    def broken(config: Any, prompt_ids: Any) -> Any:
+        raise RuntimeError("bad seed")
+
+    engine.new_sampling = broken  # type: ignore[method-assign]
+    with pytest.raises(GenerationError, match="bad seed"):
+        await p.submit(req(2))
+    assert engine.steps == []
+    assert all_zero(p)
+
+
+async def test_a_huge_chat_prompt_is_refused_without_tokenizing(make_processor: Make) -> None:
+    """Chat messages far over the context are refused from their length alone, as text is,
+    so the event loop is not held tokenizing them."""
+    p, _, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    huge = "word " * 200_000
+    for prompt in (
+        [{"role": "user", "content": huge}],
+        [{"role": "user", "content": [{"type": "text", "text": huge}]}],
+    ):
+        started = time.perf_counter()
+        with pytest.raises(PromptTooLong) as info:
+            p.submit_async(req(2, prompt=prompt))
+        assert time.perf_counter() - started < 0.05
+        assert "at least" in str(info.value)
+
+
+def test_a_step_budget_below_the_batch_size_is_refused() -> None:
+    """Each running sequence feeds at least one token a step, so max_step_tokens must cover
+    max_batch_size."""
+    with pytest.raises(ValueError, match="max_step_tokens"):
+        BatchConfig(max_batch_size=8, max_step_tokens=4)

@@ -315,10 +315,11 @@ class BatchProcessor:
             InvalidRequest: the prompt is malformed.
         """
         max_context = self.engine.max_context
-        if isinstance(prompt, str):  # too long to be worth tokenizing on the loop?
-            at_least = len(prompt.encode()) // self.tokenizer.max_token_bytes
-            if at_least >= max_context:
-                raise PromptTooLong(at_least, max_context, at_least=True)
+        # Too long to be worth tokenizing on the loop? Each token covers at most
+        # max_token_bytes bytes of text.
+        at_least = _text_bytes(prompt) // self.tokenizer.max_token_bytes
+        if at_least >= max_context:
+            raise PromptTooLong(at_least, max_context, at_least=True)
         prompt_ids = self.tokenizer.encode_prompt(prompt)
         if len(prompt_ids) >= max_context:
             raise PromptTooLong(len(prompt_ids), max_context)
@@ -409,6 +410,24 @@ class BatchProcessor:
             f"queued={len(self._scheduler.queue)} running={self._scheduler.running} "
             f"workers={self.config.num_workers}>"
         )
+
+
+def _text_bytes(prompt: object) -> int:
+    """UTF-8 bytes of the text in a prompt: a string, or the contents of chat messages
+    (strings, or OpenAI-style parts with a ``text``); 0 for anything else."""
+    if isinstance(prompt, str):
+        return len(prompt.encode())
+    if not isinstance(prompt, list | tuple):
+        return 0
+    total = 0
+    for message in prompt:
+        content = message.get("content") if isinstance(message, dict) else None
+        parts = content if isinstance(content, list) else [content]
+        for part in parts:
+            text = part.get("text") if isinstance(part, dict) else part
+            if isinstance(text, str):
+                total += len(text.encode())
+    return total
 
 
 def _mark_retrieved(future: asyncio.Future[BatchResult]) -> None:

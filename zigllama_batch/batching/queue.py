@@ -8,7 +8,7 @@ seconds is served before any ``p_high`` request arriving after it: low prioritie
 
 Cancellation is lazy: a cancelled request stays in the heap until popped (and is skipped), but
 leaves the live count at once. The queue is bounded and refuses past its bound with
-:class:`~zigllama_batch.errors.QueueFull`, carrying a retry hint from the recent admission rate.
+:class:`~zigllama_batch.errors.QueueFull`, carrying a retry hint from recent admissions.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .request import RequestState, TrackedRequest
 
 __all__ = ["RequestQueue"]
 
-_RATE_WINDOW = 64  # admissions remembered for the drain-rate estimate
+_RATE_WINDOW = 64  # admission events remembered for the retry hint
 
 
 class RequestQueue:
@@ -35,6 +35,8 @@ class RequestQueue:
         self._arrivals: deque[TrackedRequest] = deque()  # arrival order, for the oldest waiter
         self._order = itertools.count()
         self._live = 0
+        # Times at which requests were admitted, one entry per instant (a static strategy
+        # admits a whole batch at once).
         self._admitted_at: deque[float] = deque(maxlen=_RATE_WINDOW)
 
     def __len__(self) -> int:
@@ -47,7 +49,7 @@ class RequestQueue:
             QueueFull: ``max_size`` requests are already waiting.
         """
         if self._live >= self.max_size:
-            raise QueueFull(self.max_size, self.retry_after_s())
+            raise QueueFull(self.max_size, self.retry_after_s(request.submitted))
         key = float(request.priority)
         if self._aging_s is not None:
             key += request.submitted / self._aging_s
@@ -61,7 +63,8 @@ class RequestQueue:
             _, _, request = heapq.heappop(self._heap)
             if request.state is RequestState.QUEUED:
                 self._live -= 1
-                self._admitted_at.append(now)
+                if not self._admitted_at or self._admitted_at[-1] != now:
+                    self._admitted_at.append(now)
                 if len(self._arrivals) > 2 * self._live + 64:
                     self._arrivals = deque(
                         r
@@ -97,16 +100,15 @@ class RequestQueue:
             self._arrivals.popleft()
         return self._arrivals[0].submitted if self._arrivals else None
 
-    def retry_after_s(self) -> float:
-        """Seconds until a place in a full queue is likely free, from the recent admission rate
-        (1 s before there is any history)."""
+    def retry_after_s(self, now: float) -> float:
+        """Seconds until a place in a full queue is likely free: the mean interval between
+        recent admissions, less the time since the last one (1 s before there is any history,
+        at least 0.1 s)."""
         if len(self._admitted_at) < 2:
             return 1.0
-        span = self._admitted_at[-1] - self._admitted_at[0]
-        if span <= 0:
-            return 0.1
-        rate = (len(self._admitted_at) - 1) / span  # admissions per second
-        return max(0.1, 1.0 / rate)
+        interval = (self._admitted_at[-1] - self._admitted_at[0]) / (len(self._admitted_at) - 1)
+        left = interval - (now - self._admitted_at[-1])
+        return max(0.1, left if left > 0 else interval)
 
     def waiting(self) -> list[TrackedRequest]:
         """Every live request, in serving order (for a close without drain)."""

@@ -105,6 +105,15 @@ def build_step(
     return parts
 
 
+def _engine_step(engine: EngineLike, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
+    """``engine.step(items)`` in the executor; a StopIteration, which a future cannot carry,
+    becomes a RuntimeError."""
+    try:
+        return engine.step(items)
+    except StopIteration as exc:
+        raise RuntimeError(f"the engine step raised {exc!r}") from exc
+
+
 class _Signal:
     """Wakes every waiter at once; waiters may also wake at a clock deadline."""
 
@@ -151,6 +160,9 @@ class _Delivery:
                     return
                 try:
                     await item
+                    task = asyncio.current_task()
+                    if rec.finished or (task is not None and task.cancelling()):
+                        return  # ended otherwise while the callback ran (it swallowed the cancel)
                 except asyncio.CancelledError as exc:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():
@@ -259,13 +271,17 @@ class Scheduler:
                 plan = Plan()
                 if not self.stopping:
                     plan = self._plan(worker)
+                    self._reap(worker)  # admissions that could not start
                 if not worker.running:
                     if self.stopping or (self.draining and not len(self.queue)):
                         return
                     await self._changed.wait(self.clock, plan.wake_at)
                     continue
                 await self._step(worker)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():  # raised by a bug, not a cancel
+                self._crash(exc)
             raise
         except BaseException as exc:
             self._crash(exc)
@@ -338,7 +354,7 @@ class Scheduler:
         n_tokens = sum(len(t) for _, t in parts)
         started = self.clock.now()
         loop = asyncio.get_running_loop()
-        step = loop.run_in_executor(self._executor, self.engine.step, items)
+        step = loop.run_in_executor(self._executor, _engine_step, self.engine, items)
         try:
             # Shielded: if this worker is cancelled the step still finishes in its thread.
             outputs = await asyncio.shield(step)
@@ -381,8 +397,12 @@ class Scheduler:
         if callback is not None:
             try:
                 ret = callback(chunk, rec.id)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
                 self.fail_callback(rec, exc)
+                return
+            if rec.finished:  # the callback ended its own request (cancelled it, say)
+                if inspect.iscoroutine(ret):
+                    ret.close()
                 return
             if inspect.isawaitable(ret):
                 self._delivery(rec).queue.put_nowait(ret)

@@ -9,6 +9,7 @@ subscribe to each finished request and step.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import statistics
 from collections import Counter, deque
@@ -115,7 +116,7 @@ class StatsRecorder:
         for observer in self.observers:  # an observer's bug must not stop the scheduler
             try:
                 getattr(observer, event)(*args)
-            except Exception:
+            except (Exception, asyncio.CancelledError):
                 logger.exception("stats observer %r failed on %s", observer, event)
 
     def snapshot(self, *, queue_depth: int, running: int) -> BatchStats:

@@ -117,6 +117,12 @@ class BatchConfig:
             raise ValueError(
                 f"result_retention: must be an int >= 0, got {self.result_retention!r}"
             )
+        if self.max_step_tokens < self.max_batch_size:
+            raise ValueError(
+                f"max_step_tokens: every running sequence feeds at least one token per step, so "
+                f"the budget must be at least max_batch_size ({self.max_batch_size}), got "
+                f"{self.max_step_tokens}"
+            )
         if (
             self.strategy is BatchingStrategy.FIXED_SIZE
             and self.max_queue_size < self.max_batch_size
