@@ -18,6 +18,7 @@ KVH = key/value heads, G = H // KVH, D = model width, hd = head width, L = atten
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,7 +100,7 @@ class LLaMAModel:
         for layer_index, layer in enumerate(w.layers):
             self._layer(x, layer, cache.k[layer_index], cache.v[layer_index], batch)
         last = _rms_norm(x[batch.last_rows], w.output_norm, self.config.rms_eps)  # (B, D)
-        logits: F32 = last @ w.output  # (B, vocab)
+        logits = _matmul(last, w.output)  # (B, vocab)
         return logits
 
     def _layer(
@@ -111,7 +112,7 @@ class LLaMAModel:
         q_width, kv_width = c.n_heads * hd, c.n_kv_heads * hd
 
         h = _rms_norm(x, layer.attn_norm, c.rms_eps)
-        qkv = h @ layer.wqkv  # (N, (H + 2 KVH) hd)
+        qkv = _matmul(h, layer.wqkv)  # (N, (H + 2 KVH) hd)
         # RoPE on queries and keys at once: pairs of dims as complex numbers times e^(i angle).
         qk = qkv[:, : q_width + kv_width].reshape(n, c.n_heads + c.n_kv_heads, hd)
         qk = (qk.view(np.complex64) * batch.rotation).view(np.float32)  # (N, H + KVH, hd)
@@ -131,10 +132,10 @@ class LLaMAModel:
             attn[rows] = _prefill_attention(
                 q[rows], k_cache, v_cache, batch.slots[item_index], batch.starts[item_index]
             )
-        x += attn.reshape(n, q_width) @ layer.wo
+        x += _matmul(attn.reshape(n, q_width), layer.wo)
 
         h = _rms_norm(x, layer.ffn_norm, c.rms_eps)
-        gate_up = h @ layer.w_gate_up  # (N, 2F)
+        gate_up = _matmul(h, layer.w_gate_up)  # (N, 2F)
         gate, up = gate_up[:, : c.ffn_dim], gate_up[:, c.ffn_dim :]
         # SwiGLU: silu(gate) * up = gate / (1 + e^-gate) * up, in one scratch array.
         act = np.negative(gate)
@@ -142,7 +143,7 @@ class LLaMAModel:
         act += 1.0
         np.divide(gate, act, out=act)
         act *= up
-        x += act @ layer.w_down
+        x += _matmul(act, layer.w_down)
 
     def __repr__(self) -> str:
         c = self.config
@@ -151,6 +152,68 @@ class LLaMAModel:
             f"{c.n_kv_heads}, vocab={c.vocab_size}, context={c.context_length}, "
             f"weights={self.weights.nbytes / 2**20:.0f} MiB)"
         )
+
+
+_MAX_SLOT_GAP = 2
+"""Decode slots at most this far apart share one view of the cache (the gap's slots are
+computed and thrown away: cheaper than copying the cache rows out)."""
+_MAX_DECODE_GROUPS = 4
+"""Beyond this many runs of slots, the decode rows are gathered (copied) into one group."""
+
+
+@dataclass(slots=True)
+class _DecodeGroup:
+    """Decode items whose cache slots form one run, attended to through one view of the cache.
+
+    ``items`` are positions in the slot-ordered decode list; ``where`` indexes the cache (a
+    slice: a view; an array: a gather); ``local`` places each item within the run when the
+    run has unused slots (None when every slot of the run is an item); ``mask`` is 0 where a
+    position is attended and -inf elsewhere, ``(run, 1, 1, L)``.
+    """
+
+    items: slice
+    where: slice | I64
+    local: I64 | None
+    mask: F32
+
+    @staticmethod
+    def plan(slots: Sequence[int], lengths: Sequence[int]) -> list[_DecodeGroup]:
+        """Group slot-ordered decode items into runs; ``lengths``: positions each attends to."""
+        if not slots:
+            return []
+        bounds = [0]  # start of each run, as an index into slots
+        for i in range(1, len(slots)):
+            if slots[i] - slots[i - 1] - 1 > _MAX_SLOT_GAP:
+                bounds.append(i)
+        bounds.append(len(slots))
+        if len(bounds) - 1 > _MAX_DECODE_GROUPS:  # scattered: one gathered group
+            return [_DecodeGroup._make(slots, lengths, 0, len(slots), gather=True)]
+        return [
+            _DecodeGroup._make(slots, lengths, a, b, gather=False)
+            for a, b in itertools.pairwise(bounds)
+        ]
+
+    @staticmethod
+    def _make(
+        slots: Sequence[int], lengths: Sequence[int], a: int, b: int, *, gather: bool
+    ) -> _DecodeGroup:
+        run_slots = np.asarray(slots[a:b], dtype=np.int64)
+        run_lengths = np.asarray(lengths[a:b], dtype=np.int64)
+        l_max = int(run_lengths.max())
+        if gather:
+            where: slice | I64 = run_slots
+            local = None
+            row_lengths = run_lengths
+        else:
+            lo, hi = int(run_slots[0]), int(run_slots[-1]) + 1
+            where = slice(lo, hi)
+            dense = hi - lo == b - a
+            local = None if dense else run_slots - lo
+            # Unused slots of the run attend to position 0 only: finite, and thrown away.
+            row_lengths = np.ones(hi - lo, dtype=np.int64)
+            row_lengths[run_slots - lo] = run_lengths
+        mask = np.where(np.arange(l_max)[None, :] < row_lengths[:, None], 0.0, -np.inf)
+        return _DecodeGroup(slice(a, b), where, local, mask.astype(np.float32)[:, None, None, :])
 
 
 @dataclass(slots=True)
@@ -166,10 +229,7 @@ class _Batch:
     starts: list[int]
     prefill_items: list[int]  # items with more than one new token
     decode_rows: I64  # rows of single-token items, ordered by slot
-    decode_slots: I64  # their slots (ascending)
-    decode_lengths: I64  # positions each attends to (start + 1)
-    decode_slot_range: slice | None  # when decode slots are consecutive: a view, not a gather
-    decode_mask: F32  # (Bd, 1, 1, Lmax): 0 where a position is attended, -inf past its end
+    decode_groups: list[_DecodeGroup]  # the decode items, in slot order, by runs of slots
     rotation: NDArray[np.complex64]  # (N, 1, hd/2): RoPE factor of each new token
 
     @staticmethod
@@ -213,11 +273,6 @@ class _Batch:
         if ids.min() < 0 or ids.max() >= vocab_size:
             raise ValueError(f"token ids must be in [0, {vocab_size})")
         decode.sort()
-        d_slots = np.array([d[0] for d in decode], dtype=np.int64)
-        d_lengths = np.array([d[2] + 1 for d in decode], dtype=np.int64)
-        consecutive = bool(decode) and d_slots[-1] - d_slots[0] == len(decode) - 1
-        l_max = int(d_lengths.max()) if decode else 0
-        mask = np.where(np.arange(l_max)[None, :] < d_lengths[:, None], 0.0, -np.inf)
         all_positions = np.concatenate(positions)
         return _Batch(
             token_ids=ids,
@@ -229,12 +284,39 @@ class _Batch:
             starts=[item.start_pos for item in items],
             prefill_items=prefill_items,
             decode_rows=np.array([d[1] for d in decode], dtype=np.int64),
-            decode_slots=d_slots,
-            decode_lengths=d_lengths,
-            decode_slot_range=slice(int(d_slots[0]), int(d_slots[-1]) + 1) if consecutive else None,
-            decode_mask=mask.astype(np.float32)[:, None, None, :],
+            decode_groups=_DecodeGroup.plan([d[0] for d in decode], [d[2] + 1 for d in decode]),
             rotation=rotation[all_positions][:, None, :],
         )
+
+
+_GEMV_MAX_ROWS = 3
+"""Up to this many rows, a linear layer runs as one matrix-vector product per row: BLAS's
+matrix-matrix path packs the whole weight matrix on every call, which costs more than
+re-reading it (from cache, after the first row) two or three times."""
+_ROW_BLOCK = 8
+_MIN_PADDED_REMAINDER = 3
+"""OpenBLAS's single-precision kernels work on blocks of 8 rows: 6 rows cost about 1.7 times
+as much as 8, and 30 rows 1.3 times as much as 32 (measured on this project's 2-core AVX-512
+machine). Row counts that leave at least this many rows in a last block are padded to a
+whole block with zero rows."""
+
+
+def _matmul(h: F32, w: F32) -> F32:
+    """``h @ w`` for activations h (N, in) and weights w (in, out), shaped for BLAS's speed."""
+    n = h.shape[0]
+    out: F32
+    if 1 < n <= _GEMV_MAX_ROWS:
+        out = np.empty((n, w.shape[1]), np.float32)
+        for i in range(n):
+            np.matmul(h[i], w, out=out[i])
+        return out
+    if n % _ROW_BLOCK >= _MIN_PADDED_REMAINDER:
+        padded = np.zeros((n + _ROW_BLOCK - n % _ROW_BLOCK, h.shape[1]), np.float32)
+        padded[:n] = h
+        out = (padded @ w)[:n]
+        return out
+    out = h @ w
+    return out
 
 
 def _rms_norm(x: F32, weight: F32, eps: float) -> F32:
@@ -256,24 +338,33 @@ def _softmax_inplace(scores: F32) -> F32:
 
 
 def _decode_attention(q: F32, k_cache: F32, v_cache: F32, batch: _Batch) -> F32:
-    """Attention for single-token items, all at once, padded to the longest of them.
+    """Attention for single-token items, a run of cache slots at a time, each run padded to
+    its longest sequence.
 
-    q: (Bd, H, hd) already scaled, in the order of ``batch.decode_slots``. Returns (Bd, H, hd).
+    q: (Bd, H, hd) already scaled, in slot order. Returns (Bd, H, hd).
     """
-    bd, n_heads, hd = q.shape
+    _, n_heads, hd = q.shape
     n_kv = k_cache.shape[1]
-    l_max = batch.decode_mask.shape[-1]
-    where = batch.decode_slot_range if batch.decode_slot_range is not None else batch.decode_slots
-    keys = k_cache[where, :, :l_max]  # (Bd, KVH, L, hd): a view when the slots are consecutive
-    values = v_cache[where, :, :l_max]
-    qg = q.reshape(bd, n_kv, n_heads // n_kv, hd)  # (Bd, KVH, G, hd)
-    # matvec rather than matmul: one (L, hd) x (hd,) product per query head is about twice as
-    # fast as a stack of tiny (G, hd) x (hd, L) GEMM calls at these sizes.
-    scores = np.matvec(keys[:, :, None], qg)  # (Bd, KVH, G, L)
-    scores += batch.decode_mask
-    probs = _softmax_inplace(scores)
-    out: F32 = np.matvec(values[:, :, None].transpose(0, 1, 2, 4, 3), probs)  # (Bd, KVH, G, hd)
-    return out.reshape(bd, n_heads, hd)
+    out = np.empty_like(q)
+    for group in batch.decode_groups:
+        l_max = group.mask.shape[-1]
+        keys = k_cache[group.where, :, :l_max]  # (R, KVH, L, hd): a view for a slice
+        values = v_cache[group.where, :, :l_max]
+        if group.local is None:
+            q_run = q[group.items]
+        else:  # slots of the run without an item get a zero query
+            q_run = np.zeros((keys.shape[0], n_heads, hd), np.float32)
+            q_run[group.local] = q[group.items]
+        qg = q_run.reshape(-1, n_kv, n_heads // n_kv, hd)  # (R, KVH, G, hd)
+        # matvec rather than matmul: one (L, hd) x (hd,) product per query head is about twice
+        # as fast as a stack of tiny (G, hd) x (hd, L) GEMM calls at these sizes.
+        scores = np.matvec(keys[:, :, None], qg)  # (R, KVH, G, L)
+        scores += group.mask
+        probs = _softmax_inplace(scores)
+        run_out = np.matvec(values[:, :, None].transpose(0, 1, 2, 4, 3), probs)  # (R, KVH, G, hd)
+        run_out = run_out.reshape(-1, n_heads, hd)
+        out[group.items] = run_out if group.local is None else run_out[group.local]
+    return out
 
 
 def _prefill_attention(q: F32, k_cache: F32, v_cache: F32, slot: int, start: int) -> F32:
