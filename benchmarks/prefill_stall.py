@@ -23,6 +23,7 @@ from typing import Any
 
 from zigllama_batch import (
     BatchConfig,
+    BatchingStrategy,
     BatchProcessor,
     BatchRequest,
     GenerationConfig,
@@ -35,10 +36,16 @@ STREAMS = 8
 LONG_PROMPT_TOKENS = 512
 SETUPS = {
     "chunked_64": BatchConfig(
-        strategy="continuous", max_batch_size=16, prefill_chunk=64, max_step_tokens=64 + STREAMS
+        strategy=BatchingStrategy.CONTINUOUS,
+        max_batch_size=16,
+        prefill_chunk=64,
+        max_step_tokens=64 + STREAMS,
     ),
     "whole_prompt": BatchConfig(
-        strategy="continuous", max_batch_size=16, prefill_chunk=1024, max_step_tokens=1024 + STREAMS
+        strategy=BatchingStrategy.CONTINUOUS,
+        max_batch_size=16,
+        prefill_chunk=1024,
+        max_step_tokens=1024 + STREAMS,
     ),
 }
 

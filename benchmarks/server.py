@@ -31,7 +31,14 @@ from typing import Any
 import httpx
 import numpy as np
 
-from zigllama_batch import BatchConfig, BatchProcessor, BatchRequest, GenerationConfig, load_model
+from zigllama_batch import (
+    BatchConfig,
+    BatchingStrategy,
+    BatchProcessor,
+    BatchRequest,
+    GenerationConfig,
+    load_model,
+)
 
 OUTPUT_TOKENS = 64
 TOPICS = [
@@ -218,16 +225,18 @@ async def main() -> None:
             rows.append(row)
             show(row)
         llama, tokenizer = load_model()
-        config = BatchConfig(strategy="continuous", max_batch_size=args.max_batch_size)
+        config = BatchConfig(
+            strategy=BatchingStrategy.CONTINUOUS, max_batch_size=args.max_batch_size
+        )
         ratios = []
         async with BatchProcessor(llama, tokenizer, config) as processor:
             for _ in range(args.rounds):
                 inproc = await inprocess_load(processor, 32, args.requests_per_client)
                 show(inproc)
-                http = await http_load(base, model, 32, args.requests_per_client)
-                show(http)
-                rows += [inproc, http]
-                ratios.append(http["output_tokens_per_s"] / inproc["output_tokens_per_s"])
+                over_http = await http_load(base, model, 32, args.requests_per_client)
+                show(over_http)
+                rows += [inproc, over_http]
+                ratios.append(over_http["output_tokens_per_s"] / inproc["output_tokens_per_s"])
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
