@@ -305,9 +305,8 @@ async def main() -> None:
     model, tokenizer = load_model(args.model)
     b = args.max_batch_size
     configs = [
-        BatchConfig(
-            strategy=BatchingStrategy.CONTINUOUS, max_batch_size=1
-        ),  # the no-batching baseline
+        # The no-batching baseline: one request at a time.
+        BatchConfig(strategy=BatchingStrategy.CONTINUOUS, max_batch_size=1),
         BatchConfig(strategy=BatchingStrategy.FIXED_SIZE, max_batch_size=b),
         BatchConfig(strategy=BatchingStrategy.DYNAMIC_TIMEOUT, max_batch_size=b, timeout_ms=500),
         BatchConfig(strategy=BatchingStrategy.ADAPTIVE, max_batch_size=b, latency_target_ms=20_000),
@@ -395,13 +394,15 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     CONTINUOUS against each other strategy run next to it (the once-run baseline for all)."""
     out: dict[str, Any] = {}
     sat = [r for r in rows if not math.isfinite(r["rate"])]
-    repeats = sorted({r["repeat"] for r in sat})
     once = {r["strategy"]: r for r in sat if r["repeat"] == 0}
+    turns = [  # each turn's run of every strategy, by name
+        once | {r["strategy"]: r for r in sat if r["repeat"] == repeat}
+        for repeat in sorted({r["repeat"] for r in sat})
+    ]
     for key, label in (("steady_tokens_per_s", "steady"), ("tokens_per_s", "makespan")):
         for other in ("no_batching", "fixed_size", "dynamic_timeout", "adaptive"):
             ratios = []
-            for repeat in repeats:
-                by = once | {r["strategy"]: r for r in sat if r["repeat"] == repeat}
+            for by in turns:
                 if "continuous" in by and other in by and by[other][key] > 0:
                     ratios.append(round(by["continuous"][key] / by[other][key], 2))
             if ratios:
