@@ -130,8 +130,8 @@ class TimedEngine:
         return self._engine.max_context
 
     @property
-    def free_slots(self) -> int:
-        return self._engine.free_slots
+    def model_name(self) -> str:
+        return self._engine.model_name
 
     def step(self, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
         t0 = time.perf_counter()

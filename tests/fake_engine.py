@@ -3,12 +3,12 @@
 It uses the tiny model's real tokenizer (so text, stop rules and chat prompts are real) but no
 model: each sampled token is a letter chosen from the sequence's position, so a sequence's output
 does not depend on what it is batched with. Tests can hold steps (to keep the engine busy), make
-a step raise, charge a ManualClock per step, and read back every step's composition.
+a step raise, charge a ManualClock per step, and read back every step's composition. It checks
+what a real step would refuse: two items in one slot, or a slot outside the cache.
 """
 
 from __future__ import annotations
 
-import heapq
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +27,7 @@ class StepItem:
 
 
 class FakeEngine:
-    """Engine double: real slot bookkeeping and tokenizer, scripted steps."""
+    """Engine double: real tokenizer, scripted steps."""
 
     def __init__(
         self,
@@ -41,7 +41,6 @@ class FakeEngine:
         self.tokenizer = tokenizer
         self._n_slots = n_slots
         self._max_context = max_context
-        self._free = list(range(n_slots))
         self.clock = clock
         self.step_cost = step_cost
         self.steps: list[list[StepItem]] = []
@@ -61,15 +60,8 @@ class FakeEngine:
         return self._max_context
 
     @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    def allocate_slot(self) -> int:
-        return heapq.heappop(self._free)
-
-    def free_slot(self, slot: int) -> None:
-        assert slot not in self._free
-        heapq.heappush(self._free, slot)
+    def model_name(self) -> str:
+        return "fake"
 
     def new_sampling(self, config: GenerationConfig, prompt_ids: Sequence[int]) -> Any:
         return config
@@ -78,6 +70,9 @@ class FakeEngine:
         self.waiting_at_gate.set()
         self._gate.wait()
         self.waiting_at_gate.clear()
+        slots = [it.slot for it in items]
+        assert len(set(slots)) == len(slots), f"one slot twice in a step: {slots}"
+        assert all(0 <= s < self._n_slots for s in slots), f"slot outside the cache: {slots}"
         self.steps.append(
             [
                 StepItem(it.slot, len(it.token_ids), it.start_pos, it.sampling is not None)

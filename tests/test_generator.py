@@ -14,7 +14,7 @@ from zigllama_batch import (
     TextGenerator,
     Tokenizer,
 )
-from zigllama_batch.engine import StepInput
+from zigllama_batch.engine import SequenceStep
 
 Tiny = tuple[LLaMAModel, Tokenizer]
 
@@ -27,11 +27,11 @@ def test_greedy_generation_follows_the_model_argmax(tiny: Tiny) -> None:
     )
     ids = tok.encode("the cat")
     cache = model.new_cache(1, 64)
-    logits = model.step([StepInput(0, ids, 0)], cache)[0]
+    logits = model.step([SequenceStep(0, ids, 0)], cache)[0]
     expected = []
     for i in range(12):
         expected.append(int(logits.argmax()))
-        logits = model.step([StepInput(0, [expected[-1]], len(ids) + i)], cache)[0]
+        logits = model.step([SequenceStep(0, [expected[-1]], len(ids) + i)], cache)[0]
     assert list(result.token_ids) == expected
     assert result.completion_tokens == 12
     assert result.prompt_tokens == len(ids)
@@ -94,16 +94,14 @@ def test_prompt_longer_than_context_raises(tiny: Tiny) -> None:
     r = gen.generate("x" * 30, GenerationConfig.greedy(max_tokens=100, ignore_eos=True))
     assert r.finish_reason == FinishReason.LENGTH
     assert r.completion_tokens == 2
-    assert gen.engine.free_slots == 1  # the slot is given back after every run
+    assert gen.slots.n_free == 1  # the slot is given back after every run
 
 
-def test_long_prompt_is_prefilled_in_chunks(tiny: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_long_prompt_is_prefilled_in_chunks(tiny: Tiny) -> None:
     """A prompt of several prefill chunks gives the same tokens as one prefill step."""
     model, tok = tiny
     text = "the cat sat on the mat and she ran off " * 4
     assert len(tok.encode(text)) > 4 * 16
-    gen = TextGenerator(model, tok)
     config = GenerationConfig.greedy(max_tokens=5, ignore_eos=True)
-    whole = gen.generate(text, config).token_ids
-    monkeypatch.setattr("zigllama_batch.generator.PREFILL_CHUNK", 16)
-    assert gen.generate(text, config).token_ids == whole
+    whole = TextGenerator(model, tok).generate(text, config).token_ids
+    assert TextGenerator(model, tok, prefill_chunk=16).generate(text, config).token_ids == whole

@@ -14,8 +14,8 @@ from .batching import (
     BatchRequest,
     BatchResult,
     BatchStats,
-    CallbackFailed,
     ManualClock,
+    ProcessorState,
     RequestStream,
     RequestTimeline,
     StreamChunk,
@@ -24,6 +24,7 @@ from .engine.gguf_loader import LlamaConfig
 from .engine.model import LLaMAModel
 from .engine.tokenizer import Tokenizer
 from .errors import (
+    CallbackFailed,
     GenerationError,
     InvalidRequest,
     ModelLoadError,
@@ -64,6 +65,7 @@ __all__ = [
     "LlamaConfig",
     "ManualClock",
     "ModelLoadError",
+    "ProcessorState",
     "ProcessorStopped",
     "Prompt",
     "PromptTooLong",

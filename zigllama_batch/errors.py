@@ -12,12 +12,14 @@ can catch the whole family at once. Other libraries' exceptions are translated a
     ├── ProcessorStopped          the processor is closed, or closed without draining
     ├── RequestCancelled          the request was cancelled before it finished
     ├── RequestTimeout            the request's deadline passed
-    └── GenerationError           the engine failed while running the request's step
+    ├── GenerationError           the engine failed while running the request's step
+    └── CallbackFailed            the request's token callback raised (the cause is chained)
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "CallbackFailed",
     "GenerationError",
     "InvalidRequest",
     "ModelLoadError",
@@ -97,3 +99,7 @@ class RequestTimeout(ZigllamaBatchError):
 
 class GenerationError(ZigllamaBatchError):
     """The engine raised while running a step that included this request."""
+
+
+class CallbackFailed(ZigllamaBatchError):
+    """The request's token callback raised; the request ends with this error (chained)."""

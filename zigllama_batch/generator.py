@@ -3,7 +3,9 @@
 Inside: :func:`load_model` (a GGUF path, or the default model fetched on first use) and
 :class:`TextGenerator`, the synchronous single-sequence front end: ``generate()`` returns a
 :class:`~zigllama_batch.generation.GenerationResult`, ``stream()`` yields text chunks. It runs the
-same :class:`~zigllama_batch.engine.runner.Engine` step as the batch processor, with one slot.
+same :class:`~zigllama_batch.engine.runner.Engine` step as the batch processor, with one slot,
+and builds its steps from the same :class:`~zigllama_batch.engine.step.SequenceState` with the
+same prompt chunk size (``DEFAULT_PREFILL_CHUNK`` unless told otherwise).
 """
 
 from __future__ import annotations
@@ -17,16 +19,14 @@ from .engine.gguf_loader import read_gguf
 from .engine.hub import default_model_path
 from .engine.model import LLaMAModel
 from .engine.output import OutputDecoder
-from .engine.runner import Engine, SequenceStep
+from .engine.runner import DEFAULT_PREFILL_CHUNK, Engine, Model
+from .engine.slots import SlotTable
+from .engine.step import SequenceState
 from .engine.tokenizer import Tokenizer
 from .errors import PromptTooLong
 from .generation import GenerationConfig, GenerationResult, Prompt, StreamCallback
 
-__all__ = ["PREFILL_CHUNK", "TextGenerator", "load_model"]
-
-PREFILL_CHUNK = 512
-"""Prompt tokens per forward step: bounds the attention scores of a long prompt to
-heads x 512 x context floats while keeping the matrix multiplies large."""
+__all__ = ["TextGenerator", "load_model"]
 
 
 def load_model(
@@ -63,16 +63,31 @@ class TextGenerator:
     """Generates text for one prompt at a time (the batch processor serves many at once)."""
 
     def __init__(
-        self, model: LLaMAModel, tokenizer: Tokenizer, *, max_context: int | None = None
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        *,
+        max_context: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         """Args:
         model: the loaded model.
         tokenizer: its tokenizer.
         max_context: most tokens (prompt plus output) of one generation; default
             ``min(2048, model context)``.
+        prefill_chunk: most prompt tokens fed in one step (as ``BatchConfig.prefill_chunk``).
         """
+        if (
+            isinstance(prefill_chunk, bool)
+            or not isinstance(prefill_chunk, int)
+            or prefill_chunk < 1
+        ):
+            raise ValueError(f"prefill_chunk: must be an int >= 1, got {prefill_chunk!r}")
         self.engine = Engine(model, tokenizer, n_slots=1, max_context=max_context)
+        self.slots = SlotTable(self.engine.n_slots)
+        """The one slot's bookkeeping: a second generation while one runs is refused."""
         self.tokenizer = tokenizer
+        self.prefill_chunk = prefill_chunk
 
     def generate(
         self,
@@ -119,18 +134,17 @@ class TextGenerator:
 
     def _tokens(self, run: _Run, callback: StreamCallback | None) -> Iterator[str]:
         """Run the engine until the decoder finishes; yield each token's text chunk."""
-        engine, prompt_ids = self.engine, run.prompt_ids
-        slot = engine.allocate_slot()
+        engine = self.engine
+        slot = self.slots.allocate()
         try:
-            sampling = engine.new_sampling(run.config, prompt_ids)
-            pos = 0
-            while pos < len(prompt_ids):  # prefill, in chunks
-                chunk = prompt_ids[pos : pos + PREFILL_CHUNK]
-                last = pos + len(chunk) == len(prompt_ids)
-                out = engine.step([SequenceStep(slot, chunk, pos, sampling if last else None)])[0]
-                pos += len(chunk)
+            sampling = engine.new_sampling(run.config, run.prompt_ids)
+            seq = SequenceState(run.prompt_ids, slot=slot, sampling=sampling)
             while True:
-                assert out is not None
+                step = seq.next_step(self.prefill_chunk)
+                out = engine.step([step])[0]
+                seq.advance(step, out)
+                if out is None:  # a prompt chunk before the last
+                    continue
                 if run.first_token is None:
                     run.first_token = time.perf_counter()
                 text = run.decoder.add(out.token_id, out.logprob)
@@ -139,22 +153,12 @@ class TextGenerator:
                 yield text
                 if run.decoder.finished:
                     return
-                out = engine.step([SequenceStep(slot, [out.token_id], pos, sampling)])[0]
-                pos += 1
         finally:
-            engine.free_slot(slot)
+            self.slots.free(slot)
 
     def _result(self, run: _Run) -> GenerationResult:
-        d = run.decoder
-        assert d.finish_reason is not None
         now = time.perf_counter()
-        return GenerationResult(
-            text=d.text,
-            token_ids=tuple(d.token_ids),
-            finish_reason=d.finish_reason,
-            prompt_tokens=len(run.prompt_ids),
-            completion_tokens=len(d.token_ids),
+        return run.decoder.result(
             time_to_first_token_ms=((run.first_token or now) - run.started) * 1000,
             total_time_ms=(now - run.started) * 1000,
-            logprobs=tuple(d.logprobs) if run.config.logprobs else None,
         )

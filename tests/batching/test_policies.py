@@ -200,15 +200,17 @@ def test_build_step_puts_decodes_first_and_chunks_prompts_within_the_budget() ->
     """Decoding sequences feed one token; prompts share the rest in chunks, in order."""
     decoding = [rec(name=f"d{i}", prompt=3) for i in range(3)]
     for d in decoding:
-        d.num_computed = 3  # prompt done: decoding
+        d.seq.num_computed = 3  # prompt done: decoding
+        d.seq.last_token = 42
     long_prompt = rec(name="p1", prompt=100)
-    long_prompt.num_computed = 40
+    long_prompt.seq.num_computed = 40
     short_prompt = rec(name="p2", prompt=10)
     parts = build_step([long_prompt, *decoding, short_prompt], max_tokens=40, chunk=32)
-    sizes = {r.id: len(t) for r, t in parts}
+    sizes = {r.id: len(step.token_ids) for r, step in parts}
     assert sizes == {"d0": 1, "d1": 1, "d2": 1, "p1": 32, "p2": 5}
-    assert parts[3][1] == list(range(40, 72))  # the chunk continues where the prompt left off
-    assert all(len(t) == 1 for _, t in build_step(decoding, max_tokens=2, chunk=8))
+    # the chunk continues where the prompt left off
+    assert list(parts[3][1].token_ids) == list(range(40, 72))
+    assert all(len(s.token_ids) == 1 for _, s in build_step(decoding, max_tokens=2, chunk=8))
 
 
 def test_batch_config_validates_every_field() -> None:

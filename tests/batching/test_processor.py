@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 from async_helpers import eventually, settle
+from batch_helpers import idle, req
 
 from zigllama_batch import (
-    BatchRequest,
     CallbackFailed,
-    GenerationConfig,
     GenerationError,
     InvalidRequest,
     ProcessorStopped,
@@ -25,18 +24,6 @@ from zigllama_batch import (
 )
 
 Make = Callable[..., Any]
-
-
-def req(n: int = 4, **kw: Any) -> BatchRequest:
-    return BatchRequest(
-        prompt=kw.pop("prompt", "the cat"),
-        config=GenerationConfig.greedy(max_tokens=n, **kw.pop("gen", {})),
-        **kw,
-    )
-
-
-def all_zero(p: Any) -> bool:
-    return all(v == 0 for v in p._counts().values())
 
 
 # -- strategies ---------------------------------------------------------------------------------
@@ -123,7 +110,7 @@ async def test_continuous_admits_an_arrival_at_the_next_step(make_processor: Mak
     await p.result(c)
     await p.result(a)
     assert any(it.slot == 1 and it.n_tokens == 1 for it in steps[-1] + steps[-2])
-    assert all_zero(p)
+    assert idle(p)
 
 
 async def test_adaptive_holds_its_target_where_a_long_timeout_misses_it(
@@ -230,7 +217,7 @@ async def test_cancelling_a_waiting_caller_removes_its_request(make_processor: M
     assert all(len(s) == 1 and s[0].slot == 0 for s in engine.steps)
     assert len(engine.steps) == 2  # only the blocker's steps ran
     assert p.stats.cancelled == 1
-    assert all_zero(p)
+    assert idle(p)
 
 
 async def test_cancelling_a_running_request_frees_its_slot_before_the_next_step(
@@ -253,7 +240,7 @@ async def test_cancelling_a_running_request_frees_its_slot_before_the_next_step(
     engine.release()
     await other
     assert all(item.slot != 0 for step in engine.steps[n + 1 :] for item in step)
-    await eventually(lambda: all_zero(p))
+    await eventually(lambda: idle(p))
 
 
 async def test_leaving_a_stream_loop_cancels_the_request(make_processor: Make) -> None:
@@ -262,14 +249,14 @@ async def test_leaving_a_stream_loop_cancels_the_request(make_processor: Make) -
     async for chunk in p.stream(req(100)):
         assert isinstance(chunk, StreamChunk)
         break
-    await eventually(lambda: all_zero(p))
+    await eventually(lambda: idle(p))
     stream = p.stream(req(100))
     await stream.__anext__()
     await stream.aclose()
-    await eventually(lambda: all_zero(p))
+    await eventually(lambda: idle(p))
     async with p.stream(req(100)) as s:
         await s.__anext__()
-    await eventually(lambda: all_zero(p))
+    await eventually(lambda: idle(p))
     assert p.stats.cancelled == 3
     assert sum(1 for step in engine.steps for _ in step) < 30
 
@@ -290,7 +277,7 @@ async def test_deadline_ends_a_request_wherever_it_is(make_processor: Make) -> N
     with pytest.raises(RequestTimeout):
         await running
     engine.release()
-    await eventually(lambda: all_zero(p))
+    await eventually(lambda: idle(p))
     assert p.stats.timed_out == 2
 
 
@@ -314,7 +301,7 @@ async def test_callers_own_asyncio_timeout_cancels_the_request(make_processor: M
         async with asyncio.timeout(0.05):
             await p.submit(req(5))
     engine.release()
-    await eventually(lambda: all_zero(p))
+    await eventually(lambda: idle(p))
     assert p.stats.cancelled == 1
 
 
@@ -351,7 +338,7 @@ async def test_aclose_without_drain_stops_everything_once(make_processor: Make) 
             await p.result(i)
     s = p.stats
     assert (s.completed, s.failed, s.total_requests) == (0, 5, 5)
-    assert all_zero(p)
+    assert idle(p)
 
 
 async def test_many_callers_with_random_cancellations_and_timeouts_add_up(
@@ -382,7 +369,7 @@ async def test_many_callers_with_random_cancellations_and_timeouts_add_up(
                 outcomes["timeout"] += 1
 
     await asyncio.gather(*(caller(k) for k in range(200)))
-    await eventually(lambda: all_zero(p))
+    await eventually(lambda: idle(p))
     s = p.stats
     assert s.total_requests == 1000
     assert s.completed + s.cancelled + s.timed_out + s.failed == 1000
@@ -416,7 +403,7 @@ async def test_a_raising_callback_fails_only_its_own_request(make_processor: Mak
     assert isinstance(info.value.__cause__, ValueError)
     assert [r.result.completion_tokens for r in await asyncio.gather(*good)] == [4, 4]
     assert len(seen) == 8
-    await eventually(lambda: all_zero(p))
+    await eventually(lambda: idle(p))
 
 
 async def test_async_callbacks_run_in_order_and_submit_waits_for_them(make_processor: Make) -> None:
@@ -433,7 +420,7 @@ async def test_async_callbacks_run_in_order_and_submit_waits_for_them(make_proce
     assert not slow_task.done()  # the fast request did not wait for the slow callback
     result = await slow_task
     assert got == list(result.result.token_ids)
-    await eventually(lambda: all_zero(p))
+    await eventually(lambda: idle(p))
 
 
 async def test_a_stream_nobody_reads_does_not_hold_up_others(make_processor: Make) -> None:
@@ -458,7 +445,7 @@ async def test_a_failing_step_fails_its_requests_and_the_processor_keeps_serving
     with pytest.raises(GenerationError, match="kernel exploded"):
         await p.submit(req(3))
     assert (await p.submit(req(3))).result.completion_tokens == 3
-    assert all_zero(p)
+    assert idle(p)
     assert p.stats.failed == 1
 
 
@@ -477,7 +464,7 @@ async def test_submit_async_poll_and_result(make_processor: Make) -> None:
     with pytest.raises(InvalidRequest, match="no unread outcome"):
         p.poll(rid)
     other = p.submit_async(req(2))
-    await eventually(lambda: p._detached[other].future.done())
+    await eventually(lambda: p.stats.completed == 2)
     assert p.poll(other).result.completion_tokens == 2  # type: ignore[union-attr]
 
 
@@ -531,7 +518,7 @@ async def test_token_id_prompts_run_as_their_text_does(make_processor: Make) -> 
         p.submit_async(req(2, prompt=[1, "x"]))
     with pytest.raises(PromptTooLong):
         p.encode_prompt([5] * 256)
-    assert all_zero(p)
+    assert idle(p)
 
 
 async def test_not_started_processor_refuses(tiny: Any) -> None:

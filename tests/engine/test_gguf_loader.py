@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as Q
 from tiny_gguf import K_QUANTS, file_tensors
 
 from zigllama_batch import ModelLoadError, load_model
-from zigllama_batch.engine import StepInput, read_gguf
+from zigllama_batch.engine import SequenceStep, read_gguf
 
 
 def test_config_comes_from_metadata(write_gguf: Callable[..., Path]) -> None:
@@ -59,7 +59,7 @@ def test_every_quant_type_is_dequantized_once_to_float32(
     reader = gguf.GGUFReader(str(path))
     assert {t.tensor_type for t in reader.tensors if t.name == "blk.1.ffn_down.weight"} == {qtype}
     model, _ = load_model(path)
-    logits = model.step([StepInput(0, [5, 6, 7], 0)], model.new_cache(1, 16))
+    logits = model.step([SequenceStep(0, [5, 6, 7], 0)], model.new_cache(1, 16))
     assert np.isfinite(logits).all()
 
 

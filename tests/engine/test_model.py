@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as Q
 from tiny_gguf import TinySpec, reference_logits, write_tiny_gguf
 
 from zigllama_batch import LLaMAModel, Tokenizer, load_model
-from zigllama_batch.engine import StepInput
+from zigllama_batch.engine import SequenceStep
 
 QUANT_MIXES = {
     "f32": {},
@@ -30,7 +30,7 @@ QUANT_MIXES = {
 
 def logits_token_by_token(model: LLaMAModel, ids: list[int], slot: int = 0) -> np.ndarray:
     cache = model.new_cache(slot + 1, 128)
-    return np.stack([model.step([StepInput(slot, [t], p)], cache)[0] for p, t in enumerate(ids)])
+    return np.stack([model.step([SequenceStep(slot, [t], p)], cache)[0] for p, t in enumerate(ids)])
 
 
 @pytest.mark.parametrize("mix", sorted(QUANT_MIXES))
@@ -45,7 +45,7 @@ def test_step_matches_independent_forward_pass(tmp_path: Path, mix: str) -> None
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
     # The prefill path (whole prompt in one step) gives the last position's logits too.
     cache = model.new_cache(1, 128)
-    last = model.step([StepInput(0, ids, 0)], cache)[0]
+    last = model.step([SequenceStep(0, ids, 0)], cache)[0]
     np.testing.assert_allclose(last, want[-1], atol=2e-4, rtol=0)
 
 
@@ -72,17 +72,17 @@ def test_logits_do_not_depend_on_batch_companions(tiny: tuple[LLaMAModel, Tokeni
     alone = []
     for p in prompts:
         cache = model.new_cache(1, 128)
-        alone.append(model.step([StepInput(0, p, 0)], cache)[0])
+        alone.append(model.step([SequenceStep(0, p, 0)], cache)[0])
     cache = model.new_cache(8, 128)
     # Warm two other slots so the mixed step also carries decode items at other positions.
-    model.step([StepInput(6, [3, 4, 5], 0), StepInput(7, [9] * 20, 0)], cache)
-    items = [StepInput(i, p, 0) for i, p in enumerate(prompts)]
-    items += [StepInput(6, [8], 3), StepInput(7, [2], 20)]
+    model.step([SequenceStep(6, [3, 4, 5], 0), SequenceStep(7, [9] * 20, 0)], cache)
+    items = [SequenceStep(i, p, 0) for i, p in enumerate(prompts)]
+    items += [SequenceStep(6, [8], 3), SequenceStep(7, [2], 20)]
     together = model.step(items[::-1], cache)[::-1]
     for i in range(len(prompts)):
         np.testing.assert_allclose(together[i], alone[i], atol=1e-4, rtol=0)
     for row, history in ((5, [3, 4, 5, 8]), (6, [9] * 20 + [2])):
-        solo = model.step([StepInput(0, history, 0)], model.new_cache(1, 128))[0]
+        solo = model.step([SequenceStep(0, history, 0)], model.new_cache(1, 128))[0]
         np.testing.assert_allclose(together[row], solo, atol=1e-4, rtol=0)
 
 
@@ -97,10 +97,10 @@ def test_prompt_fed_whole_in_chunks_or_token_by_token_agree(
     for chunk in (len(prompt), 7, 1):
         cache = model.new_cache(1, 128)
         for pos in range(0, len(prompt), chunk):
-            out = model.step([StepInput(0, prompt[pos : pos + chunk], pos)], cache)[0]
+            out = model.step([SequenceStep(0, prompt[pos : pos + chunk], pos)], cache)[0]
         trail = [out]
         for i, t in enumerate(nxt):
-            trail.append(model.step([StepInput(0, [t], len(prompt) + i)], cache)[0])
+            trail.append(model.step([SequenceStep(0, [t], len(prompt) + i)], cache)[0])
         results.append(np.stack(trail))
     np.testing.assert_allclose(results[1], results[0], atol=1e-4, rtol=0)
     np.testing.assert_allclose(results[2], results[0], atol=1e-4, rtol=0)
@@ -130,10 +130,10 @@ def test_decode_batch_over_scattered_slots_matches_neighbouring_slots(
         for k, v in zip(cache.k, cache.v, strict=True):  # garbage everywhere, unused slots too
             k[:] = 7.0
             v[:] = -3.0
-        model.step([StepInput(s, p, 0) for s, p in zip(layout, prompts, strict=True)], cache)
+        model.step([SequenceStep(s, p, 0) for s, p in zip(layout, prompts, strict=True)], cache)
         outs.append(
             model.step(
-                [StepInput(s, [21], len(p)) for s, p in zip(layout, prompts, strict=True)], cache
+                [SequenceStep(s, [21], len(p)) for s, p in zip(layout, prompts, strict=True)], cache
             )
         )
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-4, rtol=0)
@@ -143,9 +143,9 @@ def test_step_writes_only_its_own_slots(tiny: tuple[LLaMAModel, Tokenizer]) -> N
     """A step never touches the cache of slots it was not given."""
     model, _ = tiny
     cache = model.new_cache(3, 64)
-    model.step([StepInput(1, [1, 2, 3], 0)], cache)
+    model.step([SequenceStep(1, [1, 2, 3], 0)], cache)
     snapshot = [k[[0, 2]].copy() for k in cache.k]
-    model.step([StepInput(1, [4], 3)], cache)
+    model.step([SequenceStep(1, [4], 3)], cache)
     for layer, k in enumerate(cache.k):
         assert np.array_equal(k[[0, 2]], snapshot[layer])
 
@@ -153,16 +153,16 @@ def test_step_writes_only_its_own_slots(tiny: tuple[LLaMAModel, Tokenizer]) -> N
 @pytest.mark.parametrize(
     ("items", "match"),
     [
-        ([StepInput(2, [1], 0)], "slot 2 outside"),
-        ([StepInput(0, [1], 0), StepInput(0, [2], 1)], "appears twice"),
-        ([StepInput(0, [], 0)], "no new tokens"),
-        ([StepInput(0, [1, 2], 63)], "do not fit"),
-        ([StepInput(0, [1], -1)], "do not fit"),
-        ([StepInput(0, [10_000], 0)], "token ids must be"),
+        ([SequenceStep(2, [1], 0)], "slot 2 outside"),
+        ([SequenceStep(0, [1], 0), SequenceStep(0, [2], 1)], "appears twice"),
+        ([SequenceStep(0, [], 0)], "no new tokens"),
+        ([SequenceStep(0, [1, 2], 63)], "do not fit"),
+        ([SequenceStep(0, [1], -1)], "do not fit"),
+        ([SequenceStep(0, [10_000], 0)], "token ids must be"),
     ],
 )
 def test_step_rejects_bad_items(
-    tiny: tuple[LLaMAModel, Tokenizer], items: list[StepInput], match: str
+    tiny: tuple[LLaMAModel, Tokenizer], items: list[SequenceStep], match: str
 ) -> None:
     """Malformed step items raise ValueError saying what is wrong."""
     model, _ = tiny
@@ -176,18 +176,11 @@ def test_empty_step_returns_no_logits(tiny: tuple[LLaMAModel, Tokenizer]) -> Non
     assert model.step([], model.new_cache(1, 8)).shape == (0, model.vocab_size)
 
 
-def test_kv_cache_hands_out_lowest_free_slot(write_gguf: Callable[..., Path]) -> None:
-    """Slots are allocated lowest first, freed ones are reused, and misuse raises."""
+def test_kv_cache_refuses_more_context_than_the_model_has(
+    write_gguf: Callable[..., Path],
+) -> None:
+    """A cache longer than the model's context is refused, naming max_context."""
     model, _ = load_model(write_gguf())
-    cache = model.new_cache(3, 16)
-    assert [cache.allocate() for _ in range(3)] == [0, 1, 2]
-    with pytest.raises(RuntimeError):
-        cache.allocate()
-    cache.free(1)
-    assert cache.n_free == 1
-    assert cache.allocate() == 1
-    with pytest.raises(ValueError, match="not allocated"):
-        cache.free(1) or cache.free(1)
     with pytest.raises(ValueError, match="max_context"):
         model.new_cache(1, 10_000)
 

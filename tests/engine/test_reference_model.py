@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from zigllama_batch import GenerationConfig, LLaMAModel, TextGenerator, Tokenizer
-from zigllama_batch.engine import StepInput
+from zigllama_batch.engine import SequenceStep
 
 pytestmark = pytest.mark.real_model
 
@@ -39,13 +39,13 @@ def test_teacher_forced_logits_match_transformers(
     cols = ref["cols"]
     cache = model.new_cache(1, 512)
     # Prefill gives the last prompt position; single-token decode steps give the rest.
-    logits = {n_prompt - 1: model.step([StepInput(0, seq[:n_prompt], 0)], cache)[0]}
+    logits = {n_prompt - 1: model.step([SequenceStep(0, seq[:n_prompt], 0)], cache)[0]}
     for pos in range(n_prompt, len(seq)):
-        logits[pos] = model.step([StepInput(0, [seq[pos]], pos)], cache)[0]
+        logits[pos] = model.step([SequenceStep(0, [seq[pos]], pos)], cache)[0]
     # And every prompt position by teacher forcing in a second slot, one token at a time.
     cache2 = model.new_cache(1, 512)
     for pos in range(n_prompt - 1):
-        logits[pos] = model.step([StepInput(0, [seq[pos]], pos)], cache2)[0]
+        logits[pos] = model.step([SequenceStep(0, [seq[pos]], pos)], cache2)[0]
     worst = 0.0
     for pos, row in logits.items():
         worst = max(

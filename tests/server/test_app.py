@@ -332,7 +332,7 @@ async def test_client_disconnect_mid_stream_cancels_the_request(
         assert 3 <= len(sent) < 50
         await eventually(lambda: processor.running == 0)
         assert processor.stats.cancelled == 1
-        assert engine.free_slots == 2
+        assert processor.bookkeeping().slots_in_use == 0
 
 
 async def test_client_disconnect_cancels_a_non_streamed_request(tiny: Tiny) -> None:

@@ -2,16 +2,20 @@
 
 Nothing here touches numpy arrays: the scheduler hands plain data to the engine's ``step()``
 in a worker thread and gets plain data back. The pieces, in the order a request meets them:
-``types`` (what callers pass and get), ``processor`` (the facade), ``queue`` (waiting requests),
-``strategies`` (who runs when), ``scheduler`` (the loop), ``stream`` (tokens as they come),
-``stats`` (what operators read) and ``clock`` (time, replaceable in tests).
+``types`` (what callers pass and get), ``processor`` (the facade), ``lifecycle`` (the
+processor's states), ``request`` (one request's state and outcome), ``queue`` (waiting
+requests), ``deadlines`` (ending requests at their deadline), ``strategies`` (who runs when),
+``scheduler`` (the loop), ``executor`` (steps in a thread), ``delivery`` (token callbacks),
+``results`` (a finished request's result), ``stream`` (tokens as they come), ``stats`` (what
+operators read) and ``clock`` (time, replaceable in tests).
 """
 
+from ..errors import CallbackFailed
 from .clock import Clock, ManualClock, MonotonicClock
-from .processor import BatchProcessor, ProcessorState
+from .lifecycle import ProcessorState
+from .processor import BatchProcessor
 from .request import RequestState
-from .scheduler import CallbackFailed, EngineLike
-from .stats import StatsObserver
+from .stats import Bookkeeping, StatsObserver
 from .stream import RequestStream
 from .types import (
     BatchConfig,
@@ -19,6 +23,7 @@ from .types import (
     BatchRequest,
     BatchResult,
     BatchStats,
+    EngineLike,
     Percentiles,
     RequestId,
     RequestTimeline,
@@ -33,6 +38,7 @@ __all__ = [
     "BatchResult",
     "BatchStats",
     "BatchingStrategy",
+    "Bookkeeping",
     "CallbackFailed",
     "Clock",
     "EngineLike",

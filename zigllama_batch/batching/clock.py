@@ -1,8 +1,11 @@
-"""Time as the processor sees it, replaceable in tests.
+"""Time as the processor sees it, replaceable in tests, and the two ways it waits on it.
 
-Inside: the :class:`Clock` protocol, :class:`MonotonicClock` (real time) and :class:`ManualClock`
+Inside: the :class:`Clock` protocol, :class:`MonotonicClock` (real time), :class:`ManualClock`
 (time moves only when a test calls :meth:`ManualClock.advance`, so timeouts, deadlines and
-latencies are exact and need no real sleeps).
+latencies are exact and need no real sleeps), :func:`wait_until` (wait for tasks, at most until
+a clock time) and :class:`Wakeup` (wake every waiter at once, or at a clock time). Every timeout
+of the processor (strategies' wake-ups, request deadlines, the drain of ``aclose``) goes through
+these, so all of them follow an injected clock.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import heapq
 import itertools
 import threading
 import time
-from typing import Protocol
+from collections.abc import Iterable
+from typing import Any, Protocol
 
-__all__ = ["Clock", "ManualClock", "MonotonicClock"]
+__all__ = ["Clock", "ManualClock", "MonotonicClock", "Wakeup", "wait_until"]
 
 
 class Clock(Protocol):
@@ -91,3 +95,49 @@ class ManualClock:
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+async def wait_until(
+    clock: Clock, futures: Iterable[asyncio.Future[Any]], deadline: float | None
+) -> set[asyncio.Future[Any]]:
+    """Wait until every future is done, or ``clock`` reaches ``deadline`` (None: no limit).
+
+    Returns:
+        The futures still pending (none are cancelled here).
+    """
+    pending = {f for f in futures if not f.done()}
+    if not pending:
+        return pending
+    everything = asyncio.ensure_future(asyncio.wait(pending))
+    waiters: list[asyncio.Future[Any]] = [everything]
+    if deadline is not None:
+        waiters.append(asyncio.ensure_future(clock.sleep_until(deadline)))
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+    return {f for f in pending if not f.done()}
+
+
+class Wakeup:
+    """Wakes every waiter at once; a waiter may also wake at a clock time."""
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+
+    def notify(self) -> None:
+        """Wake everyone waiting now."""
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+        self._future = None
+
+    async def wait(self, clock: Clock, deadline: float | None) -> None:
+        """Wait for the next :meth:`notify`, or until ``clock`` reaches ``deadline``."""
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        shielded = asyncio.shield(self._future)  # one waiter leaving must not wake the others
+        try:
+            await wait_until(clock, [shielded], deadline)
+        finally:
+            shielded.cancel()

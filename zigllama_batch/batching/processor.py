@@ -1,47 +1,50 @@
 """BatchProcessor: the facade asyncio callers use to share one model.
 
-Inside: :class:`BatchProcessor`. It validates and tokenizes requests, hands them to the
-:class:`~zigllama_batch.batching.scheduler.Scheduler`, and gives each caller its outcome: by
-``await submit()``, by ``submit_async()`` + ``poll()`` / ``await result()``, or chunk by chunk
-with ``stream()``. It owns the background tasks (one scheduler loop per worker and a deadline
-watcher) and ends them on ``aclose()``.
-
-Lifecycle: NEW -> RUNNING (``start()``) -> CLOSING (``aclose()``) -> CLOSED. Every accepted
-request ends exactly once; ``submit`` after close raises :class:`ProcessorStopped` at once.
+Inside: :class:`BatchProcessor`. It validates and tokenizes
+requests, hands them to the :class:`~zigllama_batch.batching.scheduler.Scheduler`, and gives each
+caller its outcome: by ``await submit()``, by ``submit_async()`` + ``poll()`` / ``await
+result()``, or chunk by chunk with ``stream()``. It owns the background tasks (one scheduler loop
+per worker and a deadline watcher), supervises them (one that dies of a bug fails the processor
+and ends every pending request), and moves its :class:`~zigllama_batch.batching.lifecycle.
+Lifecycle`: NEW -> RUNNING -> DRAINING or STOPPING (or FAILED) -> CLOSED. Every accepted request
+ends exactly once; ``submit`` after close raises :class:`ProcessorStopped` at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
+import logging
 from collections import OrderedDict
+from collections.abc import Coroutine
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
-from ..engine.model import LLaMAModel
 from ..engine.output import OutputDecoder
-from ..engine.runner import Engine
+from ..engine.runner import Engine, Model
 from ..engine.tokenizer import Tokenizer
 from ..errors import InvalidRequest, ProcessorStopped, PromptTooLong, QueueFull, RequestCancelled
 from ..generation import Prompt
-from .clock import Clock, MonotonicClock
+from .clock import Clock, MonotonicClock, wait_until
+from .deadlines import DeadlineWatcher
+from .lifecycle import Lifecycle, ProcessorState
 from .request import TrackedRequest
-from .scheduler import EngineLike, Scheduler
-from .stats import StatsRecorder
+from .scheduler import Scheduler
+from .stats import Bookkeeping, StatsRecorder
 from .stream import RequestStream
-from .types import BatchConfig, BatchRequest, BatchResult, BatchStats, RequestId, is_request_id
+from .types import (
+    BatchConfig,
+    BatchRequest,
+    BatchResult,
+    BatchStats,
+    EngineLike,
+    RequestId,
+    is_request_id,
+)
 
-__all__ = ["BatchProcessor", "ProcessorState"]
+__all__ = ["BatchProcessor"]
 
-
-class ProcessorState(enum.Enum):
-    """Lifecycle of a :class:`BatchProcessor`."""
-
-    NEW = "new"
-    RUNNING = "running"
-    CLOSING = "closing"
-    CLOSED = "closed"
+logger = logging.getLogger(__name__)
 
 
 class BatchProcessor:
@@ -56,7 +59,7 @@ class BatchProcessor:
 
     def __init__(
         self,
-        model: LLaMAModel,
+        model: Model,
         tokenizer: Tokenizer,
         config: BatchConfig | None = None,
         *,
@@ -66,7 +69,8 @@ class BatchProcessor:
         model: the loaded model.
         tokenizer: its tokenizer.
         config: batching settings (default ``BatchConfig()``).
-        clock: time source; tests pass a :class:`~zigllama_batch.batching.clock.ManualClock`.
+        clock: time source of every timeout, deadline and latency; tests pass a
+            :class:`~zigllama_batch.batching.clock.ManualClock`.
         """
         config = config or BatchConfig()
         engine = Engine(
@@ -101,10 +105,14 @@ class BatchProcessor:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.clock: Clock = clock or MonotonicClock()
+        self._lifecycle = Lifecycle()
         self._stats = StatsRecorder(self.clock.now)
-        self._scheduler = Scheduler(engine, config, self.clock, self._stats)
-        self._state = ProcessorState.NEW
+        self._scheduler = Scheduler(
+            engine, config, clock=self.clock, stats=self._stats, lifecycle=self._lifecycle
+        )
+        self._deadlines = DeadlineWatcher(self.clock, self._scheduler.abort)
         self._tasks: list[asyncio.Task[None]] = []
+        self._workers_running: set[int] = set()
         self._closing: asyncio.Future[None] | None = None
         self._ids = itertools.count(1)
         self._live: dict[RequestId, TrackedRequest] = {}
@@ -114,26 +122,80 @@ class BatchProcessor:
 
     @property
     def state(self) -> ProcessorState:
-        """Where the processor is in its lifecycle."""
-        return self._state
+        """Where the processor is in its lifecycle (FAILED after a background task died)."""
+        return self._lifecycle.state
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The internal error that failed the processor, if one did."""
+        return self._lifecycle.failure
 
     async def start(self) -> None:
-        """Start the scheduler loops (one per worker) and the deadline watcher."""
-        if self._state is not ProcessorState.NEW:
-            raise RuntimeError(f"cannot start a processor that is {self._state.value}")
-        self._state = ProcessorState.RUNNING
+        """Start the scheduler loops (one per worker) and the deadline watcher.
+
+        Raises:
+            RuntimeError: the processor was already started or closed.
+        """
+        self._lifecycle.move(ProcessorState.RUNNING)
         for i in range(self.config.num_workers):
+            self._workers_running.add(i)
             self._tasks.append(
-                asyncio.create_task(self.process_queue(i), name=f"zigllama-worker-{i}")
+                asyncio.create_task(self._run_worker(i), name=f"zigllama-worker-{i}")
             )
-        self._watcher = asyncio.create_task(
-            self._scheduler.watch_deadlines(), name="zigllama-deadlines"
+        self._tasks.append(
+            asyncio.create_task(self._supervise(self._deadlines.run()), name="zigllama-deadlines")
         )
 
     async def process_queue(self, worker: int = 0) -> None:
         """The scheduler coroutine of one worker: forms batches by strategy and runs them until
-        the processor closes. :meth:`start` runs one per worker."""
-        await self._scheduler.process_queue(worker)
+        the processor closes. :meth:`start` runs one per worker, so this is for a processor
+        whose worker has ended (a worker returns once the processor stops admitting).
+
+        Raises:
+            ValueError: there is no such worker.
+            RuntimeError: that worker already runs (each worker's slots have one owner).
+        """
+        if isinstance(worker, bool) or not isinstance(worker, int):
+            raise ValueError(f"worker: must be an int, got {worker!r}")
+        if not 0 <= worker < self.config.num_workers:
+            raise ValueError(f"worker: must be in [0, {self.config.num_workers}), got {worker}")
+        if worker in self._workers_running:
+            raise RuntimeError(f"worker {worker} already runs; start() runs one per worker")
+        self._workers_running.add(worker)
+        await self._run_worker(worker)
+
+    async def _run_worker(self, worker: int) -> None:
+        """Run a claimed worker, then release what it held and the claim."""
+        try:
+            await self._supervise(self._scheduler.run_worker(worker))
+        finally:
+            self._scheduler.release_worker(worker)
+            self._workers_running.discard(worker)
+
+    async def _supervise(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a background coroutine; if it dies of a bug, fail the processor."""
+        try:
+            await work
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():  # raised by a bug, not a cancel
+                self._fail(exc)
+            raise
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def _fail(self, exc: BaseException) -> None:
+        """A background task died: refuse new work and end every pending request."""
+        logger.error("zigllama_batch scheduler task failed; stopping the processor", exc_info=exc)
+        self._lifecycle.fail(exc)
+        self._scheduler.stop(f"the processor stopped after an internal error: {exc!r}")
+
+    def _stop(self) -> None:
+        """Close without draining: end every pending request with ProcessorStopped."""
+        if self._lifecycle.can_move(ProcessorState.STOPPING):
+            self._lifecycle.move(ProcessorState.STOPPING)
+        self._scheduler.stop("the processor closed without draining")
 
     async def aclose(self, drain: bool = True, *, drain_timeout: float | None = None) -> None:
         """Stop accepting requests and shut down. Idempotent; a later call with
@@ -143,50 +205,50 @@ class BatchProcessor:
             drain: let queued and running requests finish, callbacks included (True), or end
                 them at once with :class:`ProcessorStopped` (False; a running step still
                 completes first).
-            drain_timeout: with ``drain``, seconds to wait before ending the rest as with
-                ``drain=False``.
+            drain_timeout: with ``drain``, seconds (on the processor's clock) to wait before
+                ending the rest as with ``drain=False``.
 
         Raises:
             RuntimeError: awaited from one of this processor's own callbacks (it would wait for
                 itself); schedule it with ``asyncio.create_task`` there instead.
         """
-        if self._state is ProcessorState.NEW:
-            self._state = ProcessorState.CLOSED
-            await self._scheduler.shutdown()
+        if self.state is ProcessorState.NEW:
+            self._lifecycle.move(ProcessorState.CLOSED)
+            self._scheduler.close()
             return
-        if asyncio.current_task() in self._scheduler.delivery_tasks():
+        if self._scheduler.deliveries.runs_in(asyncio.current_task()):
             raise RuntimeError("aclose() awaited inside a callback of the same processor")
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close(drain, drain_timeout))
         elif not drain:
-            self._scheduler.stop()
+            self._stop()
         await asyncio.shield(self._closing)
 
     async def _close(self, drain: bool, drain_timeout: float | None) -> None:
-        self._state = ProcessorState.CLOSING
-        loop = asyncio.get_running_loop()
-        deadline = None if drain_timeout is None else loop.time() + drain_timeout
-
-        def remaining() -> float | None:
-            return None if deadline is None else max(0.0, deadline - loop.time())
-
-        if drain:
-            self._scheduler.begin_drain()
+        deadline = None if drain_timeout is None else self.clock.now() + drain_timeout
+        if drain and self._lifecycle.can_move(ProcessorState.DRAINING):
+            self._lifecycle.move(ProcessorState.DRAINING)
+            self._scheduler.wake()
         else:
-            self._scheduler.stop()
-        _, pending = await asyncio.wait(self._tasks, timeout=remaining())
-        if pending:
-            self._scheduler.stop()
-            await asyncio.wait(pending)
-        await self._scheduler.settle_deliveries(remaining())
-        await self._scheduler.shutdown()
-        await asyncio.wait([self._watcher])
-        for task in [*self._tasks, self._watcher]:  # a crash was logged and ended the requests
+            self._stop()
+        workers = self._tasks[: self.config.num_workers]
+        late = await wait_until(self.clock, workers, deadline)
+        if late:
+            self._stop()
+            await asyncio.wait(late)
+        late = await self._scheduler.deliveries.settle(self.clock, deadline)
+        if late:
+            self._stop()
+            await asyncio.wait(late)
+        self._deadlines.close()
+        await asyncio.wait(self._tasks)
+        self._scheduler.close()
+        for task in self._tasks:  # a crash was logged and ended the requests
             if not task.cancelled():
                 task.exception()
         for rec in list(self._live.values()):  # safety net: nothing outlives the processor
             self._scheduler.abort(rec, ProcessorStopped("the processor closed"))
-        self._state = ProcessorState.CLOSED
+        self._lifecycle.move(ProcessorState.CLOSED)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -283,6 +345,8 @@ class BatchProcessor:
         rec = self._accept(request, streamed=True)
         return RequestStream(rec, self._scheduler.abort)
 
+    # -- what an operator reads ----------------------------------------------------------------
+
     @property
     def stats(self) -> BatchStats:
         """A consistent snapshot of the processor's statistics."""
@@ -305,6 +369,28 @@ class BatchProcessor:
         """The live recorder (add a :class:`~zigllama_batch.batching.stats.StatsObserver` to
         its ``observers`` to receive every event)."""
         return self._stats
+
+    @property
+    def max_context(self) -> int:
+        """Positions one sequence may occupy, prompt included."""
+        return self.engine.max_context
+
+    @property
+    def model_name(self) -> str:
+        """The model's name."""
+        return self.engine.model_name
+
+    def bookkeeping(self) -> Bookkeeping:
+        """Sizes of the internal bookkeeping; all but ``deadlines`` are zero on an idle
+        processor (for leak checks)."""
+        return Bookkeeping(
+            queued=len(self._scheduler.queue),
+            running=self._scheduler.running,
+            slots_in_use=self._scheduler.slots.n_used,
+            live=len(self._live),
+            callbacks=len(self._scheduler.deliveries),
+            deadlines=len(self._deadlines),
+        )
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """The token ids ``prompt`` runs as, as :meth:`submit` computes them (for callers that
@@ -330,15 +416,9 @@ class BatchProcessor:
     def _accept(self, request: BatchRequest, *, streamed: bool = False) -> TrackedRequest:
         if not isinstance(request, BatchRequest):
             raise InvalidRequest(f"expected a BatchRequest, got {type(request).__name__}")
-        if self._state is not ProcessorState.RUNNING or self._scheduler.stopping:
+        if not self._lifecycle.accepting:
             self._stats.on_reject()
-            if self._state is ProcessorState.NEW:
-                why = "start it with `async with` or `await start()`"
-            elif self._scheduler.crashed is not None:
-                why = f"it stopped after an internal error: {self._scheduler.crashed!r}"
-            else:
-                why = self._state.value
-            raise ProcessorStopped(f"the processor is not running ({why})")
+            raise self._lifecycle.refusal()
         request_id = request.id
         if request_id is None:
             request_id = next(self._ids)
@@ -375,8 +455,15 @@ class BatchProcessor:
             raise
         self._stats.on_submit()
         self._live[request_id] = rec
-        future.add_done_callback(lambda _: self._live.pop(request_id, None))
+        if rec.deadline is not None:
+            self._deadlines.watch(rec)
+        future.add_done_callback(lambda _: self._forget(rec))
         return rec
+
+    def _forget(self, rec: TrackedRequest) -> None:
+        """A request has its outcome: it is no longer live, nor watched."""
+        self._live.pop(rec.id, None)
+        self._deadlines.forget(rec)
 
     def _lookup(self, request_id: RequestId) -> TrackedRequest:
         if not is_request_id(request_id):
@@ -394,19 +481,9 @@ class BatchProcessor:
         for request_id in finished[: max(0, len(finished) - self.config.result_retention)]:
             del self._detached[request_id]
 
-    def _counts(self) -> dict[str, int]:
-        """Internal bookkeeping sizes; all zero on an idle processor (for leak tests)."""
-        return {
-            "queued": len(self._scheduler.queue),
-            "running": self._scheduler.running,
-            "slots_in_use": self.engine.n_slots - self.engine.free_slots,
-            "live": len(self._live),
-            "deliveries": len(self._scheduler._deliveries),
-        }
-
     def __repr__(self) -> str:
         return (
-            f"<BatchProcessor {self._state.value} strategy={self.config.strategy.value} "
+            f"<BatchProcessor {self.state.value} strategy={self.config.strategy.value} "
             f"queued={len(self._scheduler.queue)} running={self._scheduler.running} "
             f"workers={self.config.num_workers}>"
         )

@@ -1,24 +1,27 @@
 """A request's life inside the processor: its state, its sequence and its single outcome.
 
-Inside: :class:`RequestState` (explicit lifecycle), ``FINISHED`` (the terminal states) and
-:class:`TrackedRequest`, the record the queue, the scheduler and the caller's future share.
-Every transition happens on the event loop; ``finish()`` is the one place an outcome is set,
-so each request ends exactly once.
+Inside: :class:`RequestState` (explicit lifecycle), ``FINISHED`` (the terminal states),
+:class:`TrackedRequest`, the record the queue, the scheduler and the caller's future share, and
+:func:`error_state`. A request's progress through the model is its
+:class:`~zigllama_batch.engine.step.SequenceState` (``seq``), its text its
+:class:`~zigllama_batch.engine.output.OutputDecoder`. Every transition happens on the event
+loop; ``finish()`` is the one place an outcome is set, so each request ends exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import math
 from collections.abc import Sequence
-from typing import Any
 
 from ..engine.output import OutputDecoder
+from ..engine.step import SequenceState, TokenSample
 from ..errors import RequestCancelled, RequestTimeout, ZigllamaBatchError
 from ..generation import GenerationConfig
 from .types import BatchRequest, BatchResult, RequestId, StreamChunk
 
-__all__ = ["FINISHED", "RequestState", "TrackedRequest"]
+__all__ = ["FINISHED", "RequestState", "TrackedRequest", "error_state"]
 
 
 class RequestState(enum.Enum):
@@ -50,17 +53,14 @@ class TrackedRequest:
         "first_token",
         "future",
         "id",
-        "num_computed",
         "priority",
         "prompt_ids",
         "request",
-        "sampling",
-        "slot",
+        "seq",
         "state",
         "steps",
         "stream",
         "submitted",
-        "worker",
     )
 
     def __init__(
@@ -84,11 +84,9 @@ class TrackedRequest:
         self.deadline = deadline
         self.future = future
         self.state = RequestState.QUEUED
-        # Sequence state, set at admission and owned by one worker while running.
-        self.slot: int | None = None
-        self.worker: int | None = None
-        self.sampling: Any = None
-        self.num_computed = 0  # prompt + output tokens already in the KV cache
+        # Progress through the model; its slot and sampling state are set at admission, and
+        # one worker owns it while it runs.
+        self.seq = SequenceState(self.prompt_ids)
         self.admitted: float | None = None
         self.first_token: float | None = None
         self.steps = 0
@@ -101,16 +99,18 @@ class TrackedRequest:
         """True once the request has its outcome."""
         return self.state in FINISHED
 
-    @property
-    def prefilling(self) -> bool:
-        """True while prompt tokens remain to be fed to the model."""
-        return self.num_computed < len(self.prompt_ids)
-
-    def next_tokens(self, budget: int) -> list[int]:
-        """Tokens this sequence feeds next: up to ``budget`` prompt tokens, or its last token."""
-        if self.prefilling:
-            return self.prompt_ids[self.num_computed : self.num_computed + budget]
-        return [self.decoder.token_ids[-1]]
+    def accept(self, sample: TokenSample, now: float) -> StreamChunk:
+        """Take the token a step sampled for this request; the chunk of text it adds."""
+        if self.first_token is None:
+            self.first_token = now
+        logprob = None if math.isnan(sample.logprob) else sample.logprob
+        text = self.decoder.add(sample.token_id, logprob)
+        return StreamChunk(
+            text,
+            sample.token_id,
+            self.decoder.finish_reason,
+            logprob if self.config.logprobs else None,
+        )
 
     def finish(
         self,
@@ -137,7 +137,7 @@ class TrackedRequest:
     def __repr__(self) -> str:
         return (
             f"<TrackedRequest {self.id!r} {self.state.value} priority={self.priority} "
-            f"prompt={len(self.prompt_ids)} computed={self.num_computed} slot={self.slot}>"
+            f"prompt={len(self.prompt_ids)} computed={self.seq.num_computed} slot={self.seq.slot}>"
         )
 
 

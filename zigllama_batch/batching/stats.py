@@ -1,7 +1,8 @@
 """Counters and distributions an operator reads from a running processor.
 
 Inside: :class:`StatsRecorder`, fed by the processor on the event loop, and its
-:meth:`~StatsRecorder.snapshot` (a frozen :class:`~zigllama_batch.batching.types.BatchStats`).
+:meth:`~StatsRecorder.snapshot` (a frozen :class:`~zigllama_batch.batching.types.BatchStats`);
+:class:`StatsObserver`; and :class:`Bookkeeping`, the sizes of a processor's internal state.
 Percentiles come from the most recent ``window`` observations of each kind; counts and sums cover
 the processor's whole life. Observers (such as the HTTP server's Prometheus metrics) can
 subscribe to each finished request and step.
@@ -15,13 +16,36 @@ import statistics
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .request import RequestState
 from .types import BatchResult, BatchStats, Percentiles
 
-__all__ = ["StatsObserver", "StatsRecorder"]
+__all__ = ["Bookkeeping", "StatsObserver", "StatsRecorder"]
 
 logger = logging.getLogger(__name__)
+
+
+class Bookkeeping(NamedTuple):
+    """Sizes of a processor's internal bookkeeping (a leak shows as a count that stays up)."""
+
+    queued: int
+    """Requests waiting in the queue."""
+    running: int
+    """Sequences in the workers' batches."""
+    slots_in_use: int
+    """KV-cache slots held."""
+    live: int
+    """Requests without an outcome yet."""
+    callbacks: int
+    """Requests whose async callbacks are still running."""
+    deadlines: int
+    """Entries in the deadline heap (ended requests not yet dropped included)."""
+
+    @property
+    def idle(self) -> bool:
+        """True when nothing is queued, running, held or pending."""
+        return not (self.queued or self.running or self.slots_in_use or self.live or self.callbacks)
 
 
 class StatsObserver:

@@ -2,16 +2,19 @@
 
 Inside: :class:`BatchingStrategy`, :class:`BatchConfig`, :class:`BatchRequest`,
 :class:`StreamChunk`, :class:`RequestTimeline`, :class:`BatchResult`, :class:`Percentiles` and
-:class:`BatchStats`. All are plain frozen values; nothing here runs.
+:class:`BatchStats` (plain frozen values; nothing here runs), and :class:`EngineLike`, what a
+processor needs of the engine it is given.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from ..engine.step import SequenceStep, TokenSample
+from ..engine.tokenizer import Tokenizer
 from ..errors import InvalidRequest
 from ..generation import FinishReason, GenerationConfig, GenerationResult, Prompt
 
@@ -21,6 +24,7 @@ __all__ = [
     "BatchResult",
     "BatchStats",
     "BatchingStrategy",
+    "EngineLike",
     "Percentiles",
     "RequestId",
     "RequestTimeline",
@@ -284,6 +288,35 @@ class BatchStats:
     def finished(self) -> int:
         """Requests that have ended, by any outcome."""
         return self.completed + self.failed + self.cancelled + self.timed_out
+
+
+class EngineLike(Protocol):
+    """What the scheduler needs from an engine (:class:`~zigllama_batch.engine.Engine` has it)."""
+
+    tokenizer: Tokenizer
+
+    @property
+    def n_slots(self) -> int:
+        """KV-cache slots: the most sequences one step can hold."""
+        ...
+
+    @property
+    def max_context(self) -> int:
+        """Positions one sequence may occupy, prompt included."""
+        ...
+
+    @property
+    def model_name(self) -> str:
+        """The model's name, for display and the server's model id."""
+        ...
+
+    def new_sampling(self, config: GenerationConfig, prompt_ids: Sequence[int]) -> Any:
+        """Per-sequence sampling state (random stream, penalty counts)."""
+        ...
+
+    def step(self, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
+        """Run one forward pass over ``items``; the sampled token per item, or None."""
+        ...
 
 
 def _positive_int(name: str, value: object, *, maximum: int | None = None) -> None:

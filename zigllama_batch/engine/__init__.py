@@ -1,30 +1,40 @@
 """The numeric side: GGUF loading, the numpy LLaMA forward pass, tokenizer and sampling.
 
 Nothing here knows about asyncio. The pieces, in the order data flows through them:
-``gguf_loader`` (file -> config + float32 weights), ``tokenizer`` (text <-> ids), ``model``
-(``LLaMAModel.step``: one ragged forward pass), ``kv_cache`` (slots), ``sampler`` (next tokens),
-``runner`` (``Engine.step``: forward + sampling), ``output`` (ids -> text with stop rules) and
-``hub`` (the default model's download and cache).
+``gguf_loader`` (file -> config + float32 weights), ``tokenizer`` (text <-> ids), ``step``
+(``SequenceStep``: what a step takes per sequence; ``SequenceState``: a sequence's progress),
+``slots`` (which cache slot holds whom), ``model`` (``LLaMAModel.step``: one ragged forward
+pass), ``kv_cache`` (the keys and values, storage only), ``sampler`` (next tokens, with a
+per-sequence logits hook), ``runner`` (``Engine.step``: forward + sampling, typed against the
+``Model`` protocol), ``output`` (ids -> text with stop rules, and the finished result) and ``hub``
+(the default model's download and cache).
 """
 
 from .gguf_loader import LlamaConfig, read_gguf
 from .kv_cache import KVCache
-from .model import LLaMAModel, StepInput
+from .model import LLaMAModel
 from .output import OutputDecoder
-from .runner import Engine, SequenceStep, TokenSample
-from .sampler import SamplingState
+from .runner import DEFAULT_PREFILL_CHUNK, Engine, Model, ModelConfig
+from .sampler import LogitsHook, SamplingState
+from .slots import SlotTable
+from .step import SequenceState, SequenceStep, TokenSample
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = [
+    "DEFAULT_PREFILL_CHUNK",
     "Engine",
     "IncrementalDetokenizer",
     "KVCache",
     "LLaMAModel",
     "LlamaConfig",
+    "LogitsHook",
+    "Model",
+    "ModelConfig",
     "OutputDecoder",
     "SamplingState",
+    "SequenceState",
     "SequenceStep",
-    "StepInput",
+    "SlotTable",
     "TokenSample",
     "Tokenizer",
     "read_gguf",

@@ -1,8 +1,8 @@
 """LLaMA forward pass in numpy, one ragged batch per call (selective batching, as in Orca).
 
-Inside: :class:`StepInput` (one sequence's share of a step) and :class:`LLaMAModel`, whose
-:meth:`~LLaMAModel.step` is the only forward entry point. One step runs any mix of sequences:
-some feed a chunk of their prompt, others one decode token.
+Inside: :class:`LLaMAModel`, whose :meth:`~LLaMAModel.step` is the only forward entry point. One
+step runs any mix of sequences, each a :class:`~zigllama_batch.engine.step.SequenceStep`: some
+feed a chunk of their prompt, others one decode token.
 
 - Embedding, RMSNorm, the fused Q/K/V projection, the output projection and the SwiGLU MLP run
   once over all new tokens concatenated: one matrix multiply per weight per step.
@@ -27,23 +27,12 @@ from numpy.typing import NDArray
 
 from .gguf_loader import LayerWeights, LlamaConfig, LlamaWeights
 from .kv_cache import KVCache
+from .step import SequenceStep
 
-__all__ = ["LLaMAModel", "StepInput"]
+__all__ = ["LLaMAModel"]
 
 F32 = NDArray[np.float32]
 I64 = NDArray[np.int64]
-
-
-@dataclass(frozen=True, slots=True)
-class StepInput:
-    """One sequence's part of a step: its cache slot, its new tokens and where they start."""
-
-    slot: int
-    """KV-cache slot holding this sequence's earlier keys and values."""
-    token_ids: Sequence[int]
-    """New tokens: a prompt chunk, or the one token sampled last step."""
-    start_pos: int
-    """Position of ``token_ids[0]``; positions before it must already be in the cache."""
 
 
 class LLaMAModel:
@@ -76,13 +65,14 @@ class LLaMAModel:
         """A KV cache for this model with ``n_slots`` slots of ``max_context`` positions."""
         return KVCache(self.config, n_slots, max_context or self.config.context_length)
 
-    def step(self, items: Sequence[StepInput], cache: KVCache) -> F32:
+    def step(self, items: Sequence[SequenceStep], cache: KVCache) -> F32:
         """Run one forward step over a ragged batch and return each item's next-token logits.
 
         Writes the new tokens' keys and values into their slots of ``cache``.
 
         Args:
-            items: one entry per sequence; slots must be distinct.
+            items: one entry per sequence; slots must be distinct (sampling states are not
+                read here).
             cache: the cache whose slots the items name.
 
         Returns:
@@ -234,7 +224,7 @@ class _Batch:
 
     @staticmethod
     def build(
-        items: Sequence[StepInput],
+        items: Sequence[SequenceStep],
         cache: KVCache,
         vocab_size: int,
         rotation: NDArray[np.complex64],

@@ -3,12 +3,13 @@
 Inside: :class:`OutputDecoder`, one per generated sequence. It detokenizes incrementally, ends the
 sequence on an end-of-sequence or stop token, a stop string, ``max_tokens`` or a full context,
 and never emits any part of a stop string: text that could still grow into one is held back
-until it cannot.
+until it cannot. Once finished, :meth:`OutputDecoder.result` is the one place a
+:class:`~zigllama_batch.generation.GenerationResult` is made.
 """
 
 from __future__ import annotations
 
-from ..generation import FinishReason, GenerationConfig
+from ..generation import FinishReason, GenerationConfig, GenerationResult
 from .tokenizer import Tokenizer
 
 __all__ = ["OutputDecoder"]
@@ -93,6 +94,25 @@ class OutputDecoder:
         chunk = pending[: len(pending) - hold]
         self.text += chunk
         return chunk
+
+    def result(self, *, time_to_first_token_ms: float, total_time_ms: float) -> GenerationResult:
+        """The finished generation, with the timings its runner measured.
+
+        Raises:
+            RuntimeError: the sequence has not finished.
+        """
+        if self.finish_reason is None:
+            raise RuntimeError("the sequence has not finished")
+        return GenerationResult(
+            text=self.text,
+            token_ids=tuple(self.token_ids),
+            finish_reason=self.finish_reason,
+            prompt_tokens=self._prompt_tokens,
+            completion_tokens=len(self.token_ids),
+            time_to_first_token_ms=time_to_first_token_ms,
+            total_time_ms=total_time_ms,
+            logprobs=tuple(self.logprobs) if self._config.logprobs else None,
+        )
 
     def _finish(self, reason: FinishReason, chunk: str) -> str:
         self.finish_reason = reason

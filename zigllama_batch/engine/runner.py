@@ -1,61 +1,95 @@
 """The numeric step every generation goes through: one forward pass plus sampling.
 
-Inside: :class:`SequenceStep` (one sequence's share of a step), :class:`TokenSample` (what a step
-gives back for it) and :class:`Engine`, which owns a model, its tokenizer and a KV cache with its
-slots. ``Engine.step`` takes plain data and returns plain data, runs in a worker thread, and is
-the signature the batch processor is written against (its tests use a fake with the same one).
+Inside: :class:`Model` (what the engine needs of a model: its config, ``new_cache()`` and
+``step()``; :class:`~zigllama_batch.engine.model.LLaMAModel` is one, and another architecture
+plugs in by being one too) and :class:`Engine`, which owns a model, its tokenizer and the
+storage of a KV cache. ``Engine.step`` takes plain data (a list of
+:class:`~zigllama_batch.engine.step.SequenceStep`) and returns plain data, runs in a worker
+thread, and is the signature the batch processor is written against (its tests use a fake with
+the same one). Which slot a sequence takes is decided by the engine's owner, with a
+:class:`~zigllama_batch.engine.slots.SlotTable`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
 
 from ..generation import GenerationConfig
 from .kv_cache import KVCache
-from .model import LLaMAModel, StepInput
 from .sampler import SamplingState, sample
+from .step import SequenceStep, TokenSample
 from .tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_MAX_CONTEXT", "Engine", "SequenceStep", "TokenSample"]
+__all__ = [
+    "DEFAULT_MAX_CONTEXT",
+    "DEFAULT_PREFILL_CHUNK",
+    "Engine",
+    "Model",
+    "ModelConfig",
+]
 
 DEFAULT_MAX_CONTEXT = 2048
 """Positions a cache slot holds unless told otherwise: room for a long chat turn while 32 slots of
 a small model stay near a gigabyte. Capped by the model's own context length."""
 
-
-@dataclass(frozen=True, slots=True)
-class SequenceStep:
-    """One sequence's part of an engine step."""
-
-    slot: int
-    """The sequence's KV-cache slot."""
-    token_ids: Sequence[int]
-    """New tokens: a prompt chunk or the last sampled token."""
-    start_pos: int
-    """Position of the first new token."""
-    sampling: SamplingState | None
-    """Sample the next token with this state, or None for a prompt chunk that is not the last."""
+DEFAULT_PREFILL_CHUNK = 512
+"""Most prompt tokens one sequence feeds in one step, wherever it runs: bounds the attention
+scores of a long prompt to heads x 512 x context floats (and, in a shared batch, how long one
+step holds up the others) while keeping the matrix multiplies large."""
 
 
-@dataclass(frozen=True, slots=True)
-class TokenSample:
-    """A sampled token and its log-probability (NaN unless the request asked for logprobs)."""
+class ModelConfig(Protocol):
+    """The facts about a model that the engine reads."""
 
-    token_id: int
-    logprob: float
+    @property
+    def name(self) -> str:
+        """The model's name (from its file's metadata)."""
+        ...
+
+    @property
+    def context_length(self) -> int:
+        """Positions the model was trained for."""
+        ...
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model scores."""
+        ...
+
+
+class Model(Protocol):
+    """What :class:`Engine` needs of a model; any architecture with these plugs in."""
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's facts."""
+        ...
+
+    def new_cache(self, n_slots: int, max_context: int | None = None) -> KVCache:
+        """Storage for the keys and values of ``n_slots`` sequences of ``max_context``
+        positions."""
+        ...
+
+    def step(self, items: Sequence[SequenceStep], cache: KVCache) -> NDArray[np.float32]:
+        """One forward pass over a ragged batch; the next-token logits of each item's last new
+        token, ``(len(items), vocab)``."""
+        ...
 
 
 class Engine:
     """A model, its tokenizer and a KV cache of ``n_slots`` sequences.
 
-    Slot bookkeeping (:meth:`allocate_slot`, :meth:`free_slot`) belongs to one owner thread;
-    :meth:`step` may run in a worker thread, touching only the slots its items name.
+    :meth:`step` may run in a worker thread, touching only the slots its items name; which
+    sequence holds which slot is the caller's bookkeeping.
     """
 
     def __init__(
         self,
-        model: LLaMAModel,
+        model: Model,
         tokenizer: Tokenizer,
         *,
         n_slots: int = 1,
@@ -68,10 +102,10 @@ class Engine:
         max_context: positions per slot (prompt plus output); default
             ``min(DEFAULT_MAX_CONTEXT, model context)``.
         """
-        if tokenizer.vocab_size > model.vocab_size:
+        vocab_size = model.config.vocab_size
+        if tokenizer.vocab_size > vocab_size:
             raise ValueError(
-                f"tokenizer has {tokenizer.vocab_size} tokens but the model scores "
-                f"{model.vocab_size}"
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model scores {vocab_size}"
             )
         self.model = model
         self.tokenizer = tokenizer
@@ -89,21 +123,13 @@ class Engine:
         return self.cache.max_context
 
     @property
-    def free_slots(self) -> int:
-        """Slots not held by a sequence."""
-        return self.cache.n_free
-
-    def allocate_slot(self) -> int:
-        """Reserve a cache slot for a new sequence (lowest free first)."""
-        return self.cache.allocate()
-
-    def free_slot(self, slot: int) -> None:
-        """Release a sequence's slot."""
-        self.cache.free(slot)
+    def model_name(self) -> str:
+        """The model's name."""
+        return self.model.config.name
 
     def new_sampling(self, config: GenerationConfig, prompt_ids: Sequence[int]) -> SamplingState:
         """Sampling state (random stream, penalty counts) for a new sequence."""
-        return SamplingState(config, prompt_ids, self.model.vocab_size)
+        return SamplingState(config, prompt_ids, self.model.config.vocab_size)
 
     def step(self, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
         """Run one forward pass over ``items`` and sample where asked.
@@ -111,9 +137,7 @@ class Engine:
         Returns:
             One entry per item: the sampled token, or None for items without a sampling state.
         """
-        logits = self.model.step(
-            [StepInput(it.slot, it.token_ids, it.start_pos) for it in items], self.cache
-        )
+        logits = self.model.step(items, self.cache)
         rows = [i for i, it in enumerate(items) if it.sampling is not None]
         out: list[TokenSample | None] = [None] * len(items)
         if rows:

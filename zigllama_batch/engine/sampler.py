@@ -1,10 +1,12 @@
 """Batched next-token sampling with per-request settings and per-request random streams.
 
-Inside: :class:`SamplingState` (one sequence's settings, random generator and token counts) and
-:func:`sample` (picks one token per row of a logits matrix).
+Inside: :class:`LogitsHook` (a per-sequence adjustment of its logits row, such as a grammar's
+token mask), :class:`SamplingState` (one sequence's settings, random generator, token counts and
+hook) and :func:`sample` (picks one token per row of a logits matrix).
 
-Order of operations, as in Hugging Face and vLLM: penalties, then temperature, top-k, top-p,
-min-p, then one uniform draw from the request's own generator. Greedy rows skip the draw. Because
+Order of operations, as in Hugging Face and vLLM: penalties, then the sequence's hook, then
+temperature, top-k, top-p, min-p, then one uniform draw from the request's own generator. Greedy
+rows skip the draw. Rows without penalties or a hook are never copied or looped over. Because
 each request owns its generator and candidates are ordered by (probability, token id), the same
 seed and prompt give the same tokens whatever else is in the batch.
 
@@ -17,13 +19,14 @@ caller on the text side (see :mod:`zigllama_batch.engine.output`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from ..generation import GenerationConfig
 
-__all__ = ["SamplingState", "sample"]
+__all__ = ["LogitsHook", "SamplingState", "sample"]
 
 F32 = NDArray[np.float32]
 F64 = NDArray[np.float64]
@@ -31,15 +34,36 @@ F64 = NDArray[np.float64]
 _BLOCK = 1024  # tokens per block of the two-level inverse CDF of plain temperature sampling
 
 
-class SamplingState:
-    """One sequence's sampling settings, random generator and token counts for penalties."""
+class LogitsHook(Protocol):
+    """Restricts or adjusts one sequence's next-token logits before the token is chosen, and
+    follows the tokens chosen (a grammar's matcher, say). Runs in the executor thread."""
 
-    __slots__ = ("_generated", "_seen", "config", "rng")
+    def adjust(self, logits: F32) -> None:
+        """Change, in place, this sequence's logits row ``(vocab,)`` (after penalties, before
+        temperature and the filters); a banned token gets ``-inf``."""
+        ...
+
+    def accept(self, token_id: int) -> None:
+        """The token chosen for this sequence."""
+        ...
+
+
+class SamplingState:
+    """One sequence's sampling settings, random generator, token counts for penalties, and its
+    optional :class:`LogitsHook`."""
+
+    __slots__ = ("_generated", "_seen", "config", "hook", "rng")
 
     def __init__(
-        self, config: GenerationConfig, prompt_ids: Sequence[int], vocab_size: int
+        self,
+        config: GenerationConfig,
+        prompt_ids: Sequence[int],
+        vocab_size: int,
+        *,
+        hook: LogitsHook | None = None,
     ) -> None:
         self.config = config
+        self.hook = hook
         self.rng = np.random.default_rng(config.seed)
         # Token bookkeeping only when a penalty needs it: prompt + output for the repetition
         # penalty, output counts for presence/frequency penalties (OpenAI semantics).
@@ -50,12 +74,26 @@ class SamplingState:
         if config.presence_penalty or config.frequency_penalty:
             self._generated = {}
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """True when this sequence's logits row is changed before the choice."""
+        return self.hook is not None or self.config.has_penalties
+
     def record(self, token_id: int) -> None:
         """Account for a token the sequence generated."""
+        if self.hook is not None:
+            self.hook.accept(token_id)
         if self._seen is not None:
             self._seen.add(token_id)
         if self._generated is not None:
             self._generated[token_id] = self._generated.get(token_id, 0) + 1
+
+    def adjust(self, logits: F32) -> None:
+        """Apply, in place, this sequence's penalties and then its hook to its logits (vocab,)."""
+        if self.config.has_penalties:
+            self.apply_penalties(logits)
+        if self.hook is not None:
+            self.hook.adjust(logits)
 
     def apply_penalties(self, logits: F32) -> None:
         """Penalise, in place, the logits (vocab,) of tokens already seen or generated."""
@@ -92,9 +130,9 @@ def sample(logits: F32, states: Sequence[SamplingState]) -> tuple[NDArray[np.int
     greedy = [i for i, s in enumerate(states) if s.config.is_greedy]
     drawn = [i for i, s in enumerate(states) if not s.config.is_greedy]
     if greedy:
-        tokens[greedy] = np.argmax(_penalised(logits, greedy, states), axis=1)
+        tokens[greedy] = np.argmax(_adjusted(logits, greedy, states), axis=1)
     if drawn:
-        x = _penalised(logits, drawn, states)
+        x = _adjusted(logits, drawn, states)
         x /= np.array([states[i].config.temperature for i in drawn], np.float32)[:, None]
         tokens[drawn] = _draw(x, [states[i] for i in drawn])
 
@@ -110,12 +148,12 @@ def sample(logits: F32, states: Sequence[SamplingState]) -> tuple[NDArray[np.int
     return tokens, logprobs
 
 
-def _penalised(logits: F32, rows: list[int], states: Sequence[SamplingState]) -> F32:
-    """A copy of the given rows with each sequence's penalties applied."""
+def _adjusted(logits: F32, rows: list[int], states: Sequence[SamplingState]) -> F32:
+    """A copy of the given rows with each sequence's penalties and hook applied."""
     out = logits[rows]
     for j, i in enumerate(rows):
-        if states[i].config.has_penalties:
-            states[i].apply_penalties(out[j])
+        if states[i].adjusts_logits:
+            states[i].adjust(out[j])
     return out
 
 

@@ -169,13 +169,6 @@ class Tokenizer:
         self.chat_template: str = metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
         """The Jinja chat template (the model's own, or ChatML when it has none)."""
 
-    @classmethod
-    def from_gguf(cls, path: str) -> Tokenizer:
-        """Read only the tokenizer of a GGUF file."""
-        from .gguf_loader import read_gguf_metadata
-
-        return cls(read_gguf_metadata(path))
-
     @property
     def vocab_size(self) -> int:
         """Number of tokens in the vocabulary."""

@@ -28,7 +28,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..batching.processor import BatchProcessor, ProcessorState
+from ..batching.lifecycle import ProcessorState
+from ..batching.processor import BatchProcessor
 from ..batching.stream import RequestStream
 from ..batching.types import BatchRequest, BatchResult, StreamChunk
 from ..engine.tokenizer import Tokenizer
@@ -66,8 +67,9 @@ class ApiError(Exception):
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, dict(headers or {})
 
-    def response(self) -> JSONResponse:
-        body = {
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error body, as a response or a stream's last event carries it."""
+        return {
             "error": {
                 "message": self.message,
                 "type": self.type,
@@ -75,7 +77,10 @@ class ApiError(Exception):
                 "code": self.code,
             }
         }
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+    def response(self) -> JSONResponse:
+        """The error as an HTTP response."""
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def create_app(
@@ -99,8 +104,7 @@ def create_app(
         drain_timeout: with ``manage_processor``, seconds a shutdown drain may take before the
             rest is stopped.
     """
-    model = getattr(processor.engine, "model", None)
-    name = model_name or (model.config.name if model is not None else "zigllama")
+    name = model_name or processor.model_name
     metrics = ProcessorMetrics(processor)
     api = _Api(processor, name, max_body_bytes, metrics)
     processor.stats_recorder.observers.append(metrics)
@@ -227,7 +231,7 @@ class _Api:
                         "object": "model",
                         "created": self.created,
                         "owned_by": "zigllama_batch",
-                        "max_model_len": self.processor.engine.max_context,
+                        "max_model_len": self.processor.max_context,
                     }
                 ],
             }
@@ -235,13 +239,15 @@ class _Api:
 
     async def health(self, request: Request) -> Response:
         state = self.processor.state
-        ok = state is ProcessorState.RUNNING and not self.processor._scheduler.stopping
-        body = {
+        ok = state is ProcessorState.RUNNING
+        body: dict[str, Any] = {
             "status": "ok" if ok else "unavailable",
             "state": state.value,
             "queue_depth": self.processor.queue_depth,
             "running": self.processor.running,
         }
+        if self.processor.failure is not None:
+            body["error"] = f"internal error: {self.processor.failure!r}"
         return JSONResponse(body, status_code=200 if ok else 503)
 
     async def completions(self, request: Request) -> Response:
@@ -267,7 +273,7 @@ class _Api:
             prompt_ids = self.processor.encode_prompt(
                 body.message_dicts() if chat else body.prompt_value()
             )
-            max_context = self.processor.engine.max_context
+            max_context = self.processor.max_context
             room = max_context - len(prompt_ids)
             asked = body.requested_max_tokens()
             if asked is not None and asked > room:
@@ -393,16 +399,7 @@ class _Api:
                 yield event([], _usage(result))
             yield b"data: [DONE]\n\n"
         except ZigllamaBatchError as exc:  # ended mid-stream: timeout, stop, engine failure
-            error = _api_error(exc, chat=chat)
-            body = {
-                "error": {
-                    "message": error.message,
-                    "type": error.type,
-                    "param": error.param,
-                    "code": error.code,
-                }
-            }
-            yield b"data: " + json.dumps(body).encode() + b"\n\n"
+            yield b"data: " + json.dumps(_api_error(exc, chat=chat).body()).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
         finally:
             await stream.aclose()  # a disconnected client cancels its request here

@@ -19,20 +19,20 @@ from ..generation import GenerationConfig
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "generation_config"]
 
-# Fields of the OpenAI API that would change the answer but are not implemented here.
-_UNSUPPORTED = {
-    "best_of": "best_of",
-    "suffix": "suffix",
-    "logit_bias": "logit_bias",
-    "tools": "tools",
-    "tool_choice": "tool_choice",
-    "functions": "functions",
-    "function_call": "function_call",
-    "response_format": "response_format",
-    "prediction": "prediction",
-    "audio": "audio",
-    "modalities": "modalities",
-}
+_UNSUPPORTED = (
+    "best_of",
+    "suffix",
+    "logit_bias",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "prediction",
+    "audio",
+    "modalities",
+)
+"""Fields of the OpenAI API that would change the answer but are not implemented here."""
 
 
 class StreamOptions(BaseModel):
@@ -73,9 +73,9 @@ class _Sampling(BaseModel):
     def check_supported(self) -> None:
         """Refuse OpenAI parameters this server does not implement."""
         extra = self.model_extra or {}
-        for key, name in _UNSUPPORTED.items():
+        for key in _UNSUPPORTED:
             if extra.get(key) not in (None, [], {}, 1 if key == "best_of" else None):
-                raise InvalidRequest(f"{name}: not supported by this server")
+                raise InvalidRequest(f"{key}: not supported by this server")
         if self.n != 1:
             raise InvalidRequest("n: only n=1 is supported")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])

@@ -1,0 +1,101 @@
+"""What one engine step takes in and gives back, and the per-sequence progress that builds it.
+
+Inside: :class:`SequenceStep` (one sequence's share of a step: its cache slot, its new tokens,
+the position of the first, and the sampling state when a token is to be sampled),
+:class:`TokenSample` (the token sampled for it) and :class:`SequenceState` (how far a sequence
+has got: how many of its tokens are in its cache slot, and what it feeds next). The batch
+processor and :class:`~zigllama_batch.generator.TextGenerator` both build their steps from a
+``SequenceState``, so a prompt is chunked, and a decode token fed, the same way wherever it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .sampler import SamplingState
+
+__all__ = ["SequenceState", "SequenceStep", "TokenSample"]
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceStep:
+    """One sequence's part of an engine step."""
+
+    slot: int
+    """The KV-cache slot holding this sequence's earlier keys and values."""
+    token_ids: Sequence[int]
+    """New tokens: a prompt chunk, or the one token sampled last step."""
+    start_pos: int
+    """Position of ``token_ids[0]``; positions before it must already be in the cache."""
+    sampling: SamplingState | None = None
+    """Sample the next token with this state; None for a prompt chunk that is not the last
+    (the model step itself never reads it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSample:
+    """A sampled token and its log-probability (NaN unless the request asked for logprobs)."""
+
+    token_id: int
+    logprob: float
+
+
+class SequenceState:
+    """One sequence's progress through the model: which of its tokens its cache slot holds,
+    and the step that feeds the next ones.
+
+    The prompt goes in chunks of at most the caller's budget; the step that completes it carries
+    the sampling state, so the first token is sampled from the last prompt position. After that,
+    each step feeds the token sampled last.
+    """
+
+    __slots__ = ("last_token", "num_computed", "prompt_ids", "sampling", "slot")
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        slot: int = -1,
+        sampling: SamplingState | None = None,
+    ) -> None:
+        """Args:
+        prompt_ids: the prompt's token ids (at least one).
+        slot: the cache slot, once the sequence has one.
+        sampling: the sampling state, once the sequence has one.
+        """
+        self.prompt_ids = prompt_ids
+        self.slot = slot
+        self.sampling = sampling
+        self.num_computed = 0
+        """Tokens (prompt, then output) whose keys and values are in the slot."""
+        self.last_token: int | None = None
+        """The token sampled last, which the next decode step feeds."""
+
+    @property
+    def prefilling(self) -> bool:
+        """True while prompt tokens remain to be fed to the model."""
+        return self.num_computed < len(self.prompt_ids)
+
+    def next_step(self, budget: int) -> SequenceStep:
+        """The step that feeds this sequence's next tokens: up to ``budget`` prompt tokens, or
+        the last sampled token."""
+        start = self.num_computed
+        if self.prefilling:
+            chunk = self.prompt_ids[start : start + budget]
+            completes = start + len(chunk) == len(self.prompt_ids)
+            return SequenceStep(self.slot, chunk, start, self.sampling if completes else None)
+        assert self.last_token is not None, "a decode step needs a sampled token"
+        return SequenceStep(self.slot, [self.last_token], start, self.sampling)
+
+    def advance(self, step: SequenceStep, sample: TokenSample | None) -> None:
+        """Account for a step of this sequence that ran, and the token it sampled (if any)."""
+        self.num_computed += len(step.token_ids)
+        if sample is not None:
+            self.last_token = sample.token_id
+
+    def __repr__(self) -> str:
+        return (
+            f"SequenceState(slot={self.slot}, prompt={len(self.prompt_ids)}, "
+            f"computed={self.num_computed})"
+        )
