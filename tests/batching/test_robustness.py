@@ -20,6 +20,7 @@ from zigllama_batch import (
     CallbackFailed,
     GenerationError,
     InvalidRequest,
+    ProcessorState,
     ProcessorStopped,
     PromptTooLong,
     RequestCancelled,
@@ -68,6 +69,8 @@ async def test_a_crashed_worker_stops_the_processor_and_ends_every_request(
             await task
     with pytest.raises(ProcessorStopped, match="internal error"):
         p.submit_async(req(1))
+    assert p.state is ProcessorState.FAILED
+    assert isinstance(p.failure, Fatal)
     await p.aclose()
     assert p.state.value == "closed"
     assert idle(p)
@@ -371,3 +374,26 @@ def test_a_step_budget_below_the_batch_size_is_refused() -> None:
     max_batch_size."""
     with pytest.raises(ValueError, match="max_step_tokens"):
         BatchConfig(max_batch_size=8, max_step_tokens=4)
+
+
+async def test_a_worker_that_already_runs_is_not_run_twice(make_processor: Make) -> None:
+    """process_queue(i) for a worker that runs raises (one owner per slot), as does a worker
+    index the config does not have; the running worker keeps serving."""
+    p, _, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    with pytest.raises(RuntimeError, match="already runs"):
+        await p.process_queue(0)
+    for bad in (1, -1):
+        with pytest.raises(ValueError, match="worker"):
+            await p.process_queue(bad)
+    assert (await asyncio.wait_for(p.submit(req(2)), 5)).result.completion_tokens == 2
+
+
+async def test_a_worker_can_be_run_again_once_it_has_returned(tiny: Any) -> None:
+    """A worker returns when the processor stops admitting; running it again then returns at
+    once instead of serving (nothing is admitted any more)."""
+    engine = FakeEngine(tiny[1], n_slots=2)
+    p = BatchProcessor.from_engine(engine, BatchConfig(max_batch_size=2))
+    await p.start()
+    await p.aclose()
+    await asyncio.wait_for(p.process_queue(0), 5)
+    assert p.state is ProcessorState.CLOSED

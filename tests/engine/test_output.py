@@ -105,3 +105,22 @@ def test_max_tokens_and_context_limit(tiny: Tiny) -> None:
     assert d.finish_reason == FinishReason.LENGTH
     with pytest.raises(RuntimeError, match="already finished"):
         d.add(x)
+
+
+def test_the_result_is_the_finished_output(tiny: Tiny) -> None:
+    """result() gives text, tokens, reason, counts and logprobs of the finished sequence with
+    the timings passed in, and refuses an unfinished one."""
+    _, tok = tiny
+    config = GenerationConfig.greedy(max_tokens=3, logprobs=True)
+    decoder = OutputDecoder(tok, config, prompt_tokens=7, max_context=100)
+    ids = tok.encode("abc")[:3]
+    decoder.add(ids[0], -0.5)
+    with pytest.raises(RuntimeError, match="not finished"):
+        decoder.result(time_to_first_token_ms=1.0, total_time_ms=2.0)
+    decoder.add(ids[1], -1.0)
+    decoder.add(ids[2], -1.5)
+    r = decoder.result(time_to_first_token_ms=1.0, total_time_ms=2.0)
+    assert (r.text, r.token_ids, r.finish_reason) == (decoder.text, tuple(ids), "length")
+    assert (r.prompt_tokens, r.completion_tokens) == (7, 3)
+    assert (r.time_to_first_token_ms, r.total_time_ms) == (1.0, 2.0)
+    assert r.logprobs == (-0.5, -1.0, -1.5)

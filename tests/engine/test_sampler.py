@@ -143,3 +143,58 @@ def test_sample_checks_row_count() -> None:
     """Mismatched logits rows and states raise ValueError."""
     with pytest.raises(ValueError, match="sampling states"):
         sample(_logits(2), [_state()])
+
+
+class OnlyAllowed:
+    """A LogitsHook standing for a grammar's mask: every token but ``allowed`` is banned."""
+
+    def __init__(self, allowed: list[int]) -> None:
+        self.allowed = allowed
+        self.accepted: list[int] = []
+
+    def adjust(self, logits: np.ndarray) -> None:
+        keep = logits[self.allowed].copy()
+        logits[:] = -np.inf
+        logits[self.allowed] = keep
+
+    def accept(self, token_id: int) -> None:
+        self.accepted.append(token_id)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"temperature": 0.0},
+        {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 1},
+        {"temperature": 1.0, "top_k": 40, "top_p": 0.9, "seed": 2},
+        {"temperature": 1.0, "top_k": 0, "top_p": 0.9, "min_p": 0.05, "seed": 3},
+        {"temperature": 0.0, "repetition_penalty": 1.3},
+    ],
+)
+def test_a_logits_hook_restricts_its_row_before_the_choice(cfg: dict[str, object]) -> None:
+    """A row's hook decides among the tokens it allows (greedy or drawn, after penalties), sees
+    every chosen token, and leaves the other rows of the batch exactly as they were; logprobs
+    stay those of the raw distribution."""
+    logits = _logits(3, seed=7)
+    allowed = [5, 17, 2999]
+    hook = OnlyAllowed(allowed)
+    plain = [_state(**cfg), _state(**cfg)]
+    hooked = SamplingState(
+        GenerationConfig(logprobs=True, **cfg),  # type: ignore[arg-type]
+        [1, 2, 3],
+        V,
+        hook=hook,
+    )
+    twins = [_state(**cfg), _state(**cfg)]  # the plain rows, sampled without the hooked one
+    chosen = []
+    for _ in range(20):
+        tokens, logprobs = sample(logits, [plain[0], hooked, plain[1]])
+        chosen.append(int(tokens[1]))
+        alone = sample(logits[[0, 2]], twins)[0]
+        assert [int(tokens[0]), int(tokens[2])] == alone.tolist()
+        want = np.log(_softmax(logits[1].astype(np.float64))[tokens[1]])
+        np.testing.assert_allclose(logprobs[1], want, atol=1e-5)
+    assert set(chosen) <= set(allowed)
+    assert hook.accepted == chosen
+    if cfg["temperature"] == 0.0 and "repetition_penalty" not in cfg:
+        assert chosen == [allowed[int(np.argmax(logits[1, allowed]))]] * 20

@@ -257,6 +257,24 @@ async def test_stopped_processor_is_503(served: Any) -> None:
     assert (await client.get("/health")).status_code == 503
 
 
+class Fatal(BaseException):
+    """Stands for a bug that kills the scheduler."""
+
+
+async def test_health_reports_a_failed_processor(served: Any) -> None:
+    """After a worker dies of a bug, /health answers 503 with state "failed" and the cause, and
+    requests get 503."""
+    client, processor, engine = served
+    engine.fail_with = Fatal("scheduler bug")
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert_error(r, 503, code="server_shutting_down")
+    health = await client.get("/health")
+    assert health.status_code == 503
+    body = health.json()
+    assert (body["status"], body["state"]) == ("unavailable", "failed")
+    assert "scheduler bug" in body["error"]
+
+
 async def test_unknown_model_and_route(served: Any) -> None:
     """Another model id gets 404 model_not_found; an unknown path gets an OpenAI-shaped 404."""
     client, _, _ = served

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..engine.runner import DEFAULT_PREFILL_CHUNK
 from ..engine.step import SequenceStep, TokenSample
 from ..engine.tokenizer import Tokenizer
 from ..errors import InvalidRequest
@@ -80,8 +81,9 @@ class BatchConfig:
     max_step_tokens: int = 512
     """Most new tokens in one step (decode tokens plus prompt chunks): bounds how long one step,
     and so one inter-token gap of running streams, can take."""
-    prefill_chunk: int = 512
-    """Most prompt tokens one sequence feeds in a step; long prompts are split into chunks."""
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    """Most prompt tokens one sequence feeds in a step; long prompts are split into chunks
+    (the same default as :class:`~zigllama_batch.TextGenerator`'s)."""
     priority_aging_ms: float = 1000.0
     """Every this many milliseconds of waiting counts as one priority level better, so low
     priorities cannot starve; 0 disables aging."""

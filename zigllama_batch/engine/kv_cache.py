@@ -2,9 +2,9 @@
 
 A slot holds one sequence's keys and values for every layer, up to ``max_context`` positions.
 Memory is reserved once and written in place by :meth:`LLaMAModel.step`; no step copies the
-cache. Which slot a sequence takes is bookkeeping kept apart, in
-:class:`~zigllama_batch.engine.slots.SlotTable`. The reservation is virtual: pages are mapped as positions are written, so a cache sized
-for long contexts costs only what its sequences use.
+cache. The reservation is virtual: pages are mapped as positions are written, so a cache sized
+for long contexts costs only what its sequences use. Which slot a sequence takes is bookkeeping
+kept apart, in :class:`~zigllama_batch.engine.slots.SlotTable`.
 
 Layout: one array per layer and per K/V, shaped ``(slots, kv_heads, max_context, head_dim)``.
 Keeping layers apart (rather than one ``slots x layers x ...`` block) lets a step take a layer's
@@ -19,8 +19,6 @@ import mmap
 import numpy as np
 from numpy.typing import NDArray
 
-from .gguf_loader import LlamaConfig
-
 __all__ = ["KVCache"]
 
 
@@ -31,19 +29,25 @@ class KVCache:
     the owner of the :class:`~zigllama_batch.engine.slots.SlotTable` hands out others.
     """
 
-    def __init__(self, config: LlamaConfig, n_slots: int, max_context: int) -> None:
+    def __init__(
+        self, *, n_layers: int, n_kv_heads: int, head_dim: int, n_slots: int, max_context: int
+    ) -> None:
+        """Args:
+        n_layers: layers that keep keys and values.
+        n_kv_heads: key/value heads per layer.
+        head_dim: width of one head.
+        n_slots: sequences held at once.
+        max_context: positions per slot (the model checks this against its own context).
+        """
         if n_slots < 1:
             raise ValueError(f"n_slots: must be >= 1, got {n_slots}")
-        if not 2 <= max_context <= config.context_length:
-            raise ValueError(
-                f"max_context: must be in [2, {config.context_length}] (the model's context "
-                f"length), got {max_context}"
-            )
+        if max_context < 2:
+            raise ValueError(f"max_context: must be >= 2, got {max_context}")
         self.n_slots = n_slots
         self.max_context = max_context
-        shape = (n_slots, config.n_kv_heads, max_context, config.head_dim)
-        self.k: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(config.n_layers)]
-        self.v: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(config.n_layers)]
+        shape = (n_slots, n_kv_heads, max_context, head_dim)
+        self.k: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(n_layers)]
+        self.v: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(n_layers)]
 
     @property
     def nbytes(self) -> int:

@@ -62,8 +62,26 @@ class LLaMAModel:
         return self.config.vocab_size
 
     def new_cache(self, n_slots: int, max_context: int | None = None) -> KVCache:
-        """A KV cache for this model with ``n_slots`` slots of ``max_context`` positions."""
-        return KVCache(self.config, n_slots, max_context or self.config.context_length)
+        """A KV cache for this model with ``n_slots`` slots of ``max_context`` positions
+        (default: the model's context length).
+
+        Raises:
+            ValueError: ``max_context`` is beyond the model's context length.
+        """
+        c = self.config
+        max_context = max_context or c.context_length
+        if not 2 <= max_context <= c.context_length:
+            raise ValueError(
+                f"max_context: must be in [2, {c.context_length}] (the model's context "
+                f"length), got {max_context}"
+            )
+        return KVCache(
+            n_layers=c.n_layers,
+            n_kv_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
+            n_slots=n_slots,
+            max_context=max_context,
+        )
 
     def step(self, items: Sequence[SequenceStep], cache: KVCache) -> F32:
         """Run one forward step over a ragged batch and return each item's next-token logits.
