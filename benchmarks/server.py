@@ -19,11 +19,7 @@ import argparse
 import asyncio
 import json
 import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +35,7 @@ from zigllama_batch import (
     GenerationConfig,
     load_model,
 )
+from zigllama_batch.testing import ServerProcess
 
 OUTPUT_TOKENS = 64
 TOPICS = [
@@ -59,32 +56,6 @@ TOPICS = [
 
 def prompt(i: int) -> str:
     return f"Write a short story about {TOPICS[i % len(TOPICS)]}."
-
-
-def start_server(port: int, max_batch_size: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "zigllama_batch.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--max-batch-size",
-            str(max_batch_size),
-            "--log-level",
-            "warning",
-        ],
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not start")
 
 
 async def http_load(base: str, model: str, clients: int, per_client: int) -> dict[str, Any]:
@@ -211,13 +182,10 @@ async def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = start_server(port, args.max_batch_size)
-    base = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient() as http:
-        model = (await http.get(f"{base}/v1/models")).json()["data"][0]["id"]
+    server = ServerProcess(
+        "--max-batch-size", str(args.max_batch_size), capture_output=False
+    ).start()
+    base, model = server.base_url, server.model
     rows: list[dict[str, Any]] = []
     try:
         for n in (1, 8):
@@ -238,8 +206,7 @@ async def main() -> None:
                 rows += [inproc, over_http]
                 ratios.append(over_http["output_tokens_per_s"] / inproc["output_tokens_per_s"])
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        server.stop()
     ratio = statistics.median(ratios)
     http32 = statistics.median(
         r["output_tokens_per_s"] for r in rows if r["kind"] == "http" and r["clients"] == 32

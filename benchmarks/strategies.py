@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -41,6 +42,7 @@ from zigllama_batch import (
     load_model,
 )
 from zigllama_batch.engine import Engine, SequenceStep, TokenSample
+from zigllama_batch.testing import LoopLagProbe
 
 WORDS = [
     "the",
@@ -151,17 +153,8 @@ async def run_trace(
 ) -> dict[str, Any]:
     engine = TimedEngine(Engine(model, tokenizer, n_slots=config.max_batch_size))
     processor = BatchProcessor.from_engine(engine, config)
-    lags: list[float] = []
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        while not stop.is_set():
-            t = time.perf_counter()
-            await asyncio.sleep(0.001)
-            lags.append(time.perf_counter() - t - 0.001)
-
-    async with processor:
-        tick = asyncio.create_task(ticker()) if measure_loop else None
+    probe = LoopLagProbe()
+    async with processor, probe if measure_loop else contextlib.nullcontext():
         start = time.perf_counter()
         tasks = []
         for a in trace:
@@ -176,9 +169,6 @@ async def run_trace(
         await processor.aclose()  # drain: FIXED_SIZE runs its last partial batch
         results = [await t for t in tasks]
         makespan = time.perf_counter() - start
-        stop.set()
-        if tick is not None:
-            await tick
         stats = processor.stats
     tokens = sum(r.result.completion_tokens for r in results)
     # Saturated throughput: tokens generated until the queue drained for good (the last
@@ -218,8 +208,8 @@ async def run_trace(
             out["scheduler_ms_per_step_at_batch_24plus"] = statistics.median(big) * 1000
             out["step_ms_at_batch_24plus"] = statistics.median(big_steps) * 1000
             out["scheduler_share_of_step"] = statistics.median(big) / statistics.median(big_steps)
+    lags = sorted(probe.lags_s)
     if measure_loop and lags:
-        lags.sort()
         out["loop_lag_p50_ms"] = _pct(lags, 50) * 1000
         out["loop_lag_p99_ms"] = _pct(lags, 99) * 1000
     return out

@@ -16,6 +16,7 @@ MODULES = [
     "zigllama_batch.errors",
     "zigllama_batch.generation",
     "zigllama_batch.server",
+    "zigllama_batch.testing",
 ]
 
 

@@ -7,103 +7,44 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
 
+from zigllama_batch.testing import ServerProcess
+
 pytestmark = [pytest.mark.real_model, pytest.mark.asyncio(loop_factories=["asyncio"])]
 
 API_KEY = "test-key"
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[str]
-    base_url: str
-    model: str
-
-    def client(self, **kw: object) -> AsyncOpenAI:
-        return AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=API_KEY, **kw)  # type: ignore[arg-type]
+def start_server(*args: str) -> ServerProcess:
+    return ServerProcess(*args, api_key=API_KEY).start()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(*args: str) -> Server:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "zigllama_batch.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--api-key",
-            API_KEY,
-            "--log-level",
-            "warning",
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{process.stdout.read()}")  # type: ignore[union-attr]
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                model = httpx.get(
-                    f"{base}/v1/models", timeout=5, headers={"Authorization": f"Bearer {API_KEY}"}
-                ).json()
-                return Server(process, base, model["data"][0]["id"])
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not become healthy in 120 s")
-
-
-def stop_server(server: Server) -> int:
-    server.process.send_signal(signal.SIGTERM)
-    try:
-        return server.process.wait(timeout=60)
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()
+def client_of(server: ServerProcess, **kw: object) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
+def server() -> Iterator[ServerProcess]:
     s = start_server("--max-batch-size", "16")
     yield s
-    assert stop_server(s) == 0
-    if s.process.stdout is not None:
-        s.process.stdout.close()
+    assert s.stop() == 0
 
 
 @pytest.fixture
-async def client(server: Server) -> AsyncIterator[AsyncOpenAI]:
+async def client(server: ServerProcess) -> AsyncIterator[AsyncOpenAI]:
     """An openai client for the module's server, closed after the test."""
-    async with server.client() as c:
+    async with client_of(server) as c:
         yield c
 
 
-async def test_completion(server: Server, client: AsyncOpenAI) -> None:
+async def test_completion(server: ServerProcess, client: AsyncOpenAI) -> None:
     """A greedy completion answers with text, finish reason and usage."""
     r = await client.completions.create(
         model=server.model, prompt="The capital of France is", max_tokens=8, temperature=0
@@ -115,7 +56,7 @@ async def test_completion(server: Server, client: AsyncOpenAI) -> None:
     assert r.usage.prompt_tokens == 5
 
 
-async def test_streamed_chat(server: Server, client: AsyncOpenAI) -> None:
+async def test_streamed_chat(server: ServerProcess, client: AsyncOpenAI) -> None:
     """A streamed chat completion arrives in chunks that add up to a sensible answer."""
     stream = await client.chat.completions.create(
         model=server.model,
@@ -139,7 +80,7 @@ async def test_streamed_chat(server: Server, client: AsyncOpenAI) -> None:
 
 
 async def test_sixteen_concurrent_streams_all_finish_with_right_usage(
-    server: Server, client: AsyncOpenAI
+    server: ServerProcess, client: AsyncOpenAI
 ) -> None:
     """16 concurrent streamed requests all finish with the usage they asked for, and each
     stream's text is the text the same (seeded) request gets without streaming."""
@@ -177,14 +118,16 @@ async def test_sixteen_concurrent_streams_all_finish_with_right_usage(
     assert [text for text, _ in results] == expected
 
 
-async def metric(server: Server, name: str) -> float:
+async def metric(server: ServerProcess, name: str) -> float:
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"{server.base_url}/metrics")).text
     match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
 
 
-async def test_cancelled_stream_releases_its_slot(server: Server, client: AsyncOpenAI) -> None:
+async def test_cancelled_stream_releases_its_slot(
+    server: ServerProcess, client: AsyncOpenAI
+) -> None:
     """Closing a stream early cancels the request on the server and frees its slot."""
     before = await metric(server, 'zigllama_requests_total{outcome="cancelled"}')
     stream = await client.completions.create(
@@ -215,7 +158,7 @@ async def test_overfull_queue_gets_429_and_sigterm_exits_cleanly() -> None:
     while a stream runs lets it finish, then the server exits 0."""
     s = start_server("--max-batch-size", "2", "--max-queue-size", "2")
     try:
-        async with s.client(max_retries=0) as client:
+        async with client_of(s, max_retries=0) as client:
             outcomes = await asyncio.gather(
                 *(
                     client.completions.create(
@@ -244,16 +187,13 @@ async def test_overfull_queue_gets_429_and_sigterm_exits_cleanly() -> None:
                 extra_body={"ignore_eos": True},
             )
             first = await stream.__anext__()
-            s.process.send_signal(signal.SIGTERM)
+            s.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
             rest = [c async for c in stream]
         assert first.choices[0].text is not None
         assert rest[-1].choices[0].finish_reason == "length"
-        assert s.process.wait(timeout=60) == 0
+        assert s.process.wait(timeout=60) == 0  # type: ignore[union-attr]
     finally:
-        if s.process.poll() is None:
-            s.process.kill()
-        if s.process.stdout is not None:
-            s.process.stdout.close()
+        s.stop()
 
 
 async def test_sigterm_drain_is_bounded_and_ends_every_stream() -> None:
@@ -262,7 +202,7 @@ async def test_sigterm_drain_is_bounded_and_ends_every_stream() -> None:
     soon after the timeout."""
     s = start_server("--max-batch-size", "2", "--drain-timeout", "3")
     try:
-        async with s.client(max_retries=0) as client:
+        async with client_of(s, max_retries=0) as client:
 
             async def run(max_tokens: int) -> list[object]:
                 stream = await client.completions.create(
@@ -278,9 +218,9 @@ async def test_sigterm_drain_is_bounded_and_ends_every_stream() -> None:
             long = asyncio.create_task(run(1500))
             await asyncio.sleep(0.5)  # both are running
             signalled = time.monotonic()
-            s.process.send_signal(signal.SIGTERM)
+            s.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
             outcomes = await asyncio.gather(short, long, return_exceptions=True)
-        exit_code = await asyncio.to_thread(s.process.wait, 60)
+        exit_code = await asyncio.to_thread(s.process.wait, 60)  # type: ignore[union-attr]
         elapsed = time.monotonic() - signalled
         done, cut = outcomes
         assert isinstance(done, list), done
@@ -290,7 +230,4 @@ async def test_sigterm_drain_is_bounded_and_ends_every_stream() -> None:
         assert exit_code == 0
         assert elapsed < 30
     finally:
-        if s.process.poll() is None:
-            s.process.kill()
-        if s.process.stdout is not None:
-            s.process.stdout.close()
+        s.stop()

@@ -1,0 +1,186 @@
+"""Helpers for testing and measuring code that embeds or serves zigllama_batch.
+
+Inside: :class:`ServerProcess` (``zigllama-batch serve`` in a subprocess on a free loopback
+port: it waits until ``/health`` answers, reads the served model's id, and stops the server
+with SIGTERM, returning its exit status) and :class:`LoopLagProbe` (how late the event loop
+wakes a task that sleeps a millisecond: what a host application's other tasks feel while the
+processor works). The project's own end-to-end tests and benchmarks use both; nothing else in
+the package imports this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from types import TracebackType
+from typing import Self
+
+__all__ = ["LoopLagProbe", "ServerProcess"]
+
+
+class ServerProcess:
+    """``zigllama-batch serve`` in a subprocess, bound to a free port on 127.0.0.1.
+
+    Use as ``with ServerProcess("--max-batch-size", "16") as server:`` (or :meth:`start` and
+    :meth:`stop`); ``server.base_url`` and ``server.model`` are set once it is healthy.
+    """
+
+    def __init__(
+        self,
+        *args: str,
+        api_key: str | None = None,
+        log_level: str = "warning",
+        capture_output: bool = True,
+        startup_timeout_s: float = 120.0,
+    ) -> None:
+        """Args:
+        args: more ``zigllama-batch serve`` flags.
+        api_key: passed as ``--api-key`` and sent when reading ``/v1/models``.
+        log_level: the server's ``--log-level``.
+        capture_output: collect the server's stdout and stderr (shown if it fails to start)
+            instead of letting them through to the terminal.
+        startup_timeout_s: how long the model may take to load before the start fails.
+        """
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        self._command = [
+            sys.executable,
+            "-m",
+            "zigllama_batch.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--log-level",
+            log_level,
+            *(["--api-key", api_key] if api_key else []),
+            *args,
+        ]
+        self._capture = capture_output
+        self._startup_timeout_s = startup_timeout_s
+        self.process: subprocess.Popen[str] | None = None
+        self.model = ""
+        """The id the server serves (from ``/v1/models``), once started."""
+
+    def start(self) -> Self:
+        """Start the server and wait until it is healthy.
+
+        Raises:
+            RuntimeError: it exited early or was not healthy within the startup timeout (the
+                message carries its output when captured).
+        """
+        out = subprocess.PIPE if self._capture else None
+        self.process = subprocess.Popen(
+            self._command,
+            stdout=out,
+            stderr=subprocess.STDOUT if self._capture else None,
+            text=True,
+        )
+        deadline = time.monotonic() + self._startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited early:\n{self._output()}")
+            try:
+                if self._get("/health")[0] == 200:
+                    models = json.loads(self._get("/v1/models")[1])
+                    self.model = str(models["data"][0]["id"])
+                    return self
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.2)
+        self.stop(timeout_s=5)
+        raise RuntimeError(f"the server was not healthy in {self._startup_timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM (a graceful drain), wait for the exit, kill if it takes longer than
+        ``timeout_s``; returns the exit status. Safe to call more than once."""
+        process = self.process
+        if process is None:
+            return 0
+        try:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            return process.wait(timeout=timeout_s)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _get(self, path: str) -> tuple[int, bytes]:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        request = urllib.request.Request(self.base_url + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status), bytes(response.read())
+
+    def _output(self) -> str:
+        if self.process is None or self.process.stdout is None:
+            return "(output not captured)"
+        return self.process.stdout.read()
+
+    def __repr__(self) -> str:
+        running = self.process is not None and self.process.poll() is None
+        return f"<ServerProcess {self.base_url} {'running' if running else 'stopped'}>"
+
+
+class LoopLagProbe:
+    """Records how late the running event loop wakes a task sleeping ``interval_s``.
+
+    ``async with LoopLagProbe() as probe:`` runs the probe for the block; ``probe.lags_s``
+    then holds one lag (seconds past the requested wake-up) per sleep.
+    """
+
+    def __init__(self, interval_s: float = 0.001) -> None:
+        """Args:
+        interval_s: how long each probe sleeps.
+        """
+        self.interval_s = interval_s
+        self.lags_s: list[float] = []
+        """Wake-up lags, in the order measured."""
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            await asyncio.sleep(self.interval_s)
+            self.lags_s.append(time.perf_counter() - started - self.interval_s)
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
