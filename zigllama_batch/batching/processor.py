@@ -1,13 +1,13 @@
 """BatchProcessor: the facade asyncio callers use to share one model.
 
-Inside: :class:`BatchProcessor`. It validates and tokenizes
-requests, hands them to the :class:`~zigllama_batch.batching.scheduler.Scheduler`, and gives each
-caller its outcome: by ``await submit()``, by ``submit_async()`` + ``poll()`` / ``await
-result()``, or chunk by chunk with ``stream()``. It owns the background tasks (one scheduler loop
-per worker and a deadline watcher), supervises them (one that dies of a bug fails the processor
-and ends every pending request), and moves its :class:`~zigllama_batch.batching.lifecycle.
-Lifecycle`: NEW -> RUNNING -> DRAINING or STOPPING (or FAILED) -> CLOSED. Every accepted request
-ends exactly once; ``submit`` after close raises :class:`ProcessorStopped` at once.
+Inside: :class:`BatchProcessor`. It validates and tokenizes requests, hands them to the
+:class:`~zigllama_batch.batching.scheduler.Scheduler`, and gives each caller its outcome: by
+``await submit()``, by ``submit_async()`` + ``poll()`` / ``await result()``, or chunk by chunk
+with ``stream()``. It owns the background tasks (one scheduler loop per worker and a deadline
+watcher) and supervises them: one that dies of a bug fails the processor and ends every pending
+request. It alone moves the :class:`~zigllama_batch.batching.lifecycle.Lifecycle`: NEW ->
+RUNNING -> DRAINING or STOPPING (or FAILED) -> CLOSED. Every accepted request ends exactly once;
+``submit`` after close raises :class:`ProcessorStopped` at once.
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ class BatchProcessor:
 
     async def process_queue(self, worker: int = 0) -> None:
         """The scheduler coroutine of one worker: forms batches by strategy and runs them until
-        the processor closes. :meth:`start` runs one per worker, so this is for a processor
-        whose worker has ended (a worker returns once the processor stops admitting).
+        the processor stops admitting requests. :meth:`start` runs one per worker; a worker's
+        slots have one owner, so running a worker twice at once is refused.
 
         Raises:
             ValueError: there is no such worker.

@@ -50,6 +50,7 @@ class TrackedRequest:
         "config",
         "deadline",
         "decoder",
+        "finished",
         "first_token",
         "future",
         "id",
@@ -84,6 +85,9 @@ class TrackedRequest:
         self.deadline = deadline
         self.future = future
         self.state = RequestState.QUEUED
+        self.finished = False
+        """True once the request has its outcome (its state is one of FINISHED); read on every
+        step for every sequence, so kept as a flag rather than derived."""
         # Progress through the model; its slot and sampling state are set at admission, and
         # one worker owns it while it runs.
         self.seq = SequenceState(self.prompt_ids)
@@ -93,11 +97,6 @@ class TrackedRequest:
         self.batch_sizes: list[int] = []
         # Where streamed chunks go (a RequestStream's buffer), when someone streams it.
         self.stream: asyncio.Queue[StreamChunk | None] | None = None
-
-    @property
-    def finished(self) -> bool:
-        """True once the request has its outcome."""
-        return self.state in FINISHED
 
     def accept(self, sample: TokenSample, now: float) -> StreamChunk:
         """Take the token a step sampled for this request; the chunk of text it adds."""
@@ -120,11 +119,12 @@ class TrackedRequest:
         error: BaseException | None = None,
     ) -> bool:
         """Give the request its outcome, once. Returns False if it already had one."""
-        if self.state in FINISHED:
+        if self.finished:
             return False
         assert state in FINISHED
         assert (result is None) != (error is None)
         self.state = state
+        self.finished = True
         if not self.future.done():
             if result is not None:
                 self.future.set_result(result)

@@ -238,7 +238,7 @@ class Scheduler:
         chunk = rec.accept(out, now)
         if rec.stream is not None:
             rec.stream.put_nowait(chunk)
-        if not self.deliveries.deliver(rec, chunk):
+        if rec.request.callback is not None and not self.deliveries.deliver(rec, chunk):
             return  # the callback failed, or ended its own request
         if rec.decoder.finished:
             self.deliveries.complete(rec, batch_result(rec, now))
