@@ -73,6 +73,26 @@ async def test_dynamic_timeout_dispatches_a_partial_batch_after_timeout(
     assert engine.batch_sizes()[0] == 2
 
 
+async def test_idle_workers_counts_workers_with_nothing_due(make_processor: Make) -> None:
+    """A worker waiting for its batch to time out is idle until the clock reaches the timeout
+    or a request arrives; one running a batch is not idle."""
+    p, engine, clock = await make_processor(
+        strategy="dynamic_timeout", max_batch_size=8, timeout_ms=100
+    )
+    await eventually(lambda: p.bookkeeping().idle_workers == 1)
+    engine.hold()
+    rid = p.submit_async(req(2))
+    assert p.bookkeeping().idle_workers == 0  # it has not looked at the new request yet
+    await eventually(lambda: p.bookkeeping().idle_workers == 1)  # looked: waits for 100 ms
+    clock.advance(0.1)
+    assert p.bookkeeping().idle_workers == 0  # its timeout has come
+    await eventually(engine.waiting_at_gate.is_set)
+    assert p.bookkeeping().idle_workers == 0  # running a batch
+    engine.release()
+    await p.result(rid)
+    await eventually(lambda: p.bookkeeping().idle_workers == 1)
+
+
 async def test_dynamic_timeout_starts_a_full_batch_at_once_and_nobody_joins(
     make_processor: Make,
 ) -> None:
@@ -135,8 +155,11 @@ async def test_adaptive_holds_its_target_where_a_long_timeout_misses_it(
         for tick in range(12 * 5 + 60):  # 50 ms ticks, so waits expire on time
             if tick % 5 == 0 and len(ids) < 12:  # an arrival every 250 ms
                 ids.append(p.submit_async(req(10)))
+            # Before time moves on, the processor does all that is due now: a batch runs its
+            # steps (each charges the clock its cost) and the worker waits again. (Moving the
+            # clock after a fixed real-time pause made latencies depend on the machine's load.)
+            await eventually(lambda: p.bookkeeping().idle_workers == 1)  # noqa: B023
             clock.advance(0.05)
-            await settle(0.003)
         latencies[strategy] = [(await p.result(i)).latency_ms for i in ids]
     assert max(latencies["dynamic_timeout"]) > 1000
     assert max(latencies["adaptive"]) <= 1000

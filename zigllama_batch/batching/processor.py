@@ -381,8 +381,8 @@ class BatchProcessor:
         return self.engine.model_name
 
     def bookkeeping(self) -> Bookkeeping:
-        """Sizes of the internal bookkeeping; all but ``deadlines`` are zero on an idle
-        processor (for leak checks)."""
+        """Sizes of the internal bookkeeping; on an idle processor all are zero but
+        ``deadlines`` and ``idle_workers`` (for leak checks)."""
         return Bookkeeping(
             queued=len(self._scheduler.queue),
             running=self._scheduler.running,
@@ -390,6 +390,7 @@ class BatchProcessor:
             live=len(self._live),
             callbacks=len(self._scheduler.deliveries),
             deadlines=len(self._deadlines),
+            idle_workers=self._scheduler.idle_workers,
         )
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:

@@ -90,18 +90,31 @@ class Scheduler:
         self.workers = [_Worker(i) for i in range(config.num_workers)]
         self._executor = StepExecutor(engine.step, config.num_workers)
         self._changed = Wakeup()
+        self._parked: dict[int, float | None] = {}  # idle worker -> when it wakes by itself
 
     @property
     def running(self) -> int:
         """Sequences holding a slot now."""
         return sum(len(w.running) for w in self.workers)
 
+    @property
+    def idle_workers(self) -> int:
+        """Workers waiting for work with nothing due: no change since they looked, and their
+        strategy's wake-up time not reached."""
+        now = self.clock.now()
+        return sum(1 for at in self._parked.values() if at is None or at > now)
+
+    def _notify(self) -> None:
+        """Something changed: every idle worker looks again."""
+        self._parked.clear()
+        self._changed.notify()
+
     # -- requests in and out -------------------------------------------------------------------
 
     def enqueue(self, rec: TrackedRequest) -> None:
         """Queue an accepted request (QueueFull propagates) and wake the workers."""
         self.queue.push(rec)
-        self._changed.notify()
+        self._notify()
 
     def end(
         self,
@@ -121,7 +134,7 @@ class Scheduler:
         self.stats.on_finish(state, len(rec.decoder.token_ids), result)
         if result is not None:
             self.strategy.observe_finish(result.result.completion_tokens, rec.config.max_tokens)
-        self._changed.notify()  # a worker frees the slot before its next step
+        self._notify()  # a worker frees the slot before its next step
 
     def abort(self, rec: TrackedRequest, error: ZigllamaBatchError) -> None:
         """End a request early with ``error`` (cancellation, deadline, stop)."""
@@ -136,11 +149,11 @@ class Scheduler:
             *self.deliveries.requests(),
         ]:
             self.abort(rec, ProcessorStopped(reason))
-        self._changed.notify()
+        self._notify()
 
     def wake(self) -> None:
         """Make idle workers look again (the lifecycle changed)."""
-        self._changed.notify()
+        self._notify()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -159,7 +172,11 @@ class Scheduler:
                     self.lifecycle.draining and not len(self.queue)
                 ):
                     return
-                await self._changed.wait(self.clock, plan.wake_at)
+                self._parked[index] = plan.wake_at
+                try:
+                    await self._changed.wait(self.clock, plan.wake_at)
+                finally:
+                    self._parked.pop(index, None)
                 continue
             await self._step(worker)
 

@@ -41,6 +41,9 @@ class Bookkeeping(NamedTuple):
     """Requests whose async callbacks are still running."""
     deadlines: int
     """Entries in the deadline heap (ended requests not yet dropped included)."""
+    idle_workers: int
+    """Workers waiting for work with nothing due (tests wait for all of them to settle before
+    moving a manual clock)."""
 
     @property
     def idle(self) -> bool:
