@@ -86,15 +86,14 @@ class CallbackDelivery:
         return len(self._pending)
 
     def deliver(self, rec: TrackedRequest, chunk: StreamChunk) -> bool:
-        """Hand ``chunk`` to the request's callback.
+        """Hand ``chunk`` to the request's callback (the request has one).
 
         Returns:
             False when the request has ended meanwhile: its callback raised, or ended its own
             request (cancelled it, say).
         """
         callback = rec.request.callback
-        if callback is None:
-            return True
+        assert callback is not None, "only requests with a callback are delivered to"
         try:
             ret = callback(chunk, rec.id)
         except (Exception, asyncio.CancelledError) as exc:

@@ -6,7 +6,7 @@ hook) and :func:`sample` (picks one token per row of a logits matrix).
 
 Order of operations, as in Hugging Face and vLLM: penalties, then the sequence's hook, then
 temperature, top-k, top-p, min-p, then one uniform draw from the request's own generator. Greedy
-rows skip the draw. Rows without penalties or a hook are never copied or looped over. Because
+rows skip the draw. Only rows with penalties or a hook get per-row work on their logits. Because
 each request owns its generator and candidates are ordered by (probability, token id), the same
 seed and prompt give the same tokens whatever else is in the batch.
 
