@@ -48,11 +48,21 @@ class FinishReason(enum.StrEnum):
     """``max_tokens`` were generated, or the context window is full."""
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (vLLM's ``_SAMPLING_EPS``): dividing float32 logits by
+a smaller one gains nothing over greedy and, near float32's smallest numbers, divides by zero."""
+
+MIN_REPETITION_PENALTY = 1e-2
+"""Smallest accepted ``repetition_penalty``. Below it the penalty only says "repeat", as 0.01
+already does, and near float32's smallest numbers the division makes logits infinite."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerationConfig:
     """Decoding settings for one request.
 
-    ``temperature == 0`` means greedy decoding; every other filter is off at its neutral value
+    ``temperature == 0`` (or below :data:`GREEDY_BELOW`), ``top_k == 1`` and ``top_p == 0``
+    mean greedy decoding; every other filter is off at its neutral value
     (``top_k=0``, ``top_p=1``, ``min_p=0``, penalties ``1``/``0``). Invalid values raise
     ``ValueError`` naming the field.
     """
@@ -64,7 +74,8 @@ class GenerationConfig:
     top_k: int = 40
     """Keep only the k most likely tokens (0 disables); 40 as in llama.cpp's default."""
     top_p: float = 0.9
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (at
+    least the most likely one: 0 is greedy)."""
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times the best token's probability."""
     repetition_penalty: float = 1.0
@@ -75,7 +86,8 @@ class GenerationConfig:
     """Subtract this times the token's generated count from its logit (OpenAI semantics)."""
     seed: int | None = None
     """Seed of this request's own random stream; the same seed gives the same tokens whatever
-    else shares the batch. None draws fresh entropy."""
+    else shares the batch. None draws fresh entropy. Any int: a negative seed names the same
+    stream as its 64-bit two's complement (OpenAI's seeds are signed 64-bit)."""
     stop: tuple[str, ...] = ()
     """Strings that end generation; they are never part of the returned text."""
     stop_token_ids: tuple[int, ...] = ()
@@ -92,15 +104,17 @@ class GenerationConfig:
         _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_float("temperature", self.temperature, low=0.0, high=100.0)
         _check_int("top_k", self.top_k, minimum=0)
-        _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _check_float("top_p", self.top_p, low=0.0, high=1.0)
         _check_float("min_p", self.min_p, low=0.0, high=1.0)
         _check_float(
-            "repetition_penalty", self.repetition_penalty, low=0.0, high=100.0, low_open=True
+            "repetition_penalty", self.repetition_penalty, low=MIN_REPETITION_PENALTY, high=100.0
         )
         _check_float("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
         _check_float("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
-        if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise InvalidRequest(f"seed: must be an int, got {self.seed!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequest(f"stop: every stop string must be a non-empty str, got {s!r}")
@@ -112,8 +126,9 @@ class GenerationConfig:
 
     @property
     def is_greedy(self) -> bool:
-        """True when decoding picks the most likely token (temperature 0, or top_k 1)."""
-        return self.temperature == 0.0 or self.top_k == 1
+        """True when decoding picks the most likely token (temperature 0 or below
+        :data:`GREEDY_BELOW`, top_k 1, or top_p 0)."""
+        return self.temperature < GREEDY_BELOW or self.top_k == 1 or self.top_p == 0.0
 
     @property
     def has_penalties(self) -> bool:

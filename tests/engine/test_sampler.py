@@ -65,9 +65,14 @@ def test_same_seed_same_tokens_whatever_the_batch() -> None:
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
-    """top_k=1, or a top_p below the best token's probability, always yields the argmax."""
+    """top_k=1, or a top_p below the best token's probability (0 included, as OpenAI allows),
+    always yields the argmax."""
     logits = _logits(8, seed=2)
-    for cfg in ({"top_k": 1, "temperature": 1.5}, {"top_p": 1e-6, "temperature": 1.5, "top_k": 0}):
+    for cfg in (
+        {"top_k": 1, "temperature": 1.5},
+        {"top_p": 1e-6, "temperature": 1.5, "top_k": 0},
+        {"top_p": 0.0, "temperature": 1.5, "top_k": 0},
+    ):
         tokens, _ = sample(logits, [_state(seed=i, **cfg) for i in range(8)])
         assert tokens.tolist() == logits.argmax(axis=1).tolist()
 
@@ -198,3 +203,39 @@ def test_a_logits_hook_restricts_its_row_before_the_choice(cfg: dict[str, object
     assert hook.accepted == chosen
     if cfg["temperature"] == 0.0 and "repetition_penalty" not in cfg:
         assert chosen == [allowed[int(np.argmax(logits[1, allowed]))]] * 20
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45, 5e-324, 1e-6])
+def test_vanishing_temperature_is_greedy_not_nan(temperature: float) -> None:
+    """A temperature too small for float32 division decodes greedily instead of dividing by
+    zero (which made every logit NaN and picked token 0)."""
+    logits = _logits(4, seed=3)
+    states = [_state(temperature=temperature, top_k=0, top_p=1.0, seed=i) for i in range(4)]
+    tokens, _ = sample(logits, states)
+    assert tokens.tolist() == logits.argmax(axis=1).tolist()
+
+
+def test_smallest_repetition_penalty_keeps_logits_finite() -> None:
+    """At the smallest accepted repetition penalty the penalised logits stay finite and the
+    draw still lands on a real token, not on NaN's token 0."""
+    logits = np.full((1, V), -30.0, np.float32)
+    logits[0, 1:4] = 30.0  # the prompt's tokens [1, 2, 3], strongly preferred
+    state = _state(temperature=1.0, top_k=0, top_p=1.0, seed=5, repetition_penalty=0.01)
+    adjusted = logits[0].copy()
+    state.adjust(adjusted)
+    assert np.isfinite(adjusted).all()
+    assert sample(logits, [state])[0][0] in (1, 2, 3)
+
+
+def test_negative_seed_is_a_reproducible_stream() -> None:
+    """A negative seed (valid in OpenAI's API) seeds a stream like any other: same seed, same
+    tokens; another seed, other tokens."""
+    logits = _logits(1, seed=4, scale=0.5)
+    cfg = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+    def run(seed: int) -> list[int]:
+        state = _state(seed=seed, **cfg)
+        return [int(sample(logits, [state])[0][0]) for _ in range(20)]
+
+    assert run(-7) == run(-7)
+    assert run(-7) != run(7)

@@ -64,7 +64,10 @@ class SamplingState:
     ) -> None:
         self.config = config
         self.hook = hook
-        self.rng = np.random.default_rng(config.seed)
+        seed = config.seed
+        self.rng = np.random.default_rng(
+            seed % (1 << 64) if seed is not None and seed < 0 else seed
+        )
         # Token bookkeeping only when a penalty needs it: prompt + output for the repetition
         # penalty, output counts for presence/frequency penalties (OpenAI semantics).
         self._seen: set[int] | None = None
