@@ -16,9 +16,9 @@ import asyncio
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeGuard
 
 from ..engine.output import OutputDecoder
 from ..engine.runner import Engine, Model
@@ -402,9 +402,11 @@ class BatchProcessor:
             InvalidRequest: the prompt is malformed.
         """
         max_context = self.engine.max_context
-        # Too long to be worth tokenizing on the loop? Each token covers at most
-        # max_token_bytes bytes of text.
+        # Too long to be worth rendering and tokenizing on the loop? Each token covers at most
+        # max_token_bytes bytes of text, and each chat message costs the template's tokens.
         at_least = _text_bytes(prompt) // self.tokenizer.max_token_bytes
+        if _is_chat(prompt):
+            at_least += len(prompt) * self.tokenizer.min_message_tokens
         if at_least >= max_context:
             raise PromptTooLong(at_least, max_context, at_least=True)
         prompt_ids = self.tokenizer.encode_prompt(prompt)
@@ -490,11 +492,17 @@ class BatchProcessor:
         )
 
 
+def _is_chat(prompt: Prompt) -> TypeGuard[Sequence[object]]:
+    """Whether a prompt is a list of chat messages (not text, not token ids)."""
+    return isinstance(prompt, list | tuple) and bool(prompt) and isinstance(prompt[0], dict)
+
+
 def _text_bytes(prompt: object) -> int:
     """UTF-8 bytes of the text in a prompt: a string, or the contents of chat messages
-    (strings, or OpenAI-style parts with a ``text``); 0 for anything else."""
+    (strings, or OpenAI-style parts with a ``text``); 0 for anything else. A lone surrogate
+    counts as the 3 bytes it would take; the tokenizer refuses it."""
     if isinstance(prompt, str):
-        return len(prompt.encode())
+        return len(prompt.encode("utf-8", "surrogatepass"))
     if not isinstance(prompt, list | tuple):
         return 0
     total = 0
@@ -504,7 +512,7 @@ def _text_bytes(prompt: object) -> int:
         for part in parts:
             text = part.get("text") if isinstance(part, dict) else part
             if isinstance(text, str):
-                total += len(text.encode())
+                total += len(text.encode("utf-8", "surrogatepass"))
     return total
 
 

@@ -221,6 +221,7 @@ class Tokenizer:
             InvalidRequest: the prompt is none of these, or holds an id outside the vocabulary.
         """
         if isinstance(prompt, str):
+            _check_unicode(prompt, "prompt")
             ids = self.encode(prompt)
         elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = [int(t) for t in prompt]  # type: ignore[arg-type]
@@ -232,12 +233,31 @@ class Tokenizer:
         else:
             # The template writes any BOS itself, as Hugging Face's apply_chat_template does.
             messages = cast(Sequence[Mapping[str, Any]], prompt)
-            ids = self.encode(self.apply_chat_template(messages), add_bos=False)
+            text = self.apply_chat_template(messages)
+            _check_unicode(text, "messages")
+            ids = self.encode(text, add_bos=False)
         if not ids:  # an empty prompt continues from the start-of-sequence token
             if self.bos_id is None:
                 raise InvalidRequest("the prompt is empty and the model has no BOS token")
             ids = [self.bos_id]
         return ids
+
+    @cached_property
+    def min_message_tokens(self) -> int:
+        """Fewest tokens the chat template adds per message, and at least 1: a lower bound that
+        lets a conversation too long for the context be refused before it is rendered."""
+        costs = []
+        for role in ("system", "user", "assistant"):
+            message = {"role": role, "content": ""}
+            try:
+                one, two = (
+                    len(self.encode(self.apply_chat_template(m, add_generation_prompt=False)))
+                    for m in ([message], [message, message])
+                )
+            except InvalidRequest:  # the template refuses this shape of conversation
+                continue
+            costs.append(two - one)
+        return max(1, min(costs, default=1))
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
@@ -385,6 +405,18 @@ class Tokenizer:
             f"Tokenizer(kind={self.kind!r}, vocab={self.vocab_size}, bos={self.bos_id}, "
             f"eos={self.eos_id}, add_bos={self.add_bos})"
         )
+
+
+def _check_unicode(text: str, field: str) -> None:
+    """Refuse text UTF-8 cannot encode: a lone surrogate (JSON's ``"\\ud800"``)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        raise InvalidRequest(
+            f"{field}: holds a lone surrogate (U+{ord(char):04X}), which is not valid Unicode "
+            "text; send each surrogate pair whole"
+        ) from None
 
 
 def _validate_messages(messages: object) -> list[dict[str, str]]:

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..batching.lifecycle import ProcessorState
 from ..batching.processor import BatchProcessor
@@ -48,6 +48,20 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 """Largest request body accepted (1 MiB: far more than any prompt the context can hold)."""
+
+_TAKEN = "zigllama_taken"
+"""Key in the ASGI scope's ``state``: the processor took the request and counts its outcome."""
+
+
+class _JSON(JSONResponse):
+    """JSON as UTF-8, or with ASCII escapes when the content holds a lone surrogate (which
+    UTF-8 cannot encode): a client's own bad input echoed back never becomes a 500."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class ApiError(Exception):
@@ -80,7 +94,7 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         """The error as an HTTP response."""
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return _JSON(self.body(), status_code=self.status, headers=self.headers)
 
 
 def create_app(
@@ -125,49 +139,105 @@ def create_app(
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return ApiError(exc.status_code, str(exc.detail), type=kind).response()
+        # Starlette's 405 carries the Allow header (RFC 9110 requires it): keep its headers.
+        return ApiError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        # A bug: the client still gets OpenAI's error body; Starlette logs the traceback.
+        return ApiError(
+            500, f"internal server error: {type(exc).__name__}", type="server_error"
+        ).response()
 
     app = Starlette(
         routes=[
             Route("/v1/completions", api.completions, methods=["POST"]),
             Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
             Route("/v1/models", api.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", api.model, methods=["GET"]),
             Route("/health", api.health, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
         ],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
     if api_key:
         app.add_middleware(_BearerAuth, api_key=api_key)
+    app.add_middleware(_CountOutcomes, metrics=metrics)  # outermost: it sees the 401s too
     app.state.processor = processor
     app.state.metrics = metrics
     return app
 
 
+_OPEN_PATHS = frozenset({"/health", "/metrics"})
+"""Paths that need no API key and are not API requests (probes and scrapes)."""
+
+
 class _BearerAuth:
     """Requires ``Authorization: Bearer <key>`` on every path but ``/health`` and ``/metrics``
-    (paths taken relative to where the app is mounted)."""
-
-    OPEN_PATHS = frozenset({"/health", "/metrics"})
+    (paths taken relative to where the app is mounted). The scheme is case-insensitive (RFC
+    9110); a request with more than one ``Authorization`` header is refused, so a proxy that
+    checked one of them cannot disagree with the server about which."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _route_path(scope) not in self.OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = ApiError(
-                    401,
-                    "invalid or missing API key (Authorization: Bearer ...)",
-                    type="authentication_error",
-                    code="invalid_api_key",
-                ).response()
-                await response(scope, receive, send)
+        if scope["type"] == "http" and _route_path(scope) not in _OPEN_PATHS:
+            error = self._check([v for k, v in scope["headers"] if k.lower() == b"authorization"])
+            if error is not None:
+                await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _check(self, given: list[bytes]) -> ApiError | None:
+        if len(given) > 1:
+            return ApiError(
+                400,
+                f"{len(given)} Authorization headers; send exactly one",
+                param="Authorization",
+                code="duplicate_authorization_header",
+            )
+        scheme, _, token = given[0].strip().partition(b" ") if given else (b"", b"", b"")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.expected):
+            return ApiError(
+                401,
+                "invalid or missing API key (Authorization: Bearer ...)",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+        return None
+
+
+class _CountOutcomes:
+    """Counts every API request (all paths but ``/health`` and ``/metrics``) in exactly one
+    outcome of ``zigllama_requests_total``. A request the processor took (the handler marks
+    it in ``scope["state"]``) is counted by the processor when it ends; any other is counted
+    here by its status: 401 ``unauthorized``, other 4xx ``invalid`` (499, a client gone before
+    its body arrived, ``cancelled``), 5xx or an exception ``error``. A successful model listing
+    is not a generation request and is not counted."""
+
+    def __init__(self, app: ASGIApp, metrics: ProcessorMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _route_path(scope) in _OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        status = 500  # if the app raises before it starts a response
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            if not scope.get("state", {}).get(_TAKEN, False):
+                self.metrics.on_http_outcome(status)
 
 
 def _route_path(scope: Scope) -> str:
@@ -222,19 +292,30 @@ class _Api:
     # -- endpoints -----------------------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.model_name,
-                        "object": "model",
-                        "created": self.created,
-                        "owned_by": "zigllama_batch",
-                        "max_model_len": self.processor.max_context,
-                    }
-                ],
-            }
+        return _JSON({"object": "list", "data": [self._model_object()]})
+
+    async def model(self, request: Request) -> Response:
+        wanted = request.path_params["model"]
+        if wanted != self.model_name:
+            return self._not_served(wanted, param=None).response()
+        return _JSON(self._model_object())
+
+    def _model_object(self) -> dict[str, Any]:
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "zigllama_batch",
+            "max_model_len": self.processor.max_context,
+        }
+
+    def _not_served(self, model: str, *, param: str | None) -> ApiError:
+        return ApiError(
+            404,
+            f"model {model!r} is not served here; this server serves {self.model_name!r}",
+            type="not_found_error",
+            param=param,
+            code="model_not_found",
         )
 
     async def health(self, request: Request) -> Response:
@@ -248,7 +329,7 @@ class _Api:
         }
         if self.processor.failure is not None:
             body["error"] = f"internal error: {self.processor.failure!r}"
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return _JSON(body, status_code=200 if ok else 503)
 
     async def completions(self, request: Request) -> Response:
         return await self._handle(request, CompletionRequest, chat=False)
@@ -262,14 +343,7 @@ class _Api:
         try:
             body = await self._parse(request, schema)
             if body.model != self.model_name:
-                raise ApiError(
-                    404,
-                    f"model {body.model!r} is not served here; this server "
-                    f"serves {self.model_name!r}",
-                    type="not_found_error",
-                    param="model",
-                    code="model_not_found",
-                )
+                raise self._not_served(body.model, param="model")
             prompt_ids = self.processor.encode_prompt(
                 body.message_dicts() if chat else body.prompt_value()
             )
@@ -289,10 +363,19 @@ class _Api:
             batch_request = BatchRequest(
                 prompt=prompt_ids, config=config, priority=body.priority, id=rid
             )
+            # From here the processor counts the request's outcome, refusals included.
+            request.scope.setdefault("state", {})[_TAKEN] = True
             if body.stream:
-                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                options = body.stream_options
                 stream = self.processor.stream(batch_request)
-                events = self._events(stream, rid, chat=chat, include_usage=include_usage)
+                events = self._events(
+                    stream,
+                    rid,
+                    chat=chat,
+                    prompt_tokens=len(prompt_ids),
+                    include_usage=bool(options and options.include_usage),
+                    continuous_usage=bool(options and options.continuous_usage_stats),
+                )
                 return _EventStream(
                     events,
                     media_type="text/event-stream",
@@ -301,22 +384,13 @@ class _Api:
             result = await self._submit(request, batch_request)
             if result is None:  # the client went away
                 return Response(status_code=499)
-            return JSONResponse(self._full_response(result, rid, chat=chat))
+            return _JSON(self._full_response(result, rid, chat=chat))
         except ClientDisconnect:  # gone before the body arrived: nobody to answer
             return Response(status_code=499)
         except ApiError as exc:
-            self._count_refusal(exc)
             return exc.response()
         except ZigllamaBatchError as exc:
-            error = _api_error(exc, chat=chat)
-            self._count_refusal(error)
-            return error.response()
-
-    def _count_refusal(self, error: ApiError) -> None:
-        """Count a request refused before it reached the processor's queue (the processor
-        counts its own refusals: a full queue, a stopped processor)."""
-        if error.status in (400, 404, 413):
-            self.metrics.on_invalid()
+            return _api_error(exc, chat=chat).response()
 
     async def _parse(self, request: Request, schema: type[Any]) -> Any:
         declared = request.headers.get("content-length")
@@ -358,10 +432,18 @@ class _Api:
         return work.result()
 
     async def _events(
-        self, stream: RequestStream, rid: str, *, chat: bool, include_usage: bool
+        self,
+        stream: RequestStream,
+        rid: str,
+        *,
+        chat: bool,
+        prompt_tokens: int,
+        include_usage: bool,
+        continuous_usage: bool,
     ) -> AsyncIterator[bytes]:
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
+        generated = 0  # tokens so far, for continuous usage
 
         def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
             payload: dict[str, Any] = {
@@ -371,7 +453,9 @@ class _Api:
                 "model": self.model_name,
                 "choices": choices,
             }
-            if include_usage:
+            if continuous_usage and usage is None:
+                usage = _usage_of(prompt_tokens, generated)
+            if include_usage or continuous_usage:
                 payload["usage"] = usage
             return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
@@ -389,6 +473,7 @@ class _Api:
                 )
             offset = 0  # characters of text sent so far
             async for chunk in stream:
+                generated += 1
                 if not chunk.text and chunk.finish_reason is None and chunk.logprob is None:
                     continue  # text held back (partial character or possible stop string)
                 yield event([self._chunk_choice(chunk, chat=chat, offset=offset)])
@@ -408,10 +493,13 @@ class _Api:
 
     def _chunk_choice(self, chunk: StreamChunk, *, chat: bool, offset: int) -> dict[str, Any]:
         finish = str(chunk.finish_reason) if chunk.finish_reason is not None else None
-        logprobs: dict[str, list[Any]] | None = None
+        logprobs: dict[str, Any] | None = None
         if chat:
             if chunk.logprob is not None:
-                logprobs = {"content": [self._chat_logprob(chunk.token_id, chunk.logprob)]}
+                logprobs = {
+                    "content": [self._chat_logprob(chunk.token_id, chunk.logprob)],
+                    "refusal": None,
+                }
             delta = {"content": chunk.text} if chunk.text else {}
             return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if chunk.logprob is not None:
@@ -434,11 +522,12 @@ class _Api:
                     "content": [
                         self._chat_logprob(t, lp)
                         for t, lp in zip(r.token_ids, r.logprobs, strict=True)
-                    ]
+                    ],
+                    "refusal": None,
                 }
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": r.text},
+                "message": {"role": "assistant", "content": r.text, "refusal": None},
                 "logprobs": logprobs,
                 "finish_reason": finish,
             }
@@ -490,11 +579,14 @@ class _Api:
 
 
 def _usage(result: BatchResult) -> dict[str, int]:
-    r = result.result
+    return _usage_of(result.result.prompt_tokens, result.result.completion_tokens)
+
+
+def _usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
-        "prompt_tokens": r.prompt_tokens,
-        "completion_tokens": r.completion_tokens,
-        "total_tokens": r.prompt_tokens + r.completion_tokens,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
 
 

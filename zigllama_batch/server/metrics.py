@@ -22,7 +22,19 @@ from ..batching.request import RequestState
 from ..batching.stats import StatsObserver
 from ..batching.types import BatchResult
 
-__all__ = ["CONTENT_TYPE_LATEST", "ProcessorMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "OUTCOMES", "ProcessorMetrics"]
+
+OUTCOMES = (
+    "completed",
+    "failed",  # the engine failed, or the processor stopped while the request was pending
+    "cancelled",  # the client went away
+    "timed_out",
+    "rejected",  # queue full, or the processor not running (429, 503)
+    "invalid",  # bad input: 400, 404, 405, 413
+    "unauthorized",  # 401
+    "error",  # a bug: 500
+)
+"""Values of ``zigllama_requests_total{outcome}``: every API request ends in exactly one."""
 
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 _BATCH = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
@@ -66,16 +78,26 @@ class ProcessorMetrics(StatsObserver):
         queue.set_function(lambda: processor.queue_depth)
         running = Gauge("zigllama_running_sequences", "Sequences holding a cache slot", registry=r)
         running.set_function(lambda: processor.running)
-        for outcome in ("completed", "failed", "cancelled", "timed_out", "rejected", "invalid"):
+        for outcome in OUTCOMES:
             self.requests.labels(outcome)  # export zeros before the first event
 
     def on_reject(self) -> None:
         """Count a request the processor refused (queue full, not running)."""
         self.requests.labels("rejected").inc()
 
-    def on_invalid(self) -> None:
-        """Count a request refused for bad input before it was queued (HTTP 400, 404, 413)."""
-        self.requests.labels("invalid").inc()
+    def on_http_outcome(self, status: int) -> None:
+        """Count a request the app answered without the processor, by its HTTP status."""
+        if status == 401:
+            outcome = "unauthorized"
+        elif status == 499:  # the client went away before its body arrived
+            outcome = "cancelled"
+        elif status >= 500:
+            outcome = "error"
+        elif status >= 400:
+            outcome = "invalid"
+        else:
+            return  # a model listing: not a generation request
+        self.requests.labels(outcome).inc()
 
     def on_finish(self, state: RequestState, generated: int, result: BatchResult | None) -> None:
         """Count an ended request and observe its timings."""

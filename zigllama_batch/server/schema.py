@@ -2,66 +2,96 @@
 
 Inside: pydantic models for ``/v1/completions`` and ``/v1/chat/completions`` (strict types:
 ``"5"`` is not an int), the extension fields (``top_k``, ``min_p``, ``repetition_penalty``,
-``priority``, ``ignore_eos``), and :func:`generation_config`. Parameters of the OpenAI API this
-server does not implement (``n`` > 1, ``best_of``, ``echo``, ``suffix``, ``logit_bias``, tools,
-response formats, more than one logprob alternative) are refused with a 400 rather than
-silently ignored.
+``priority``, ``ignore_eos``), and :func:`generation_config`.
+
+How fields are read, as OpenAI and vLLM read them:
+
+- ``null`` for an optional field means its default (``"max_tokens": null`` is 16 tokens on
+  ``/v1/completions``); a required field (``model``, ``messages``, ``prompt``'s key) must be there.
+- Unknown fields, at the top level and inside known objects (``stream_options``, messages), are
+  ignored: they cannot change the answer. Known fields that would change the answer but are not
+  implemented (``n`` > 1, ``best_of`` > 1, ``echo``, ``suffix``, ``logit_bias``, tools, response
+  formats other than text, audio output, more than one logprob alternative, ``max_tokens`` 0)
+  are refused with a 400 that names the field, rather than silently ignored.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import InvalidRequest
 from ..generation import GenerationConfig
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "generation_config"]
 
-_UNSUPPORTED = (
-    "best_of",
-    "suffix",
-    "logit_bias",
-    "tools",
-    "tool_choice",
-    "functions",
-    "function_call",
-    "response_format",
-    "prediction",
-    "audio",
-    "modalities",
-)
+_UNSUPPORTED: dict[str, tuple[object, ...]] = {
+    # field: the values that ask for nothing (accepted); any other value is refused
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),  # "auto" with no tools: nothing to call
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+}
 """Fields of the OpenAI API that would change the answer but are not implemented here."""
 
 
-class StreamOptions(BaseModel):
-    """``stream_options`` of a streamed request."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
-    include_obfuscation: bool = True  # accepted; chunks carry no obfuscation padding
-
-
-class _Sampling(BaseModel):
-    """Fields shared by both endpoints."""
+class _Body(BaseModel):
+    """A JSON object of the API: strict types, ``null`` for an optional field is its default."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v
+            for k, v in data.items()
+            if v is not None or k not in fields or fields[k].is_required()
+        }
+
+
+class StreamOptions(_Body):
+    """``stream_options`` of a streamed request (unknown keys are ignored, as OpenAI does)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension: usage on every chunk
+    include_obfuscation: bool = True  # accepted; chunks carry no obfuscation padding
+
+
+class ResponseFormat(_Body):
+    """``response_format``: only ``{"type": "text"}`` (the default) is implemented."""
+
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class _Sampling(_Body):
+    """Fields shared by both endpoints."""
+
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0 keeps only the most likely token
     top_k: int = Field(0, ge=-1)  # extension; 0 or -1: off
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # extension
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = None  # any int: OpenAI's seeds are signed 64-bit
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     priority: int = Field(0, ge=-1_000_000, le=1_000_000)  # extension: lower is served first
     ignore_eos: bool = False  # extension
     user: str | None = None  # accepted, not used
@@ -73,27 +103,46 @@ class _Sampling(BaseModel):
     def check_supported(self) -> None:
         """Refuse OpenAI parameters this server does not implement."""
         extra = self.model_extra or {}
-        for key in _UNSUPPORTED:
-            if extra.get(key) not in (None, [], {}, 1 if key == "best_of" else None):
+        for key, accepted in _UNSUPPORTED.items():
+            if key in extra and not any(_same(extra[key], a) for a in accepted):
                 raise InvalidRequest(f"{key}: not supported by this server")
         if self.n != 1:
             raise InvalidRequest("n: only n=1 is supported")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequest(
+                f"response_format: type {self.response_format.type!r} is not supported by this "
+                "server (only 'text')"
+            )
+        requested = self.requested_max_tokens()
+        if requested is not None and requested < 1:
+            raise InvalidRequest(
+                f"{self._max_tokens_field()}: must be >= 1, got {requested} (this server does "
+                "not implement echo, the one use of generating nothing)"
+            )
+        if len(self.stop_strings()) > 16:
+            raise InvalidRequest("stop: at most 16 stop strings")
+
+    def stop_strings(self) -> list[str]:
+        """The stop strings asked for; empty ones stop nothing and are left out."""
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > 16 or any(not s for s in stops):
-            raise InvalidRequest("stop: at most 16 non-empty strings")
+        return [s for s in stops if s]
+
+    def _max_tokens_field(self) -> str:
+        return "max_tokens"
 
 
 class CompletionRequest(_Sampling):
     """Body of ``POST /v1/completions``."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
+    # Required, nullable: null is OpenAI's default "<|endoftext|>", an empty document (the BOS).
+    prompt: str | list[str] | list[int] | list[list[int]] | None
+    max_tokens: int | None = 16  # the OpenAI default for completions
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
 
     def prompt_value(self) -> str | list[int]:
         """The one prompt: text or token ids (a list of prompts must hold exactly one)."""
-        prompt = self.prompt
+        prompt = self.prompt if self.prompt is not None else ""
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise InvalidRequest("prompt: only one prompt per request is supported")
@@ -111,11 +160,10 @@ class CompletionRequest(_Sampling):
             raise InvalidRequest("logprobs: only the chosen token's logprob is available (<= 1)")
 
 
-class ChatMessage(BaseModel):
-    """One chat message (text content only)."""
+class ChatMessage(_Body):
+    """One chat message (text content only; other keys, such as ``name``, reach the template)."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
-    role: Literal["system", "user", "assistant", "developer", "tool"]
+    role: Literal["system", "user", "assistant", "developer", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
 
 
@@ -123,7 +171,7 @@ class ChatCompletionRequest(_Sampling):
     """Body of ``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
 
@@ -132,6 +180,9 @@ class ChatCompletionRequest(_Sampling):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return self.max_tokens
+
+    def _max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def check_supported(self) -> None:
         """As for every request, plus logprob alternatives."""
@@ -157,12 +208,11 @@ def generation_config(
     """The decoding settings a request body asks for (InvalidRequest names a bad field)."""
     body.check_supported()
     max_tokens = body.requested_max_tokens()
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     logprobs = bool(body.logprobs) or (
         isinstance(body, CompletionRequest) and body.logprobs is not None
     )
     return GenerationConfig(
-        max_tokens=max_tokens or max_tokens_default,
+        max_tokens=max_tokens_default if max_tokens is None else max_tokens,
         temperature=body.temperature,
         top_k=max(body.top_k, 0),
         top_p=body.top_p,
@@ -171,7 +221,12 @@ def generation_config(
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         seed=body.seed,
-        stop=tuple(stops),
+        stop=tuple(body.stop_strings()),
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
     )
+
+
+def _same(value: object, accepted: object) -> bool:
+    """JSON equality (``True`` is not ``1``, as a JSON boolean is not a number)."""
+    return type(value) is type(accepted) and value == accepted

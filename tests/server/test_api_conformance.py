@@ -1,0 +1,338 @@
+"""What OpenAI's published API description allows, the server accepts (or refuses with a reason),
+and what it answers matches that description; abuse gets a typed 4xx, never a 500 or a stall;
+and every request ends in exactly one outcome of the metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from fake_engine import FakeEngine
+from test_app import MODEL, Tiny, assert_error, sse
+
+from zigllama_batch import BatchConfig, BatchProcessor
+from zigllama_batch.server import create_app
+from zigllama_batch.server.metrics import OUTCOMES
+
+KEY = "sekret"
+
+
+@pytest.fixture
+async def app_and_client(
+    tiny: Tiny,
+) -> AsyncIterator[tuple[Any, httpx.AsyncClient, BatchProcessor]]:
+    """The app over a running processor on the fake engine (1 MiB body limit, an API key), and
+    a client that does not re-raise the app's exceptions (a 500 is an answer here)."""
+    engine = FakeEngine(tiny[1], n_slots=4, max_context=256)
+    processor = BatchProcessor.from_engine(
+        engine, BatchConfig(strategy="continuous", max_batch_size=4, max_queue_size=4)
+    )
+    app = create_app(processor, model_name=MODEL, api_key=KEY)
+    await processor.start()
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers={"Authorization": f"Bearer {KEY}"}
+    ) as client:
+        yield app, client, processor
+    await processor.aclose(drain=False)
+
+
+@pytest.fixture
+async def client(app_and_client: Any) -> httpx.AsyncClient:
+    return app_and_client[1]  # type: ignore[no-any-return]
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "the cat", "max_tokens": 4, **fields}
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+def outcomes(metrics_text: str) -> dict[str, float]:
+    found = re.findall(r'^zigllama_requests_total\{outcome="(\w+)"\} (\S+)$', metrics_text, re.M)
+    return {name: float(value) for name, value in found}
+
+
+# -- conformance ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": MODEL, "prompt": "\ud800"},
+        {"model": MODEL, "prompt": ["a\udfffb"]},
+        {"model": MODEL, "messages": [{"role": "user", "content": "x\ud800"}]},
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}],
+        },
+        {"model": "\ud800", "prompt": "x"},
+    ],
+)
+async def test_lone_surrogate_is_a_400_with_openais_body(
+    client: httpx.AsyncClient, body: dict[str, Any]
+) -> None:
+    """A lone surrogate (JSON "\\ud800", not encodable as UTF-8) anywhere in a request gets
+    OpenAI's error body with a 4xx and counts as invalid, instead of a plain-text 500."""
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    raw = json.dumps(body)  # ASCII escapes: the lone surrogate travels as \ud800
+    r = await client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code in (400, 404), r.text
+    error = r.json()["error"]
+    assert error["message"]
+    if r.status_code == 400:
+        assert "surrogate" in error["message"]
+    assert outcomes((await client.get("/metrics")).text)["invalid"] == 1
+
+
+NULLABLE_COMMON = (
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+    "max_tokens",
+    "seed",
+    "stop",
+    "user",
+    "response_format",
+    "logit_bias",
+)
+
+
+@pytest.mark.parametrize("field", [*NULLABLE_COMMON, "echo", "best_of", "suffix", "prompt"])
+async def test_null_means_the_default_on_completions(client: httpx.AsyncClient, field: str) -> None:
+    """null for a nullable field of /v1/completions is its default, as the spec says."""
+    r = await client.post("/v1/completions", json={**completion(), field: None})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("field", [*NULLABLE_COMMON, "top_logprobs", "max_completion_tokens"])
+async def test_null_means_the_default_on_chat(client: httpx.AsyncClient, field: str) -> None:
+    """null for a nullable field of /v1/chat/completions is its default."""
+    r = await client.post("/v1/chat/completions", json={**chat(max_tokens=3), field: None})
+    assert r.status_code == 200, r.text
+
+
+async def test_null_max_tokens_on_completions_is_16(client: httpx.AsyncClient) -> None:
+    """max_tokens: null generates OpenAI's default of 16 tokens, not the rest of the context."""
+    r = await client.post("/v1/completions", json=completion(max_tokens=None, ignore_eos=True))
+    assert r.json()["usage"]["completion_tokens"] == 16
+
+
+async def test_required_fields_stay_required(client: httpx.AsyncClient) -> None:
+    """null is not a model id, nor a list of messages."""
+    assert_error(await client.post("/v1/completions", json=completion(model=None)), 400)
+    r = await client.post("/v1/chat/completions", json=chat(messages=None))
+    assert_error(r, 400, param="messages")
+
+
+async def test_continuous_usage_stats_puts_usage_on_every_chunk(
+    client: httpx.AsyncClient,
+) -> None:
+    """stream_options.continuous_usage_stats (vLLM's extension, which guidellm sends) gives
+    every chunk the usage so far; the tokens counted grow to the final usage."""
+    r = await client.post(
+        "/v1/completions",
+        json=completion(
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        ),
+    )
+    events = sse(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(e["usage"]["prompt_tokens"] == chunks[0]["usage"]["prompt_tokens"] for e in chunks)
+    counted = [e["usage"]["completion_tokens"] for e in chunks]
+    assert counted == sorted(counted)
+    assert counted[-1] == 5
+    assert all(
+        e["usage"]["total_tokens"] == e["usage"]["prompt_tokens"] + e["usage"]["completion_tokens"]
+        for e in chunks
+    )
+
+
+async def test_unknown_keys_inside_known_objects_are_ignored(client: httpx.AsyncClient) -> None:
+    """Unknown fields inside stream_options and messages cannot change the answer: ignored, as
+    at the top level."""
+    r = await client.post(
+        "/v1/chat/completions",
+        json=chat(
+            max_tokens=2,
+            stream=True,
+            stream_options={"include_usage": True, "some_future_flag": 1},
+            messages=[{"role": "user", "content": "hi", "x_trace": "abc"}],
+            some_top_level_flag=True,
+        ),
+    )
+    assert r.status_code == 200, r.text
+    assert sse(r.text)[-1] == "[DONE]"
+
+
+async def test_chat_messages_and_logprobs_carry_refusal(client: httpx.AsyncClient) -> None:
+    """message.refusal and logprobs.refusal, required (nullable) by the spec, are present, in
+    full responses and in stream chunks."""
+    body = (
+        await client.post("/v1/chat/completions", json=chat(max_tokens=2, logprobs=True))
+    ).json()
+    choice = body["choices"][0]
+    assert choice["message"]["refusal"] is None
+    assert choice["logprobs"]["refusal"] is None
+    r = await client.post(
+        "/v1/chat/completions", json=chat(max_tokens=2, logprobs=True, stream=True)
+    )
+    with_logprobs = [e for e in sse(r.text)[:-1] if e["choices"][0]["logprobs"]]
+    assert with_logprobs
+    assert all(e["choices"][0]["logprobs"]["refusal"] is None for e in with_logprobs)
+
+
+async def test_response_format_text_is_accepted_others_refused(client: httpx.AsyncClient) -> None:
+    """response_format {"type": "text"} is the default and is accepted; the structured types
+    are refused by name until they are implemented."""
+    for path, body in (("/v1/chat/completions", chat()), ("/v1/completions", completion())):
+        r = await client.post(
+            path, json={**body, "max_tokens": 2, "response_format": {"type": "text"}}
+        )
+        assert r.status_code == 200, r.text
+    r = await client.post(
+        "/v1/chat/completions", json=chat(response_format={"type": "json_object"})
+    )
+    assert_error(r, 400, param="response_format")
+
+
+async def test_spec_valid_edges_are_accepted(client: httpx.AsyncClient) -> None:
+    """top_p 0 (the most likely token only), a negative seed, temperature far below float32's
+    range (greedy), and an empty stop string (stops nothing) are valid OpenAI requests."""
+    for extra in (
+        {"top_p": 0},
+        {"seed": -(2**63)},
+        {"temperature": 1e-39},
+        {"stop": ""},
+        {"stop": ["", "zz"]},
+        {"tool_choice": "none", "tools": []},
+    ):
+        r = await client.post("/v1/chat/completions", json=chat(max_tokens=2, **extra))
+        assert r.status_code == 200, (extra, r.text)
+
+
+async def test_max_tokens_zero_is_refused_with_the_reason(client: httpx.AsyncClient) -> None:
+    """max_tokens 0 (valid in the spec, meaningful only with echo) is refused by name, with a
+    message saying why this server differs."""
+    r = await client.post("/v1/completions", json=completion(max_tokens=0))
+    error = assert_error(r, 400, param="max_tokens")
+    assert "echo" in error["message"]
+    r = await client.post("/v1/chat/completions", json=chat(max_completion_tokens=0))
+    assert_error(r, 400, param="max_completion_tokens")
+
+
+async def test_405_carries_allow(client: httpx.AsyncClient) -> None:
+    """A wrong method gets 405 with the Allow header RFC 9110 requires."""
+    r = await client.get("/v1/completions")
+    assert_error(r, 405)
+    assert r.headers["allow"] == "POST"
+
+
+async def test_models_retrieve(client: httpx.AsyncClient) -> None:
+    """GET /v1/models/{id} (the client's models.retrieve) returns the model object; another id
+    gets a 404 with code model_not_found."""
+    r = await client.get(f"/v1/models/{MODEL}")
+    assert r.status_code == 200
+    assert r.json() == (await client.get("/v1/models")).json()["data"][0]
+    assert_error(await client.get("/v1/models/gpt-4o"), 404, code="model_not_found")
+    assert_error(await client.get("/v1/models/org/some-model"), 404, code="model_not_found")
+
+
+# -- robustness ---------------------------------------------------------------------------------
+
+
+async def test_huge_conversation_is_refused_before_rendering(
+    app_and_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of empty messages (a cheap body: no content bytes) are refused as longer than
+    the context without rendering the template, which would stall the event loop."""
+    _, client, processor = app_and_client
+    tokenizer = processor.tokenizer
+    assert tokenizer.min_message_tokens >= 1
+    rendered = 0
+    original = tokenizer.apply_chat_template
+
+    def counting(*args: Any, **kwargs: Any) -> str:
+        nonlocal rendered
+        rendered += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", counting)
+    messages = [{"role": "user", "content": ""}] * 20_000
+    r = await client.post("/v1/chat/completions", json=chat(messages=messages))
+    assert_error(r, 400, code="context_length_exceeded")
+    assert rendered == 0
+
+
+async def test_two_authorization_headers_are_refused(client: httpx.AsyncClient) -> None:
+    """Two Authorization headers get a 400 (a proxy that checked one of them must not disagree
+    with the server about which counts); the scheme is case-insensitive."""
+    headers = [("Authorization", "Bearer wrong"), ("Authorization", f"Bearer {KEY}")]
+    r = await client.post(
+        "/v1/completions",
+        content=json.dumps(completion()),
+        headers=httpx.Headers([("Content-Type", "application/json"), *headers]),
+    )
+    assert_error(r, 400, code="duplicate_authorization_header")
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        r = await client.post(
+            "/v1/completions", json=completion(), headers={"Authorization": f"{scheme} {KEY}"}
+        )
+        assert r.status_code == 200, (scheme, r.text)
+    r = await client.post(
+        "/v1/completions", json=completion(), headers={"Authorization": f"Basic {KEY}"}
+    )
+    assert_error(r, 401, code="invalid_api_key")
+
+
+async def test_every_request_ends_in_exactly_one_outcome(
+    app_and_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mixed burst (served, bad JSON, unknown model, wrong method, unknown path, bad key, a bug
+    in the handler, full queue) adds up: the outcome counters sum to the requests sent."""
+    _, client, processor = app_and_client
+    bad_key = {"Authorization": "Bearer nope"}
+    sent = [
+        client.post("/v1/completions", json=completion()),
+        client.post("/v1/chat/completions", json=chat(max_tokens=2)),
+        client.post("/v1/completions", content=b"{not json"),
+        client.post("/v1/completions", json=completion(model="other")),
+        client.get("/v1/completions"),
+        client.get("/v1/nothing-here"),
+        client.post("/v1/completions", json=completion(), headers=bad_key),
+        client.get("/v1/models", headers=bad_key),
+        client.post("/v1/completions", json=completion(temperature=7)),
+    ]
+    results = [await r for r in sent]
+    statuses = [r.status_code for r in results]
+    assert statuses == [200, 200, 400, 404, 405, 404, 401, 401, 400]
+
+    def bug(prompt: object) -> list[int]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(processor, "encode_prompt", bug)
+    r = await client.post("/v1/completions", json=completion())
+    assert_error(r, 500)
+    assert r.json()["error"]["type"] == "server_error"
+
+    counts = outcomes((await client.get("/metrics")).text)
+    assert set(counts) == set(OUTCOMES)
+    assert sum(counts.values()) == len(sent) + 1
+    assert counts["completed"] == 2
+    assert counts["invalid"] == 5
+    assert counts["unauthorized"] == 2
+    assert counts["error"] == 1
