@@ -17,6 +17,7 @@ from test_app import MODEL, Tiny, assert_error, sse
 from zigllama_batch import BatchConfig, BatchProcessor
 from zigllama_batch.server import create_app
 from zigllama_batch.server.metrics import OUTCOMES
+from zigllama_batch.server.schema import ChatCompletionRequest, CompletionRequest
 
 KEY = "sekret"
 
@@ -255,27 +256,43 @@ async def test_models_retrieve(client: httpx.AsyncClient) -> None:
 # -- robustness ---------------------------------------------------------------------------------
 
 
-async def test_huge_conversation_is_refused_before_rendering(
-    app_and_client: Any, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("path", "body", "schema"),
+    [
+        (
+            "/v1/chat/completions",
+            chat(messages=[{"role": "user", "content": ""}] * 20_000),
+            ChatCompletionRequest,
+        ),
+        ("/v1/completions", completion(prompt=[11] * 20_000), CompletionRequest),
+        ("/v1/completions", completion(prompt=[[11] * 20_000]), CompletionRequest),
+    ],
+    ids=["20k_empty_messages", "20k_token_ids", "20k_token_ids_nested"],
+)
+async def test_huge_prompt_lists_are_refused_before_any_per_item_work(
+    app_and_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+    body: dict[str, Any],
+    schema: type[Any],
 ) -> None:
-    """Thousands of empty messages (a cheap body: no content bytes) are refused as longer than
-    the context without rendering the template, which would stall the event loop."""
+    """Thousands of empty messages (no content bytes, so a cheap body) or token ids are refused
+    as longer than the context before validation item by item or the chat template, either of
+    which would stall the event loop (the README's abuse benchmark measures it)."""
     _, client, processor = app_and_client
-    tokenizer = processor.tokenizer
-    assert tokenizer.min_message_tokens >= 1
-    rendered = 0
-    original = tokenizer.apply_chat_template
+    assert processor.tokenizer.min_message_tokens >= 1
+    calls = 0
 
-    def counting(*args: Any, **kwargs: Any) -> str:
-        nonlocal rendered
-        rendered += 1
-        return original(*args, **kwargs)
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        raise AssertionError("reached per-item work")
 
-    monkeypatch.setattr(tokenizer, "apply_chat_template", counting)
-    messages = [{"role": "user", "content": ""}] * 20_000
-    r = await client.post("/v1/chat/completions", json=chat(messages=messages))
+    monkeypatch.setattr(processor.tokenizer, "apply_chat_template", counting)
+    monkeypatch.setattr(schema, "model_validate", counting)
+    r = await client.post(path, json=body)
     assert_error(r, 400, code="context_length_exceeded")
-    assert rendered == 0
+    assert calls == 0
 
 
 async def test_two_authorization_headers_are_refused(client: httpx.AsyncClient) -> None:

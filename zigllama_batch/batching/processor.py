@@ -16,9 +16,9 @@ import asyncio
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from types import TracebackType
-from typing import Any, Self, TypeGuard
+from typing import Any, Self
 
 from ..engine.output import OutputDecoder
 from ..engine.runner import Engine, Model
@@ -401,18 +401,27 @@ class BatchProcessor:
             PromptTooLong: the prompt leaves no room in the context for a generated token.
             InvalidRequest: the prompt is malformed.
         """
-        max_context = self.engine.max_context
-        # Too long to be worth rendering and tokenizing on the loop? Each token covers at most
-        # max_token_bytes bytes of text, and each chat message costs the template's tokens.
-        at_least = _text_bytes(prompt) // self.tokenizer.max_token_bytes
-        if _is_chat(prompt):
-            at_least += len(prompt) * self.tokenizer.min_message_tokens
-        if at_least >= max_context:
-            raise PromptTooLong(at_least, max_context, at_least=True)
+        self.check_prompt_length(prompt)
         prompt_ids = self.tokenizer.encode_prompt(prompt)
+        max_context = self.engine.max_context
         if len(prompt_ids) >= max_context:
             raise PromptTooLong(len(prompt_ids), max_context)
         return prompt_ids
+
+    def check_prompt_length(self, prompt: object) -> None:
+        """Refuse, without rendering or tokenizing it, a prompt certainly too long for the
+        context: a text of n bytes has at least n / (longest token's bytes) tokens, a list of
+        token ids its length, and each chat message at least the tokens its template adds.
+        Cheap enough for the event loop; a server calls it on a request's raw JSON, before
+        validating a long list item by item. Anything else passes (it is checked later).
+
+        Raises:
+            PromptTooLong: the prompt cannot fit, whatever its tokens turn out to be.
+        """
+        max_context = self.engine.max_context
+        at_least = _least_tokens(prompt, self.tokenizer)
+        if at_least >= max_context:
+            raise PromptTooLong(at_least, max_context, at_least=True)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -492,28 +501,34 @@ class BatchProcessor:
         )
 
 
-def _is_chat(prompt: Prompt) -> TypeGuard[Sequence[object]]:
-    """Whether a prompt is a list of chat messages (not text, not token ids)."""
-    return isinstance(prompt, list | tuple) and bool(prompt) and isinstance(prompt[0], dict)
-
-
-def _text_bytes(prompt: object) -> int:
-    """UTF-8 bytes of the text in a prompt: a string, or the contents of chat messages
-    (strings, or OpenAI-style parts with a ``text``); 0 for anything else. A lone surrogate
-    counts as the 3 bytes it would take; the tokenizer refuses it."""
+def _least_tokens(prompt: object, tokenizer: Tokenizer) -> int:
+    """A lower bound on a prompt's tokens, from its shape and sizes alone: text (bytes / the
+    longest token's bytes), token ids (their count), chat messages (text, plus the template's
+    tokens per message), or a list of these (the longest); 0 for anything else."""
     if isinstance(prompt, str):
-        return len(prompt.encode("utf-8", "surrogatepass"))
-    if not isinstance(prompt, list | tuple):
+        return _utf8_bytes(prompt) // tokenizer.max_token_bytes
+    if not isinstance(prompt, list | tuple) or not prompt:
         return 0
-    total = 0
+    first = prompt[0]
+    if isinstance(first, int):
+        return len(prompt)
+    if isinstance(first, str | list | tuple):
+        return max(_least_tokens(p, tokenizer) for p in prompt)
+    text = 0  # chat messages: strings, or OpenAI-style parts with a ``text``
     for message in prompt:
         content = message.get("content") if isinstance(message, dict) else None
         parts = content if isinstance(content, list) else [content]
         for part in parts:
-            text = part.get("text") if isinstance(part, dict) else part
-            if isinstance(text, str):
-                total += len(text.encode("utf-8", "surrogatepass"))
-    return total
+            value = part.get("text") if isinstance(part, dict) else part
+            if isinstance(value, str):
+                text += _utf8_bytes(value)
+    return text // tokenizer.max_token_bytes + len(prompt) * tokenizer.min_message_tokens
+
+
+def _utf8_bytes(text: str) -> int:
+    """UTF-8 bytes of ``text``; a lone surrogate counts as the 3 bytes it would take (the
+    tokenizer refuses it)."""
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _mark_retrieved(future: asyncio.Future[BatchResult]) -> None:

@@ -407,6 +407,11 @@ class _Api:
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        # Before pydantic validates a long list item by item on the loop (34,000 messages:
+        # ~0.1 s; 250,000 token ids tried against each type of the prompt's union: ~0.8 s).
+        self.processor.check_prompt_length(
+            data.get("messages" if schema is ChatCompletionRequest else "prompt")
+        )
         try:
             return schema.model_validate(data)
         except ValidationError as exc:

@@ -160,8 +160,12 @@ class CompletionRequest(_Sampling):
             raise InvalidRequest("logprobs: only the chosen token's logprob is available (<= 1)")
 
 
-class ChatMessage(_Body):
-    """One chat message (text content only; other keys, such as ``name``, reach the template)."""
+class ChatMessage(BaseModel):
+    """One chat message (text content only; other keys, such as ``name``, reach the template).
+    A plain model, without ``_Body``'s null handling (nothing here has a default to restore):
+    a conversation may hold thousands of messages."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
