@@ -226,6 +226,13 @@ async def test_spec_valid_edges_are_accepted(client: httpx.AsyncClient) -> None:
         assert r.status_code == 200, (extra, r.text)
 
 
+async def test_denormal_repetition_penalty_is_refused_by_name(client: httpx.AsyncClient) -> None:
+    """A repetition_penalty so small that float32 division makes logits infinite is refused
+    naming the field, instead of sampling from NaN."""
+    r = await client.post("/v1/chat/completions", json=chat(repetition_penalty=1e-39))
+    assert_error(r, 400, param="repetition_penalty")
+
+
 async def test_max_tokens_zero_is_refused_with_the_reason(client: httpx.AsyncClient) -> None:
     """max_tokens 0 (valid in the spec, meaningful only with echo) is refused by name, with a
     message saying why this server differs."""
