@@ -233,6 +233,38 @@ async def test_denormal_repetition_penalty_is_refused_by_name(client: httpx.Asyn
     assert_error(r, 400, param="repetition_penalty")
 
 
+async def test_whole_number_floats_are_integers(client: httpx.AsyncClient) -> None:
+    """JSON Schema counts 1.0 as an integer: integer fields take whole-number floats (and
+    still refuse 1.5 and "1")."""
+    r = await client.post(
+        "/v1/completions",
+        json=completion(max_tokens=2.0, seed=3.0, n=1.0, logprobs=1.0, best_of=1.0, prompt=[11.0]),
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+    assert_error(await client.post("/v1/completions", json=completion(max_tokens=1.5)), 400)
+    assert_error(await client.post("/v1/completions", json=completion(max_tokens="2")), 400)
+
+
+async def test_spec_minimums_are_accepted(client: httpx.AsyncClient) -> None:
+    """best_of 0 (the spec's minimum) and an empty prompt list (no minItems; the empty
+    document, like null) are valid completions requests; role "function" is a valid message."""
+    for extra in ({"best_of": 0}, {"prompt": []}):
+        r = await client.post("/v1/completions", json=completion(**extra))
+        assert r.status_code == 200, (extra, r.text)
+    messages = [{"role": "function", "name": "f", "content": "x"}]
+    r = await client.post("/v1/chat/completions", json=chat(messages=messages, max_tokens=2))
+    assert r.status_code == 200, r.text
+
+
+async def test_context_error_names_the_field_that_was_sent(client: httpx.AsyncClient) -> None:
+    """A completion length over the context is refused naming the field the client used."""
+    for field in ("max_tokens", "max_completion_tokens"):
+        r = await client.post("/v1/chat/completions", json=chat(**{field: 10_000}))
+        error = assert_error(r, 400, code="context_length_exceeded", param=field)
+        assert f"({field})" in error["message"]
+
+
 async def test_max_tokens_zero_is_refused_with_the_reason(client: httpx.AsyncClient) -> None:
     """max_tokens 0 (valid in the spec, meaningful only with echo) is refused by name, with a
     message saying why this server differs."""

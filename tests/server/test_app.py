@@ -419,7 +419,7 @@ async def test_max_tokens_beyond_the_context_is_400(served: Any) -> None:
             "max_completion_tokens": 1000,
         },
     )
-    error = assert_error(r, 400, code="context_length_exceeded", param="max_tokens")
+    error = assert_error(r, 400, code="context_length_exceeded", param="max_completion_tokens")
     assert "256" in error["message"]
     r = await client.post(
         "/v1/chat/completions",

@@ -351,11 +351,12 @@ class _Api:
             room = max_context - len(prompt_ids)
             asked = body.requested_max_tokens()
             if asked is not None and asked > room:
+                field = body.max_tokens_field()
                 raise ApiError(
                     400,
                     f"this model's context holds {max_context} tokens; the prompt has "
-                    f"{len(prompt_ids)} and {asked} more were asked for (max_tokens)",
-                    param="max_tokens",
+                    f"{len(prompt_ids)} and {asked} more were asked for ({field})",
+                    param=field,
                     code="context_length_exceeded",
                 )
             config = generation_config(body, max_tokens_default=room)

@@ -17,18 +17,30 @@ How fields are read, as OpenAI and vLLM read them:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ..errors import InvalidRequest
 from ..generation import GenerationConfig
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "generation_config"]
 
+
+def _whole_number(value: Any) -> Any:
+    """A float with no fractional part as the int it is: JSON Schema counts ``1.0`` as an
+    integer, and clients that send numbers as floats should not get a 400 for it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_whole_number)]
+"""An integer field: strict (``"5"`` is refused) but ``5.0`` is 5."""
+
 _UNSUPPORTED: dict[str, tuple[object, ...]] = {
     # field: the values that ask for nothing (accepted); any other value is refused
-    "best_of": (None, 1),
+    "best_of": (None, 0, 1),
     "suffix": (None, ""),
     "logit_bias": (None, {}),
     "tools": (None, []),
@@ -78,21 +90,21 @@ class _Sampling(_Body):
     """Fields shared by both endpoints."""
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: Int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0 keeps only the most likely token
-    top_k: int = Field(0, ge=-1)  # extension; 0 or -1: off
+    top_k: Int = Field(0, ge=-1)  # extension; 0 or -1: off
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # extension
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None  # any int: OpenAI's seeds are signed 64-bit
+    seed: Int | None = None  # any int: OpenAI's seeds are signed 64-bit
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
+    n: Int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    priority: int = Field(0, ge=-1_000_000, le=1_000_000)  # extension: lower is served first
+    priority: Int = Field(0, ge=-1_000_000, le=1_000_000)  # extension: lower is served first
     ignore_eos: bool = False  # extension
     user: str | None = None  # accepted, not used
 
@@ -116,7 +128,7 @@ class _Sampling(_Body):
         requested = self.requested_max_tokens()
         if requested is not None and requested < 1:
             raise InvalidRequest(
-                f"{self._max_tokens_field()}: must be >= 1, got {requested} (this server does "
+                f"{self.max_tokens_field()}: must be >= 1, got {requested} (this server does "
                 "not implement echo, the one use of generating nothing)"
             )
         if len(self.stop_strings()) > 16:
@@ -127,7 +139,8 @@ class _Sampling(_Body):
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return [s for s in stops if s]
 
-    def _max_tokens_field(self) -> str:
+    def max_tokens_field(self) -> str:
+        """The name of the field that set the completion length."""
         return "max_tokens"
 
 
@@ -135,21 +148,21 @@ class CompletionRequest(_Sampling):
     """Body of ``POST /v1/completions``."""
 
     # Required, nullable: null is OpenAI's default "<|endoftext|>", an empty document (the BOS).
-    prompt: str | list[str] | list[int] | list[list[int]] | None
-    max_tokens: int | None = 16  # the OpenAI default for completions
-    logprobs: int | None = Field(None, ge=0)
+    prompt: str | list[str] | list[Int] | list[list[Int]] | None
+    max_tokens: Int | None = 16  # the OpenAI default for completions
+    logprobs: Int | None = Field(None, ge=0)
     echo: bool = False
 
     def prompt_value(self) -> str | list[int]:
         """The one prompt: text or token ids (a list of prompts must hold exactly one)."""
-        prompt = self.prompt if self.prompt is not None else ""
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        prompt = self.prompt
+        if prompt is None or prompt == []:  # OpenAI's default: the empty document
+            return ""
+        if isinstance(prompt, list) and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise InvalidRequest("prompt: only one prompt per request is supported")
             return prompt[0]
-        if isinstance(prompt, list) and not prompt:
-            raise InvalidRequest("prompt: an empty list is not a prompt")
-        return prompt  # type: ignore[return-value]
+        return prompt
 
     def check_supported(self) -> None:
         """As for every request, plus ``echo`` and logprob alternatives."""
@@ -175,9 +188,9 @@ class ChatCompletionRequest(_Sampling):
     """Body of ``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: Int | None = Field(None, ge=0)
 
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens`` (the newer name) or ``max_tokens``, if given."""
@@ -185,7 +198,8 @@ class ChatCompletionRequest(_Sampling):
             return self.max_completion_tokens
         return self.max_tokens
 
-    def _max_tokens_field(self) -> str:
+    def max_tokens_field(self) -> str:
+        """``max_completion_tokens`` when given, else ``max_tokens``."""
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def check_supported(self) -> None:
@@ -232,5 +246,5 @@ def generation_config(
 
 
 def _same(value: object, accepted: object) -> bool:
-    """JSON equality (``True`` is not ``1``, as a JSON boolean is not a number)."""
-    return type(value) is type(accepted) and value == accepted
+    """JSON equality: ``1.0`` is ``1``, but ``True`` is not (a JSON boolean is not a number)."""
+    return isinstance(value, bool) == isinstance(accepted, bool) and value == accepted

@@ -1,0 +1,440 @@
+"""The app against OpenAI's own OpenAPI description, fuzzed in-process (ASGI) by schemathesis.
+
+The description is OpenAI's, reduced to the operations this server implements (see
+``tests/openai_spec.py``: where it comes from, its licence, what is kept). For each operation, schemathesis' engine runs its examples, coverage and
+fuzzing phases, with positive (spec-valid) and negative data, against a fresh app over a tiny
+model, and checks every answer:
+
+- ``not_a_server_error``: no 5xx, whatever the request;
+- ``response_schema_conformance``: a 2xx JSON answer matches the documented response schema;
+- ``stream_chunk_conformance`` (here): each event of a 2xx ``text/event-stream`` answer matches
+  the chunk schema OpenAI documents, and the stream ends with ``data: [DONE]``;
+- ``accepted_unless_refused`` (here): schemathesis' ``positive_data_acceptance`` (a spec-valid
+  request gets a 2xx), except for the refusals this server documents (``DOCUMENTED_REFUSALS``).
+
+A ``before_call`` hook sends every request to the served model (the description's examples name
+OpenAI's models) and caps the completion length, so the run stays fast. The engine is driven
+directly rather than through ``schema.parametrize()`` so that one run reports every distinct
+failure (grouped by check, status and error), not just the first one Hypothesis meets.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema_rs  # schemathesis' own JSON Schema validator
+import pytest
+import schemathesis
+from openai_spec import reduced_openai_description
+from schemathesis.engine import events
+from schemathesis.engine import from_schema as engine_for
+from schemathesis.hooks import GLOBAL_HOOK_DISPATCHER
+from schemathesis.python import asgi
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from zigllama_batch import BatchConfig, BatchProcessor, LLaMAModel, Tokenizer
+from zigllama_batch.server import create_app
+
+Tiny = tuple[LLaMAModel, Tokenizer]
+MODEL = "tiny"
+MAX_TOKENS = 3
+"""Requested ``max_tokens`` / ``max_completion_tokens`` above this are lowered to it."""
+
+OPERATIONS = ["POST /completions", "POST /chat/completions", "GET /models", "GET /models/{model}"]
+
+CONFIG: dict[str, Any] = {
+    # The same cases every run, so a failure in CI is the failure seen locally.
+    "generation": {"mode": "all", "deterministic": True, "database": "none"},
+    "phases": {
+        "examples": {"enabled": True},
+        "coverage": {"enabled": True},
+        "fuzzing": {"enabled": True, "generation": {"max-examples": 25}},
+        "stateful": {"enabled": False},
+    },
+    "checks": {
+        "enabled": False,  # only these:
+        "not_a_server_error": {"enabled": True},
+        "response_schema_conformance": {"enabled": True},
+        "stream_chunk_conformance": {"enabled": True},
+        "accepted_unless_refused": {"enabled": True},
+        # Called by accepted_unless_refused, not on its own. A spec-valid request must succeed:
+        # the default also lets 404, 409, 429 and 5xx pass, but every request names the served
+        # model and nothing else is running.
+        "positive_data_acceptance": {"enabled": False, "expected-statuses": ["2xx"]},
+    },
+    "continue-on-failure": True,  # every case is sent, so every distinct failure is reported
+    "output": {"sanitization": {"enabled": False}},  # "max_tokens" is not a secret
+}
+
+
+# -- the refusals this server documents ---------------------------------------------------------
+
+
+def _set(key: str) -> Callable[[Mapping[str, Any]], bool]:
+    return lambda body: body.get(key) is not None
+
+
+def _above(key: str, limit: int) -> Callable[[Mapping[str, Any]], bool]:
+    def test(body: Mapping[str, Any]) -> bool:
+        value = body.get(key)
+        return isinstance(value, int | float) and not isinstance(value, bool) and value > limit
+
+    return test
+
+
+def _below(key: str, limit: int) -> Callable[[Mapping[str, Any]], bool]:
+    def test(body: Mapping[str, Any]) -> bool:
+        value = body.get(key)
+        return isinstance(value, int | float) and not isinstance(value, bool) and value < limit
+
+    return test
+
+
+def _non_text_part(body: Mapping[str, Any]) -> bool:
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list) and any(
+            not isinstance(part, Mapping) or part.get("type") != "text" for part in content
+        ):
+            return True
+    return False
+
+
+def _stops(body: Mapping[str, Any]) -> int:
+    stop = body.get("stop")
+    return 1 if isinstance(stop, str) else len(stop) if isinstance(stop, list) else 0
+
+
+def _prompts(body: Mapping[str, Any]) -> int:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
+def _response_format_not_text(body: Mapping[str, Any]) -> bool:
+    response_format = body.get("response_format")
+    return isinstance(response_format, Mapping) and response_format.get("type") != "text"
+
+
+def _token_ids(body: Mapping[str, Any]) -> bool:
+    prompt = body.get("prompt")
+    return isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], str)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A 400 the server answers on purpose: ``applies`` says the request asked for it, and the
+    error's ``param`` (with its ``code``, or its ``message`` matching a regex, where given) says
+    the answer is that refusal."""
+
+    param: str | None
+    applies: Callable[[Mapping[str, Any]], bool]
+    message: str = ""
+    code: str | None = None
+
+
+DOCUMENTED_REFUSALS = [
+    # More than one choice per request.
+    Refusal("n", _above("n", 1)),
+    Refusal("best_of", _above("best_of", 1)),
+    # Parameters that would change the answer but are not implemented (any non-null value).
+    Refusal("suffix", _set("suffix")),
+    Refusal("logit_bias", _set("logit_bias")),
+    Refusal("tools", _set("tools")),
+    Refusal("tool_choice", _set("tool_choice")),
+    Refusal("functions", _set("functions")),
+    Refusal("function_call", _set("function_call")),
+    Refusal("audio", _set("audio")),
+    Refusal("modalities", _set("modalities")),
+    # Generating nothing (meaningful only with echo, which is not implemented).
+    Refusal("max_tokens", _below("max_tokens", 1), message="must be >= 1"),
+    Refusal("max_completion_tokens", _below("max_completion_tokens", 1), message="must be >= 1"),
+    # Structured output: only plain text ({"type": "text"}) is produced.
+    Refusal("response_format", _response_format_not_text),
+    # The prompt is not repeated in a completion.
+    Refusal("echo", lambda body: body.get("echo") is True),
+    # Only the chosen token's logprob is known, no alternatives.
+    Refusal("logprobs", _above("logprobs", 1)),  # completions: an int
+    Refusal("top_logprobs", _above("top_logprobs", 0)),
+    # At most 16 stop strings (OpenAI allows 4, so no spec-valid request meets this one).
+    Refusal("stop", lambda body: _stops(body) > 16),
+    # Chat content parts other than text (images, audio, files, refusals).
+    Refusal(None, _non_text_part, message=r"^messages\[\d+\]\.content: only text parts"),
+    # One prompt per completion request.
+    Refusal("prompt", lambda body: _prompts(body) > 1),
+    # Limits of the model rather than of the API (OpenAI answers them with a 400 too): a prompt
+    # and completion longer than the context, and token ids outside the vocabulary.
+    Refusal("prompt", _set("prompt"), code="context_length_exceeded"),
+    Refusal("messages", _set("messages"), code="context_length_exceeded"),
+    Refusal("max_tokens", _set("max_tokens"), code="context_length_exceeded"),
+    Refusal("max_completion_tokens", _set("max_completion_tokens"), code="context_length_exceeded"),
+    Refusal("prompt", _token_ids, message=r"^prompt: token id -?\d+ is outside the vocabulary"),
+]
+
+
+def documented_refusal(body: object, answer: object) -> Refusal | None:
+    """The documented refusal a 400 answer (in OpenAI's error shape) is, if it is one."""
+    if not isinstance(body, Mapping) or not isinstance(answer, Mapping):
+        return None
+    error = answer.get("error")
+    if not isinstance(error, Mapping) or set(error) != {"message", "type", "param", "code"}:
+        return None
+    if error["type"] != "invalid_request_error":
+        return None
+    for refusal in DOCUMENTED_REFUSALS:
+        if refusal.param != error["param"] or not refusal.applies(body):
+            continue
+        if refusal.code is not None and refusal.code != error["code"]:
+            continue
+        if refusal.message and not re.search(refusal.message, str(error["message"])):
+            continue
+        return refusal
+    return None
+
+
+# -- checks (registered with schemathesis, enabled by CONFIG) ---------------------------------
+
+
+@schemathesis.check
+def accepted_unless_refused(ctx: Any, response: Any, case: Any) -> bool | None:
+    """``positive_data_acceptance``, letting the documented refusals through."""
+    if response.status_code == 400:
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if documented_refusal(case.body, answer) is not None:
+            return None
+    return positive_data_acceptance(ctx, response, case)
+
+
+def _nullable_to_json_schema(node: Any) -> Any:
+    """OpenAPI's ``nullable: true`` as JSON Schema spells it (schemathesis reads it so too)."""
+    if isinstance(node, list):
+        return [_nullable_to_json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _nullable_to_json_schema(v) for k, v in node.items() if k != "nullable"}
+    return {"anyOf": [out, {"type": "null"}]} if node.get("nullable") is True else out
+
+
+@functools.cache
+def chunk_validators() -> dict[str, jsonschema_rs.Draft202012Validator]:
+    """A validator of one streamed event per operation path. OpenAI documents a completion's
+    chunks as completion objects; like a chat chunk's (and like OpenAI's own streams), their
+    ``finish_reason`` is null until the last one."""
+    components = _nullable_to_json_schema(copy.deepcopy(reduced_openai_description()["components"]))
+    completion = components["schemas"]["CreateCompletionResponse"]
+    choice = completion["properties"]["choices"]["items"]["properties"]
+    choice["finish_reason"] = {"anyOf": [choice["finish_reason"], {"type": "null"}]}
+
+    def of(name: str) -> jsonschema_rs.Draft202012Validator:
+        root = {"$ref": f"#/components/schemas/{name}", "components": components}
+        return jsonschema_rs.Draft202012Validator(root)
+
+    return {
+        "/chat/completions": of("CreateChatCompletionStreamResponse"),
+        "/completions": of("CreateCompletionResponse"),
+    }
+
+
+def without_event_streams(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` without its ``text/event-stream`` responses. OpenAI gives the chunk schema there,
+    meaning each event's ``data``; schemathesis reads it as OpenAPI 3.2 does, as the schema of
+    the event object (``{"data": "...", "event": ...}``), and would report every stream.
+    ``stream_chunk_conformance`` checks the chunks instead."""
+    spec = copy.deepcopy(spec)
+    for item in spec["paths"].values():
+        for operation in item.values():
+            for response in operation.get("responses", {}).values():
+                response.get("content", {}).pop("text/event-stream", None)
+    return spec
+
+
+@schemathesis.check
+def stream_chunk_conformance(ctx: Any, response: Any, case: Any) -> bool | None:
+    """Each ``data:`` event of a 2xx event stream matches the chunk schema, and the stream ends
+    with ``data: [DONE]``."""
+    content_type = (response.headers.get("content-type") or [""])[0]
+    validator = chunk_validators().get(case.operation.path)
+    if not 200 <= response.status_code < 300 or validator is None:
+        return None
+    if not content_type.startswith("text/event-stream") or response.stream_cut_short:
+        return None
+    data = [
+        line[len("data:") :].strip()
+        for line in response.text.splitlines()
+        if line.startswith("data:")
+    ]
+    problems = []
+    if not data or data[-1] != "[DONE]":
+        problems.append("the stream does not end with `data: [DONE]`")
+    for n, event in enumerate(d for d in data if d != "[DONE]"):
+        try:
+            chunk = json.loads(event)
+        except ValueError:
+            problems.append(f"event {n} is not JSON: {event[:200]}")
+            continue
+        error = next(iter(validator.iter_errors(chunk)), None)
+        if error is not None:
+            where = "/".join(map(str, error.instance_path)) or "(root)"
+            problems.append(f"event {n} at {where}: {error.message}")
+    if problems:
+        raise AssertionError("\n".join(problems))
+    return None
+
+
+# -- the hook ---------------------------------------------------------------------------------
+
+
+def to_served_model(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
+    """Name the served model (in the body, and in the path of ``GET /models/{model}``) and cap
+    the completion length, asking for ``MAX_TOKENS`` where the request leaves it open (the
+    default is the rest of the context). Values that are not what the description allows (a
+    negative case) are left alone."""
+    body = case.body
+    if isinstance(body, dict):
+        if isinstance(body.get("model"), str):
+            body["model"] = MODEL
+        keys = ("max_tokens", "max_completion_tokens")
+        for key in keys:
+            value = body.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
+                body[key] = MAX_TOKENS
+        if all(key not in body for key in keys):
+            body["max_completion_tokens" if "messages" in body else "max_tokens"] = MAX_TOKENS
+    if isinstance(case.path_parameters, dict) and "model" in case.path_parameters:
+        case.path_parameters["model"] = MODEL
+
+
+# -- findings ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    """Failing cases of one kind: the shortest request stands for all of them."""
+
+    check: str
+    status: int | None
+    what: str
+    request: str = ""
+    response: str = ""
+    count: int = 0
+    phases: set[str] = field(default_factory=set)
+
+    def add(self, request: str, response: str, phase: str) -> None:
+        self.count += 1
+        self.phases.add(phase)
+        if not self.request or len(request) < len(self.request):
+            self.request, self.response = request, response
+
+    def __str__(self) -> str:
+        return (
+            f"[{self.check}] {self.status}: {self.what}\n"
+            f"    {self.count} case(s), phases: {', '.join(sorted(self.phases))}\n"
+            f"    request:  {self.request}\n"
+            f"    response: {self.response}"
+        )
+
+
+def _shape(text: str) -> str:
+    """A message without its values, so failures of one kind group together."""
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)
+    return re.sub(r"\d+", "N", text)
+
+
+def _kind(check: str, failure: Any, body: bytes) -> str:
+    """What a failure is about: the error's param and message for a refused request or a server
+    error, where in the answer and what for a schema mismatch."""
+    if check in ("accepted_unless_refused", "not_a_server_error"):
+        try:
+            error = json.loads(body)["error"]
+            return f"param={error['param']}: {_shape(str(error['message']))}"
+        except (ValueError, KeyError, TypeError):
+            return _shape(body.decode("utf-8", "replace")[:120])
+    lines = [line.strip() for line in str(failure.message).splitlines() if line.strip()]
+    # Without the instance jsonschema puts first ("{...} is not valid under any of ...").
+    first = re.sub(r"^[\[{].*?(?= (is|does) )", "…", lines[0] if lines else failure.title)
+    path = getattr(failure, "instance_path", None)
+    where = f"at /{'/'.join(map(str, path))}: " if path is not None else ""
+    return where + _shape(first)
+
+
+def collect(stream: Any) -> tuple[dict[tuple[str, ...], Finding], list[str], int]:
+    """The engine's findings, grouped; its errors; the number of cases sent."""
+    findings: dict[tuple[str, ...], Finding] = {}
+    errors: list[str] = []
+    sent = 0
+    for event in stream:
+        if isinstance(event, events.NonFatalError | events.FatalError):
+            errors.append(f"{type(event).__name__}: {getattr(event, 'value', event)!r}")
+        if not isinstance(event, events.ScenarioFinished):
+            continue
+        recorder = event.recorder
+        sent += len(recorder.interactions)
+        for case_id, checks in recorder.checks.items():
+            interaction = recorder.interactions.get(case_id)
+            request = response = ""
+            status: int | None = None
+            body = b""
+            if interaction is not None:
+                sent_body = interaction.request.body or b""
+                request = f"{interaction.request.method} {interaction.request.uri} "
+                request += sent_body.decode("utf-8", "replace")
+                if interaction.response is not None:
+                    status = interaction.response.status_code
+                    body = interaction.response.content or b""
+                    response = body.decode("utf-8", "replace")[:400]
+            for check in checks:
+                if check.failure_info is None:
+                    continue
+                failure = check.failure_info.failure
+                what = _kind(check.name, failure, body)
+                key = (recorder.label, check.name, str(status), what)
+                finding = findings.setdefault(key, Finding(check.name, status, what))
+                shown = response
+                if check.name not in ("accepted_unless_refused", "not_a_server_error"):
+                    shown = str(failure.message).split("\n\n")[0][:300] + "\n      " + response
+                finding.add(request, shown, event.phase.value)
+    return findings, errors, sent
+
+
+# -- the test ---------------------------------------------------------------------------------
+
+
+def served_app(tiny: Tiny) -> Any:
+    """The app over the tiny model. Schemathesis' engine starts its lifespan, and so the
+    processor, on its own event-loop thread; continuous batching: no wait for a batch to fill."""
+    processor = BatchProcessor(*tiny, BatchConfig(strategy="continuous", max_batch_size=4))
+    return create_app(processor, model_name=MODEL, manage_processor=True, drain_timeout=5)
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_openai_conformance(tiny: Tiny, operation: str) -> None:
+    """Every request schemathesis derives from OpenAI's description of ``operation`` is answered
+    as described (or refused as documented)."""
+    method, path = operation.split(" ")
+    config = schemathesis.Config.from_dict(CONFIG)
+    schema = schemathesis.openapi.from_dict(
+        without_event_streams(reduced_openai_description()), config=config
+    )
+    schema = schema.include(method=method, path=path)
+    schema.app = served_app(tiny)
+    schemathesis.hook("before_call")(to_served_model)  # a global-only hook: removed below
+    try:
+        findings, errors, sent = collect(engine_for(schema).execute())
+    finally:
+        GLOBAL_HOOK_DISPATCHER.unregister(to_served_model)
+        asgi.shutdown_lifespans()  # drains and stops the processor
+    assert sent > 0
+    assert not errors, "\n".join(errors)
+    if findings:
+        report = "\n".join(map(str, sorted(findings.values(), key=lambda f: (f.check, f.what))))
+        pytest.fail(f"{operation}: {len(findings)} distinct failure(s)\n{report}", pytrace=False)
