@@ -70,6 +70,16 @@ def test_missing_model_file_is_reported(capsys: pytest.CaptureFixture[str]) -> N
     assert "model file not found" in capsys.readouterr().err
 
 
+def test_a_directory_as_model_is_reported_as_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--model DIR` exits 1 saying the path is a directory and a .gguf file is expected."""
+    assert main(["generate", "x", "--model", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is a directory" in err
+    assert "GGUF model file (.gguf) is expected" in err
+
+
 def test_demo_runs_concurrent_requests_and_prints_a_summary(
     tiny_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

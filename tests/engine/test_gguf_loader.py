@@ -69,6 +69,19 @@ def test_missing_file(tmp_path: Path) -> None:
         load_model(tmp_path / "nope.gguf")
 
 
+def test_a_directory_is_named_as_one(tmp_path: Path) -> None:
+    """A directory passed as the model says it is a directory, a .gguf file is expected, and
+    names the GGUF files inside it."""
+    (tmp_path / "model.Q4_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(tmp_path)
+    message = str(info.value)
+    assert f"{tmp_path} is a directory" in message
+    assert ".gguf" in message
+    assert "model.Q4_0.gguf" in message
+    assert "not found" not in message
+
+
 def test_not_a_gguf_file(tmp_path: Path) -> None:
     """A file without the GGUF magic raises ModelLoadError."""
     path = tmp_path / "model.gguf"

@@ -156,6 +156,10 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _open(path: Path) -> tuple[Any, dict[str, Any]]:
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.gguf"))[:3]
+        hint = f" (this one holds {', '.join(found)})" if found else ""
+        raise ModelLoadError(f"{path} is a directory: a GGUF model file (.gguf) is expected{hint}")
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
     with path.open("rb") as f:
