@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def test_generate_streams_text_and_reports_stats(
     out, err = capsys.readouterr()
     assert code == 0
     assert out.strip()
-    assert "5 tokens" in err
+    assert err.startswith("[tiny: 5 tokens")  # the model, named by its file
     assert "finish: length" in err
 
 
@@ -102,6 +103,8 @@ def test_demo_runs_concurrent_requests_and_prints_a_summary(
     assert "throughput" in out
     assert "mean batch size" in out
     assert "6 requests, strategy dynamic_timeout" in err
+    assert re.search(r"^\s+model\s+tiny$", out, re.MULTILINE)  # the file's name, as served
+    assert "tiny-test-llama" not in out + err  # not the file's internal general.name
 
 
 def test_processor_works_from_a_plain_script(tiny_path: Path, tmp_path: Path) -> None:

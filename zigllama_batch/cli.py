@@ -140,7 +140,7 @@ def _generate(args: argparse.Namespace) -> int:
         )
         print()
     print(
-        f"[{result.completion_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, "
+        f"[{generator.engine.model_name}: {result.completion_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, "
         f"first token after {result.time_to_first_token_ms:.0f} ms, "
         f"finish: {result.finish_reason}]",
         file=sys.stderr,

@@ -58,6 +58,7 @@ def demo_requests(n: int, *, seed: int = 0) -> list[BatchRequest]:
 class DemoSummary:
     """What a demo run measured."""
 
+    model: str
     requests: int
     wall_s: float
     tokens: int
@@ -125,6 +126,7 @@ async def run_demo(
     last = first if isinstance(first, str) else first[-1]  # text, or the last chat message
     prompt = last["content"] if isinstance(last, dict) else str(last)
     return DemoSummary(
+        model=processor.model_name,
         requests=requests,
         wall_s=wall,
         tokens=stats.total_tokens,
@@ -142,6 +144,7 @@ async def run_demo(
 def format_summary(summary: DemoSummary, strategy: str) -> str:
     """The summary table and sample answer as text."""
     rows = [
+        ("model", summary.model),
         ("strategy", strategy),
         ("requests", f"{summary.requests}"),
         ("wall time", f"{summary.wall_s:.1f} s"),

@@ -38,6 +38,13 @@ def test_config_comes_from_metadata(write_gguf: Callable[..., Path]) -> None:
     assert read_gguf(write_gguf("tied.gguf", tied=True)).config.tied_embeddings
 
 
+def test_the_model_is_named_by_its_file(write_gguf: Callable[..., Path]) -> None:
+    """The model's name is its file name without .gguf, not the file's general.name."""
+    path = write_gguf("SmolTest-1M.Q4_1.gguf")
+    assert gguf.GGUFReader(path).get_field("general.name").contents() == "tiny-test-llama"
+    assert read_gguf(path).config.name == "SmolTest-1M.Q4_1"
+
+
 @pytest.mark.parametrize(
     "qtype", [Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, *K_QUANTS]
 )

@@ -89,7 +89,7 @@ def serve(
     path = Path(model) if model else default_model_path()
     llama, tokenizer = load_model(path)
     processor = BatchProcessor(llama, tokenizer, config)
-    name = model_name or path.name.removesuffix(".gguf")
+    name = model_name or processor.model_name
     app = create_app(
         processor,
         model_name=name,
