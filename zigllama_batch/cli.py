@@ -20,6 +20,8 @@ from .generation import GenerationConfig, Prompt
 
 __all__ = ["main"]
 
+_COMMANDS = ("generate", "demo", "serve")
+
 _GENERATION_FLAGS = {
     "max_tokens": "--max-tokens",
     "temperature": "--temperature",
@@ -84,8 +86,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return action.help
         return super()._get_help_string(action)
 
-
-_COMMANDS = ("generate", "demo", "serve")
 
 _MODEL_HELP = (
     "GGUF model file (default: $ZIGLLAMA_BATCH_MODEL, else SmolLM2-135M-Instruct, "
