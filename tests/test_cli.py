@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 from pathlib import Path
 
 import pytest
 
-from zigllama_batch.cli import main
+from zigllama_batch.cli import _parser, main
+
+
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    """The argparse parser of one sub-command."""
+    subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser: argparse.ArgumentParser = subparsers.choices[command]
+    return parser
 
 
 def test_generate_streams_text_and_reports_stats(
@@ -28,7 +37,7 @@ def test_generate_streams_text_and_reports_stats(
     out, err = capsys.readouterr()
     assert code == 0
     assert out.strip()
-    assert "5 tokens" in err
+    assert err.startswith("[tiny: 5 tokens")  # the model, named by its file
     assert "finish: length" in err
 
 
@@ -59,15 +68,114 @@ def test_generate_chat_without_streaming(
 
 
 def test_bad_flag_value_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
-    """An invalid sampling flag exits 2 with the field named, before any model loads."""
+    """An invalid sampling flag exits 2 with the flag named, before any model loads."""
     assert main(["generate", "x", "--top-p", "7", "--model", "/nonexistent.gguf"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: --top-p: must be in")
+    assert "top_p" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["demo", "--max-batch-size", "0"], "--max-batch-size"),
+        (["demo", "--max-batch-size", "5000"], "--max-batch-size"),
+        (["serve", "--max-batch-size", "0"], "--max-batch-size"),
+        (["serve", "--max-queue-size", "0"], "--max-queue-size"),
+        (["serve", "--max-context", "1"], "--max-context"),
+        (["serve", "--strategy", "fixed_size", "--max-queue-size", "4"], "--max-queue-size"),
+        (["generate", "x", "--max-tokens", "0"], "--max-tokens"),
+        (["generate", "x", "--temperature", "-1"], "--temperature"),
+    ],
+)
+def test_config_errors_name_the_flag_not_the_field(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value the config refuses exits 2 naming the flag (`--max-batch-size`), never the
+    config field behind it (`max_batch_size`), before any model loads."""
+    assert main([*argv, "--model", "/nonexistent.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag}: ")
+    assert not re.search(rf"(?<![-\w]){flag.removeprefix('--').replace('-', '_')}\b", err)
+
+
+def test_a_context_the_model_cannot_hold_names_the_flag(
+    tiny_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serve --max-context` beyond the model's context is refused once the model is read,
+    naming --max-context, with exit status 2."""
+    argv = ["serve", "--model", str(tiny_path), "--port", "0", "--max-context", "100000"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: --max-context: must be in [2, " in err
+    assert "max_context" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--foo", "demo"], "--foo"),
+        (["--foo"], "--foo"),  # argparse alone: "the following arguments are required: COMMAND"
+        (["--model", "m.gguf", "demo"], "--model"),  # argparse alone: "invalid choice: 'm.gguf'"
+        (["--foo=1", "serve"], "--foo=1"),
+    ],
+)
+def test_options_before_the_command_are_named(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An option given before the command exits 2 naming it and saying options go after the
+    command."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: unrecognized arguments: {named} (options go after the command" in err
+
+
+def test_an_unknown_option_of_a_command_is_reported_by_that_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`demo --foo` names --foo under demo's own usage line."""
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--foo"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: zigllama-batch demo")
+    assert "zigllama-batch demo: error: unrecognized arguments: --foo" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "demo", "serve"])
+def test_help_describes_every_option_with_its_default(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`zigllama-batch COMMAND --help` has a description for every option and shows each
+    default (None and False, "not given", are left to the description)."""
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
+    for action in _command_parser(command)._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, action.dest
+        if action.default is not None and action.default is not False:
+            assert f"(default: {action.default})" in text, action.dest
 
 
 def test_missing_model_file_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
     """A model path that does not exist exits 1 with a one-line error."""
     assert main(["generate", "x", "--model", "/nonexistent.gguf"]) == 1
     assert "model file not found" in capsys.readouterr().err
+
+
+def test_a_directory_as_model_is_reported_as_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--model DIR` exits 1 saying the path is a directory and a .gguf file is expected."""
+    assert main(["generate", "x", "--model", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is a directory" in err
+    assert "GGUF model file (.gguf) is expected" in err
 
 
 def test_demo_runs_concurrent_requests_and_prints_a_summary(
@@ -92,6 +200,8 @@ def test_demo_runs_concurrent_requests_and_prints_a_summary(
     assert "throughput" in out
     assert "mean batch size" in out
     assert "6 requests, strategy dynamic_timeout" in err
+    assert re.search(r"^\s+model\s+tiny$", out, re.MULTILINE)  # the file's name, as served
+    assert "tiny-test-llama" not in out + err  # not the file's internal general.name
 
 
 def test_processor_works_from_a_plain_script(tiny_path: Path, tmp_path: Path) -> None:

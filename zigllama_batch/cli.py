@@ -10,8 +10,9 @@ zigllama_batch from Python.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .batching.types import BatchingStrategy
 from .errors import ZigllamaBatchError
@@ -19,11 +20,33 @@ from .generation import GenerationConfig, Prompt
 
 __all__ = ["main"]
 
+_COMMANDS = ("generate", "demo", "serve")
+
+_GENERATION_FLAGS = {
+    "max_tokens": "--max-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "seed": "--seed",
+}
+"""GenerationConfig fields the sampling flags set, by the flag a user typed."""
+_BATCH_FLAGS = {
+    "strategy": "--strategy",
+    "max_batch_size": "--max-batch-size",
+    "max_queue_size": "--max-queue-size",
+    "max_context": "--max-context",
+}
+"""BatchConfig fields that `demo` and `serve` flags set."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _refuse_options_before_the_command(parser, argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's own parser, with its own usage line
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         code: int = args.run(args)
     except ZigllamaBatchError as exc:
@@ -34,78 +57,229 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def _refuse_options_before_the_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """`zigllama-batch` has no options of its own but --help; name any given before the command.
+
+    Left to argparse, `zigllama-batch --model m.gguf demo` says "invalid choice: 'm.gguf'" and
+    `zigllama-batch --foo` says a COMMAND is required, neither naming the flag.
+    """
+    commands = set(_COMMANDS)
+    misplaced = []
+    for arg in argv:
+        if arg in commands or arg in ("-h", "--help", "--"):
+            break
+        if arg.startswith("-"):
+            misplaced.append(arg)
+    if misplaced:
+        parser.error(
+            f"unrecognized arguments: {' '.join(misplaced)} (options go after the command: "
+            f"zigllama-batch COMMAND [options]; see zigllama-batch COMMAND --help)"
+        )
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, except None and False: there the help says what leaving the
+    flag out does."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+_MODEL_HELP = (
+    "GGUF model file (default: $ZIGLLAMA_BATCH_MODEL, else SmolLM2-135M-Instruct, "
+    "fetched once into the cache)"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zigllama-batch",
         description="Batched LLaMA-family inference on the CPU (pure numpy, GGUF models).",
+        epilog="Each command's options: zigllama-batch COMMAND --help",
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    gen = commands.add_parser("generate", help="generate text from a prompt")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        sub.set_defaults(command_parser=sub)
+        return sub
+
+    gen = command("generate", "generate text from a prompt, streamed to the terminal")
     gen.add_argument("prompt", help="the prompt text (a user message with --chat)")
     gen.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
-    gen.add_argument("--system", help="system message (with --chat)")
+    gen.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
     _add_sampling_flags(gen)
     gen.add_argument("--no-stream", action="store_true", help="print the text once it is done")
-    gen.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
+    gen.add_argument("--model", metavar="PATH", help=_MODEL_HELP)
     gen.set_defaults(run=_generate)
 
-    demo = commands.add_parser(
-        "demo", help="fire many concurrent requests through the batch processor, live"
+    demo = command("demo", "fire many concurrent requests through the batch processor, live")
+    demo.add_argument(
+        "--strategy",
+        metavar="STRATEGY",
+        default="continuous",
+        choices=[s.value for s in BatchingStrategy],
+        help="how requests are grouped into batches: "
+        + ", ".join(s.value for s in BatchingStrategy),
     )
     demo.add_argument(
-        "--strategy", default="continuous", choices=[s.value for s in BatchingStrategy]
+        "--requests", metavar="N", type=_positive_int, default=32, help="concurrent requests"
     )
-    demo.add_argument("--requests", type=int, default=32, help="concurrent requests (default 32)")
-    demo.add_argument("--max-batch-size", type=int, default=32)
-    demo.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
+    demo.add_argument(
+        "--max-batch-size",
+        metavar="N",
+        type=int,
+        default=32,
+        help="most sequences in one model step",
+    )
+    demo.add_argument("--model", metavar="PATH", help=_MODEL_HELP)
     demo.set_defaults(run=_demo)
 
-    srv = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
-    srv.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
-    srv.add_argument("--model-name", help="id clients pass as `model` (default: file name)")
+    srv = command("serve", "serve the OpenAI-compatible HTTP API")
+    srv.add_argument("--model", metavar="PATH", help=_MODEL_HELP)
     srv.add_argument(
-        "--strategy", default="continuous", choices=[s.value for s in BatchingStrategy]
+        "--model-name",
+        metavar="ID",
+        help="id clients pass as `model` (default: the model file's name without .gguf)",
     )
-    srv.add_argument("--max-batch-size", type=int, default=32)
-    srv.add_argument("--max-queue-size", type=int, default=1024)
+    srv.add_argument(
+        "--strategy",
+        metavar="STRATEGY",
+        default="continuous",
+        choices=[s.value for s in BatchingStrategy],
+        help="how requests are grouped into batches: "
+        + ", ".join(s.value for s in BatchingStrategy),
+    )
+    srv.add_argument(
+        "--max-batch-size",
+        metavar="N",
+        type=int,
+        default=32,
+        help="most sequences in one model step",
+    )
+    srv.add_argument(
+        "--max-queue-size",
+        metavar="N",
+        type=int,
+        default=1024,
+        help="requests allowed to wait; more get 429 with Retry-After",
+    )
     srv.add_argument(
         "--max-context",
+        metavar="N",
         type=int,
         default=None,
-        help="positions per sequence (default: min(2048, model context))",
+        help="positions per sequence, prompt included (default: min(2048, model context))",
     )
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument(
+        "--port", metavar="PORT", type=_port, default=8000, help="TCP port (0: any free one)"
+    )
     srv.add_argument(
         "--api-key",
+        metavar="KEY",
         default=None,
-        help="require `Authorization: Bearer KEY` (or set ZIGLLAMA_BATCH_API_KEY)",
+        help="require `Authorization: Bearer KEY` (default: $ZIGLLAMA_BATCH_API_KEY, else none)",
     )
     srv.add_argument(
         "--drain-timeout",
-        type=float,
+        metavar="SECONDS",
+        type=_non_negative_float,
         default=30.0,
         help="seconds a SIGTERM/SIGINT shutdown waits for requests in flight",
     )
-    srv.add_argument("--log-level", default="info")
+    srv.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="the server's log level: critical, error, warning, info, debug or trace",
+    )
     srv.set_defaults(run=_serve)
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(_number(text, int))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(_number(text, int))
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0-65535, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _number(text: str, kind: Callable[[str], float]) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        name = getattr(kind, "__name__", "number")
+        raise argparse.ArgumentTypeError(f"invalid {name} value: {text!r}") from None
+
+
+def _in_flag_terms(exc: ValueError, flags: dict[str, str]) -> str:
+    """A config's error in the command line's terms: the field names it uses become the flags
+    that set them (``max_batch_size: must be ...`` -> ``--max-batch-size: must be ...``)."""
+    message = str(exc)
+    for name, flag in flags.items():
+        message = re.sub(rf"\b{name}\b", flag, message)
+    return message
+
+
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     default = GenerationConfig()
-    parser.add_argument("--max-tokens", type=int, default=default.max_tokens)
     parser.add_argument(
-        "--temperature", type=float, default=default.temperature, help="0 for greedy decoding"
+        "--max-tokens",
+        metavar="N",
+        type=int,
+        default=default.max_tokens,
+        help="most tokens to generate",
     )
-    parser.add_argument("--top-k", type=int, default=default.top_k)
-    parser.add_argument("--top-p", type=float, default=default.top_p)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--temperature",
+        metavar="T",
+        type=float,
+        default=default.temperature,
+        help="0 for greedy decoding",
+    )
+    parser.add_argument(
+        "--top-k",
+        metavar="K",
+        type=int,
+        default=default.top_k,
+        help="sample from the k most likely tokens (0: all)",
+    )
+    parser.add_argument(
+        "--top-p",
+        metavar="P",
+        type=float,
+        default=default.top_p,
+        help="sample from the most likely tokens that make up this probability (1: all)",
+    )
+    parser.add_argument(
+        "--seed",
+        metavar="S",
+        type=int,
+        default=None,
+        help="random seed, for repeatable sampling (default: none)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> GenerationConfig:
-    """The GenerationConfig the sampling flags describe (ValueError names a bad flag)."""
+    """The GenerationConfig the sampling flags describe (ValueError names a bad field)."""
     return GenerationConfig(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -121,7 +295,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_in_flag_terms(exc, _GENERATION_FLAGS)}", file=sys.stderr)
         return 2
     model, tokenizer = load_model(args.model)
     generator = TextGenerator(model, tokenizer)
@@ -140,7 +314,8 @@ def _generate(args: argparse.Namespace) -> int:
         )
         print()
     print(
-        f"[{result.completion_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, "
+        f"[{generator.engine.model_name}: {result.completion_tokens} tokens, "
+        f"{result.tokens_per_second:.1f} tokens/s, "
         f"first token after {result.time_to_first_token_ms:.0f} ms, "
         f"finish: {result.finish_reason}]",
         file=sys.stderr,
@@ -151,11 +326,13 @@ def _generate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .demo import format_summary, run_demo
+    from .demo import demo_config, format_summary, run_demo
     from .generator import load_model
 
-    if args.requests < 1 or args.max_batch_size < 1:
-        print("error: --requests and --max-batch-size must be >= 1", file=sys.stderr)
+    try:
+        demo_config(args.strategy, args.max_batch_size)  # checked before the model loads
+    except ValueError as exc:
+        print(f"error: {_in_flag_terms(exc, _BATCH_FLAGS)}", file=sys.stderr)
         return 2
     model, tokenizer = load_model(args.model)
     print(
@@ -193,20 +370,22 @@ def _serve(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch_size,
             max_queue_size=args.max_queue_size,
             max_context=args.max_context,
+            # Any batch size the flags allow can run: each sequence feeds >= 1 token a step.
+            max_step_tokens=max(BatchConfig().max_step_tokens, args.max_batch_size),
         )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        return serve(
+            model=args.model,
+            config=config,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            model_name=args.model_name,
+            drain_timeout=args.drain_timeout,
+            log_level=args.log_level,
+        )
+    except ValueError as exc:  # a setting the config, or the loaded model, cannot take
+        print(f"error: {_in_flag_terms(exc, _BATCH_FLAGS)}", file=sys.stderr)
         return 2
-    return serve(
-        model=args.model,
-        config=config,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        model_name=args.model_name,
-        drain_timeout=args.drain_timeout,
-        log_level=args.log_level,
-    )
 
 
 if __name__ == "__main__":

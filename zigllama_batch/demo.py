@@ -18,7 +18,7 @@ from .engine.model import LLaMAModel
 from .engine.tokenizer import Tokenizer
 from .generation import GenerationConfig
 
-__all__ = ["DemoSummary", "demo_requests", "run_demo"]
+__all__ = ["DemoSummary", "demo_config", "demo_requests", "run_demo"]
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -54,10 +54,29 @@ def demo_requests(n: int, *, seed: int = 0) -> list[BatchRequest]:
     return out
 
 
+def demo_config(
+    strategy: BatchingStrategy | str = BatchingStrategy.CONTINUOUS, max_batch_size: int = 32
+) -> BatchConfig:
+    """The demo's batching settings (``ValueError`` names a bad field, before any model loads).
+
+    The static strategies wait at most 100 ms for a batch to fill, and ADAPTIVE aims at 10 s:
+    the demo's answers take seconds each on a CPU. The per-step token budget grows with the
+    batch size, so any batch size the config allows can run.
+    """
+    return BatchConfig(
+        strategy=BatchingStrategy(strategy),
+        max_batch_size=max_batch_size,
+        max_step_tokens=max(BatchConfig().max_step_tokens, max_batch_size),
+        timeout_ms=100,
+        latency_target_ms=10_000,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class DemoSummary:
     """What a demo run measured."""
 
+    model: str
     requests: int
     wall_s: float
     tokens: int
@@ -78,15 +97,12 @@ async def run_demo(
     strategy: BatchingStrategy | str = BatchingStrategy.CONTINUOUS,
     requests: int = 32,
     max_batch_size: int = 32,
-    out: TextIO = sys.stderr,
+    out: TextIO | None = None,
 ) -> DemoSummary:
-    """Run the demo and return its figures; progress goes to ``out``."""
-    config = BatchConfig(
-        strategy=BatchingStrategy(strategy),
-        max_batch_size=max_batch_size,
-        timeout_ms=100,
-        latency_target_ms=10_000,
-    )
+    """Run the demo and return its figures; progress goes to ``out`` (default: the
+    ``sys.stderr`` of the moment the demo runs, not of the moment this module was imported)."""
+    out = out or sys.stderr
+    config = demo_config(strategy, max_batch_size)
     generated = 0
 
     def count(chunk: StreamChunk, request_id: object) -> None:
@@ -125,6 +141,7 @@ async def run_demo(
     last = first if isinstance(first, str) else first[-1]  # text, or the last chat message
     prompt = last["content"] if isinstance(last, dict) else str(last)
     return DemoSummary(
+        model=processor.model_name,
         requests=requests,
         wall_s=wall,
         tokens=stats.total_tokens,
@@ -142,6 +159,7 @@ async def run_demo(
 def format_summary(summary: DemoSummary, strategy: str) -> str:
     """The summary table and sample answer as text."""
     rows = [
+        ("model", summary.model),
         ("strategy", strategy),
         ("requests", f"{summary.requests}"),
         ("wall time", f"{summary.wall_s:.1f} s"),

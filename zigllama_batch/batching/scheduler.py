@@ -140,14 +140,18 @@ class Scheduler:
         """End a request early with ``error`` (cancellation, deadline, stop)."""
         self.end(rec, error_state(error), error=error)
 
+    def unfinished(self) -> tuple[list[TrackedRequest], list[TrackedRequest]]:
+        """Requests without an outcome: those waiting in the queue (in serving order), and those
+        admitted (running, or done generating with callbacks still pending)."""
+        admitted = [r for w in self.workers for r in w.running if not r.finished]
+        admitted += [r for r in self.deliveries.requests() if r not in admitted]
+        return self.queue.waiting(), admitted
+
     def stop(self, reason: str) -> None:
         """End every queued, running and callback-pending request with ProcessorStopped;
         workers return after their current step (the lifecycle no longer admits)."""
-        for rec in [
-            *self.queue.waiting(),
-            *(r for w in self.workers for r in w.running),
-            *self.deliveries.requests(),
-        ]:
+        queued, admitted = self.unfinished()
+        for rec in [*queued, *admitted]:
             self.abort(rec, ProcessorStopped(reason))
         self._notify()
 

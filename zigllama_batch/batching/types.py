@@ -2,15 +2,15 @@
 
 Inside: :class:`BatchingStrategy`, :class:`BatchConfig`, :class:`BatchRequest`,
 :class:`StreamChunk`, :class:`RequestTimeline`, :class:`BatchResult`, :class:`Percentiles` and
-:class:`BatchStats` (plain frozen values; nothing here runs), and :class:`EngineLike`, what a
-processor needs of the engine it is given.
+:class:`BatchStats` (plain frozen values; nothing here runs; stats print as a few readable
+lines), and :class:`EngineLike`, what a processor needs of the engine it is given.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 from ..engine.runner import DEFAULT_PREFILL_CHUNK
@@ -255,21 +255,30 @@ class Percentiles:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BatchStats:
-    """A consistent snapshot of a processor's counters and distributions."""
+    """A consistent snapshot of a processor's counters and distributions.
+
+    ``print(stats)`` gives a multi-line :meth:`summary`; ``repr(stats)`` one line of the
+    counts; :meth:`as_dict` plain JSON-serialisable data (for logs and metrics endpoints).
+    Percentiles cover the most recent 10,000 observations of each kind; counts the whole life.
+    """
 
     total_requests: int
     """Requests accepted (queued) since start."""
     total_tokens: int
-    """Tokens generated since start."""
+    """Tokens generated since start (by every request, whatever its outcome)."""
     avg_latency_ms: float
     """Mean latency of completed requests."""
     avg_throughput_tps: float
-    """Generated tokens per second since the first request was accepted."""
+    """Generated tokens per second since the first request was accepted (up to the last finish
+    when idle)."""
     completed: int
+    """Requests that finished generating (stop or length)."""
     failed: int
     """Ended by an error: engine, callback or stop without drain."""
     cancelled: int
+    """Cancelled by the caller (``cancel()``, a cancelled ``submit()``, a closed stream)."""
     timed_out: int
+    """Ended by their deadline."""
     rejected: int
     """Refused at submission (queue full, or submitted after close)."""
     queue_depth: int
@@ -277,10 +286,15 @@ class BatchStats:
     running: int
     """Sequences holding a cache slot now."""
     steps: int
+    """Engine steps run."""
     latency_ms: Percentiles
+    """Submission to last token, of completed requests."""
     queue_time_ms: Percentiles
+    """Submission to admission into a batch, of completed requests."""
     time_to_first_token_ms: Percentiles
+    """Submission to first generated token, of completed requests."""
     step_time_ms: Percentiles
+    """Duration of one engine step."""
     mean_batch_size: float
     """Mean sequences per step."""
     batch_size_histogram: Mapping[int, int]
@@ -290,6 +304,79 @@ class BatchStats:
     def finished(self) -> int:
         """Requests that have ended, by any outcome."""
         return self.completed + self.failed + self.cancelled + self.timed_out
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field and ``finished`` as plain data that ``json.dumps`` takes and gives back
+        unchanged: percentiles as ``{"p50", "p90", "p99", "mean", "count"}`` dicts, the
+        histogram's keys as strings (as JSON objects have them)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in out.items():
+            if isinstance(value, Percentiles):
+                out[name] = asdict(value)
+        out["batch_size_histogram"] = {str(k): v for k, v in self.batch_size_histogram.items()}
+        out["finished"] = self.finished
+        return out
+
+    def summary(self) -> str:
+        """A few lines for a terminal or a log: outcomes, what is queued and running now,
+        throughput, batch sizes and the latency percentiles."""
+        histogram = sorted(self.batch_size_histogram.items())
+        if len(histogram) > _HISTOGRAM_SHOWN:  # the most frequent sizes, in size order
+            histogram = sorted(sorted(histogram, key=lambda kv: -kv[1])[:_HISTOGRAM_SHOWN])
+        sizes = " ".join(f"{size}:{steps}" for size, steps in histogram) or "-"
+        more = len(self.batch_size_histogram) - len(histogram)
+        sizes += f" (+{more} more sizes)" if more else ""
+        rows = [
+            (
+                "requests",
+                f"{self.total_requests} accepted: {self.completed} completed, {self.failed} "
+                f"failed, {self.cancelled} cancelled, {self.timed_out} timed out; "
+                f"{self.rejected} rejected",
+            ),
+            ("now", f"{self.queue_depth} queued, {self.running} running"),
+            (
+                "tokens",
+                f"{self.total_tokens} generated, {self.avg_throughput_tps:.1f} tokens/s",
+            ),
+            ("steps", f"{self.steps}, mean batch size {self.mean_batch_size:.1f}"),
+            ("steps by size", sizes),
+            ("latency", _percentiles(self.latency_ms)),
+            ("queue time", _percentiles(self.queue_time_ms)),
+            ("first token", _percentiles(self.time_to_first_token_ms)),
+            ("step time", _percentiles(self.step_time_ms)),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return "BatchStats\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in rows)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return (
+            f"<BatchStats requests={self.total_requests} completed={self.completed} "
+            f"failed={self.failed} cancelled={self.cancelled} timed_out={self.timed_out} "
+            f"rejected={self.rejected} queued={self.queue_depth} running={self.running} "
+            f"tokens={self.total_tokens} steps={self.steps} "
+            f"latency_p50_ms={self.latency_ms.p50:.0f}>"
+        )
+
+
+_HISTOGRAM_SHOWN = 8
+"""Batch sizes a summary lists; the rest are counted (a processor of batch size 32 can have run
+32 different sizes)."""
+
+
+def _percentiles(p: Percentiles) -> str:
+    if not p.count:
+        return "-"
+    return (
+        f"p50 {_ms(p.p50)} / p90 {_ms(p.p90)} / p99 {_ms(p.p99)} ms "
+        f"(mean {_ms(p.mean)}, n={p.count})"
+    )
+
+
+def _ms(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
 
 
 class EngineLike(Protocol):

@@ -66,7 +66,10 @@ class LlamaConfig:
     tied_embeddings: bool
     """True when the output head reuses the token embedding (no ``output.weight`` tensor)."""
     name: str = "llama"
-    """``general.name`` from the file, for display."""
+    """The file name without ``.gguf``: what the demo, ``generate`` and the server show, and the
+    server's default model id, so a user sees one name everywhere. The file's ``general.name``
+    is not used: converters fill it with names of their own ("Smollm2 135M 8k Lc100K Mix1
+    Ep2" for SmolLM2-135M-Instruct)."""
 
     @property
     def head_dim(self) -> int:
@@ -156,6 +159,10 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _open(path: Path) -> tuple[Any, dict[str, Any]]:
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.gguf"))[:3]
+        hint = f" (this one holds {', '.join(found)})" if found else ""
+        raise ModelLoadError(f"{path} is a directory: a GGUF model file (.gguf) is expected{hint}")
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
     with path.open("rb") as f:
@@ -209,7 +216,7 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], path: P
         rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         vocab_size=vocab_size,
         tied_embeddings="output.weight" not in tensors,
-        name=str(meta.get("general.name") or path.stem),
+        name=path.name.removesuffix(".gguf"),
     )
 
 

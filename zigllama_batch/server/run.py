@@ -5,6 +5,9 @@ in flight finish, for at most ``drain_timeout`` seconds; whatever is left then e
 :class:`~zigllama_batch.errors.ProcessorStopped`, which clients receive as a 503 or as a final
 error event of their stream. Then uvicorn closes the connections and the server exits with
 status 0. A second signal cuts the drain short.
+
+The address is bound before the model loads (a port in use is reported at once, exit status 1),
+and once the server listens, stderr says what it serves, where, and with which settings.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Generator
 from pathlib import Path
 
 import uvicorn
+import uvicorn.config
+import uvicorn.logging
 
 from ..batching.processor import BatchProcessor
 from ..batching.types import BatchConfig
@@ -32,8 +38,6 @@ __all__ = ["API_KEY_ENV", "serve"]
 API_KEY_ENV = "ZIGLLAMA_BATCH_API_KEY"
 """Environment variable read for the API key when ``--api-key`` is not given."""
 
-logger = logging.getLogger(__name__)
-
 
 class _Server(uvicorn.Server):
     """uvicorn that drains the processor before closing connections, and exits 0 after a
@@ -41,11 +45,23 @@ class _Server(uvicorn.Server):
     would turn a clean drain into exit status 143 or 130)."""
 
     def __init__(
-        self, config: uvicorn.Config, processor: BatchProcessor, drain_timeout: float
+        self,
+        config: uvicorn.Config,
+        processor: BatchProcessor,
+        drain_timeout: float,
+        *,
+        banner: str = "",
     ) -> None:
         super().__init__(config)
         self.processor = processor
         self.drain_timeout = drain_timeout
+        self.banner = banner
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # Listening now; uvicorn logs no address for sockets it is given, the banner does.
+        if self.started and self.banner:
+            print(self.banner, file=sys.stderr, flush=True)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:  # stop accepting first
@@ -85,33 +101,128 @@ def serve(
     drain_timeout: float = 30.0,
     log_level: str = "info",
 ) -> int:
-    """Load the model and serve it until SIGTERM/SIGINT; returns the exit status."""
-    path = Path(model) if model else default_model_path()
-    llama, tokenizer = load_model(path)
-    processor = BatchProcessor(llama, tokenizer, config)
-    name = model_name or path.name.removesuffix(".gguf")
-    app = create_app(
-        processor,
-        model_name=name,
-        api_key=api_key or os.environ.get(API_KEY_ENV) or None,
-        manage_processor=True,
-        drain_timeout=drain_timeout,
-    )
-    uv_config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop=_loop_name(),
-        lifespan="on",
-        # The processor has drained by the time uvicorn waits for connections: this only
-        # bounds the last bytes of responses already complete.
-        timeout_graceful_shutdown=5,
-        log_level=log_level,
-    )
-    server = _Server(uv_config, processor, drain_timeout)
-    logger.info("serving %s as %r on http://%s:%d", path, name, host, port)
-    server.run()
+    """Bind the address, load the model and serve it until SIGTERM/SIGINT; returns the exit
+    status (1 when the address cannot be bound).
+
+    Progress and the settings go to stderr: the model file, then, once the server listens, the
+    model id clients pass, the address and the batching settings.
+
+    Raises:
+        ModelLoadError: the model cannot be found, fetched or read.
+        ValueError: the loaded model cannot take a setting of ``config`` (``max_context``).
+    """
+    try:
+        sock = _bind(host, port)
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"error: cannot listen on {_address(host, port)}: {reason}", file=sys.stderr)
+        return 1
+    try:
+        path = Path(model) if model else default_model_path()
+        print(f"loading {path}", file=sys.stderr, flush=True)
+        llama, tokenizer = load_model(path)
+        processor = BatchProcessor(llama, tokenizer, config)
+        name = model_name or processor.model_name
+        api_key = api_key or os.environ.get(API_KEY_ENV) or None
+        app = create_app(
+            processor,
+            model_name=name,
+            api_key=api_key,
+            manage_processor=True,
+            drain_timeout=drain_timeout,
+        )
+        uv_config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            loop=_loop_name(),
+            lifespan="on",
+            # The processor has drained by the time uvicorn waits for connections: this only
+            # bounds the last bytes of responses already complete.
+            timeout_graceful_shutdown=5,
+            log_level=log_level,
+        )
+        banner = _banner(
+            path,
+            name,
+            f"http://{_address(host, sock.getsockname()[1])}",
+            config,
+            context=processor.max_context,
+            api_key=api_key is not None,
+            drain_timeout=drain_timeout,
+        )
+        server = _Server(uv_config, processor, drain_timeout, banner=banner)
+        with _package_logging(log_level):
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0 if server.started else 1
+
+
+def _banner(
+    path: Path,
+    name: str,
+    url: str,
+    config: BatchConfig,
+    *,
+    context: int,
+    api_key: bool,
+    drain_timeout: float,
+) -> str:
+    """What the server serves, where, and with which settings (the key itself is not shown)."""
+    settings = [
+        ("model file", str(path)),
+        ("model id", f"{name}  (clients pass it as `model`)"),
+        ("strategy", config.strategy.value),
+        ("max batch size", str(config.max_batch_size)),
+        ("queue size", str(config.max_queue_size)),
+        ("context", f"{context} tokens per sequence"),
+        ("API key", "on" if api_key else "off (no authentication)"),
+        ("drain timeout", f"{drain_timeout:g} s"),
+    ]
+    lines = [f"  {key:<15} {value}" for key, value in settings]
+    return "\n".join([f"serving {name} on {url} (Ctrl+C to stop)", *lines])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``, not yet listening (uvicorn listens on it).
+
+    Binding before the model loads reports a port in use at once, and binding once (instead of
+    checking the port, then letting uvicorn bind it) leaves no moment for another process to
+    take it.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@contextlib.contextmanager
+def _package_logging(log_level: str) -> Generator[None, None, None]:
+    """While serving, zigllama_batch's own log records (a drain that timed out, a failed
+    scheduler task) go to stderr formatted as uvicorn's, unless the host configured logging."""
+    package = logging.getLogger("zigllama_batch")
+    if package.handlers or logging.getLogger().handlers:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(uvicorn.logging.DefaultFormatter("%(levelprefix)s %(message)s"))
+    previous = package.level
+    package.addHandler(handler)
+    package.setLevel(uvicorn.config.LOG_LEVELS[log_level.lower()])
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(previous)
 
 
 def _loop_name() -> str:

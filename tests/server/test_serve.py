@@ -1,0 +1,78 @@
+"""`zigllama-batch serve` as a user starts it, on the tiny model: what it prints at start, and a
+port already in use reported before the model loads."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from zigllama_batch.cli import main
+from zigllama_batch.testing import ServerProcess
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port another socket listens on."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        yield other.getsockname()[1]
+
+
+def test_serve_says_what_it_serves_where_and_how(tiny_path: Path) -> None:
+    """At start, stderr names the model file, the id clients pass, the address and every
+    setting; the API key shows as on, never its value."""
+    server = ServerProcess(
+        "--model",
+        str(tiny_path),
+        "--strategy",
+        "dynamic_timeout",
+        "--max-batch-size",
+        "3",
+        "--max-queue-size",
+        "7",
+        "--max-context",
+        "128",
+        "--drain-timeout",
+        "4.5",
+        api_key="s3cret-key",
+    )
+    with server:
+        assert server.model == "tiny"
+    out = server.output
+    assert f"serving tiny on {server.base_url} (Ctrl+C to stop)" in out
+    for line in [
+        f"model file      {tiny_path}",
+        "model id        tiny  (clients pass it as `model`)",
+        "strategy        dynamic_timeout",
+        "max batch size  3",
+        "queue size      7",
+        "context         128 tokens per sequence",
+        "API key         on",
+        "drain timeout   4.5 s",
+    ]:
+        assert f"\n  {line}\n" in out, line
+    assert "s3cret-key" not in out
+
+
+def test_without_an_api_key_the_banner_says_it_is_off(tiny_path: Path) -> None:
+    """Without --api-key (nor its environment variable) the start-up lines say there is no
+    authentication."""
+    with ServerProcess("--model", str(tiny_path)) as server:
+        pass
+    assert "API key         off (no authentication)" in server.output
+
+
+@pytest.mark.parametrize("model", ["tiny", "/nonexistent/model.gguf"])
+def test_a_port_in_use_is_reported_before_the_model_loads(
+    model: str, taken_port: int, tiny_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A port another process listens on exits 1 with one line naming host:port, before the
+    model is read (a missing model file is not even reported)."""
+    path = str(tiny_path) if model == "tiny" else model
+    assert main(["serve", "--port", str(taken_port), "--model", path]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: cannot listen on 127.0.0.1:{taken_port}: Address already in use\n"
