@@ -56,6 +56,26 @@ async def test_completion(server: ServerProcess, client: AsyncOpenAI) -> None:
     assert r.usage.prompt_tokens == 5
 
 
+async def test_models_retrieve_and_continuous_usage_with_the_official_client(
+    server: ServerProcess, client: AsyncOpenAI
+) -> None:
+    """The official client's models.retrieve finds the served model, and a stream with vLLM's
+    continuous_usage_stats carries the usage so far on every chunk."""
+    model = await client.models.retrieve(server.model)
+    assert model.id == server.model
+    stream = await client.completions.create(
+        model=server.model,
+        prompt="The capital of France is",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+    )
+    counts = [chunk.usage.completion_tokens async for chunk in stream if chunk.usage]
+    assert counts == sorted(counts)
+    assert counts[-1] <= 6
+
+
 async def test_streamed_chat(server: ServerProcess, client: AsyncOpenAI) -> None:
     """A streamed chat completion arrives in chunks that add up to a sensible answer."""
     stream = await client.chat.completions.create(
