@@ -2,9 +2,13 @@
 
 It uses the tiny model's real tokenizer (so text, stop rules and chat prompts are real) but no
 model: each sampled token is a letter chosen from the sequence's position, so a sequence's output
-does not depend on what it is batched with. Tests can hold steps (to keep the engine busy), make
-a step raise, charge a ManualClock per step, and read back every step's composition. It checks
-what a real step would refuse: two items in one slot, or a slot outside the cache.
+does not depend on what it is batched with (or, with ``content_sensitive``, from every token its
+slot holds, so a prefix reused wrongly changes the output). Tests can hold steps (to keep the
+engine busy), make a step raise, charge a ManualClock per step, and read back every step's
+composition. It keeps the token ids each slot holds, as a real cache keeps their keys and
+values, and checks what a real step would refuse: two items in one slot, a slot outside the
+cache, a step that starts past what its slot holds, a copy from a slot that does not hold the
+prefix.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class FakeEngine:
         max_context: int = 256,
         clock: ManualClock | None = None,
         step_cost: Callable[[Sequence[SequenceStep]], float] | None = None,
+        content_sensitive: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self._n_slots = n_slots
@@ -49,6 +54,9 @@ class FakeEngine:
         self._gate.set()
         self.waiting_at_gate = threading.Event()
         self.letters = [tokenizer.encode(c)[0] for c in "abcdefghijklmnopqrstuvwxyz"]
+        self.content_sensitive = content_sensitive
+        self.held: list[list[int]] = [[] for _ in range(n_slots)]
+        """The token ids whose "keys and values" each slot holds, by position."""
 
     # -- the engine signature -----------------------------------------------------------------
     @property
@@ -82,14 +90,33 @@ class FakeEngine:
         if self.fail_with is not None:
             error, self.fail_with = self.fail_with, None
             raise error
+        for it in items:  # copies first, as the real engine does
+            if it.prefix_from is not None:
+                source = self.held[it.prefix_from]
+                assert it.prefix_from != it.slot, f"copy of slot {it.slot} onto itself"
+                assert len(source) >= it.start_pos, (
+                    f"copy of {it.start_pos} positions from slot {it.prefix_from}, which holds "
+                    f"{len(source)}"
+                )
+                self.held[it.slot] = source[: it.start_pos]
+        for it in items:
+            held = self.held[it.slot]
+            assert len(held) >= it.start_pos, (
+                f"step at position {it.start_pos} in slot {it.slot}, which holds {len(held)}"
+            )
+            self.held[it.slot] = [*held[: it.start_pos], *it.token_ids]
         if self.clock is not None and self.step_cost is not None:
             self.clock.advance(self.step_cost(items))
         return [
-            TokenSample(self.token_at(it.start_pos + len(it.token_ids)), 0.0)
-            if it.sampling is not None
-            else None
+            TokenSample(self._next_token(it), 0.0) if it.sampling is not None else None
             for it in items
         ]
+
+    def _next_token(self, item: SequenceStep) -> int:
+        position = item.start_pos + len(item.token_ids)
+        if not self.content_sensitive:
+            return self.token_at(position)
+        return self.letters[hash(tuple(self.held[item.slot][:position])) % 26]
 
     # -- test controls ------------------------------------------------------------------------
     def token_at(self, position: int) -> int:

@@ -192,6 +192,8 @@ class GenerationResult:
     """Milliseconds from the start of the request to its end."""
     logprobs: tuple[float, ...] | None = field(default=None)
     """Log-probability of each generated token, when asked for."""
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values came from the prefix cache instead of the model."""
 
     @property
     def tokens_per_second(self) -> float:

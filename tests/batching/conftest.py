@@ -24,6 +24,7 @@ async def make_processor(
         *,
         step_cost: Callable[..., float] | None = None,
         manual_clock: bool = True,
+        content_sensitive: bool = False,
         **config: Any,
     ) -> Made:
         cfg = BatchConfig(**config)
@@ -33,6 +34,7 @@ async def make_processor(
             n_slots=cfg.max_batch_size * cfg.num_workers,
             clock=clock,
             step_cost=step_cost,
+            content_sensitive=content_sensitive,
         )
         processor = BatchProcessor.from_engine(engine, cfg, clock=clock)
         await processor.start()

@@ -114,8 +114,9 @@ async def test_dynamic_timeout_starts_a_full_batch_at_once_and_nobody_joins(
 
 async def test_continuous_admits_an_arrival_at_the_next_step(make_processor: Make) -> None:
     """CONTINUOUS: a request arriving while another decodes joins at the very next step, and a
-    finished sequence's slot goes to the next request at once."""
-    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    finished sequence's slot goes to the next request at once (without the prefix cache, which
+    would let B skip the prompt it shares with A)."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2, prefix_cache=False)
     engine.hold()
     a = p.submit_async(req(6))
     await eventually(engine.waiting_at_gate.is_set)  # step 1 (A's prefill) is in flight

@@ -86,7 +86,7 @@ def test_as_dict_is_plain_json_data() -> None:
     """as_dict() has every field and `finished`, and survives a JSON round trip unchanged."""
     s = stats()
     data = s.as_dict()
-    assert set(data) == {f.name for f in fields(BatchStats)} | {"finished"}
+    assert set(data) == {f.name for f in fields(BatchStats)} | {"finished", "prefix_cache_hit_rate"}
     assert json.loads(json.dumps(data)) == data
     assert data["finished"] == 36
     assert data["latency_ms"] == {

@@ -47,6 +47,7 @@ class TrackedRequest:
     __slots__ = (
         "admitted",
         "batch_sizes",
+        "cached_tokens",
         "config",
         "deadline",
         "decoder",
@@ -95,6 +96,8 @@ class TrackedRequest:
         self.first_token: float | None = None
         self.steps = 0
         self.batch_sizes: list[int] = []
+        self.cached_tokens = 0
+        """Prompt tokens reused from the prefix cache (set at admission)."""
         # Where streamed chunks go (a RequestStream's buffer), when someone streams it.
         self.stream: asyncio.Queue[StreamChunk | None] | None = None
 

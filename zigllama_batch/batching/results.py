@@ -26,7 +26,11 @@ def batch_result(rec: TrackedRequest, finished: float) -> BatchResult:
     latency_ms = (finished - rec.submitted) * _MS
     return BatchResult(
         id=rec.id,
-        result=rec.decoder.result(time_to_first_token_ms=ttft_ms, total_time_ms=latency_ms),
+        result=rec.decoder.result(
+            time_to_first_token_ms=ttft_ms,
+            total_time_ms=latency_ms,
+            cached_tokens=rec.cached_tokens,
+        ),
         latency_ms=latency_ms,
         queue_time_ms=(rec.admitted - rec.submitted) * _MS,
         time_to_first_token_ms=ttft_ms,

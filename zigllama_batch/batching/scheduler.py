@@ -2,7 +2,10 @@
 
 Algorithm, per worker: reap (free the slots of sequences that ended: finished, cancelled, timed
 out); plan (ask the strategy how many waiting requests join the worker's batch now); admit
-(each gets a KV-cache slot and its sampling state); if the batch is empty, sleep until a request
+(each gets a KV-cache slot and its sampling state; with the prefix cache, the slot and the
+start position come from the longest cached prefix of its prompt: a free slot that holds it is
+reused in place, otherwise the prefix rows are copied into the least recently used free slot by
+the request's first step); if the batch is empty, sleep until a request
 arrives, the strategy's wake-up time passes or the processor closes; otherwise build one step
 (every decoding sequence feeds its last token, then prefilling sequences feed prompt chunks of
 at most ``prefill_chunk`` tokens, in admission order, until ``max_step_tokens`` is spent), run it
@@ -21,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..engine.prefix_cache import PrefixCache
 from ..engine.slots import SlotTable
 from ..engine.step import SequenceStep, TokenSample
 from ..errors import GenerationError, ProcessorStopped, ZigllamaBatchError
@@ -86,6 +90,9 @@ class Scheduler:
         )
         self.strategy = make_strategy(config)
         self.slots = SlotTable(engine.n_slots)
+        self.prefixes = (
+            PrefixCache(engine.n_slots, engine.max_context) if config.prefix_cache else None
+        )
         self.deliveries = CallbackDelivery(self.end)
         self.workers = [_Worker(i) for i in range(config.num_workers)]
         self._executor = StepExecutor(engine.step, config.num_workers)
@@ -202,13 +209,16 @@ class Scheduler:
         plan = self.strategy.plan(
             waiting, len(worker.running), now, draining=self.lifecycle.draining
         )
-        for _ in range(min(plan.admit, self.config.max_batch_size - len(worker.running))):
+        room = self.config.max_batch_size - len(worker.running)
+        if self.prefixes is not None:  # a slot a pending copy reads from is not free to take
+            room = min(room, self.prefixes.n_unpinned(self.slots.free_slots()))
+        for _ in range(min(plan.admit, room)):
             rec = self.queue.pop(now)
             if rec is None:
                 break
             rec.state = RequestState.RUNNING  # popped from the queue: no longer counted there
             rec.admitted = now
-            rec.seq.slot = self.slots.allocate()
+            self._place(rec)
             worker.running.append(rec)  # from here on, _reap frees the slot whatever happens
             try:
                 rec.seq.sampling = self.engine.new_sampling(rec.config, rec.prompt_ids)
@@ -218,11 +228,43 @@ class Scheduler:
                 self.end(rec, RequestState.FAILED, error=error)
         return plan
 
+    def _place(self, rec: TrackedRequest) -> None:
+        """Give an admitted request its slot and, with the prefix cache, the prompt tokens it
+        can skip: reused in place when a free slot holds them, else copied by its first step."""
+        seq = rec.seq
+        if self.prefixes is None:
+            seq.slot = self.slots.allocate()
+            return
+        salt = rec.request.cache_salt
+        found = self.prefixes.match(rec.prompt_ids, salt, free=self.slots.free_slots())
+        reuse = min(found.length, len(rec.prompt_ids) - 1)  # the last token gives the logits
+        in_place = (
+            reuse > 0 and self.slots.is_free(found.slot) and not self.prefixes.is_pinned(found.slot)
+        )
+        slot = found.slot if in_place else self.prefixes.pick_free(self.slots.free_slots())
+        self.slots.take(slot)
+        seq.slot = slot
+        self.prefixes.assign(slot, salt, keep=reuse if in_place else 0)
+        if reuse:
+            seq.reuse_prefix(reuse, copy_from=None if in_place else found.slot)
+            if not in_place:
+                self.prefixes.pin(found.slot)
+        rec.cached_tokens = reuse
+        self.stats.on_prefix_lookup(len(rec.prompt_ids), reuse)
+
+    def _copied(self, rec: TrackedRequest) -> None:
+        """The copy a request's first step was to make is done, or will never be made."""
+        source = rec.seq.prefix_from
+        if source is not None and self.prefixes is not None:
+            self.prefixes.unpin(source)
+        rec.seq.prefix_from = None
+
     def _reap(self, worker: _Worker) -> None:
         """Free the slots of sequences that are done generating or have ended."""
         keep = []
         for rec in worker.running:
             if rec.finished or rec.decoder.finished:
+                self._copied(rec)  # ended before its first step: its copy will not run
                 self.slots.free(rec.seq.slot)
             else:
                 keep.append(rec)
@@ -238,7 +280,10 @@ class Scheduler:
         except Exception as exc:
             error = GenerationError(f"the engine step failed: {exc!r}")
             error.__cause__ = exc
-            for rec, _ in parts:
+            for rec, step in parts:
+                self._copied(rec)
+                if self.prefixes is not None:  # what the step wrote is unknown
+                    self.prefixes.assign(step.slot, None, keep=0)
                 self.end(rec, RequestState.FAILED, error=error)
             return
         now = self.clock.now()
@@ -246,6 +291,11 @@ class Scheduler:
         self.stats.on_step(len(parts), n_tokens, now - started)
         self.strategy.observe_step(n_tokens, now - started)
         for (rec, step), out in zip(parts, outputs, strict=True):
+            if self.prefixes is not None:  # the step wrote these keys and values, whatever else
+                if step.prefix_from is not None:
+                    self.prefixes.record(step.slot, 0, rec.prompt_ids[: step.start_pos])
+                self.prefixes.record(step.slot, step.start_pos, step.token_ids)
+                self._copied(rec)
             if rec.finished:
                 continue  # cancelled or timed out during the step
             rec.seq.advance(step, out)

@@ -44,11 +44,20 @@ class Bookkeeping(NamedTuple):
     idle_workers: int
     """Workers waiting for work with nothing due (tests wait for all of them to settle before
     moving a manual clock)."""
+    prefix_pins: int = 0
+    """Slots a pending prefix copy reads from."""
 
     @property
     def idle(self) -> bool:
         """True when nothing is queued, running, held or pending."""
-        return not (self.queued or self.running or self.slots_in_use or self.live or self.callbacks)
+        return not (
+            self.queued
+            or self.running
+            or self.slots_in_use
+            or self.live
+            or self.callbacks
+            or self.prefix_pins
+        )
 
 
 class StatsObserver:
@@ -63,6 +72,10 @@ class StatsObserver:
 
     def on_step(self, sequences: int, new_tokens: int, seconds: float) -> None:
         """An engine step finished."""
+
+    def on_prefix_lookup(self, queried: int, hit: int) -> None:
+        """An admitted request looked up its ``queried`` prompt tokens in the prefix cache and
+        reused ``hit`` of them."""
 
 
 @dataclass(slots=True)
@@ -103,6 +116,8 @@ class StatsRecorder:
         self.first_submit: float | None = None
         self.last_finish: float | None = None
         self.batch_sizes: Counter[int] = Counter()
+        self.prefix_queries = 0
+        self.prefix_hits = 0
         self.latency = _Series(window)
         self.queue_time = _Series(window)
         self.ttft = _Series(window)
@@ -139,6 +154,12 @@ class StatsRecorder:
         self.step_time.add(seconds * 1000)
         self._notify("on_step", sequences, new_tokens, seconds)
 
+    def on_prefix_lookup(self, queried: int, hit: int) -> None:
+        """An admitted request reused ``hit`` of its ``queried`` prompt tokens from the cache."""
+        self.prefix_queries += queried
+        self.prefix_hits += hit
+        self._notify("on_prefix_lookup", queried, hit)
+
     def _notify(self, event: str, *args: object) -> None:
         for observer in self.observers:  # an observer's bug must not stop the scheduler
             try:
@@ -170,4 +191,6 @@ class StatsRecorder:
             step_time_ms=self.step_time.percentiles(),
             mean_batch_size=self.step_sequences / self.steps if self.steps else 0.0,
             batch_size_histogram=dict(sorted(self.batch_sizes.items())),
+            prefix_cache_queries=self.prefix_queries,
+            prefix_cache_hits=self.prefix_hits,
         )

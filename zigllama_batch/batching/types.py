@@ -94,6 +94,10 @@ class BatchConfig:
     result_retention: int = 1024
     """Finished outcomes of ``submit_async`` requests kept until read; beyond this many unread,
     the oldest are dropped."""
+    prefix_cache: bool = True
+    """Start a request after the longest prefix of its prompt whose keys and values a cache
+    slot already holds (a shared system prompt, the earlier turns of a chat): on, because on a
+    CPU recomputing a prompt costs far more than copying its rows."""
 
     def __post_init__(self) -> None:
         try:
@@ -160,8 +164,13 @@ class BatchRequest:
     """Assigned by the processor when None; an id already in use by a live request is refused."""
     timeout_ms: float | None = None
     """Deadline from submission; None uses ``BatchConfig.request_timeout_ms``."""
+    cache_salt: str | None = None
+    """Requests share cached prompt prefixes only with requests of the same salt (one per
+    tenant, say); None shares with every other request without a salt."""
 
     def __post_init__(self) -> None:
+        if self.cache_salt is not None and not isinstance(self.cache_salt, str):
+            raise InvalidRequest(f"cache_salt: must be a str, got {self.cache_salt!r}")
         if not isinstance(self.config, GenerationConfig):
             raise InvalidRequest(
                 f"config: must be a GenerationConfig, got {type(self.config).__name__}"
@@ -299,6 +308,17 @@ class BatchStats:
     """Mean sequences per step."""
     batch_size_histogram: Mapping[int, int]
     """Steps by number of sequences in them."""
+    prefix_cache_queries: int = 0
+    """Prompt tokens of admitted requests looked up in the prefix cache."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens whose keys and values were reused instead of computed."""
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Share of looked-up prompt tokens served from the prefix cache (0 before any)."""
+        return (
+            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        )
 
     @property
     def finished(self) -> int:
@@ -315,6 +335,7 @@ class BatchStats:
                 out[name] = asdict(value)
         out["batch_size_histogram"] = {str(k): v for k, v in self.batch_size_histogram.items()}
         out["finished"] = self.finished
+        out["prefix_cache_hit_rate"] = self.prefix_cache_hit_rate
         return out
 
     def summary(self) -> str:
@@ -340,6 +361,11 @@ class BatchStats:
             ),
             ("steps", f"{self.steps}, mean batch size {self.mean_batch_size:.1f}"),
             ("steps by size", sizes),
+            (
+                "prefix cache",
+                f"{self.prefix_cache_hits} of {self.prefix_cache_queries} prompt tokens reused "
+                f"({self.prefix_cache_hit_rate:.0%})",
+            ),
             ("latency", _percentiles(self.latency_ms)),
             ("queue time", _percentiles(self.queue_time_ms)),
             ("first token", _percentiles(self.time_to_first_token_ms)),

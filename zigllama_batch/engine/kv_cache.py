@@ -49,6 +49,13 @@ class KVCache:
         self.k: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(n_layers)]
         self.v: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(n_layers)]
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy the keys and values of positions ``[0, n)`` from slot ``src`` into slot ``dst``
+        (prefix reuse: ``dst`` then continues after them)."""
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :n] = k[src, :, :n]  # (kv_heads, n, head_dim)
+            v[dst, :, :n] = v[src, :, :n]
+
     @property
     def nbytes(self) -> int:
         """Bytes reserved for keys and values (virtual: pages are mapped as they are written)."""

@@ -95,7 +95,9 @@ class OutputDecoder:
         self.text += chunk
         return chunk
 
-    def result(self, *, time_to_first_token_ms: float, total_time_ms: float) -> GenerationResult:
+    def result(
+        self, *, time_to_first_token_ms: float, total_time_ms: float, cached_tokens: int = 0
+    ) -> GenerationResult:
         """The finished generation, with the timings its runner measured.
 
         Raises:
@@ -112,6 +114,7 @@ class OutputDecoder:
             time_to_first_token_ms=time_to_first_token_ms,
             total_time_ms=total_time_ms,
             logprobs=tuple(self.logprobs) if self._config.logprobs else None,
+            cached_tokens=cached_tokens,
         )
 
     def _finish(self, reason: FinishReason, chunk: str) -> str:

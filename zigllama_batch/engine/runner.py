@@ -137,6 +137,9 @@ class Engine:
         Returns:
             One entry per item: the sampled token, or None for items without a sampling state.
         """
+        for it in items:  # prefix reuse: copies first, so no item can read a half-copied slot
+            if it.prefix_from is not None:
+                self.cache.copy_prefix(it.prefix_from, it.slot, it.start_pos)
         logits = self.model.step(items, self.cache)
         rows = [i for i, it in enumerate(items) if it.sampling is not None]
         out: list[TokenSample | None] = [None] * len(items)

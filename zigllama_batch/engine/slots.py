@@ -49,6 +49,26 @@ class SlotTable:
         self._used.add(slot)
         return slot
 
+    def take(self, slot: int) -> None:
+        """Take a given free slot (one that already holds a wanted prefix, say).
+
+        Raises:
+            ValueError: the slot is not free.
+        """
+        if slot in self._used or not 0 <= slot < self.n_slots:
+            raise ValueError(f"slot {slot} is not free")
+        self._free.remove(slot)
+        heapq.heapify(self._free)
+        self._used.add(slot)
+
+    def is_free(self, slot: int) -> bool:
+        """Whether ``slot`` is free."""
+        return 0 <= slot < self.n_slots and slot not in self._used
+
+    def free_slots(self) -> list[int]:
+        """The free slots, lowest first."""
+        return sorted(self._free)
+
     def free(self, slot: int) -> None:
         """Give a slot back; the next sequence in it overwrites its stale contents.
 

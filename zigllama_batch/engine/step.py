@@ -31,6 +31,9 @@ class SequenceStep:
     sampling: SamplingState | None = None
     """Sample the next token with this state; None for a prompt chunk that is not the last
     (the model step itself never reads it)."""
+    prefix_from: int | None = None
+    """Before the step, copy positions ``[0, start_pos)`` from this slot into ``slot`` (a
+    prefix computed for another sequence); None when ``slot`` already holds them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +53,7 @@ class SequenceState:
     each step feeds the token sampled last.
     """
 
-    __slots__ = ("last_token", "num_computed", "prompt_ids", "sampling", "slot")
+    __slots__ = ("last_token", "num_computed", "prefix_from", "prompt_ids", "sampling", "slot")
 
     def __init__(
         self,
@@ -71,6 +74,17 @@ class SequenceState:
         """Tokens (prompt, then output) whose keys and values are in the slot."""
         self.last_token: int | None = None
         """The token sampled last, which the next decode step feeds."""
+        self.prefix_from: int | None = None
+        """A slot whose first ``num_computed`` positions the first step copies (prefix reuse)."""
+
+    def reuse_prefix(self, n: int, *, copy_from: int | None = None) -> None:
+        """Start after the first ``n`` prompt tokens, whose keys and values are already in the
+        slot, or in slot ``copy_from`` (copied by the first step). At least the last prompt
+        token is always computed, so its logits give the first sampled token."""
+        if not 0 <= n < len(self.prompt_ids) or self.num_computed:
+            raise ValueError(f"cannot reuse {n} of {len(self.prompt_ids)} prompt tokens now")
+        self.num_computed = n
+        self.prefix_from = copy_from if n else None
 
     @property
     def prefilling(self) -> bool:
@@ -84,13 +98,15 @@ class SequenceState:
         if self.prefilling:
             chunk = self.prompt_ids[start : start + budget]
             completes = start + len(chunk) == len(self.prompt_ids)
-            return SequenceStep(self.slot, chunk, start, self.sampling if completes else None)
+            sampling = self.sampling if completes else None
+            return SequenceStep(self.slot, chunk, start, sampling, self.prefix_from)
         assert self.last_token is not None, "a decode step needs a sampled token"
         return SequenceStep(self.slot, [self.last_token], start, self.sampling)
 
     def advance(self, step: SequenceStep, sample: TokenSample | None) -> None:
         """Account for a step of this sequence that ran, and the token it sampled (if any)."""
         self.num_computed += len(step.token_ids)
+        self.prefix_from = None  # copied, if it was to be
         if sample is not None:
             self.last_token = sample.token_id
 

@@ -1,0 +1,203 @@
+"""Prefix reuse across requests: a request starts after the longest prefix of its prompt that a
+slot holds (a running sequence's, a finished one's, in place or copied), salts keep requests
+apart, results never change, and every pin and slot is given back.
+
+The fake engine here is content-sensitive: each sampled token depends on every token id its slot
+holds, so a prefix copied from the wrong slot, or cut at the wrong length, changes the output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+from async_helpers import eventually
+from batch_helpers import idle, req
+
+from zigllama_batch import (
+    BatchConfig,
+    BatchProcessor,
+    BatchRequest,
+    GenerationConfig,
+    LLaMAModel,
+    Tokenizer,
+)
+
+Make = Any
+
+SYSTEM = "you are a helpful assistant who answers in one short sentence. "
+
+
+async def run_all(p: BatchProcessor, requests: list[BatchRequest]) -> list[Any]:
+    return [r.result for r in await asyncio.gather(*(p.submit(q) for q in requests))]
+
+
+@pytest.mark.parametrize("strategy", ["continuous", "dynamic_timeout", "fixed_size"])
+async def test_shared_system_prompt_gives_the_same_tokens_and_reuses_it(
+    make_processor: Make, strategy: str
+) -> None:
+    """Requests sharing a long system prompt get the same tokens with the cache on and off,
+    under each strategy; with it on, later requests report the shared tokens as cached."""
+    questions = [f"{SYSTEM}question {i}: what is {i} plus {i}?" for i in range(6)]
+    outputs = {}
+    for on in (False, True):
+        p, _, _ = await make_processor(
+            strategy=strategy,
+            max_batch_size=2,
+            timeout_ms=1,
+            prefix_cache=on,
+            content_sensitive=True,
+            manual_clock=False,
+        )
+        results = []
+        for batch in (questions[:2], questions[2:4], questions[4:]):
+            results += await run_all(p, [req(5, prompt=q) for q in batch])
+        outputs[on] = [r.token_ids for r in results]
+        cached = [r.cached_tokens for r in results]
+        if on:
+            shared = len(p.tokenizer.encode(SYSTEM + "question "))
+            assert all(c >= shared for c in cached[2:]), cached
+            assert p.stats.prefix_cache_hits == sum(cached) > 0
+        else:
+            assert cached == [0] * 6
+        await p.aclose()
+        assert idle(p)
+    assert outputs[True] == outputs[False]
+
+
+async def test_chat_turns_reuse_the_previous_turn_including_its_answer(
+    make_processor: Make,
+) -> None:
+    """A conversation resent with each turn (prompt + answer + new message, as token ids)
+    reuses everything the previous turn computed: its prompt and its answer but the last
+    token, whose keys and values were never computed."""
+    p, engine, _ = await make_processor(
+        strategy="continuous", max_batch_size=2, content_sensitive=True
+    )
+    ids = p.tokenizer.encode("user: tell me a story about a cat.")
+    for turn in range(4):
+        result = (await p.submit(req(6, prompt=ids))).result
+        expected = 0 if turn == 0 else len(ids) - len(p.tokenizer.encode(" next?")) - 1
+        assert result.cached_tokens == expected, turn
+        ids = [*ids, *result.token_ids, *p.tokenizer.encode(" next?")]
+    # The same conversation without the cache gives the same answers.
+    q, _, _ = await make_processor(
+        strategy="continuous", max_batch_size=2, content_sensitive=True, prefix_cache=False
+    )
+    assert (await q.submit(req(6, prompt=ids))).result.token_ids == (
+        await p.submit(req(6, prompt=ids))
+    ).result.token_ids
+
+
+async def test_a_running_sequences_prefix_is_copied_not_recomputed(make_processor: Make) -> None:
+    """A request arriving while another with the same prefix still runs copies that prefix into
+    its own slot (the first step carries the copy), then computes only the rest."""
+    p, engine, _ = await make_processor(
+        strategy="continuous", max_batch_size=2, content_sensitive=True
+    )
+    long_prompt = SYSTEM * 2
+    a = p.submit_async(req(30, prompt=long_prompt))
+    await eventually(lambda: p.stats.steps >= 3)  # A is decoding in slot 0
+    b = await p.submit(req(4, prompt=long_prompt + "and more"))
+    shared = len(p.tokenizer.encode(long_prompt))
+    assert b.result.cached_tokens >= shared - 1
+    first_b = next(it for step in engine.steps for it in step if it.slot == 1 and it.n_tokens > 1)
+    assert first_b.start_pos == b.result.cached_tokens
+    await p.result(a)
+    assert idle(p)
+
+
+async def test_salts_never_share_cached_prefixes(make_processor: Make) -> None:
+    """Requests with different cache salts (or one salted and one not) reuse nothing from each
+    other; the same salt reuses (four slots: each prefix keeps its own)."""
+    p, _, _ = await make_processor(strategy="continuous", max_batch_size=4)
+    prompt = SYSTEM * 2
+    first = await p.submit(req(2, prompt=prompt, cache_salt="tenant-a"))
+    other = await p.submit(req(2, prompt=prompt, cache_salt="tenant-b"))
+    unsalted = await p.submit(req(2, prompt=prompt))
+    same = await p.submit(req(2, prompt=prompt, cache_salt="tenant-a"))
+    assert first.result.cached_tokens == 0
+    assert other.result.cached_tokens == 0
+    assert unsalted.result.cached_tokens == 0
+    assert same.result.cached_tokens == len(p.tokenizer.encode(prompt)) - 1
+
+
+async def test_cancelling_a_request_whose_copy_is_pending_frees_its_pin(
+    make_processor: Make,
+) -> None:
+    """A request admitted with a pending copy and cancelled before its first step releases the
+    pin on the source slot; nothing is left held, and later requests still get right tokens."""
+    p, engine, _ = await make_processor(
+        strategy="continuous", max_batch_size=3, content_sensitive=True, max_step_tokens=3
+    )
+    prompt = SYSTEM * 2
+    a = p.submit_async(req(40, prompt=prompt))
+    await eventually(lambda: p.stats.steps >= 20)  # A decodes; the step budget is 3 tokens
+    engine.hold()
+    await eventually(engine.waiting_at_gate.is_set)
+    b = p.submit_async(req(4, prompt=prompt + "x"))
+    c = p.submit_async(req(4, prompt=prompt + "y"))
+    engine.release()
+    await eventually(lambda: p.bookkeeping().prefix_pins > 0)
+    p.cancel(b)
+    await p.result(c)
+    await p.result(a)
+    assert p.bookkeeping().prefix_pins == 0
+    assert idle(p)
+
+
+async def test_close_gives_back_every_slot_and_pin(make_processor: Make) -> None:
+    """aclose() with requests queued, copying and running leaves every count at zero."""
+    p, engine, _ = await make_processor(strategy="continuous", max_batch_size=2)
+    for i in range(6):
+        p.submit_async(req(20, prompt=SYSTEM * 2 + str(i)))
+    await eventually(lambda: p.stats.steps >= 2)
+    await p.aclose(drain=False)
+    assert p.bookkeeping().prefix_pins == 0
+    assert idle(p)
+
+
+async def test_greedy_tokens_on_the_tiny_model_do_not_change_with_the_cache(
+    tiny: tuple[LLaMAModel, Tokenizer],
+) -> None:
+    """On the real tiny model, with greedy decoding, every request's tokens are the same with
+    the prefix cache on and off: shared prefixes, partial overlaps diverging mid-prompt, a
+    prefix held by a running sequence (copied), whole-prompt and chunked prefill; and the
+    logprobs of those tokens agree within 1e-4."""
+    model, tokenizer = tiny
+    prompts = [
+        SYSTEM + "what is a cat?",
+        SYSTEM + "what is a dog?",
+        SYSTEM + "what",
+        SYSTEM[:20] + "something else entirely",
+        SYSTEM + "what is a cat? and a dog?",
+    ]
+    outputs, logprobs = {}, {}
+    for on in (False, True):
+        for chunk in (512, 4):
+            config = BatchConfig(
+                strategy="continuous",
+                max_batch_size=3,
+                prefill_chunk=chunk,
+                prefix_cache=on,
+            )
+            async with BatchProcessor(model, tokenizer, config) as p:
+                greedy = GenerationConfig.greedy(max_tokens=8, ignore_eos=True, logprobs=True)
+                long = p.submit_async(
+                    BatchRequest(prompt=prompts[0], config=greedy.with_(max_tokens=40))
+                )
+                await eventually(lambda: p.stats.steps >= 2)  # ...running in its slot
+                results = []
+                for prompt in prompts:
+                    results.append(await p.submit(BatchRequest(prompt=prompt, config=greedy)))
+                results.append(await p.result(long))
+            outputs[on, chunk] = [r.result.token_ids for r in results]
+            logprobs[on, chunk] = [lp for r in results for lp in r.result.logprobs or ()]
+            cached = sum(r.result.cached_tokens for r in results)
+            assert (cached > 0) == on
+    assert outputs[True, 512] == outputs[False, 512] == outputs[True, 4] == outputs[False, 4]
+    # The tiny model's greedy choices hardly depend on the context; its logprobs do.
+    for key in logprobs:
+        np.testing.assert_allclose(logprobs[key], logprobs[False, 512], atol=1e-4, rtol=0)
