@@ -392,3 +392,34 @@ async def test_every_request_ends_in_exactly_one_outcome(
     assert counts["invalid"] == 5
     assert counts["unauthorized"] == 2
     assert counts["error"] == 1
+
+
+# -- prefix cache -------------------------------------------------------------------------------
+
+
+async def test_cached_prompt_tokens_are_reported_and_salts_isolate(
+    client: httpx.AsyncClient,
+) -> None:
+    """A repeated prompt reports its reused tokens as usage.prompt_tokens_details.cached_tokens
+    (OpenAI's field), streamed and not; a different cache_salt reuses nothing; the metrics count
+    the prefix-cache queries and hits in tokens."""
+    body = completion(prompt="the cat sat on the mat and looked at the dog", max_tokens=2)
+    first = (await client.post("/v1/completions", json=body)).json()["usage"]
+    again = (await client.post("/v1/completions", json=body)).json()["usage"]
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert again["prompt_tokens_details"]["cached_tokens"] == again["prompt_tokens"] - 1
+    salted = await client.post("/v1/completions", json={**body, "cache_salt": "tenant-b"})
+    assert salted.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    r = await client.post(
+        "/v1/completions",
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    usage = sse(r.text)[-2]["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
+    text = (await client.get("/metrics")).text
+    queried = re.search(r"^zigllama_prefix_cache_queries_tokens_total (\S+)$", text, re.M)
+    hits = re.search(r"^zigllama_prefix_cache_hits_tokens_total (\S+)$", text, re.M)
+    assert queried
+    assert hits
+    assert float(queried.group(1)) == 4 * first["prompt_tokens"]
+    assert float(hits.group(1)) == 2 * (first["prompt_tokens"] - 1)

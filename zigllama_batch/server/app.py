@@ -362,7 +362,11 @@ class _Api:
             config = generation_config(body, max_tokens_default=room)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             batch_request = BatchRequest(
-                prompt=prompt_ids, config=config, priority=body.priority, id=rid
+                prompt=prompt_ids,
+                config=config,
+                priority=body.priority,
+                id=rid,
+                cache_salt=body.cache_salt,
             )
             # From here the processor counts the request's outcome, refusals included.
             request.scope.setdefault("state", {})[_TAKEN] = True
@@ -451,7 +455,7 @@ class _Api:
         kind = "chat.completion.chunk" if chat else "text_completion"
         generated = 0  # tokens so far, for continuous usage
 
-        def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
             payload: dict[str, Any] = {
                 "id": rid,
                 "object": kind,
@@ -584,8 +588,11 @@ class _Api:
         return self.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
-def _usage(result: BatchResult) -> dict[str, int]:
-    return _usage_of(result.result.prompt_tokens, result.result.completion_tokens)
+def _usage(result: BatchResult) -> dict[str, Any]:
+    r = result.result
+    usage: dict[str, Any] = _usage_of(r.prompt_tokens, r.completion_tokens)
+    usage["prompt_tokens_details"] = {"cached_tokens": r.cached_tokens}
+    return usage
 
 
 def _usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

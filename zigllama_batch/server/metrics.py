@@ -74,6 +74,16 @@ class ProcessorMetrics(StatsObserver):
         self.step = Histogram(
             "zigllama_step_seconds", "Duration of one engine step", buckets=_SECONDS, registry=r
         )
+        self.prefix_queries = Counter(
+            "zigllama_prefix_cache_queries_tokens",
+            "Prompt tokens of admitted requests looked up in the prefix cache",
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "zigllama_prefix_cache_hits_tokens",
+            "Prompt tokens served from the prefix cache instead of computed",
+            registry=r,
+        )
         queue = Gauge("zigllama_queue_depth", "Requests waiting", registry=r)
         queue.set_function(lambda: processor.queue_depth)
         running = Gauge("zigllama_running_sequences", "Sequences holding a cache slot", registry=r)
@@ -113,6 +123,11 @@ class ProcessorMetrics(StatsObserver):
         """Observe a step's batch size and duration."""
         self.batch.observe(sequences)
         self.step.observe(seconds)
+
+    def on_prefix_lookup(self, queried: int, hit: int) -> None:
+        """Count a request's prompt tokens looked up in the prefix cache, and those reused."""
+        self.prefix_queries.inc(queried)
+        self.prefix_hits.inc(hit)
 
     def render(self) -> bytes:
         """The metrics in the Prometheus text format."""

@@ -2,7 +2,7 @@
 
 Inside: pydantic models for ``/v1/completions`` and ``/v1/chat/completions`` (strict types:
 ``"5"`` is not an int), the extension fields (``top_k``, ``min_p``, ``repetition_penalty``,
-``priority``, ``ignore_eos``), and :func:`generation_config`.
+``priority``, ``ignore_eos``, ``cache_salt``), and :func:`generation_config`.
 
 How fields are read, as OpenAI and vLLM read them:
 
@@ -106,6 +106,7 @@ class _Sampling(_Body):
     response_format: ResponseFormat | None = None
     priority: Int = Field(0, ge=-1_000_000, le=1_000_000)  # extension: lower is served first
     ignore_eos: bool = False  # extension
+    cache_salt: str | None = None  # vLLM's extension: prefixes are shared only within a salt
     user: str | None = None  # accepted, not used
 
     def requested_max_tokens(self) -> int | None:
