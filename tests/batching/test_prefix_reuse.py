@@ -124,26 +124,32 @@ async def test_salts_never_share_cached_prefixes(make_processor: Make) -> None:
     assert same.result.cached_tokens == len(p.tokenizer.encode(prompt)) - 1
 
 
-async def test_cancelling_a_request_whose_copy_is_pending_frees_its_pin(
+async def test_cancelling_requests_whose_copies_are_pending_frees_their_pins(
     make_processor: Make,
 ) -> None:
-    """A request admitted with a pending copy and cancelled before its first step releases the
-    pin on the source slot; nothing is left held, and later requests still get right tokens."""
+    """Two requests admitted with copies of a running sequence's prefix, then cancelled (one
+    inside the step that makes its copy, one left out of that step by the token budget, so its
+    copy never runs) leave no pin behind, and the source sequence finishes unharmed."""
     p, engine, _ = await make_processor(
         strategy="continuous", max_batch_size=3, content_sensitive=True, max_step_tokens=3
     )
     prompt = SYSTEM * 2
-    a = p.submit_async(req(40, prompt=prompt))
-    await eventually(lambda: p.stats.steps >= 20)  # A decodes; the step budget is 3 tokens
+    alone = (await p.submit(req(30, prompt=prompt))).result.token_ids
+    a = p.submit_async(req(30, prompt=prompt))
+    await eventually(lambda: engine.steps[-1][0].n_tokens == 1)  # A decodes in its slot
     engine.hold()
     await eventually(engine.waiting_at_gate.is_set)
     b = p.submit_async(req(4, prompt=prompt + "x"))
     c = p.submit_async(req(4, prompt=prompt + "y"))
-    engine.release()
-    await eventually(lambda: p.bookkeeping().prefix_pins > 0)
+    before = len(engine.steps)
+    engine.release()  # the step in flight ends; B and C are admitted; the next step waits
+    engine.hold()
+    await eventually(lambda: len(engine.steps) > before and engine.waiting_at_gate.is_set())
+    assert p.bookkeeping().prefix_pins == 2
     p.cancel(b)
-    await p.result(c)
-    await p.result(a)
+    p.cancel(c)
+    engine.release()
+    assert (await p.result(a)).result.token_ids == alone
     assert p.bookkeeping().prefix_pins == 0
     assert idle(p)
 
@@ -201,3 +207,34 @@ async def test_greedy_tokens_on_the_tiny_model_do_not_change_with_the_cache(
     # The tiny model's greedy choices hardly depend on the context; its logprobs do.
     for key in logprobs:
         np.testing.assert_allclose(logprobs[key], logprobs[False, 512], atol=1e-4, rtol=0)
+
+
+async def test_requests_arriving_together_compute_their_shared_prefix_once(
+    make_processor: Make,
+) -> None:
+    """Requests admitted together that share a long prefix do not all compute it: the first
+    does, the others wait for it and copy it (so the engine sees the prefix once), and every
+    output is what it is without the cache."""
+    questions = [f"{SYSTEM * 2}question {i}?" for i in range(6)]
+    fed, outputs = {}, {}
+    for on in (False, True):
+        p, engine, _ = await make_processor(
+            strategy="fixed_size",
+            max_batch_size=6,
+            prefix_cache=on,
+            content_sensitive=True,
+            manual_clock=False,
+        )
+        results = await run_all(p, [req(3, prompt=q) for q in questions])
+        outputs[on] = [r.token_ids for r in results]
+        fed[on] = sum(it.n_tokens for step in engine.steps for it in step)
+        if on:
+            shared = len(p.tokenizer.encode(SYSTEM * 2 + "question "))
+            waited = sorted(r.cached_tokens for r in results)
+            assert waited[0] == 0  # the one that computed it
+            assert all(c >= shared - 1 for c in waited[1:]), waited
+        await p.aclose()
+        assert idle(p)
+    assert outputs[True] == outputs[False]
+    shared = len(p.tokenizer.encode(SYSTEM * 2 + "question "))
+    assert fed[False] - fed[True] >= 5 * (shared - 1)  # five of the six computed it not

@@ -46,6 +46,7 @@ class TrackedRequest:
 
     __slots__ = (
         "admitted",
+        "awaits",
         "batch_sizes",
         "cached_tokens",
         "config",
@@ -98,6 +99,9 @@ class TrackedRequest:
         self.batch_sizes: list[int] = []
         self.cached_tokens = 0
         """Prompt tokens reused from the prefix cache (set at admission)."""
+        self.awaits: tuple[TrackedRequest, int] | None = None
+        """A running request whose prompt shares this one's first ``n`` tokens and is still
+        computing them: this one waits, then copies them (set by the scheduler)."""
         # Where streamed chunks go (a RequestStream's buffer), when someone streams it.
         self.stream: asyncio.Queue[StreamChunk | None] | None = None
 

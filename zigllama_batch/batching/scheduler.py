@@ -41,6 +41,10 @@ from .types import BatchConfig, BatchResult, EngineLike
 
 __all__ = ["Scheduler", "build_step"]
 
+MIN_WAIT_TOKENS = 16
+"""A request waits for a prefix still being computed by another only if that saves at least
+this many tokens over what is cached already (less is cheaper to compute than to wait for)."""
+
 
 def build_step(
     running: Sequence[TrackedRequest], max_tokens: int, chunk: int
@@ -48,14 +52,15 @@ def build_step(
     """Choose each running sequence's part of one step.
 
     Decoding sequences always feed their one token; prefilling ones then share what is left of
-    ``max_tokens``, in admission order, at most ``chunk`` tokens each.
+    ``max_tokens``, in admission order, at most ``chunk`` tokens each (but not those waiting for
+    another sequence to compute their shared prefix).
     """
     parts = [(r, r.seq.next_step(1)) for r in running if not r.seq.prefilling]
     budget = max_tokens - len(parts)
     for r in running:
         if budget <= 0:
             break
-        if r.seq.prefilling:
+        if r.seq.prefilling and r.awaits is None:
             step = r.seq.next_step(min(chunk, budget))
             parts.append((r, step))
             budget -= len(step.token_ids)
@@ -218,7 +223,7 @@ class Scheduler:
                 break
             rec.state = RequestState.RUNNING  # popped from the queue: no longer counted there
             rec.admitted = now
-            self._place(rec)
+            self._place(rec, worker)
             worker.running.append(rec)  # from here on, _reap frees the slot whatever happens
             try:
                 rec.seq.sampling = self.engine.new_sampling(rec.config, rec.prompt_ids)
@@ -228,9 +233,11 @@ class Scheduler:
                 self.end(rec, RequestState.FAILED, error=error)
         return plan
 
-    def _place(self, rec: TrackedRequest) -> None:
+    def _place(self, rec: TrackedRequest, worker: _Worker) -> None:
         """Give an admitted request its slot and, with the prefix cache, the prompt tokens it
-        can skip: reused in place when a free slot holds them, else copied by its first step."""
+        can skip: reused in place when a free slot holds them, else copied by its first step;
+        or, when a sequence of this worker is still computing a longer shared prefix, wait
+        for it (see :meth:`_resolve_waits`)."""
         seq = rec.seq
         if self.prefixes is None:
             seq.slot = self.slots.allocate()
@@ -238,19 +245,61 @@ class Scheduler:
         salt = rec.request.cache_salt
         found = self.prefixes.match(rec.prompt_ids, salt, free=self.slots.free_slots())
         reuse = min(found.length, len(rec.prompt_ids) - 1)  # the last token gives the logits
+        rec.awaits = self._in_flight(rec, worker, reuse)
         in_place = (
-            reuse > 0 and self.slots.is_free(found.slot) and not self.prefixes.is_pinned(found.slot)
+            rec.awaits is None
+            and reuse > 0
+            and self.slots.is_free(found.slot)
+            and not self.prefixes.is_pinned(found.slot)
         )
         slot = found.slot if in_place else self.prefixes.pick_free(self.slots.free_slots())
         self.slots.take(slot)
         seq.slot = slot
-        self.prefixes.assign(slot, salt, keep=reuse if in_place else 0)
-        if reuse:
-            seq.reuse_prefix(reuse, copy_from=None if in_place else found.slot)
+        self.prefixes.assign(slot, salt, keep=reuse if in_place else 0, planned=rec.prompt_ids)
+        if rec.awaits is None:
+            self._reuse(rec, found.slot if reuse else None, reuse, in_place=in_place)
+
+    def _in_flight(
+        self, rec: TrackedRequest, worker: _Worker, cached: int
+    ) -> tuple[TrackedRequest, int] | None:
+        """A sequence of ``worker`` still computing a prefix of ``rec``'s prompt at least
+        ``MIN_WAIT_TOKENS`` longer than the ``cached`` one, and that prefix's length."""
+        assert self.prefixes is not None
+        ahead = self.prefixes.match(rec.prompt_ids, rec.request.cache_salt, planned=True)
+        target = min(ahead.length, len(rec.prompt_ids) - 1)
+        if target < cached + MIN_WAIT_TOKENS:
+            return None
+        for other in worker.running:  # the same worker: its steps are the ones that wait
+            if other.seq.slot == ahead.slot and not other.finished and other.seq.prefilling:
+                return other, target
+        return None
+
+    def _reuse(self, rec: TrackedRequest, source: int | None, n: int, *, in_place: bool) -> None:
+        """Start ``rec`` after ``n`` prompt tokens held by slot ``source`` (its own slot when
+        ``in_place``, else copied by its first step, the source pinned until then)."""
+        if n:
+            assert source is not None
+            assert self.prefixes is not None
+            rec.seq.reuse_prefix(n, copy_from=None if in_place else source)
             if not in_place:
-                self.prefixes.pin(found.slot)
-        rec.cached_tokens = reuse
-        self.stats.on_prefix_lookup(len(rec.prompt_ids), reuse)
+                self.prefixes.pin(source)
+        rec.cached_tokens = n
+        self.stats.on_prefix_lookup(len(rec.prompt_ids), n)
+
+    def _resolve_waits(self, worker: _Worker) -> None:
+        """Requests waiting for a prefix in flight start once it is computed (or once the
+        sequence computing it has ended), from the longest prefix held by then."""
+        for rec in worker.running:
+            if rec.awaits is None or rec.finished:
+                continue
+            source, target = rec.awaits
+            if not source.finished and source.seq.prefilling and source.seq.num_computed < target:
+                continue  # still computing it
+            rec.awaits = None
+            assert self.prefixes is not None
+            found = self.prefixes.match(rec.prompt_ids, rec.request.cache_salt)
+            reuse = min(found.length, len(rec.prompt_ids) - 1)
+            self._reuse(rec, found.slot, reuse, in_place=False)
 
     def _copied(self, rec: TrackedRequest) -> None:
         """The copy a request's first step was to make is done, or will never be made."""
@@ -272,6 +321,7 @@ class Scheduler:
 
     async def _step(self, worker: _Worker) -> None:
         """Build one step from the worker's batch, run it, and apply its outputs."""
+        self._resolve_waits(worker)
         parts = build_step(worker.running, self.config.max_step_tokens, self.config.prefill_chunk)
         items = [step for _, step in parts]
         started = self.clock.now()

@@ -12,6 +12,10 @@ stay warm. The owner (the scheduler) copies or reuses the rows and tells this ob
 wrote. Matching compares one prompt against every slot at once with numpy: tens of
 microseconds for 32 slots of 2,048 positions.
 
+It also knows what each slot *will* hold once its prompt is computed, so that requests
+arriving together with one long shared prefix wait for the first to compute it and copy it,
+instead of all computing it at once.
+
 Left out here: a host-memory pool of evicted prefixes (a slot's contents are lost when the slot
 is reused), and preferring cached requests at admission.
 """
@@ -47,6 +51,8 @@ class PrefixCache:
         self.max_context = max_context
         self._ids = np.full((n_slots, max_context), -1, np.int64)  # token ids held, by position
         self._held = np.zeros(n_slots, np.int64)  # positions 0..held-1 are valid
+        # Positions 0..planned-1 will hold the ids written so far (a prompt being prefilled).
+        self._planned = np.zeros(n_slots, np.int64)
         self._salt: list[str | None] = [None] * n_slots
         self._used_at = [0] * n_slots  # logical time of the last write or reuse
         self._clock = 0
@@ -57,19 +63,26 @@ class PrefixCache:
         return int(self._held[slot])
 
     def match(
-        self, prompt_ids: Sequence[int], salt: str | None, *, free: Iterable[int] = ()
+        self,
+        prompt_ids: Sequence[int],
+        salt: str | None,
+        *,
+        free: Iterable[int] = (),
+        planned: bool = False,
     ) -> PrefixMatch:
         """The slot holding the longest prefix of ``prompt_ids`` written under ``salt``; among
         equally long ones, a slot of ``free`` that no pending copy reads from (so the prefix
-        can be reused in place, without a copy)."""
+        can be reused in place, without a copy). With ``planned``, what a slot will hold once
+        its sequence's prompt is computed counts too (a prefix in flight)."""
         n = min(len(prompt_ids), self.max_context)
-        if n == 0 or not self._held.any():
+        bound = self._planned if planned else self._held
+        if n == 0 or not bound.any():
             return NO_MATCH
         prompt = np.asarray(prompt_ids[:n], np.int64)
         same = self._ids[:, :n] == prompt  # (slots, n)
         # Leading run of matches per slot: the first mismatch, or n when all match.
         lengths = np.where(same.all(axis=1), n, same.argmin(axis=1))
-        lengths = np.minimum(lengths, self._held)
+        lengths = np.minimum(lengths, bound)
         for slot in range(self.n_slots):
             if self._salt[slot] != salt:
                 lengths[slot] = 0
@@ -105,11 +118,14 @@ class PrefixCache:
         """Whether a pending copy still reads from ``slot``."""
         return self._pins[slot] > 0
 
-    def assign(self, slot: int, salt: str | None, keep: int) -> None:
+    def assign(self, slot: int, salt: str | None, keep: int, planned: Sequence[int] = ()) -> None:
         """A sequence of ``salt`` takes ``slot``, keeping its first ``keep`` positions (a prefix
-        it reuses in place); everything after them will be overwritten."""
+        it reuses in place); everything after them will be overwritten, first with
+        ``planned`` (its prompt), which :meth:`match` can wait for."""
         self._held[slot] = keep
         self._ids[slot, keep:] = -1
+        self._ids[slot, keep : len(planned)] = planned[keep:]
+        self._planned[slot] = max(keep, len(planned))
         self._salt[slot] = salt
         self._touch(slot)
 
@@ -118,6 +134,7 @@ class PrefixCache:
         end = start + len(token_ids)
         self._ids[slot, start:end] = token_ids
         self._held[slot] = max(int(self._held[slot]), end)
+        self._planned[slot] = max(int(self._planned[slot]), end)
         self._touch(slot)
 
     def pin(self, slot: int) -> None:
