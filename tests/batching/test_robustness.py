@@ -370,7 +370,7 @@ async def test_a_huge_chat_prompt_is_refused_without_tokenizing(
     so the event loop is not held rendering or tokenizing them: long contents, or many empty
     messages (each costs at least the template's tokens per message)."""
     p, _, _ = await make_processor(strategy="continuous", max_batch_size=2)
-    assert p.tokenizer.min_message_tokens >= 1  # measured once, before the guard below
+    assert p.tokenizer.message_token_floor["user"] >= 1  # measured before the guard below
     _no_tokenizing(p, monkeypatch)
     huge = "word " * 200_000
     for prompt in (

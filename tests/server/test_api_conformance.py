@@ -4,6 +4,7 @@ and every request ends in exactly one outcome of the metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -11,10 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
+from async_helpers import eventually
 from fake_engine import FakeEngine
 from test_app import MODEL, Tiny, assert_error, sse
 
-from zigllama_batch import BatchConfig, BatchProcessor
+from zigllama_batch import BatchConfig, BatchProcessor, InvalidRequest
 from zigllama_batch.server import create_app
 from zigllama_batch.server.metrics import OUTCOMES
 from zigllama_batch.server.schema import ChatCompletionRequest, CompletionRequest
@@ -319,7 +321,7 @@ async def test_huge_prompt_lists_are_refused_before_any_per_item_work(
     as longer than the context before validation item by item or the chat template, either of
     which would stall the event loop (the README's abuse benchmark measures it)."""
     _, client, processor = app_and_client
-    assert processor.tokenizer.min_message_tokens >= 1
+    assert processor.tokenizer.message_token_floor["user"] >= 1
     calls = 0
 
     def counting(*args: Any, **kwargs: Any) -> Any:
@@ -358,8 +360,8 @@ async def test_two_authorization_headers_are_refused(client: httpx.AsyncClient) 
 async def test_every_request_ends_in_exactly_one_outcome(
     app_and_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A mixed burst (served, bad JSON, unknown model, wrong method, unknown path, bad key, a bug
-    in the handler, full queue) adds up: the outcome counters sum to the requests sent."""
+    """A mixed burst (served, bad JSON, unknown model, wrong method, unknown path, bad key, a
+    full queue, a bug in the handler) adds up: the outcome counters sum to the requests sent."""
     _, client, processor = app_and_client
     bad_key = {"Authorization": "Bearer nope"}
     sent = [
@@ -380,15 +382,30 @@ async def test_every_request_ends_in_exactly_one_outcome(
     def bug(prompt: object) -> list[int]:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(processor, "encode_prompt", bug)
-    r = await client.post("/v1/completions", json=completion())
+    # A full queue: what runs is held in the engine, four wait, the rest get 429.
+    engine = processor.engine
+    engine.hold()
+    burst = [
+        asyncio.create_task(client.post("/v1/completions", json=completion())) for _ in range(8)
+    ]
+    await eventually(lambda: sum(t.done() for t in burst) >= 3)
+    engine.release()
+    burst_statuses = [r.status_code for r in await asyncio.gather(*burst)]
+    served, refused = burst_statuses.count(200), burst_statuses.count(429)
+    assert served + refused == len(burst)
+    assert refused >= 3
+
+    with monkeypatch.context() as m:
+        m.setattr(processor, "encode_prompt", bug)
+        r = await client.post("/v1/completions", json=completion())
     assert_error(r, 500)
     assert r.json()["error"]["type"] == "server_error"
 
     counts = outcomes((await client.get("/metrics")).text)
     assert set(counts) == set(OUTCOMES)
-    assert sum(counts.values()) == len(sent) + 1
-    assert counts["completed"] == 2
+    assert sum(counts.values()) == len(sent) + len(burst) + 1
+    assert counts["completed"] == 2 + served
+    assert counts["rejected"] == refused
     assert counts["invalid"] == 5
     assert counts["unauthorized"] == 2
     assert counts["error"] == 1
@@ -423,3 +440,96 @@ async def test_cached_prompt_tokens_are_reported_and_salts_isolate(
     assert hits
     assert float(queried.group(1)) == 4 * first["prompt_tokens"]
     assert float(hits.group(1)) == 2 * (first["prompt_tokens"] - 1)
+
+
+# -- found in review --------------------------------------------------------------------------
+
+
+def _nested(depth: int) -> Any:
+    value: Any = [1]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        json.dumps(completion(prompt=_nested(400))),
+        json.dumps(chat(messages=_nested(400))),
+        '{"model": "tiny", "prompt": "x", "max_tokens": ' + "9" * 5000 + "}",
+        '{"model": "tiny", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+    ids=["prompt_nested_400", "messages_nested_400", "int_of_5000_digits", "arrays_100k_deep"],
+)
+async def test_pathological_json_is_a_400(client: httpx.AsyncClient, raw: str) -> None:
+    """Deep nesting and huge numbers get OpenAI's 400 body, not a 500 from a RecursionError or
+    Python's integer-string limit."""
+    path = "/v1/chat/completions" if '"messages"' in raw else "/v1/completions"
+    r = await client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert_error(r, 400)
+
+
+async def test_float_token_ids_are_counted_as_ids(client: httpx.AsyncClient) -> None:
+    """Token ids sent as whole-number floats are bounded by their count, like ints, and a
+    prompt of 40 of them (context 256) is served, not refused as "at least 280 tokens"."""
+    for prompt in ([11.0] * 40, [[11.0] * 40]):
+        r = await client.post("/v1/completions", json=completion(prompt=prompt, max_tokens=2))
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == 40
+
+
+async def test_empty_prompt_list_in_a_list_is_the_empty_document(
+    client: httpx.AsyncClient,
+) -> None:
+    """prompt [[]] is the empty document, as [] and null are."""
+    r = await client.post("/v1/completions", json=completion(prompt=[[]]))
+    assert r.status_code == 200, r.text
+
+
+async def test_a_text_part_whose_text_is_not_a_string_is_refused(
+    client: httpx.AsyncClient,
+) -> None:
+    """A content part {"type": "text", "text": null} is a 400 naming the message, not the text
+    "None" in the prompt."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": None}]}]
+    r = await client.post("/v1/chat/completions", json=chat(messages=messages))
+    error = assert_error(r, 400)
+    assert error["message"].startswith("messages[0].content")
+
+
+async def test_an_unnamed_validation_error_has_no_none_prefix(client: httpx.AsyncClient) -> None:
+    """A validation error whose location has no parameter name says what is wrong without a
+    "None:" prefix."""
+    raw = '{"model": "tiny", "messages": [{"role": "user", "content": [{"\\ud800": 1}]}]}'
+    r = await client.post(
+        "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"}
+    )
+    error = assert_error(r, 400)
+    assert not error["message"].startswith("None")
+
+
+async def test_roles_a_template_renders_as_nothing_cost_nothing_in_the_bound(
+    write_gguf: Any,
+) -> None:
+    """With a template that skips tool messages, many empty tool messages are not refused as
+    too long (their cost is measured per role, and may be 0); more messages than the context
+    has positions are refused as such."""
+    from zigllama_batch import load_model
+
+    skip_tools = (
+        "{% for m in messages %}{% if m['role'] != 'tool' %}"
+        "{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}"
+        "{{'<|im_start|>assistant\\n'}}{% endif %}"
+    )
+    model, tokenizer = load_model(write_gguf(chat_template=skip_tools))
+    assert tokenizer.message_token_floor["tool"] == 0
+    assert tokenizer.message_token_floor["user"] >= 1
+    engine = FakeEngine(tokenizer, n_slots=2, max_context=256)
+    processor = BatchProcessor.from_engine(engine, BatchConfig(max_batch_size=2))
+    tools = [{"role": "tool", "content": ""}] * 60
+    processor.check_prompt_length([*tools, {"role": "user", "content": "hi"}])
+    assert len(processor.encode_prompt([*tools, {"role": "user", "content": "hi"}])) < 30
+    with pytest.raises(InvalidRequest, match="300 messages"):
+        processor.check_prompt_length([{"role": "tool", "content": ""}] * 300)

@@ -71,9 +71,15 @@ async def test_models_retrieve_and_continuous_usage_with_the_official_client(
         stream=True,
         stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
     )
-    counts = [chunk.usage.completion_tokens async for chunk in stream if chunk.usage]
+    chunks = [chunk async for chunk in stream]
+    assert all(chunk.usage is not None for chunk in chunks)  # every chunk, not only the last
+    counts = [chunk.usage.completion_tokens for chunk in chunks if chunk.usage]
     assert counts == sorted(counts)
-    assert counts[-1] <= 6
+    assert len(set(counts)) > 1
+    final = chunks[-1]
+    assert not final.choices  # the include_usage chunk
+    assert final.usage is not None
+    assert counts[-2] == counts[-1] == final.usage.completion_tokens
 
 
 async def test_streamed_chat(server: ServerProcess, client: AsyncOpenAI) -> None:

@@ -38,8 +38,9 @@ from schemathesis.hooks import GLOBAL_HOOK_DISPATCHER
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from zigllama_batch import BatchConfig, BatchProcessor, LLaMAModel, Tokenizer
+from zigllama_batch import BatchConfig, BatchProcessor, LLaMAModel, PromptTooLong, Tokenizer
 from zigllama_batch.server import create_app
+from zigllama_batch.server.schema import ChatCompletionRequest, CompletionRequest
 
 Tiny = tuple[LLaMAModel, Tokenizer]
 MODEL = "tiny"
@@ -128,6 +129,50 @@ def _token_ids(body: Mapping[str, Any]) -> bool:
     return isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], str)
 
 
+SERVING: dict[str, BatchProcessor] = {}
+"""The processor behind the app under test (the context check tokenizes with its tokenizer)."""
+
+
+def _over_context(body: Mapping[str, Any]) -> bool:
+    """The request really does not fit the served model's context: its prompt's tokens, plus
+    the completion length it asks for (a refusal the server makes on a lower bound alone would
+    not count)."""
+    processor = SERVING["processor"]
+    try:  # a request refused anyway (a non-text part, say) may be refused on the bound alone
+        processor.check_prompt_length(body.get("messages", body.get("prompt")))
+    except PromptTooLong:
+        if not _encodes(body):
+            return True
+    try:
+        if "messages" in body:
+            chat = ChatCompletionRequest.model_validate(body)
+            ids = processor.tokenizer.encode_prompt(chat.message_dicts())
+            asked = chat.requested_max_tokens()
+        else:
+            completion = CompletionRequest.model_validate(body)
+            ids = processor.tokenizer.encode_prompt(completion.prompt_value())
+            asked = completion.requested_max_tokens()
+    except Exception:  # not a request this check can judge: the refusal does not apply
+        return False
+    room = processor.max_context - len(ids)
+    return room <= 0 or (asked is not None and asked > room)
+
+
+def _encodes(body: Mapping[str, Any]) -> bool:
+    """Whether the body's prompt is one the tokenizer takes (a valid request's)."""
+    processor = SERVING["processor"]
+    try:
+        if "messages" in body:
+            processor.tokenizer.encode_prompt(
+                ChatCompletionRequest.model_validate(body).message_dicts()
+            )
+        else:
+            processor.tokenizer.encode_prompt(CompletionRequest.model_validate(body).prompt_value())
+    except Exception:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Refusal:
     """A 400 the server answers on purpose: ``applies`` says the request asked for it, and the
@@ -171,10 +216,10 @@ DOCUMENTED_REFUSALS = [
     Refusal("prompt", lambda body: _prompts(body) > 1),
     # Limits of the model rather than of the API (OpenAI answers them with a 400 too): a prompt
     # and completion longer than the context, and token ids outside the vocabulary.
-    Refusal("prompt", _set("prompt"), code="context_length_exceeded"),
-    Refusal("messages", _set("messages"), code="context_length_exceeded"),
-    Refusal("max_tokens", _set("max_tokens"), code="context_length_exceeded"),
-    Refusal("max_completion_tokens", _set("max_completion_tokens"), code="context_length_exceeded"),
+    Refusal("prompt", _over_context, code="context_length_exceeded"),
+    Refusal("messages", _over_context, code="context_length_exceeded"),
+    Refusal("max_tokens", _over_context, code="context_length_exceeded"),
+    Refusal("max_completion_tokens", _over_context, code="context_length_exceeded"),
     Refusal("prompt", _token_ids, message=r"^prompt: token id -?\d+ is outside the vocabulary"),
 ]
 
@@ -413,6 +458,7 @@ def served_app(tiny: Tiny) -> Any:
     """The app over the tiny model. Schemathesis' engine starts its lifespan, and so the
     processor, on its own event-loop thread; continuous batching: no wait for a batch to fill."""
     processor = BatchProcessor(*tiny, BatchConfig(strategy="continuous", max_batch_size=4))
+    SERVING["processor"] = processor
     return create_app(processor, model_name=MODEL, manage_processor=True, drain_timeout=5)
 
 

@@ -76,3 +76,21 @@ def test_a_port_in_use_is_reported_before_the_model_loads(
     assert main(["serve", "--port", str(taken_port), "--model", path]) == 1
     err = capsys.readouterr().err
     assert err == f"error: cannot listen on 127.0.0.1:{taken_port}: Address already in use\n"
+
+
+def test_the_port_is_listened_on_before_the_model_loads() -> None:
+    """The socket bound before the model loads already listens, so no other process can bind
+    the same port meanwhile (SO_REUSEADDR lets it until then)."""
+    from zigllama_batch.server.run import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        port = sock.getsockname()[1]
+        with socket.socket() as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError, match="in use"):
+                other.bind(("127.0.0.1", port))
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # accepted into the backlog while nothing serves yet
+    finally:
+        sock.close()

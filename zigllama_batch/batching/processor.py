@@ -16,9 +16,9 @@ import asyncio
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeGuard
 
 from ..engine.output import OutputDecoder
 from ..engine.runner import Engine, Model
@@ -441,11 +441,17 @@ class BatchProcessor:
 
         Raises:
             PromptTooLong: the prompt cannot fit, whatever its tokens turn out to be.
+            InvalidRequest: more chat messages than the context has positions.
         """
         max_context = self.engine.max_context
         at_least = _least_tokens(prompt, self.tokenizer)
         if at_least >= max_context:
             raise PromptTooLong(at_least, max_context, at_least=True)
+        if _is_chat(prompt) and len(prompt) > max_context:  # roles the template renders empty
+            raise InvalidRequest(
+                f"messages: {len(prompt)} messages; at most {max_context} (the context's "
+                "positions) are accepted"
+            )
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -527,26 +533,43 @@ class BatchProcessor:
 
 def _least_tokens(prompt: object, tokenizer: Tokenizer) -> int:
     """A lower bound on a prompt's tokens, from its shape and sizes alone: text (bytes / the
-    longest token's bytes), token ids (their count), chat messages (text, plus the template's
-    tokens per message), or a list of these (the longest); 0 for anything else."""
+    longest token's bytes), token ids (their count; JSON may carry them as ``1.0``), a list of
+    texts or of token-id lists (the longest), or chat messages (their text, plus the tokens the
+    template adds per message of each role); 0 for anything else. Never recursive: a request
+    nested 400 lists deep is malformed, not long."""
+    bytes_per_token = tokenizer.max_token_bytes
     if isinstance(prompt, str):
-        return _utf8_bytes(prompt) // tokenizer.max_token_bytes
+        return _utf8_bytes(prompt) // bytes_per_token
     if not isinstance(prompt, list | tuple) or not prompt:
         return 0
     first = prompt[0]
-    if isinstance(first, int):
+    if isinstance(first, int | float) and not isinstance(first, bool):
         return len(prompt)
     if isinstance(first, str | list | tuple):
-        return max(_least_tokens(p, tokenizer) for p in prompt)
-    text = 0  # chat messages: strings, or OpenAI-style parts with a ``text``
+        return max(
+            _utf8_bytes(p) // bytes_per_token if isinstance(p, str) else len(p)
+            for p in prompt
+            if isinstance(p, str | list | tuple)
+        )
+    floor = tokenizer.message_token_floor
+    text = template = 0
     for message in prompt:
-        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        template += floor.get(role, 0) if isinstance(role, str) else 0
+        content = message.get("content")
         parts = content if isinstance(content, list) else [content]
         for part in parts:
             value = part.get("text") if isinstance(part, dict) else part
             if isinstance(value, str):
                 text += _utf8_bytes(value)
-    return text // tokenizer.max_token_bytes + len(prompt) * tokenizer.min_message_tokens
+    return text // bytes_per_token + template
+
+
+def _is_chat(prompt: object) -> TypeGuard[Sequence[object]]:
+    """Whether ``prompt`` is a list of chat messages (its first item an object)."""
+    return isinstance(prompt, list | tuple) and bool(prompt) and isinstance(prompt[0], dict)
 
 
 def _utf8_bytes(text: str) -> int:

@@ -243,11 +243,12 @@ class Tokenizer:
         return ids
 
     @cached_property
-    def min_message_tokens(self) -> int:
-        """Fewest tokens the chat template adds per message, and at least 1: a lower bound that
-        lets a conversation too long for the context be refused before it is rendered."""
-        costs = []
-        for role in ("system", "user", "assistant"):
+    def message_token_floor(self) -> Mapping[str, int]:
+        """Per role, the fewest tokens the chat template adds for one more message of that role
+        (0 for a role it renders as nothing, or refuses alone): a lower bound that lets a
+        conversation too long for the context be refused before it is rendered."""
+        floor = {}
+        for role in CHAT_ROLES:
             message = {"role": role, "content": ""}
             try:
                 one, two = (
@@ -256,8 +257,8 @@ class Tokenizer:
                 )
             except InvalidRequest:  # the template refuses this shape of conversation
                 continue
-            costs.append(two - one)
-        return max(1, min(costs, default=1))
+            floor[role] = max(0, two - one)
+        return floor
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
@@ -407,6 +408,10 @@ class Tokenizer:
         )
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+"""The message roles of OpenAI's chat API."""
+
+
 def _check_unicode(text: str, field: str) -> None:
     """Refuse text UTF-8 cannot encode: a lone surrogate (JSON's ``"\\ud800"``)."""
     try:
@@ -434,7 +439,10 @@ def _validate_messages(messages: object) -> list[dict[str, str]]:
             for part in content:
                 if not isinstance(part, Mapping) or part.get("type") != "text":
                     raise InvalidRequest(f"messages[{i}].content: only text parts are supported")
-                texts.append(str(part.get("text", "")))
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise InvalidRequest(f"messages[{i}].content: a text part's text is a string")
+                texts.append(text)
             content = "".join(texts)
         if not isinstance(content, str):
             raise InvalidRequest(f"messages[{i}].content must be a string")

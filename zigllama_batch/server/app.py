@@ -1,8 +1,8 @@
 """The OpenAI-compatible ASGI app: HTTP in, BatchRequests to the processor, OpenAI JSON out.
 
 Inside: :func:`create_app`. Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``
-(both also as server-sent events with ``stream: true``), ``GET /v1/models``, ``GET /health`` and
-``GET /metrics``. The app is a thin layer: batching, cancellation and limits live in the
+(both also as server-sent events with ``stream: true``), ``GET /v1/models`` and
+``GET /v1/models/{id}``, ``GET /health`` and ``GET /metrics``. The app is a thin layer: batching, cancellation and limits live in the
 processor; here requests are parsed and validated, errors are shaped as OpenAI's
 ``{"error": {"message", "type", "param", "code"}}``, and a client that goes away cancels its
 request (streamed or not).
@@ -408,7 +408,8 @@ class _Api:
                 raise _too_large(self.max_body_bytes)
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5,000-digit int,
+            # arrays nested 100,000 deep
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
@@ -422,7 +423,8 @@ class _Api:
         except ValidationError as exc:
             first = exc.errors()[0]
             param = _param_name(first["loc"])
-            raise ApiError(400, f"{param}: {first['msg']}", param=param) from exc
+            message = f"{param}: {first['msg']}" if param else str(first["msg"])
+            raise ApiError(400, message, param=param) from exc
 
     async def _submit(self, request: Request, batch_request: BatchRequest) -> BatchResult | None:
         """Run a request; cancel it if the client disconnects first (returns None then)."""

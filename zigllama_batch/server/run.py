@@ -185,16 +185,18 @@ def _banner(
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port``, not yet listening (uvicorn listens on it).
+    """A TCP socket bound to ``host:port`` and listening (uvicorn serves on it).
 
-    Binding before the model loads reports a port in use at once, and binding once (instead of
-    checking the port, then letting uvicorn bind it) leaves no moment for another process to
-    take it.
+    Binding before the model loads reports a port in use at once. Listening at once matters
+    too: with SO_REUSEADDR, another process may bind the same port until this one listens, and
+    the server would then fail only after the model loaded (with uvloop, silently). Connections
+    that arrive while the model loads wait in the backlog.
     """
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
     except BaseException:
         sock.close()
         raise

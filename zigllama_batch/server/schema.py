@@ -162,7 +162,7 @@ class CompletionRequest(_Sampling):
         if isinstance(prompt, list) and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise InvalidRequest("prompt: only one prompt per request is supported")
-            return prompt[0]
+            return prompt[0] or ""  # [[]] too is the empty document
         return prompt
 
     def check_supported(self) -> None:
