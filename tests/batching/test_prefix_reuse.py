@@ -238,3 +238,48 @@ async def test_requests_arriving_together_compute_their_shared_prefix_once(
     assert outputs[True] == outputs[False]
     shared = len(p.tokenizer.encode(SYSTEM * 2 + "question "))
     assert fed[False] - fed[True] >= 5 * (shared - 1)  # five of the six computed it not
+
+
+@pytest.mark.real_model
+@pytest.mark.asyncio(loop_factories=["asyncio"])
+@pytest.mark.parametrize("strategy", ["continuous", "dynamic_timeout"])
+async def test_greedy_tokens_on_the_real_model_do_not_change_with_the_cache(
+    real: tuple[LLaMAModel, Tokenizer], strategy: str
+) -> None:
+    """On the real model, greedy tokens are identical with the prefix cache on and off: a
+    shared system prompt (requests together, so one waits for the other's prefix, and later
+    ones copied from a running slot or reused in place), partial overlaps, a second chat turn
+    carrying the first answer, with whole and chunked prefill."""
+    model, tokenizer = real
+    system = {"role": "system", "content": "You are a concise assistant. " * 12}
+    firsts = [
+        [system, {"role": "user", "content": q}]
+        for q in ("What is the capital of France?", "Name a primary color.", "What do bees make?")
+    ]
+    outputs = {}
+    for on in (False, True):
+        for chunk in (512, 16):
+            config = BatchConfig(
+                strategy=strategy, max_batch_size=3, prefill_chunk=chunk, prefix_cache=on
+            )
+            greedy = GenerationConfig.greedy(max_tokens=8)
+            async with BatchProcessor(model, tokenizer, config) as p:
+                turn1 = await asyncio.gather(
+                    *(p.submit(BatchRequest(prompt=m, config=greedy)) for m in firsts)
+                )
+                seconds = [
+                    [
+                        *m,
+                        {"role": "assistant", "content": r.result.text},
+                        {"role": "user", "content": "And why?"},
+                    ]
+                    for m, r in zip(firsts, turn1, strict=True)
+                ]
+                turn2 = [await p.submit(BatchRequest(prompt=m, config=greedy)) for m in seconds]
+            results = [*turn1, *turn2]
+            outputs[on, chunk] = [r.result.token_ids for r in results]
+            cached = [r.result.cached_tokens for r in results]
+            assert (sum(cached) > 0) == on, cached
+            if on:  # the second turns reuse at least the system prompt and the first question
+                assert all(c > len(tokenizer.encode(system["content"])) for c in cached[3:])
+    assert len({tuple(v) for v in outputs.values()}) == 1, outputs

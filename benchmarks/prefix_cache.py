@@ -1,0 +1,249 @@
+"""Prefix caching on versus off, on the default model, interleaved in one run.
+
+Scenarios (each run with ``prefix_cache`` on and off, alternating, ``--repeats`` times):
+
+1. ``shared_system``: 32 concurrent clients, one ~1,000-token system prompt, distinct ~50-token
+   questions, 32 output tokens each (greedy, EOS ignored). Reported: median time to first
+   token, output tokens per second over the wave, prompt tokens served from the cache.
+2. ``chat_turns``: 8 conversations x 6 turns at once; each turn's prompt is the chat so far
+   rendered with the model's template (the previous answers as the model gave them) plus a new
+   user message, 24 output tokens. Reported: median time to first token per turn, and the
+   share of each turn's prompt served from the cache.
+
+    python benchmarks/prefix_cache.py [--repeats 2] [--scenarios shared_system chat_turns]
+
+Writes ``prefix_cache.json`` and ``prefix_cache.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from zigllama_batch import (
+    BatchConfig,
+    BatchingStrategy,
+    BatchProcessor,
+    BatchRequest,
+    GenerationConfig,
+    LLaMAModel,
+    Tokenizer,
+    load_model,
+)
+
+CLIENTS = 32
+SYSTEM_TOKENS = 1000
+QUESTION_TOKENS = 50
+CONVERSATIONS = 8
+TURNS = 6
+TOPICS = ["the sea", "mountains", "a library", "the moon", "bread", "rivers", "trains", "bees"]
+
+
+def _config(prefix_cache: bool) -> BatchConfig:
+    return BatchConfig(
+        strategy=BatchingStrategy.CONTINUOUS, max_batch_size=CLIENTS, prefix_cache=prefix_cache
+    )
+
+
+def _text_of(tokenizer: Tokenizer, sentence: str, tokens: int) -> str:
+    """Prose of exactly ``tokens`` tokens, from repeating ``sentence``."""
+    ids = tokenizer.encode(sentence * (tokens // 4 + 8))[:tokens]
+    return tokenizer.decode(ids)
+
+
+async def shared_system(model: LLaMAModel, tokenizer: Tokenizer, on: bool) -> dict[str, Any]:
+    system = _text_of(
+        tokenizer,
+        "You are the help desk of a large public library; answer politely, cite the rules "
+        "about loans, fines, opening hours and rooms when they apply, and keep it short. ",
+        SYSTEM_TOKENS,
+    )
+    questions = [
+        _text_of(tokenizer, f"Question {i}: can I borrow item number {i * 7} for a week? ", 50)
+        for i in range(CLIENTS)
+    ]
+    greedy = GenerationConfig.greedy(max_tokens=32, ignore_eos=True)
+    async with BatchProcessor(model, tokenizer, _config(on)) as p:
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            *(
+                p.submit(
+                    BatchRequest(
+                        prompt=[
+                            {"role": "system", "content": system},
+                            {"role": "user", "content": q},
+                        ],
+                        config=greedy,
+                    )
+                )
+                for q in questions
+            )
+        )
+        wall = time.perf_counter() - started
+    prompt = sum(r.result.prompt_tokens for r in results)
+    cached = sum(r.result.cached_tokens for r in results)
+    return {
+        "ttft_ms_median": statistics.median(r.time_to_first_token_ms for r in results),
+        "output_tokens_per_s": sum(r.result.completion_tokens for r in results) / wall,
+        "wall_s": wall,
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+    }
+
+
+async def chat_turns(model: LLaMAModel, tokenizer: Tokenizer, on: bool) -> dict[str, Any]:
+    greedy = GenerationConfig.greedy(max_tokens=24)
+    ttft: list[list[float]] = [[] for _ in range(TURNS)]
+    reuse: list[list[float]] = [[] for _ in range(TURNS)]
+    of_previous: list[list[float]] = [[] for _ in range(TURNS - 1)]
+
+    async def conversation(p: BatchProcessor, topic: str) -> None:
+        messages = [{"role": "system", "content": "You are a friendly, concise assistant."}]
+        previous = 0  # tokens the previous turn left in its slot: prompt and answer
+        for turn in range(TURNS):
+            messages.append({"role": "user", "content": f"Tell me one more fact about {topic}."})
+            r = await p.submit(BatchRequest(prompt=list(messages), config=greedy))
+            ttft[turn].append(r.time_to_first_token_ms)
+            reuse[turn].append(r.result.cached_tokens / r.result.prompt_tokens)
+            if turn:
+                of_previous[turn - 1].append(r.result.cached_tokens / previous)
+            previous = r.result.prompt_tokens + r.result.completion_tokens
+            messages.append({"role": "assistant", "content": r.result.text})
+
+    async with BatchProcessor(model, tokenizer, _config(on)) as p:
+        await asyncio.gather(*(conversation(p, topic) for topic in TOPICS[:CONVERSATIONS]))
+    return {
+        "ttft_ms_median_by_turn": [statistics.median(t) for t in ttft],
+        "cached_share_median_by_turn": [statistics.median(r) for r in reuse],
+        "share_of_previous_turn_reused_median": [statistics.median(r) for r in of_previous],
+    }
+
+
+SCENARIOS = {"shared_system": shared_system, "chat_turns": chat_turns}
+
+
+async def main_async(repeats: int, scenarios: list[str]) -> dict[str, Any]:
+    model, tokenizer = load_model()
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {"on": [], "off": []} for s in scenarios}
+    for _ in range(repeats):
+        for name in scenarios:
+            for on in (True, False):  # interleaved: each round runs both
+                result = await SCENARIOS[name](model, tokenizer, on)
+                runs[name]["on" if on else "off"].append(result)
+                print(name, "on" if on else "off", json.dumps(result), flush=True)
+    return runs
+
+
+def _median_of(rows: list[dict[str, Any]], key: str) -> Any:
+    values = [r[key] for r in rows]
+    if isinstance(values[0], list):
+        return [statistics.median(v) for v in zip(*values, strict=True)]
+    return statistics.median(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    runs = asyncio.run(main_async(args.repeats, args.scenarios))
+    summary: dict[str, Any] = {}
+    if "shared_system" in runs:
+        on, off = runs["shared_system"]["on"], runs["shared_system"]["off"]
+        keys = ("ttft_ms_median", "output_tokens_per_s", "wall_s", "cached_tokens")
+        summary["shared_system"] = {
+            "on": {k: _median_of(on, k) for k in keys},
+            "off": {k: _median_of(off, k) for k in keys},
+        }
+        s = summary["shared_system"]
+        s["ttft_ratio_off_over_on"] = s["off"]["ttft_ms_median"] / s["on"]["ttft_ms_median"]
+        s["throughput_ratio_on_over_off"] = (
+            s["on"]["output_tokens_per_s"] / s["off"]["output_tokens_per_s"]
+        )
+        print(f"\nshared_system ({CLIENTS} clients, {SYSTEM_TOKENS}-token system prompt)")
+        print(f"{'cache':<6} {'TTFT p50 ms':>12} {'out tok/s':>10} {'wall s':>8} {'cached':>8}")
+        for mode in ("on", "off"):
+            r = s[mode]
+            print(
+                f"{mode:<6} {r['ttft_ms_median']:>12.0f} {r['output_tokens_per_s']:>10.1f} "
+                f"{r['wall_s']:>8.1f} {r['cached_tokens']:>8.0f}"
+            )
+        print(
+            f"TTFT {s['ttft_ratio_off_over_on']:.1f}x lower, throughput "
+            f"{s['throughput_ratio_on_over_off']:.1f}x higher with the cache"
+        )
+    if "chat_turns" in runs:
+        on, off = runs["chat_turns"]["on"], runs["chat_turns"]["off"]
+        summary["chat_turns"] = {
+            mode: {
+                "ttft_ms_median_by_turn": _median_of(rows, "ttft_ms_median_by_turn"),
+                "cached_share_median_by_turn": _median_of(rows, "cached_share_median_by_turn"),
+                "share_of_previous_turn_reused_median": _median_of(
+                    rows, "share_of_previous_turn_reused_median"
+                ),
+            }
+            for mode, rows in (("on", on), ("off", off))
+        }
+        c = summary["chat_turns"]
+        print(f"\nchat_turns ({CONVERSATIONS} conversations x {TURNS} turns)")
+        print(
+            f"{'turn':<5} {'TTFT on ms':>11} {'TTFT off ms':>12} {'cached share':>13} "
+            f"{'of previous turn':>17}"
+        )
+        for t in range(TURNS):
+            of_prev = c["on"]["share_of_previous_turn_reused_median"][t - 1] if t else None
+            print(
+                f"{t + 1:<5} {c['on']['ttft_ms_median_by_turn'][t]:>11.0f} "
+                f"{c['off']['ttft_ms_median_by_turn'][t]:>12.0f} "
+                f"{c['on']['cached_share_median_by_turn'][t]:>13.0%} "
+                f"{'-' if of_prev is None else format(of_prev, '.0%'):>17}"
+            )
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = {
+        "machine": {"cpu": platform.processor() or platform.machine()},
+        "repeats": args.repeats,
+        "summary": summary,
+        "runs": runs,
+    }
+    (args.out / "prefix_cache.json").write_text(json.dumps(out, indent=2) + "\n")
+    _plot(summary, args.out / "prefix_cache.png")
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [name for name in ("shared_system", "chat_turns") if name in summary]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, name in zip(axes[0], panels, strict=True):
+        if name == "shared_system":
+            s = summary[name]
+            ax.bar(
+                ["cache off", "cache on"], [s["off"]["ttft_ms_median"], s["on"]["ttft_ms_median"]]
+            )
+            ax.set_ylabel("median time to first token (ms)")
+            ax.set_title(f"{CLIENTS} clients, shared {SYSTEM_TOKENS}-token system prompt")
+        else:
+            c = summary[name]
+            turns = list(range(1, TURNS + 1))
+            for mode in ("off", "on"):
+                ax.plot(turns, c[mode]["ttft_ms_median_by_turn"], marker="o", label=f"cache {mode}")
+            ax.set_xlabel("turn")
+            ax.set_ylabel("median time to first token (ms)")
+            ax.set_title(f"{CONVERSATIONS} conversations x {TURNS} turns")
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
