@@ -414,7 +414,7 @@ class BatchProcessor:
             callbacks=len(self._scheduler.deliveries),
             deadlines=len(self._deadlines),
             idle_workers=self._scheduler.idle_workers,
-            prefix_pins=prefixes.pins if (prefixes := self._scheduler.prefixes) else 0,
+            prefix_pins=self._scheduler.placement.pins,
         )
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:

@@ -2,11 +2,8 @@
 
 Algorithm, per worker: reap (free the slots of sequences that ended: finished, cancelled, timed
 out); plan (ask the strategy how many waiting requests join the worker's batch now); admit
-(each gets a KV-cache slot and its sampling state; with the prefix cache, the slot and the
-start position come from the longest cached prefix of its prompt: a free slot that holds it is
-reused in place, otherwise the prefix rows are copied into the least recently used free slot by
-the request's first step); if the batch is empty, sleep until a request
-arrives, the strategy's wake-up time passes or the processor closes; otherwise build one step
+(each gets a KV-cache slot, and the prompt tokens it may skip, from the placement policy, and
+its sampling state); if the batch is empty, sleep until a request arrives, the strategy's wake-up time passes or the processor closes; otherwise build one step
 (every decoding sequence feeds its last token, then prefilling sequences feed prompt chunks of
 at most ``prefill_chunk`` tokens, in admission order, until ``max_step_tokens`` is spent), run it
 in the executor, and apply the outputs on the event loop: each sampled token goes to its
@@ -15,8 +12,9 @@ completes. A running step is never abandoned: cancellations, deadlines and a non
 take effect between steps, and only the worker that owns a slot frees it.
 
 Inside: :func:`build_step` (pure) and :class:`Scheduler`. Elsewhere, each in its own module: what
-the scheduler needs of an engine (``types.EngineLike``), deadlines, callback delivery, result
-assembly, the executor, and the lifecycle the scheduler reads.
+the scheduler needs of an engine (``types.EngineLike``), slot placement and prefix reuse,
+deadlines, callback delivery, result assembly, the executor, and the lifecycle the scheduler
+reads.
 """
 
 from __future__ import annotations
@@ -24,14 +22,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..engine.prefix_cache import PrefixCache
-from ..engine.slots import SlotTable
 from ..engine.step import SequenceStep, TokenSample
 from ..errors import GenerationError, ProcessorStopped, ZigllamaBatchError
 from .clock import Clock, Wakeup
 from .delivery import CallbackDelivery
 from .executor import StepExecutor
 from .lifecycle import Lifecycle
+from .placement import Placement, PlainPlacement, PrefixPlacement
 from .queue import RequestQueue
 from .request import RequestState, TrackedRequest, error_state
 from .results import batch_result
@@ -40,10 +37,6 @@ from .strategies import Plan, WaitingView, make_strategy
 from .types import BatchConfig, BatchResult, EngineLike
 
 __all__ = ["Scheduler", "build_step"]
-
-MIN_WAIT_TOKENS = 16
-"""A request waits for a prefix still being computed by another only if that saves at least
-this many tokens over what is cached already (less is cheaper to compute than to wait for)."""
 
 
 def build_step(
@@ -94,10 +87,12 @@ class Scheduler:
             config.max_queue_size, aging_s=config.priority_aging_ms / 1000 or None
         )
         self.strategy = make_strategy(config)
-        self.slots = SlotTable(engine.n_slots)
-        self.prefixes = (
-            PrefixCache(engine.n_slots, engine.max_context) if config.prefix_cache else None
+        self.placement: Placement = (
+            PrefixPlacement(engine.n_slots, engine.max_context, stats)
+            if config.prefix_cache
+            else PlainPlacement(engine.n_slots)
         )
+        self.slots = self.placement.slots
         self.deliveries = CallbackDelivery(self.end)
         self.workers = [_Worker(i) for i in range(config.num_workers)]
         self._executor = StepExecutor(engine.step, config.num_workers)
@@ -214,16 +209,14 @@ class Scheduler:
         plan = self.strategy.plan(
             waiting, len(worker.running), now, draining=self.lifecycle.draining
         )
-        room = self.config.max_batch_size - len(worker.running)
-        if self.prefixes is not None:  # a slot a pending copy reads from is not free to take
-            room = min(room, self.prefixes.n_unpinned(self.slots.free_slots()))
+        room = min(self.config.max_batch_size - len(worker.running), self.placement.capacity())
         for _ in range(min(plan.admit, room)):
             rec = self.queue.pop(now)
             if rec is None:
                 break
             rec.state = RequestState.RUNNING  # popped from the queue: no longer counted there
             rec.admitted = now
-            self._place(rec, worker)
+            self.placement.place(rec, worker.running)
             worker.running.append(rec)  # from here on, _reap frees the slot whatever happens
             try:
                 rec.seq.sampling = self.engine.new_sampling(rec.config, rec.prompt_ids)
@@ -233,95 +226,19 @@ class Scheduler:
                 self.end(rec, RequestState.FAILED, error=error)
         return plan
 
-    def _place(self, rec: TrackedRequest, worker: _Worker) -> None:
-        """Give an admitted request its slot and, with the prefix cache, the prompt tokens it
-        can skip: reused in place when a free slot holds them, else copied by its first step;
-        or, when a sequence of this worker is still computing a longer shared prefix, wait
-        for it (see :meth:`_resolve_waits`)."""
-        seq = rec.seq
-        if self.prefixes is None:
-            seq.slot = self.slots.allocate()
-            return
-        salt = rec.request.cache_salt
-        found = self.prefixes.match(rec.prompt_ids, salt, free=self.slots.free_slots())
-        reuse = min(found.length, len(rec.prompt_ids) - 1)  # the last token gives the logits
-        rec.awaits = self._in_flight(rec, worker, reuse)
-        in_place = (
-            rec.awaits is None
-            and reuse > 0
-            and self.slots.is_free(found.slot)
-            and not self.prefixes.is_pinned(found.slot)
-        )
-        slot = found.slot if in_place else self.prefixes.pick_free(self.slots.free_slots())
-        self.slots.take(slot)
-        seq.slot = slot
-        self.prefixes.assign(slot, salt, keep=reuse if in_place else 0, planned=rec.prompt_ids)
-        if rec.awaits is None:
-            self._reuse(rec, found.slot if reuse else None, reuse, in_place=in_place)
-
-    def _in_flight(
-        self, rec: TrackedRequest, worker: _Worker, cached: int
-    ) -> tuple[TrackedRequest, int] | None:
-        """A sequence of ``worker`` still computing a prefix of ``rec``'s prompt at least
-        ``MIN_WAIT_TOKENS`` longer than the ``cached`` one, and that prefix's length."""
-        assert self.prefixes is not None
-        ahead = self.prefixes.match(rec.prompt_ids, rec.request.cache_salt, planned=True)
-        target = min(ahead.length, len(rec.prompt_ids) - 1)
-        if target < cached + MIN_WAIT_TOKENS:
-            return None
-        for other in worker.running:  # the same worker: its steps are the ones that wait
-            if other.seq.slot == ahead.slot and not other.finished and other.seq.prefilling:
-                return other, target
-        return None
-
-    def _reuse(self, rec: TrackedRequest, source: int | None, n: int, *, in_place: bool) -> None:
-        """Start ``rec`` after ``n`` prompt tokens held by slot ``source`` (its own slot when
-        ``in_place``, else copied by its first step, the source pinned until then)."""
-        if n:
-            assert source is not None
-            assert self.prefixes is not None
-            rec.seq.reuse_prefix(n, copy_from=None if in_place else source)
-            if not in_place:
-                self.prefixes.pin(source)
-        rec.cached_tokens = n
-        self.stats.on_prefix_lookup(len(rec.prompt_ids), n)
-
-    def _resolve_waits(self, worker: _Worker) -> None:
-        """Requests waiting for a prefix in flight start once it is computed (or once the
-        sequence computing it has ended), from the longest prefix held by then."""
-        for rec in worker.running:
-            if rec.awaits is None or rec.finished:
-                continue
-            source, target = rec.awaits
-            if not source.finished and source.seq.prefilling and source.seq.num_computed < target:
-                continue  # still computing it
-            rec.awaits = None
-            assert self.prefixes is not None
-            found = self.prefixes.match(rec.prompt_ids, rec.request.cache_salt)
-            reuse = min(found.length, len(rec.prompt_ids) - 1)
-            self._reuse(rec, found.slot, reuse, in_place=False)
-
-    def _copied(self, rec: TrackedRequest) -> None:
-        """The copy a request's first step was to make is done, or will never be made."""
-        source = rec.seq.prefix_from
-        if source is not None and self.prefixes is not None:
-            self.prefixes.unpin(source)
-        rec.seq.prefix_from = None
-
     def _reap(self, worker: _Worker) -> None:
         """Free the slots of sequences that are done generating or have ended."""
         keep = []
         for rec in worker.running:
             if rec.finished or rec.decoder.finished:
-                self._copied(rec)  # ended before its first step: its copy will not run
-                self.slots.free(rec.seq.slot)
+                self.placement.release(rec)
             else:
                 keep.append(rec)
         worker.running = keep
 
     async def _step(self, worker: _Worker) -> None:
         """Build one step from the worker's batch, run it, and apply its outputs."""
-        self._resolve_waits(worker)
+        self.placement.before_step(worker.running)
         parts = build_step(worker.running, self.config.max_step_tokens, self.config.prefill_chunk)
         items = [step for _, step in parts]
         started = self.clock.now()
@@ -330,22 +247,16 @@ class Scheduler:
         except Exception as exc:
             error = GenerationError(f"the engine step failed: {exc!r}")
             error.__cause__ = exc
-            for rec, step in parts:
-                self._copied(rec)
-                if self.prefixes is not None:  # what the step wrote is unknown
-                    self.prefixes.assign(step.slot, None, keep=0)
+            self.placement.step_failed(parts)
+            for rec, _ in parts:
                 self.end(rec, RequestState.FAILED, error=error)
             return
         now = self.clock.now()
         n_tokens = sum(len(step.token_ids) for step in items)
         self.stats.on_step(len(parts), n_tokens, now - started)
         self.strategy.observe_step(n_tokens, now - started)
+        self.placement.after_step(parts)
         for (rec, step), out in zip(parts, outputs, strict=True):
-            if self.prefixes is not None:  # the step wrote these keys and values, whatever else
-                if step.prefix_from is not None:
-                    self.prefixes.record(step.slot, 0, rec.prompt_ids[: step.start_pos])
-                self.prefixes.record(step.slot, step.start_pos, step.token_ids)
-                self._copied(rec)
             if rec.finished:
                 continue  # cancelled or timed out during the step
             rec.seq.advance(step, out)

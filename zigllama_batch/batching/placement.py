@@ -1,0 +1,194 @@
+"""Where an admitted request's sequence goes: which KV-cache slot, and which prompt tokens it can
+skip because their keys and values are already computed.
+
+Inside: :class:`Placement` (what the scheduler asks), :class:`PlainPlacement` (the lowest free
+slot, every prompt computed in full) and :class:`PrefixPlacement` (prefix reuse). The scheduler
+calls these at fixed points of its loop (admission, before and after each step, when a slot is
+freed) and never branches on whether prefixes are reused.
+
+Prefix reuse, as :class:`PrefixPlacement` does it: the prompt is matched against what every
+slot holds (:class:`~zigllama_batch.engine.prefix_cache.PrefixCache`); a free slot holding the
+longest prefix is taken in place; otherwise the least valuable free slot is taken and the
+request's first step copies the prefix from the slot holding it, which stays pinned until the
+copy ran. A request whose prompt shares a longer prefix with a sequence of the same worker
+still computing it waits (no step budget spent) and copies once it is computed, so a burst of
+requests with one system prompt computes it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from ..engine.prefix_cache import PrefixCache
+from ..engine.slots import SlotTable
+from ..engine.step import SequenceStep
+from .request import TrackedRequest
+from .stats import StatsRecorder
+
+__all__ = ["MIN_WAIT_TOKENS", "Placement", "PlainPlacement", "PrefixPlacement"]
+
+MIN_WAIT_TOKENS = 16
+"""A request waits for a prefix still being computed by another only if that saves at least
+this many tokens over what is cached already (less is cheaper to compute than to wait for)."""
+
+StepParts = Sequence[tuple[TrackedRequest, SequenceStep]]
+
+
+class Placement(Protocol):
+    """Slot bookkeeping as the scheduler sees it (event loop only)."""
+
+    slots: SlotTable
+
+    def capacity(self) -> int:
+        """How many more requests can be placed now."""
+        ...
+
+    def place(self, rec: TrackedRequest, batch: Sequence[TrackedRequest]) -> None:
+        """Give an admitted request its slot (``batch``: its worker's running sequences)."""
+        ...
+
+    def before_step(self, batch: Sequence[TrackedRequest]) -> None:
+        """Last changes before a step is built from ``batch``."""
+        ...
+
+    def after_step(self, parts: StepParts) -> None:
+        """A step ran: its items wrote their tokens' keys and values."""
+        ...
+
+    def step_failed(self, parts: StepParts) -> None:
+        """A step raised: what it wrote is unknown."""
+        ...
+
+    def release(self, rec: TrackedRequest) -> None:
+        """A request leaves its slot (it ended, or is done generating)."""
+        ...
+
+    @property
+    def pins(self) -> int:
+        """Pending copies out of slots (0 without prefix reuse)."""
+        ...
+
+
+class PlainPlacement:
+    """The lowest free slot; every prompt computed in full."""
+
+    def __init__(self, n_slots: int) -> None:
+        self.slots = SlotTable(n_slots)
+
+    def capacity(self) -> int:
+        return self.slots.n_free
+
+    def place(self, rec: TrackedRequest, batch: Sequence[TrackedRequest]) -> None:
+        rec.seq.slot = self.slots.allocate()
+
+    def before_step(self, batch: Sequence[TrackedRequest]) -> None:
+        pass
+
+    def after_step(self, parts: StepParts) -> None:
+        pass
+
+    def step_failed(self, parts: StepParts) -> None:
+        pass
+
+    def release(self, rec: TrackedRequest) -> None:
+        self.slots.free(rec.seq.slot)
+
+    @property
+    def pins(self) -> int:
+        return 0
+
+
+class PrefixPlacement:
+    """Slots chosen, and prompts started, by the longest cached prefix (module docstring)."""
+
+    def __init__(self, n_slots: int, max_context: int, stats: StatsRecorder) -> None:
+        self.slots = SlotTable(n_slots)
+        self.prefixes = PrefixCache(n_slots, max_context)
+        self.stats = stats
+
+    def capacity(self) -> int:
+        # A free slot a pending copy reads from is not free to take.
+        return self.prefixes.n_unpinned(self.slots.free_slots())
+
+    def place(self, rec: TrackedRequest, batch: Sequence[TrackedRequest]) -> None:
+        salt = rec.request.cache_salt
+        found = self.prefixes.match(rec.prompt_ids, salt, free=self.slots.free_slots())
+        reuse = min(found.length, len(rec.prompt_ids) - 1)  # the last token gives the logits
+        rec.awaits = self._in_flight(rec, batch, reuse)
+        in_place = (
+            rec.awaits is None
+            and reuse > 0
+            and self.slots.is_free(found.slot)
+            and not self.prefixes.is_pinned(found.slot)
+        )
+        slot = found.slot if in_place else self.prefixes.pick_free(self.slots.free_slots())
+        self.slots.take(slot)
+        rec.seq.slot = slot
+        self.prefixes.assign(slot, salt, keep=reuse if in_place else 0, planned=rec.prompt_ids)
+        if rec.awaits is None:
+            self._reuse(rec, found.slot, reuse, in_place=in_place)
+
+    def before_step(self, batch: Sequence[TrackedRequest]) -> None:
+        """Requests waiting for a prefix in flight start once it is computed (or once the
+        sequence computing it has ended), from the longest prefix held by then."""
+        for rec in batch:
+            if rec.awaits is None or rec.finished:
+                continue
+            source, target = rec.awaits
+            if not source.finished and source.seq.prefilling and source.seq.num_computed < target:
+                continue  # still computing it
+            rec.awaits = None
+            found = self.prefixes.match(rec.prompt_ids, rec.request.cache_salt)
+            self._reuse(rec, found.slot, min(found.length, len(rec.prompt_ids) - 1), in_place=False)
+
+    def after_step(self, parts: StepParts) -> None:
+        for rec, step in parts:  # whatever became of the request, the step wrote these
+            if step.prefix_from is not None:
+                self.prefixes.record(step.slot, 0, rec.prompt_ids[: step.start_pos])
+            self.prefixes.record(step.slot, step.start_pos, step.token_ids)
+            self._copied(rec)
+
+    def step_failed(self, parts: StepParts) -> None:
+        for rec, step in parts:
+            self._copied(rec)
+            self.prefixes.assign(step.slot, None, keep=0)
+
+    def release(self, rec: TrackedRequest) -> None:
+        self._copied(rec)  # ended before its first step: its copy will not run
+        self.slots.free(rec.seq.slot)
+
+    @property
+    def pins(self) -> int:
+        return self.prefixes.pins
+
+    def _in_flight(
+        self, rec: TrackedRequest, batch: Sequence[TrackedRequest], cached: int
+    ) -> tuple[TrackedRequest, int] | None:
+        """A sequence of ``batch`` still computing a prefix of ``rec``'s prompt at least
+        ``MIN_WAIT_TOKENS`` longer than the ``cached`` one, and that prefix's length. Only the
+        same worker's batch: its steps are the ones the waiting request skips."""
+        ahead = self.prefixes.match(rec.prompt_ids, rec.request.cache_salt, planned=True)
+        target = min(ahead.length, len(rec.prompt_ids) - 1)
+        if target < cached + MIN_WAIT_TOKENS:
+            return None
+        for other in batch:
+            if other.seq.slot == ahead.slot and not other.finished and other.seq.prefilling:
+                return other, target
+        return None
+
+    def _reuse(self, rec: TrackedRequest, source: int, n: int, *, in_place: bool) -> None:
+        """Start ``rec`` after ``n`` prompt tokens held by slot ``source`` (its own slot when
+        ``in_place``, else copied by its first step, the source pinned until then)."""
+        if n:
+            rec.seq.reuse_prefix(n, copy_from=None if in_place else source)
+            if not in_place:
+                self.prefixes.pin(source)
+        rec.cached_tokens = n
+        self.stats.on_prefix_lookup(len(rec.prompt_ids), n)
+
+    def _copied(self, rec: TrackedRequest) -> None:
+        """The copy a request's first step was to make is done, or will never be made."""
+        if rec.seq.prefix_from is not None:
+            self.prefixes.unpin(rec.seq.prefix_from)
+        rec.seq.prefix_from = None
