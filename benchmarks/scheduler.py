@@ -79,6 +79,13 @@ class ZeroCostEngine:
             for it in items
         ]
 
+    def drop_pool_entry(self, entry: int) -> None:
+        pass
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 46_080
+
 
 async def run(tokenizer: Tokenizer, requests: int, tokens: int, batch: int) -> dict[str, float]:
     engine = ZeroCostEngine(tokenizer, batch)

@@ -57,6 +57,8 @@ class FakeEngine:
         self.content_sensitive = content_sensitive
         self.held: list[list[int]] = [[] for _ in range(n_slots)]
         """The token ids whose "keys and values" each slot holds, by position."""
+        self.pool: dict[int, list[int]] = {}
+        """Pool entries: the token ids saved from a slot."""
 
     # -- the engine signature -----------------------------------------------------------------
     @property
@@ -90,7 +92,18 @@ class FakeEngine:
         if self.fail_with is not None:
             error, self.fail_with = self.fail_with, None
             raise error
-        for it in items:  # copies first, as the real engine does
+        for it in items:  # saves to the pool first, then copies, as the real engine does
+            if it.save_to_pool is not None:
+                entry, n = it.save_to_pool
+                assert len(self.held[it.slot]) >= n, "saving positions a slot does not hold"
+                self.pool[entry] = self.held[it.slot][:n]
+        for it in items:
+            if it.prefix_from_pool is not None:
+                saved = self.pool[it.prefix_from_pool]
+                assert len(saved) >= it.start_pos, (
+                    f"copy of {it.start_pos} positions from a pool entry of {len(saved)}"
+                )
+                self.held[it.slot] = saved[: it.start_pos]
             if it.prefix_from is not None:
                 source = self.held[it.prefix_from]
                 assert it.prefix_from != it.slot, f"copy of slot {it.slot} onto itself"
@@ -117,6 +130,13 @@ class FakeEngine:
         if not self.content_sensitive:
             return self.token_at(position)
         return self.letters[hash(tuple(self.held[item.slot][:position])) % 26]
+
+    def drop_pool_entry(self, entry: int) -> None:
+        self.pool.pop(entry, None)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 1024  # a pool bound in MiB holds 1,024 positions per MiB
 
     # -- test controls ------------------------------------------------------------------------
     def token_at(self, position: int) -> int:

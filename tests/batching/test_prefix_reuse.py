@@ -283,3 +283,66 @@ async def test_greedy_tokens_on_the_real_model_do_not_change_with_the_cache(
             if on:  # the second turns reuse at least the system prompt and the first question
                 assert all(c > len(tokenizer.encode(system["content"])) for c in cached[3:])
     assert len({tuple(v) for v in outputs.values()}) == 1, outputs
+
+
+@pytest.mark.parametrize("pool_mb", [1.0, 0.15])
+async def test_prompts_rotating_over_fewer_slots_hit_the_pool(
+    make_processor: Make, pool_mb: float
+) -> None:
+    """Six long prompts taking turns on two slots: with a pool, later rounds restore their
+    prefixes from it (the same tokens as without the cache); a small pool stays under its
+    bound by evicting; the engine holds exactly the entries the bookkeeping knows."""
+    prompts = [f"topic number {i}. {SYSTEM}{SYSTEM}" for i in range(6)]
+    outputs = {}
+    for on in (False, True):
+        p, engine, _ = await make_processor(
+            strategy="continuous",
+            max_batch_size=2,
+            content_sensitive=True,
+            prefix_cache=on,
+            prefix_cache_mb=pool_mb,
+        )
+        results = []
+        for _ in range(3):
+            for prompt in prompts:
+                results.append((await p.submit(req(3, prompt=prompt + "go"))).result)
+        outputs[on] = [r.token_ids for r in results]
+        if on:
+            stats = p.stats
+            limit = pool_mb * 2**20
+            assert stats.prefix_pool_bytes <= limit
+            later = [r.cached_tokens for r in results[6:]]
+            if pool_mb == 1.0:  # ~1,000 positions: every prompt fits
+                assert all(c == len(p.encode_prompt(prompts[0] + "go")) - 1 for c in later)
+                assert stats.prefix_pool_evictions == 0
+            else:  # ~150 positions: one prompt at a time
+                assert stats.prefix_pool_evictions > 0
+            # The engine frees every entry the bookkeeping dropped (a leak check).
+            placement = p._scheduler.placement
+            assert set(engine.pool) == {
+                e for e, entry in placement.prefixes._entries.items() if entry.saved
+            }
+        await p.aclose()
+        assert idle(p)
+    assert outputs[True] == outputs[False]
+
+
+async def test_a_prefix_restored_from_the_pool_gives_the_same_logprobs(
+    tiny: tuple[LLaMAModel, Tokenizer],
+) -> None:
+    """On the real tiny model with one slot, a prompt whose prefix went to the pool and came
+    back has the same tokens and logprobs (within 1e-4) as with the cache off."""
+    model, tokenizer = tiny
+    prompts = [SYSTEM + "what is a cat?", "something else entirely " * 3, SYSTEM + "what is a dog?"]
+    greedy = GenerationConfig.greedy(max_tokens=6, ignore_eos=True, logprobs=True)
+    runs = {}
+    for on in (False, True):
+        config = BatchConfig(strategy="continuous", max_batch_size=1, prefix_cache=on)
+        async with BatchProcessor(model, tokenizer, config) as p:
+            results = [await p.submit(BatchRequest(prompt=q, config=greedy)) for q in prompts]
+        runs[on] = results
+    restored = runs[True][2].result
+    assert restored.cached_tokens >= len(tokenizer.encode(SYSTEM)) - 1
+    for off, on in zip(runs[False], runs[True], strict=True):
+        assert on.result.token_ids == off.result.token_ids
+        np.testing.assert_allclose(on.result.logprobs, off.result.logprobs, atol=1e-4, rtol=0)

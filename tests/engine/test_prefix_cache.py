@@ -96,3 +96,105 @@ def test_reused_and_copied_prefixes_give_the_recomputed_logits(
         copied = _logits(model, cache, [SequenceStep(2, prompt[k:], k)])[0]
         np.testing.assert_allclose(in_place, whole, atol=1e-4, rtol=0)
         np.testing.assert_allclose(copied, whole, atol=1e-4, rtol=0)
+
+
+def pooled(n_slots: int = 2, pool_tokens: int = 100) -> PrefixCache:
+    """A cache whose pool holds ``pool_tokens`` positions (one byte each)."""
+    return PrefixCache(n_slots, 64, pool_bytes=pool_tokens, bytes_per_token=1)
+
+
+def fill(cache: PrefixCache, slot: int, ids: list[int], salt: str | None = None) -> None:
+    cache.assign(slot, salt, keep=0)
+    cache.record(slot, 0, ids)
+
+
+def test_an_overwritten_slot_is_saved_and_matched_once_saved() -> None:
+    """A slot about to be overwritten is reserved a pool entry; prompts find the entry only
+    once the step that saves it has run; later they match it like a slot."""
+    cache = pooled()
+    fill(cache, 0, list(range(1, 31)))
+    save, dropped = cache.plan_save(0, keep=0)
+    assert save is not None
+    assert dropped == []
+    entry, n = save
+    assert n == 30
+    cache.assign(0, None, keep=0)  # the new sequence takes the slot
+    cache.record(0, 0, [99] * 5)
+    assert cache.match(list(range(1, 31)), None).length == 0  # not saved yet
+    cache.saved(entry)
+    assert cache.match(list(range(1, 41)), None) == PrefixMatch(-1, 30, entry)
+    assert cache.pool_bytes == 30
+
+
+def test_short_or_duplicate_prefixes_are_not_saved() -> None:
+    """Fewer than 16 tokens to lose, or tokens another slot or entry holds already: no entry."""
+    cache = pooled(n_slots=3)
+    fill(cache, 0, list(range(1, 11)))
+    assert cache.plan_save(0, keep=0) == (None, [])
+    fill(cache, 1, list(range(1, 41)))
+    fill(cache, 2, list(range(1, 31)))  # a prefix of slot 1's
+    assert cache.plan_save(2, keep=0) == (None, [])
+    assert cache.plan_save(1, keep=30) == (None, [])  # only 10 to lose
+
+
+def test_the_pool_stays_under_its_bound_least_recently_used_first() -> None:
+    """Entries are dropped least recently used first to make room; a pinned entry, or one not
+    yet saved, is never dropped; an entry the new one extends is replaced by it."""
+    cache = pooled(n_slots=1, pool_tokens=70)
+    entries = []
+    for base in (100, 200):
+        fill(cache, 0, [base + i for i in range(30)])
+        (entry, _), _ = cache.plan_save(0, keep=0)
+        cache.saved(entry)
+        entries.append(entry)
+    cache.pin_entry(entries[0])  # pinned: must survive
+    fill(cache, 0, [300 + i for i in range(30)])
+    save, dropped = cache.plan_save(0, keep=0)
+    assert save is not None
+    assert dropped == [entries[1]]
+    assert cache.evictions == 1
+    assert cache.pool_bytes == 60 <= cache.pool_limit
+    cache.unpin_entry(entries[0])
+    cache.saved(save[0])
+    # A longer prefix of the same tokens replaces the entry it extends.
+    fill(cache, 0, [300 + i for i in range(40)])
+    save2, dropped2 = cache.plan_save(0, keep=0)
+    assert save2 is not None
+    assert save[0] in dropped2
+    assert cache.pool_bytes <= cache.pool_limit
+
+
+def test_a_released_slot_forgets_what_it_only_planned() -> None:
+    """A sequence that leaves its slot before computing its prompt leaves no planned tokens
+    behind (they would hide the sequence really computing that prefix)."""
+    cache = pooled()
+    cache.assign(0, None, keep=0, planned=list(range(1, 40)))
+    cache.record(0, 0, [1, 2, 3])
+    assert cache.match(list(range(1, 40)), None, planned=True).length == 39
+    cache.release(0)
+    assert cache.match(list(range(1, 40)), None, planned=True).length == 3
+
+
+def test_unpinning_what_is_not_pinned_is_a_bug() -> None:
+    """A pin released twice would drop another request's pin: it fails loudly."""
+    cache = pooled()
+    cache.pin(1)
+    cache.unpin(1)
+    with pytest.raises(AssertionError):
+        cache.unpin(1)
+
+
+def test_logits_after_a_pool_round_trip_equal_the_recomputed_ones(
+    tiny: tuple[LLaMAModel, Tokenizer],
+) -> None:
+    """A prefix saved from a slot (read_prefix) and written back into another slot
+    (write_prefix) gives the same logits as computing the prompt whole."""
+    model, tokenizer = tiny
+    prompt = tokenizer.encode("the cat sat on the mat and looked at the dog")
+    cache = model.new_cache(2, 64)
+    whole = _logits(model, cache, [SequenceStep(0, prompt, 0)])[0]
+    k = len(prompt) - 2
+    rows = cache.read_prefix(0, k)
+    cache.write_prefix(1, rows, k)
+    restored = _logits(model, cache, [SequenceStep(1, prompt[k:], k)])[0]
+    np.testing.assert_allclose(restored, whole, atol=1e-4, rtol=0)

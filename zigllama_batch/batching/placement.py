@@ -12,15 +12,17 @@ longest prefix is taken in place; otherwise the least valuable free slot is take
 request's first step copies the prefix from the slot holding it, which stays pinned until the
 copy ran. A request whose prompt shares a longer prefix with a sequence of the same worker
 still computing it waits (no step budget spent) and copies once it is computed, so a burst of
-requests with one system prompt computes it once.
+requests with one system prompt computes it once. What a slot held before a new sequence
+overwrites it goes to a bounded host-memory pool (its first step saves it), where later
+prompts find it as they find slots.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from ..engine.prefix_cache import PrefixCache
+from ..engine.prefix_cache import PrefixCache, PrefixMatch
 from ..engine.slots import SlotTable
 from ..engine.step import SequenceStep
 from .request import TrackedRequest
@@ -69,6 +71,11 @@ class Placement(Protocol):
         """Pending copies out of slots (0 without prefix reuse)."""
         ...
 
+    @property
+    def pool(self) -> tuple[int, int]:
+        """Bytes in the prefix pool, and entries evicted from it so far."""
+        ...
+
 
 class PlainPlacement:
     """The lowest free slot; every prompt computed in full."""
@@ -98,14 +105,38 @@ class PlainPlacement:
     def pins(self) -> int:
         return 0
 
+    @property
+    def pool(self) -> tuple[int, int]:
+        return 0, 0
+
 
 class PrefixPlacement:
     """Slots chosen, and prompts started, by the longest cached prefix (module docstring)."""
 
-    def __init__(self, n_slots: int, max_context: int, stats: StatsRecorder) -> None:
+    def __init__(
+        self,
+        n_slots: int,
+        max_context: int,
+        stats: StatsRecorder,
+        *,
+        pool_bytes: int = 0,
+        bytes_per_token: int = 0,
+        drop_entry: Callable[[int], None] = lambda entry: None,
+    ) -> None:
+        """Args:
+        n_slots: cache slots.
+        max_context: positions per slot.
+        stats: where lookups are counted.
+        pool_bytes: bound of the host-memory pool of evicted prefixes (0: none).
+        bytes_per_token: keys and values of one position.
+        drop_entry: frees a pool entry's memory in the engine.
+        """
         self.slots = SlotTable(n_slots)
-        self.prefixes = PrefixCache(n_slots, max_context)
+        self.prefixes = PrefixCache(
+            n_slots, max_context, pool_bytes=pool_bytes, bytes_per_token=bytes_per_token
+        )
         self.stats = stats
+        self.drop_entry = drop_entry
 
     def capacity(self) -> int:
         # A free slot a pending copy reads from is not free to take.
@@ -125,9 +156,14 @@ class PrefixPlacement:
         slot = found.slot if in_place else self.prefixes.pick_free(self.slots.free_slots())
         self.slots.take(slot)
         rec.seq.slot = slot
-        self.prefixes.assign(slot, salt, keep=reuse if in_place else 0, planned=rec.prompt_ids)
+        keep = reuse if in_place else 0
+        save, dropped = self.prefixes.plan_save(slot, keep)  # before it is overwritten
+        rec.seq.save_to_pool = save
+        for entry in dropped:
+            self.drop_entry(entry)
+        self.prefixes.assign(slot, salt, keep=keep, planned=rec.prompt_ids)
         if rec.awaits is None:
-            self._reuse(rec, found.slot, reuse, in_place=in_place)
+            self._reuse(rec, found, reuse, in_place=in_place)
 
     def before_step(self, batch: Sequence[TrackedRequest]) -> None:
         """Requests waiting for a prefix in flight start once it is computed (or once the
@@ -140,27 +176,40 @@ class PrefixPlacement:
                 continue  # still computing it
             rec.awaits = None
             found = self.prefixes.match(rec.prompt_ids, rec.request.cache_salt)
-            self._reuse(rec, found.slot, min(found.length, len(rec.prompt_ids) - 1), in_place=False)
+            self._reuse(rec, found, min(found.length, len(rec.prompt_ids) - 1), in_place=False)
 
     def after_step(self, parts: StepParts) -> None:
         for rec, step in parts:  # whatever became of the request, the step wrote these
-            if step.prefix_from is not None:
+            if step.save_to_pool is not None:
+                self.prefixes.saved(step.save_to_pool[0])
+            if step.prefix_from is not None or step.prefix_from_pool is not None:
                 self.prefixes.record(step.slot, 0, rec.prompt_ids[: step.start_pos])
             self.prefixes.record(step.slot, step.start_pos, step.token_ids)
-            self._copied(rec)
+            self._copied(rec, ran=True)
 
     def step_failed(self, parts: StepParts) -> None:
         for rec, step in parts:
-            self._copied(rec)
+            if step.save_to_pool is not None:  # saved or not, it is not to be trusted
+                self.prefixes.forget(step.save_to_pool[0])
+                self.drop_entry(step.save_to_pool[0])
+            self._copied(rec, ran=False)
             self.prefixes.assign(step.slot, None, keep=0)
 
     def release(self, rec: TrackedRequest) -> None:
-        self._copied(rec)  # ended before its first step: its copy will not run
+        self._copied(rec, ran=False)  # ended before its first step: its copies will not run
+        if rec.awaits is not None:  # ended while waiting for a prefix: a lookup all the same
+            rec.awaits = None
+            self.stats.on_prefix_lookup(len(rec.prompt_ids), 0)
+        self.prefixes.release(rec.seq.slot)
         self.slots.free(rec.seq.slot)
 
     @property
     def pins(self) -> int:
         return self.prefixes.pins
+
+    @property
+    def pool(self) -> tuple[int, int]:
+        return self.prefixes.pool_bytes, self.prefixes.evictions
 
     def _in_flight(
         self, rec: TrackedRequest, batch: Sequence[TrackedRequest], cached: int
@@ -177,18 +226,29 @@ class PrefixPlacement:
                 return other, target
         return None
 
-    def _reuse(self, rec: TrackedRequest, source: int, n: int, *, in_place: bool) -> None:
-        """Start ``rec`` after ``n`` prompt tokens held by slot ``source`` (its own slot when
-        ``in_place``, else copied by its first step, the source pinned until then)."""
-        if n:
-            rec.seq.reuse_prefix(n, copy_from=None if in_place else source)
-            if not in_place:
-                self.prefixes.pin(source)
+    def _reuse(self, rec: TrackedRequest, found: PrefixMatch, n: int, *, in_place: bool) -> None:
+        """Start ``rec`` after ``n`` prompt tokens held where ``found`` says (its own slot when
+        ``in_place``, else copied by its first step from the slot or pool entry, pinned until
+        then)."""
+        if n and in_place:
+            rec.seq.reuse_prefix(n)
+        elif n and found.entry >= 0:
+            rec.seq.reuse_prefix(n, from_pool=found.entry)
+            self.prefixes.pin_entry(found.entry)
+        elif n:
+            rec.seq.reuse_prefix(n, copy_from=found.slot)
+            self.prefixes.pin(found.slot)
         rec.cached_tokens = n
         self.stats.on_prefix_lookup(len(rec.prompt_ids), n)
 
-    def _copied(self, rec: TrackedRequest) -> None:
-        """The copy a request's first step was to make is done, or will never be made."""
-        if rec.seq.prefix_from is not None:
-            self.prefixes.unpin(rec.seq.prefix_from)
-        rec.seq.prefix_from = None
+    def _copied(self, rec: TrackedRequest, *, ran: bool) -> None:
+        """The copies a request's first step was to make are done (``ran``), or will never be
+        made."""
+        seq = rec.seq
+        if seq.prefix_from is not None:
+            self.prefixes.unpin(seq.prefix_from)
+        if seq.prefix_from_pool is not None:
+            self.prefixes.unpin_entry(seq.prefix_from_pool)
+        if seq.save_to_pool is not None and not ran:  # the slot still holds it; no entry
+            self.prefixes.forget(seq.save_to_pool[0])
+        seq.prefix_from = seq.prefix_from_pool = seq.save_to_pool = None

@@ -374,8 +374,16 @@ class BatchProcessor:
     def stats(self) -> BatchStats:
         """A consistent snapshot of the processor's statistics."""
         return self._stats.snapshot(
-            queue_depth=len(self._scheduler.queue), running=self._scheduler.running
+            queue_depth=len(self._scheduler.queue),
+            running=self._scheduler.running,
+            pool=self._scheduler.placement.pool,
         )
+
+    @property
+    def prefix_pool(self) -> tuple[int, int]:
+        """Bytes in the pool of evicted prefixes, and entries evicted from it so far (cheaper
+        than a full :attr:`stats` snapshot)."""
+        return self._scheduler.placement.pool
 
     @property
     def queue_depth(self) -> int:

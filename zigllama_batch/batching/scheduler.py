@@ -88,7 +88,14 @@ class Scheduler:
         )
         self.strategy = make_strategy(config)
         self.placement: Placement = (
-            PrefixPlacement(engine.n_slots, engine.max_context, stats)
+            PrefixPlacement(
+                engine.n_slots,
+                engine.max_context,
+                stats,
+                pool_bytes=int(config.prefix_cache_mb * 2**20),
+                bytes_per_token=engine.kv_bytes_per_token,
+                drop_entry=engine.drop_pool_entry,
+            )
             if config.prefix_cache
             else PlainPlacement(engine.n_slots)
         )
@@ -234,7 +241,10 @@ class Scheduler:
                 self.placement.release(rec)
             else:
                 keep.append(rec)
+        freed = len(worker.running) > len(keep)
         worker.running = keep
+        if freed and self._parked:  # another worker may be waiting for a slot
+            self._notify()
 
     async def _step(self, worker: _Worker) -> None:
         """Build one step from the worker's batch, run it, and apply its outputs."""
@@ -255,7 +265,10 @@ class Scheduler:
         n_tokens = sum(len(step.token_ids) for step in items)
         self.stats.on_step(len(parts), n_tokens, now - started)
         self.strategy.observe_step(n_tokens, now - started)
+        pins = self.placement.pins
         self.placement.after_step(parts)
+        if self.placement.pins < pins and self._parked:  # pinned free slots may be free now
+            self._notify()
         for (rec, step), out in zip(parts, outputs, strict=True):
             if rec.finished:
                 continue  # cancelled or timed out during the step

@@ -167,8 +167,11 @@ class StatsRecorder:
             except (Exception, asyncio.CancelledError):
                 logger.exception("stats observer %r failed on %s", observer, event)
 
-    def snapshot(self, *, queue_depth: int, running: int) -> BatchStats:
-        """A frozen copy of everything, with the current queue depth and running count."""
+    def snapshot(
+        self, *, queue_depth: int, running: int, pool: tuple[int, int] = (0, 0)
+    ) -> BatchStats:
+        """A frozen copy of everything, with the current queue depth, running count and prefix
+        pool (bytes, evictions)."""
         completed = self.ended[RequestState.COMPLETED]
         end = self.last_finish if (queue_depth == 0 and running == 0) else self._now()
         span = (end or 0.0) - (self.first_submit or 0.0)
@@ -193,4 +196,6 @@ class StatsRecorder:
             batch_size_histogram=dict(sorted(self.batch_sizes.items())),
             prefix_cache_queries=self.prefix_queries,
             prefix_cache_hits=self.prefix_hits,
+            prefix_pool_bytes=pool[0],
+            prefix_pool_evictions=pool[1],
         )

@@ -98,6 +98,9 @@ class BatchConfig:
     """Start a request after the longest prefix of its prompt whose keys and values a cache
     slot already holds (a shared system prompt, the earlier turns of a chat): on, because on a
     CPU recomputing a prompt costs far more than copying its rows."""
+    prefix_cache_mb: float = 256.0
+    """Host memory for prefixes evicted from the cache slots, kept for later requests (least
+    recently used ones go first); 256 MiB holds ~5,800 tokens of SmolLM2-135M. 0: no pool."""
 
     def __post_init__(self) -> None:
         try:
@@ -110,6 +113,7 @@ class BatchConfig:
         _positive_int("max_queue_size", self.max_queue_size)
         _positive_int("max_step_tokens", self.max_step_tokens)
         _positive_int("prefill_chunk", self.prefill_chunk)
+        _non_negative("prefix_cache_mb", self.prefix_cache_mb)
         _non_negative("timeout_ms", self.timeout_ms)
         _non_negative("priority_aging_ms", self.priority_aging_ms)
         _non_negative("latency_target_ms", self.latency_target_ms, strict=True)
@@ -312,6 +316,10 @@ class BatchStats:
     """Prompt tokens of admitted requests looked up in the prefix cache."""
     prefix_cache_hits: int = 0
     """Of those, tokens whose keys and values were reused instead of computed."""
+    prefix_pool_bytes: int = 0
+    """Host memory held by the pool of prefixes evicted from the cache slots."""
+    prefix_pool_evictions: int = 0
+    """Pool entries dropped (least recently used first) to stay under ``prefix_cache_mb``."""
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -364,7 +372,8 @@ class BatchStats:
             (
                 "prefix cache",
                 f"{self.prefix_cache_hits} of {self.prefix_cache_queries} prompt tokens reused "
-                f"({self.prefix_cache_hit_rate:.0%})",
+                f"({self.prefix_cache_hit_rate:.0%}); pool {self.prefix_pool_bytes / 2**20:.1f} "
+                f"MiB, {self.prefix_pool_evictions} evicted",
             ),
             ("latency", _percentiles(self.latency_ms)),
             ("queue time", _percentiles(self.queue_time_ms)),
@@ -431,6 +440,15 @@ class EngineLike(Protocol):
 
     def step(self, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
         """Run one forward pass over ``items``; the sampled token per item, or None."""
+        ...
+
+    def drop_pool_entry(self, entry: int) -> None:
+        """Free a host-memory pool entry of evicted prefixes (see ``SequenceStep``)."""
+        ...
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one position takes (sizes the prefix pool)."""
         ...
 
 

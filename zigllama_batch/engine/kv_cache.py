@@ -19,7 +19,10 @@ import mmap
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "KVRows"]
+
+KVRows = tuple[list[NDArray[np.float32]], list[NDArray[np.float32]]]
+"""Keys and values of some positions of one sequence: per layer, ``(kv_heads, n, head_dim)``."""
 
 
 class KVCache:
@@ -48,6 +51,17 @@ class KVCache:
         shape = (n_slots, n_kv_heads, max_context, head_dim)
         self.k: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(n_layers)]
         self.v: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(n_layers)]
+
+    def read_prefix(self, slot: int, n: int) -> KVRows:
+        """A copy of the keys and values of positions ``[0, n)`` of ``slot``, per layer, each
+        ``(kv_heads, n, head_dim)`` (for the host-memory pool of evicted prefixes)."""
+        return [k[slot, :, :n].copy() for k in self.k], [v[slot, :, :n].copy() for v in self.v]
+
+    def write_prefix(self, slot: int, rows: KVRows, n: int) -> None:
+        """Write the first ``n`` positions of ``rows`` (from :meth:`read_prefix`) into ``slot``."""
+        for k, v, saved_k, saved_v in zip(self.k, self.v, *rows, strict=True):
+            k[slot, :, :n] = saved_k[:, :n]
+            v[slot, :, :n] = saved_v[:, :n]
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Copy the keys and values of positions ``[0, n)`` from slot ``src`` into slot ``dst``

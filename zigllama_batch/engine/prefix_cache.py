@@ -16,8 +16,15 @@ It also knows what each slot *will* hold once its prompt is computed, so that re
 arriving together with one long shared prefix wait for the first to compute it and copy it,
 instead of all computing it at once.
 
-Left out here: a host-memory pool of evicted prefixes (a slot's contents are lost when the slot
-is reused), and preferring cached requests at admission.
+And it keeps the index of a bounded host-memory pool: when a slot is about to be overwritten,
+what it held can be saved as a pool entry (:meth:`PrefixCache.plan_save`), which later prompts
+match like slots. The pool stays under its byte bound by dropping the least recently used
+entries; an entry whose tokens another entry or slot already holds is not saved twice, and one
+that a longer new entry extends is replaced by it, so a shared head is kept once. Entries a
+pending copy reads from, or not yet saved, are never dropped.
+
+Left out here: preferring cached requests at admission; splitting entries so that only the
+shared head of an evicted prefix survives.
 """
 
 from __future__ import annotations
@@ -33,22 +40,53 @@ __all__ = ["PrefixCache", "PrefixMatch"]
 
 @dataclass(frozen=True, slots=True)
 class PrefixMatch:
-    """The longest cached prefix of a prompt: ``length`` leading tokens held by ``slot``
-    (``slot`` is -1 and ``length`` 0 when nothing matches)."""
+    """The longest cached prefix of a prompt: ``length`` leading tokens held by ``slot``, or by
+    pool entry ``entry`` (the other is -1; both are -1 and ``length`` 0 when nothing matches)."""
 
     slot: int
     length: int
+    entry: int = -1
 
 
 NO_MATCH = PrefixMatch(-1, 0)
+
+MIN_SAVE_TOKENS = 16
+"""Shorter prefixes are not worth a pool entry (they cost less to recompute than to copy)."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A prefix saved in the pool."""
+
+    ids: np.ndarray  # (n,) token ids
+    salt: str | None
+    used_at: int
+    saved: bool = False  # its rows are in the pool (the step that saves them has run)
 
 
 class PrefixCache:
     """What each of ``n_slots`` slots of ``max_context`` positions holds (event loop only)."""
 
-    def __init__(self, n_slots: int, max_context: int) -> None:
+    def __init__(
+        self, n_slots: int, max_context: int, *, pool_bytes: int = 0, bytes_per_token: int = 0
+    ) -> None:
+        """Args:
+        n_slots: cache slots.
+        max_context: positions per slot.
+        pool_bytes: bound of the host-memory pool (0: no pool).
+        bytes_per_token: keys and values of one position, all layers.
+        """
         self.n_slots = n_slots
         self.max_context = max_context
+        self.pool_limit = pool_bytes
+        self.bytes_per_token = bytes_per_token
+        self.pool_bytes = 0
+        """Bytes the pool's entries take (saved or about to be)."""
+        self.evictions = 0
+        """Pool entries dropped to stay under the bound."""
+        self._entries: dict[int, _Entry] = {}
+        self._next_entry = 0
+        self._entry_pins: Counter[int] = Counter()
         self._ids = np.full((n_slots, max_context), -1, np.int64)  # token ids held, by position
         self._held = np.zeros(n_slots, np.int64)  # positions 0..held-1 are valid
         # Positions 0..planned-1 will hold the ids written so far (a prompt being prefilled).
@@ -76,9 +114,12 @@ class PrefixCache:
         its sequence's prompt is computed counts too (a prefix in flight)."""
         n = min(len(prompt_ids), self.max_context)
         bound = self._planned if planned else self._held
-        if n == 0 or not bound.any():
+        if n == 0:
             return NO_MATCH
         prompt = np.asarray(prompt_ids[:n], np.int64)
+        in_pool = NO_MATCH if planned else self._match_pool(prompt, salt)
+        if not bound.any():
+            return in_pool
         same = self._ids[:, :n] == prompt  # (slots, n)
         # Leading run of matches per slot: the first mismatch, or n when all match.
         lengths = np.where(same.all(axis=1), n, same.argmin(axis=1))
@@ -87,11 +128,25 @@ class PrefixCache:
             if self._salt[slot] != salt:
                 lengths[slot] = 0
         length = int(lengths.max())
+        if in_pool.length > length:  # on a tie a slot wins: it may be reused in place
+            return in_pool
         if not length:
             return NO_MATCH
         best = [int(s) for s in np.flatnonzero(lengths == length)]
         takeable = set(free).intersection(best) - set(self._pins)
         return PrefixMatch(min(takeable) if takeable else best[0], length)
+
+    def _match_pool(self, prompt: np.ndarray, salt: str | None) -> PrefixMatch:
+        best = NO_MATCH
+        for entry, e in self._entries.items():
+            if e.salt != salt or not e.saved or len(e.ids) <= best.length:
+                continue
+            n = min(len(e.ids), len(prompt))
+            same = e.ids[:n] == prompt[:n]
+            length = n if same.all() else int(same.argmin())
+            if length > best.length:
+                best = PrefixMatch(-1, length, entry)
+        return best
 
     def pick_free(self, free: Iterable[int]) -> int:
         """Among ``free`` slots not pinned by a pending copy, the one whose contents matter
@@ -111,12 +166,107 @@ class PrefixCache:
 
     @property
     def pins(self) -> int:
-        """Pending copies (each pins its source slot)."""
-        return sum(self._pins.values())
+        """Pending copies (each pins its source slot or pool entry)."""
+        return sum(self._pins.values()) + sum(self._entry_pins.values())
 
     def is_pinned(self, slot: int) -> bool:
         """Whether a pending copy still reads from ``slot``."""
         return self._pins[slot] > 0
+
+    def plan_save(self, slot: int, keep: int) -> tuple[tuple[int, int] | None, list[int]]:
+        """``slot`` is about to be overwritten after its first ``keep`` positions: if what it
+        holds is worth keeping and held nowhere else, make room in the pool and reserve an
+        entry for it. Returns ``(save, dropped)``: ``save`` is ``(entry, n)`` when the first
+        step of the slot's new sequence must save positions ``[0, n)`` as ``entry`` (then
+        :meth:`saved`), else None; the owner frees the memory of the ``dropped`` entries."""
+        n = int(self._held[slot])
+        size = n * self.bytes_per_token
+        if n - keep < MIN_SAVE_TOKENS or not 0 < size <= self.pool_limit:
+            return None, []
+        ids = self._ids[slot, :n].copy()
+        salt = self._salt[slot]
+        if self._covered(ids, salt, slot):
+            return None, []
+        dropped = [  # entries the new one extends: it replaces them
+            entry
+            for entry, e in self._entries.items()
+            if e.salt == salt
+            and e.saved
+            and not self._entry_pins[entry]
+            and len(e.ids) <= n
+            and (ids[: len(e.ids)] == e.ids).all()
+        ]
+        for entry in dropped:
+            self._drop(entry)
+        for entry in sorted(self._entries, key=lambda k: self._entries[k].used_at):
+            if self.pool_bytes + size <= self.pool_limit:
+                break
+            if self._entries[entry].saved and not self._entry_pins[entry]:
+                self._drop(entry)
+                self.evictions += 1
+                dropped.append(entry)
+        if self.pool_bytes + size > self.pool_limit:
+            return None, dropped  # what is left is pinned or being saved
+        entry = self._next_entry
+        self._next_entry += 1
+        self._clock += 1
+        self._entries[entry] = _Entry(ids, salt, self._clock)
+        self.pool_bytes += size
+        return (entry, n), dropped
+
+    def saved(self, entry: int) -> None:
+        """The step that saves ``entry`` ran: later prompts may copy from it."""
+        if entry in self._entries:
+            self._entries[entry].saved = True
+
+    def forget(self, entry: int) -> None:
+        """``entry`` will not be saved after all (its step failed or never ran)."""
+        if entry in self._entries:
+            self._drop(entry)
+
+    def pin_entry(self, entry: int) -> None:
+        """A copy from pool entry ``entry`` is pending: it must not be dropped until unpinned."""
+        self._entry_pins[entry] += 1
+        self._clock += 1
+        self._entries[entry].used_at = self._clock
+
+    def unpin_entry(self, entry: int) -> None:
+        """The copy from ``entry`` ran (or will never run)."""
+        assert self._entry_pins[entry] > 0, f"pool entry {entry} is not pinned"
+        self._entry_pins[entry] -= 1
+        if not self._entry_pins[entry]:
+            del self._entry_pins[entry]
+
+    @property
+    def pool_entries(self) -> int:
+        """Entries in the pool."""
+        return len(self._entries)
+
+    def release(self, slot: int) -> None:
+        """``slot``'s sequence left it: what it planned but never computed is not coming."""
+        held = int(self._held[slot])
+        self._planned[slot] = held
+        self._ids[slot, held:] = -1
+
+    def _covered(self, ids: np.ndarray, salt: str | None, slot: int) -> bool:
+        """Whether another slot or a pool entry of ``salt`` already holds all of ``ids``."""
+        n = len(ids)
+        for other in range(self.n_slots):
+            if (
+                other != slot
+                and self._salt[other] == salt
+                and self._held[other] >= n
+                and (self._ids[other, :n] == ids).all()
+            ):
+                return True
+        return any(
+            e.salt == salt and len(e.ids) >= n and (e.ids[:n] == ids).all()
+            for e in self._entries.values()
+        )
+
+    def _drop(self, entry: int) -> None:
+        e = self._entries.pop(entry)
+        self.pool_bytes -= len(e.ids) * self.bytes_per_token
 
     def assign(self, slot: int, salt: str | None, keep: int, planned: Sequence[int] = ()) -> None:
         """A sequence of ``salt`` takes ``slot``, keeping its first ``keep`` positions (a prefix
@@ -143,8 +293,9 @@ class PrefixCache:
 
     def unpin(self, slot: int) -> None:
         """The copy from ``slot`` ran (or will never run)."""
+        assert self._pins[slot] > 0, f"slot {slot} is not pinned"
         self._pins[slot] -= 1
-        if self._pins[slot] <= 0:
+        if not self._pins[slot]:
             del self._pins[slot]
 
     def _touch(self, slot: int) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..generation import GenerationConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, KVRows
 from .sampler import SamplingState, sample
 from .step import SequenceStep, TokenSample
 from .tokenizer import Tokenizer
@@ -111,6 +111,9 @@ class Engine:
         self.tokenizer = tokenizer
         context = max_context or min(DEFAULT_MAX_CONTEXT, model.config.context_length)
         self.cache: KVCache = model.new_cache(n_slots, context)
+        self.pool: dict[int, KVRows] = {}
+        """Host-memory copies of evicted prefixes, by entry (which entry holds what is the
+        owner's bookkeeping, as slots are)."""
 
     @property
     def n_slots(self) -> int:
@@ -127,6 +130,15 @@ class Engine:
         """The model's name."""
         return self.model.config.name
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one position takes, all layers together."""
+        return self.cache.nbytes // (self.cache.n_slots * self.cache.max_context)
+
+    def drop_pool_entry(self, entry: int) -> None:
+        """Free a pool entry's memory (no step may read it any more)."""
+        self.pool.pop(entry, None)
+
     def new_sampling(self, config: GenerationConfig, prompt_ids: Sequence[int]) -> SamplingState:
         """Sampling state (random stream, penalty counts) for a new sequence."""
         return SamplingState(config, prompt_ids, self.model.config.vocab_size)
@@ -137,9 +149,17 @@ class Engine:
         Returns:
             One entry per item: the sampled token, or None for items without a sampling state.
         """
-        for it in items:  # prefix reuse: copies first, so no item can read a half-copied slot
+        # Prefix reuse before the forward pass: first what slots are about to lose goes to the
+        # pool, then prefixes are copied in, so no item reads a half-written slot.
+        for it in items:
+            if it.save_to_pool is not None:
+                entry, n = it.save_to_pool
+                self.pool[entry] = self.cache.read_prefix(it.slot, n)
+        for it in items:
             if it.prefix_from is not None:
                 self.cache.copy_prefix(it.prefix_from, it.slot, it.start_pos)
+            elif it.prefix_from_pool is not None:
+                self.cache.write_prefix(it.slot, self.pool[it.prefix_from_pool], it.start_pos)
         logits = self.model.step(items, self.cache)
         rows = [i for i, it in enumerate(items) if it.sampling is not None]
         out: list[TokenSample | None] = [None] * len(items)

@@ -34,6 +34,12 @@ class SequenceStep:
     prefix_from: int | None = None
     """Before the step, copy positions ``[0, start_pos)`` from this slot into ``slot`` (a
     prefix computed for another sequence); None when ``slot`` already holds them."""
+    prefix_from_pool: int | None = None
+    """Before the step, copy positions ``[0, start_pos)`` into ``slot`` from this entry of the
+    host-memory pool of evicted prefixes."""
+    save_to_pool: tuple[int, int] | None = None
+    """``(entry, n)``: before anything else, save positions ``[0, n)`` of ``slot`` (what an
+    earlier sequence left there) as this pool entry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +59,16 @@ class SequenceState:
     each step feeds the token sampled last.
     """
 
-    __slots__ = ("last_token", "num_computed", "prefix_from", "prompt_ids", "sampling", "slot")
+    __slots__ = (
+        "last_token",
+        "num_computed",
+        "prefix_from",
+        "prefix_from_pool",
+        "prompt_ids",
+        "sampling",
+        "save_to_pool",
+        "slot",
+    )
 
     def __init__(
         self,
@@ -76,15 +91,24 @@ class SequenceState:
         """The token sampled last, which the next decode step feeds."""
         self.prefix_from: int | None = None
         """A slot whose first ``num_computed`` positions the first step copies (prefix reuse)."""
+        self.prefix_from_pool: int | None = None
+        """A pool entry whose first ``num_computed`` positions the first step copies."""
+        self.save_to_pool: tuple[int, int] | None = None
+        """``(entry, n)``: the first step saves the slot's first ``n`` positions (left by an
+        earlier sequence) to the pool before overwriting them."""
 
-    def reuse_prefix(self, n: int, *, copy_from: int | None = None) -> None:
+    def reuse_prefix(
+        self, n: int, *, copy_from: int | None = None, from_pool: int | None = None
+    ) -> None:
         """Start after the first ``n`` prompt tokens, whose keys and values are already in the
-        slot, or in slot ``copy_from`` (copied by the first step). At least the last prompt
-        token is always computed, so its logits give the first sampled token."""
+        slot, or in slot ``copy_from`` or pool entry ``from_pool`` (copied by the first step).
+        At least the last prompt token is always computed, so its logits give the first
+        sampled token."""
         if not 0 <= n < len(self.prompt_ids) or self.num_computed:
             raise ValueError(f"cannot reuse {n} of {len(self.prompt_ids)} prompt tokens now")
         self.num_computed = n
         self.prefix_from = copy_from if n else None
+        self.prefix_from_pool = from_pool if n else None
 
     @property
     def prefilling(self) -> bool:
@@ -99,14 +123,22 @@ class SequenceState:
             chunk = self.prompt_ids[start : start + budget]
             completes = start + len(chunk) == len(self.prompt_ids)
             sampling = self.sampling if completes else None
-            return SequenceStep(self.slot, chunk, start, sampling, self.prefix_from)
+            return SequenceStep(
+                self.slot,
+                chunk,
+                start,
+                sampling,
+                self.prefix_from,
+                self.prefix_from_pool,
+                self.save_to_pool,
+            )
         assert self.last_token is not None, "a decode step needs a sampled token"
         return SequenceStep(self.slot, [self.last_token], start, self.sampling)
 
     def advance(self, step: SequenceStep, sample: TokenSample | None) -> None:
         """Account for a step of this sequence that ran, and the token it sampled (if any)."""
         self.num_computed += len(step.token_ids)
-        self.prefix_from = None  # copied, if it was to be
+        self.prefix_from = self.prefix_from_pool = self.save_to_pool = None  # done, if due
         if sample is not None:
             self.last_token = sample.token_id
 

@@ -84,6 +84,18 @@ class ProcessorMetrics(StatsObserver):
             "Prompt tokens served from the prefix cache instead of computed",
             registry=r,
         )
+        pool = Gauge(
+            "zigllama_prefix_cache_pool_bytes",
+            "Host memory held by prefixes evicted from the cache slots",
+            registry=r,
+        )
+        pool.set_function(lambda: processor.prefix_pool[0])
+        evictions = Gauge(
+            "zigllama_prefix_cache_pool_evictions",
+            "Pool entries dropped to stay under the bound, since start",
+            registry=r,
+        )
+        evictions.set_function(lambda: processor.prefix_pool[1])
         queue = Gauge("zigllama_queue_depth", "Requests waiting", registry=r)
         queue.set_function(lambda: processor.queue_depth)
         running = Gauge("zigllama_running_sequences", "Sequences holding a cache slot", registry=r)
