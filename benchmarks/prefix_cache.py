@@ -9,10 +9,15 @@ Scenarios (each run with ``prefix_cache`` on and off, alternating, ``--repeats``
    rendered with the model's template (the previous answers as the model gave them) plus a new
    user message, 24 output tokens. Reported: median time to first token per turn, and the
    share of each turn's prompt served from the cache.
+3. ``rotation``: 8 distinct ~500-token system prompts taking turns on 4 slots, 3 rounds, 8
+   output tokens. Reported: the share of the system prompts' tokens served from the cache
+   after the first round (the slots hold 4 of them; the rest come from the host-memory pool),
+   the pool's bytes, and the process's resident memory.
 
     python benchmarks/prefix_cache.py [--repeats 2] [--scenarios shared_system chat_turns]
 
-Writes ``prefix_cache.json`` and ``prefix_cache.png`` into ``--out``.
+Writes ``prefix_cache.json`` (updating only the scenarios run) and ``prefix_cache.png`` into
+``--out``.
 """
 
 from __future__ import annotations
@@ -125,7 +130,56 @@ async def chat_turns(model: LLaMAModel, tokenizer: Tokenizer, on: bool) -> dict[
     }
 
 
-SCENARIOS = {"shared_system": shared_system, "chat_turns": chat_turns}
+async def rotation(model: LLaMAModel, tokenizer: Tokenizer, on: bool) -> dict[str, Any]:
+    import psutil
+
+    systems = [
+        _text_of(tokenizer, f"Rule set {i}: {TOPICS[i]} matter above all else here. ", 500)
+        for i in range(8)
+    ]
+    greedy = GenerationConfig.greedy(max_tokens=8, ignore_eos=True)
+    config = BatchConfig(strategy=BatchingStrategy.CONTINUOUS, max_batch_size=4, prefix_cache=on)
+    system_tokens = [
+        len(tokenizer.encode_prompt([{"role": "system", "content": s}])) for s in systems
+    ]
+    rss_before = psutil.Process().memory_info().rss
+    later_hits = later_total = 0
+    started = time.perf_counter()
+    async with BatchProcessor(model, tokenizer, config) as p:
+        for round_ in range(3):
+            results = await asyncio.gather(
+                *(
+                    p.submit(
+                        BatchRequest(
+                            prompt=[
+                                {"role": "system", "content": s},
+                                {"role": "user", "content": f"Round {round_}: go on."},
+                            ],
+                            config=greedy,
+                        )
+                    )
+                    for s in systems
+                )
+            )
+            if round_:
+                later_hits += sum(
+                    min(r.result.cached_tokens, n)
+                    for r, n in zip(results, system_tokens, strict=True)
+                )
+                later_total += sum(system_tokens)
+        pool_bytes, evictions = p.prefix_pool
+        rss_after = psutil.Process().memory_info().rss
+    return {
+        "system_tokens_hit_share_after_round_1": later_hits / later_total,
+        "wall_s": time.perf_counter() - started,
+        "pool_bytes": pool_bytes,
+        "pool_evictions": evictions,
+        "pool_limit_bytes": int(config.prefix_cache_mb * 2**20) if on else 0,
+        "rss_growth_bytes": rss_after - rss_before,
+    }
+
+
+SCENARIOS = {"shared_system": shared_system, "chat_turns": chat_turns, "rotation": rotation}
 
 
 async def main_async(repeats: int, scenarios: list[str]) -> dict[str, Any]:
@@ -205,15 +259,40 @@ def main() -> None:
                 f"{c['on']['cached_share_median_by_turn'][t]:>13.0%} "
                 f"{'-' if of_prev is None else format(of_prev, '.0%'):>17}"
             )
+    if "rotation" in runs:
+        on, off = runs["rotation"]["on"], runs["rotation"]["off"]
+        rotation_keys = (
+            "system_tokens_hit_share_after_round_1",
+            "wall_s",
+            "pool_bytes",
+            "pool_evictions",
+            "rss_growth_bytes",
+        )
+        summary["rotation"] = {
+            "on": {k: _median_of(on, k) for k in rotation_keys},
+            "off": {k: _median_of(off, k) for k in rotation_keys},
+        }
+        r = summary["rotation"]
+        print("\nrotation (8 system prompts of ~500 tokens over 4 slots, 3 rounds)")
+        print(
+            f"{'cache':<6} {'hits after round 1':>19} {'wall s':>8} {'pool MiB':>9} {'RSS growth MiB':>15}"
+        )
+        for mode in ("on", "off"):
+            print(
+                f"{mode:<6} {r[mode]['system_tokens_hit_share_after_round_1']:>19.0%} "
+                f"{r[mode]['wall_s']:>8.1f} {r[mode]['pool_bytes'] / 2**20:>9.1f} "
+                f"{r[mode]['rss_growth_bytes'] / 2**20:>15.1f}"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
-    out = {
-        "machine": {"cpu": platform.processor() or platform.machine()},
-        "repeats": args.repeats,
-        "summary": summary,
-        "runs": runs,
-    }
-    (args.out / "prefix_cache.json").write_text(json.dumps(out, indent=2) + "\n")
-    _plot(summary, args.out / "prefix_cache.png")
+    path = args.out / "prefix_cache.json"
+    # Scenarios not run this time keep their earlier results.
+    out = json.loads(path.read_text()) if path.exists() else {"summary": {}, "runs": {}}
+    out["machine"] = {"cpu": platform.processor() or platform.machine()}
+    out["repeats"] = {**(out.get("repeats") or {}), **dict.fromkeys(runs, args.repeats)}
+    out["summary"].update(summary)
+    out["runs"].update(runs)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    _plot(out["summary"], args.out / "prefix_cache.png")
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
@@ -223,6 +302,8 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [name for name in ("shared_system", "chat_turns") if name in summary]
+    if not panels:
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, name in zip(axes[0], panels, strict=True):
         if name == "shared_system":
