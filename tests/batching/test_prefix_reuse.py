@@ -346,3 +346,55 @@ async def test_a_prefix_restored_from_the_pool_gives_the_same_logprobs(
     for off, on in zip(runs[False], runs[True], strict=True):
         assert on.result.token_ids == off.result.token_ids
         np.testing.assert_allclose(on.result.logprobs, off.result.logprobs, atol=1e-4, rtol=0)
+
+
+async def test_cached_requests_go_first_within_a_level_and_nobody_starves(
+    make_processor: Make,
+) -> None:
+    """Among waiting requests of one aged priority level, one whose prefix is cached is
+    admitted ahead of an earlier uncached one; but a stream of cached requests holds the
+    uncached one back by at most about one ageing interval (1 s here, on the processor's
+    clock), not forever."""
+    p, engine, clock = await make_processor(
+        strategy="continuous",
+        max_batch_size=1,
+        priority_aging_ms=1000,
+        step_cost=lambda items: 0.05,
+    )
+    prompt = SYSTEM * 2
+    await p.submit(req(2, prompt=prompt))  # now cached
+    first = p.submit_async(req(6, prompt=prompt + "first"))  # holds the one slot
+    uncached = p.submit_async(req(2, prompt="entirely different words " * 4))
+    admitted: list[float] = []
+    done = asyncio.Event()
+
+    async def feed(name: str) -> None:
+        i = 0
+        while not done.is_set():
+            r = await p.submit(req(2, prompt=f"{prompt}{name} {i}"))
+            assert r.result.cached_tokens > 0
+            admitted.append(r.timeline.admitted)
+            i += 1
+
+    feeders = [asyncio.create_task(feed(name)) for name in ("a", "b")]
+    await p.result(first)
+    result = await p.result(uncached)
+    done.set()
+    await asyncio.gather(*feeders)
+    assert min(admitted) < result.timeline.admitted  # cached requests went first...
+    assert result.queue_time_ms <= 1000 + 500  # ...for about one ageing interval at most
+
+
+async def test_without_ageing_requests_are_served_in_turn(make_processor: Make) -> None:
+    """With ageing off nothing bounds a wait, so nobody is served out of turn for its cache."""
+    p, engine, clock = await make_processor(
+        strategy="continuous", max_batch_size=1, priority_aging_ms=0, step_cost=lambda items: 0.05
+    )
+    prompt = SYSTEM * 2
+    await p.submit(req(2, prompt=prompt))
+    first = p.submit_async(req(6, prompt=prompt + "first"))
+    uncached = p.submit_async(req(2, prompt="entirely different words " * 4))
+    cached = p.submit_async(req(2, prompt=prompt + "later"))
+    await p.result(first)
+    u, c = await p.result(uncached), await p.result(cached)
+    assert u.timeline.admitted <= c.timeline.admitted

@@ -12,7 +12,9 @@ longest prefix is taken in place; otherwise the least valuable free slot is take
 request's first step copies the prefix from the slot holding it, which stays pinned until the
 copy ran. A request whose prompt shares a longer prefix with a sequence of the same worker
 still computing it waits (no step budget spent) and copies once it is computed, so a burst of
-requests with one system prompt computes it once. What a slot held before a new sequence
+requests with one system prompt computes it once. Among waiting requests of one aged priority
+level, those with cached prefixes are admitted first (:meth:`PrefixPlacement.preference`). What
+a slot held before a new sequence
 overwrites it goes to a bounded host-memory pool (its first step saves it), where later
 prompts find it as they find slots.
 """
@@ -48,6 +50,11 @@ class Placement(Protocol):
 
     def place(self, rec: TrackedRequest, batch: Sequence[TrackedRequest]) -> None:
         """Give an admitted request its slot (``batch``: its worker's running sequences)."""
+        ...
+
+    def preference(self, rec: TrackedRequest) -> int:
+        """How much cheaper a waiting request would be to start now (its cached prompt
+        tokens); 0 when nothing is cached."""
         ...
 
     def before_step(self, batch: Sequence[TrackedRequest]) -> None:
@@ -88,6 +95,9 @@ class PlainPlacement:
 
     def place(self, rec: TrackedRequest, batch: Sequence[TrackedRequest]) -> None:
         rec.seq.slot = self.slots.allocate()
+
+    def preference(self, rec: TrackedRequest) -> int:
+        return 0
 
     def before_step(self, batch: Sequence[TrackedRequest]) -> None:
         pass
@@ -164,6 +174,10 @@ class PrefixPlacement:
         self.prefixes.assign(slot, salt, keep=keep, planned=rec.prompt_ids)
         if rec.awaits is None:
             self._reuse(rec, found, reuse, in_place=in_place)
+
+    def preference(self, rec: TrackedRequest) -> int:
+        found = self.prefixes.match(rec.prompt_ids, rec.request.cache_salt)
+        return min(found.length, len(rec.prompt_ids) - 1)
 
     def before_step(self, batch: Sequence[TrackedRequest]) -> None:
         """Requests waiting for a prefix in flight start once it is computed (or once the

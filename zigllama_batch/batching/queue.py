@@ -74,6 +74,28 @@ class RequestQueue:
                 return request
         return None
 
+    def peek_level(self, n: int) -> list[TrackedRequest]:
+        """Of the next ``n`` requests to be served, those within one aged priority level of the
+        first, in serving order (empty when ageing is off: without it, serving one of them
+        ahead of the first could postpone the first forever).
+
+        With ageing on, a request arriving one ageing interval after the first is already a
+        level behind it, so choosing among these (see :meth:`take`) delays the first by at most
+        about one interval.
+        """
+        if n <= 0 or self._aging_s is None:
+            return []
+        live = heapq.nsmallest(n, (e for e in self._heap if e[2].state is RequestState.QUEUED))
+        return [r for key, _, r in live if key < live[0][0] + 1.0] if live else []
+
+    def take(self, request: TrackedRequest, now: float) -> None:
+        """Serve ``request`` (from :meth:`peek_level`) now, out of turn; the caller moves it out
+        of the QUEUED state, and its heap entry is dropped lazily."""
+        assert request.state is RequestState.QUEUED
+        self._live -= 1
+        if not self._admitted_at or self._admitted_at[-1] != now:
+            self._admitted_at.append(now)
+
     def peek(self, n: int) -> list[TrackedRequest]:
         """The next ``n`` requests to be served, in order, without removing them."""
         if n <= 0:

@@ -36,7 +36,11 @@ from .stats import StatsRecorder
 from .strategies import Plan, WaitingView, make_strategy
 from .types import BatchConfig, BatchResult, EngineLike
 
-__all__ = ["Scheduler", "build_step"]
+__all__ = ["PREFERENCE_WINDOW", "Scheduler", "build_step"]
+
+PREFERENCE_WINDOW = 32
+"""Waiting requests looked at for cached prefixes when admitting (each lookup compares the
+prompt with every slot: tens of microseconds)."""
 
 
 def build_step(
@@ -217,8 +221,9 @@ class Scheduler:
             waiting, len(worker.running), now, draining=self.lifecycle.draining
         )
         room = min(self.config.max_batch_size - len(worker.running), self.placement.capacity())
+        preferred = self._preferred(min(plan.admit, room))
         for _ in range(min(plan.admit, room)):
-            rec = self.queue.pop(now)
+            rec = self._next(preferred, now)
             if rec is None:
                 break
             rec.state = RequestState.RUNNING  # popped from the queue: no longer counted there
@@ -232,6 +237,31 @@ class Scheduler:
                 error.__cause__ = exc
                 self.end(rec, RequestState.FAILED, error=error)
         return plan
+
+    def _preferred(self, n: int) -> list[TrackedRequest]:
+        """Requests to admit ahead of their turn, best first: within the first waiting
+        request's aged priority level, those whose prompts have the longest cached prefixes
+        (they cost least to start). Ageing bounds what this can cost anyone: a request that
+        arrives an ageing interval later is a level behind, so the first one waits at most
+        about one interval more."""
+        if n <= 0:
+            return []
+        level = self.queue.peek_level(PREFERENCE_WINDOW)
+        if len(level) < 2:
+            return []
+        cached = {id(r): self.placement.preference(r) for r in level}
+        if not any(cached.values()):
+            return []
+        return sorted(level, key=lambda r: -cached[id(r)])  # stable: ties keep their turn
+
+    def _next(self, preferred: list[TrackedRequest], now: float) -> TrackedRequest | None:
+        """The next request to admit: the best preferred one still waiting, else the queue's."""
+        while preferred:
+            rec = preferred.pop(0)
+            if rec.state is RequestState.QUEUED:
+                self.queue.take(rec, now)
+                return rec
+        return self.queue.pop(now)
 
     def _reap(self, worker: _Worker) -> None:
         """Free the slots of sequences that are done generating or have ended."""
