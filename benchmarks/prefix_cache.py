@@ -13,6 +13,9 @@ Scenarios (each run with ``prefix_cache`` on and off, alternating, ``--repeats``
    output tokens. Reported: the share of the system prompts' tokens served from the cache
    after the first round (the slots hold 4 of them; the rest come from the host-memory pool),
    the pool's bytes, and the process's resident memory.
+4. ``no_sharing``: 32 requests at once with prompts that share nothing (~100 tokens each, 32
+   output tokens). Reported: output tokens per second, to show that lookups and bookkeeping
+   cost nothing measurable.
 
     python benchmarks/prefix_cache.py [--repeats 2] [--scenarios shared_system chat_turns]
 
@@ -179,7 +182,34 @@ async def rotation(model: LLaMAModel, tokenizer: Tokenizer, on: bool) -> dict[st
     }
 
 
-SCENARIOS = {"shared_system": shared_system, "chat_turns": chat_turns, "rotation": rotation}
+async def no_sharing(model: LLaMAModel, tokenizer: Tokenizer, on: bool) -> dict[str, Any]:
+    words = ["amber", "basalt", "cedar", "dune", "ember", "fjord", "glacier", "harbor", "iris"]
+    prompts = [
+        _text_of(
+            tokenizer, " ".join(words[(i + j) % len(words)] for j in range(9)) + f" {i}. ", 100
+        )
+        for i in range(CLIENTS)
+    ]
+    greedy = GenerationConfig.greedy(max_tokens=32, ignore_eos=True)
+    async with BatchProcessor(model, tokenizer, _config(on)) as p:
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            *(p.submit(BatchRequest(prompt=q, config=greedy)) for q in prompts)
+        )
+        wall = time.perf_counter() - started
+    return {
+        "output_tokens_per_s": sum(r.result.completion_tokens for r in results) / wall,
+        "cached_tokens": sum(r.result.cached_tokens for r in results),
+        "wall_s": wall,
+    }
+
+
+SCENARIOS = {
+    "shared_system": shared_system,
+    "chat_turns": chat_turns,
+    "rotation": rotation,
+    "no_sharing": no_sharing,
+}
 
 
 async def main_async(repeats: int, scenarios: list[str]) -> dict[str, Any]:
@@ -283,6 +313,27 @@ def main() -> None:
                 f"{r[mode]['wall_s']:>8.1f} {r[mode]['pool_bytes'] / 2**20:>9.1f} "
                 f"{r[mode]['rss_growth_bytes'] / 2**20:>15.1f}"
             )
+    if "no_sharing" in runs:
+        on, off = runs["no_sharing"]["on"], runs["no_sharing"]["off"]
+        ratios = [  # each round's on/off pair, run back to back
+            a["output_tokens_per_s"] / b["output_tokens_per_s"]
+            for a, b in zip(on, off, strict=True)
+        ]
+        summary["no_sharing"] = {
+            "on_tokens_per_s": _median_of(on, "output_tokens_per_s"),
+            "off_tokens_per_s": _median_of(off, "output_tokens_per_s"),
+            "cached_tokens_on": _median_of(on, "cached_tokens"),
+            "ratio_on_over_off_median": statistics.median(ratios),
+            "ratios": ratios,
+        }
+        n = summary["no_sharing"]
+        print(f"\nno_sharing ({CLIENTS} requests, nothing shared)")
+        print(
+            f"output tokens/s: on {n['on_tokens_per_s']:.1f}, off {n['off_tokens_per_s']:.1f}; "
+            f"median on/off ratio {n['ratio_on_over_off_median']:.3f} (rounds: "
+            + ", ".join(f"{r:.3f}" for r in ratios)
+            + ")"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "prefix_cache.json"
     # Scenarios not run this time keep their earlier results.
