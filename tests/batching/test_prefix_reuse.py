@@ -397,3 +397,33 @@ async def test_without_ageing_requests_are_served_in_turn(make_processor: Make) 
     await p.result(first)
     u, c = await p.result(uncached), await p.result(cached)
     assert u.timeline.admitted <= c.timeline.admitted
+
+
+async def test_cancelling_the_source_of_a_pending_copy_leaves_the_copier_correct(
+    make_processor: Make,
+) -> None:
+    """A request whose prefix another is about to copy is cancelled before the copy runs: its
+    slot stays pinned until then, and the copier's tokens are what they are without the cache."""
+    p, engine, _ = await make_processor(
+        strategy="continuous", max_batch_size=2, content_sensitive=True, max_step_tokens=2
+    )
+    prompt = SYSTEM * 2
+    q, _, _ = await make_processor(
+        strategy="continuous", max_batch_size=2, content_sensitive=True, prefix_cache=False
+    )
+    expected = (await q.submit(req(4, prompt=prompt + "x"))).result.token_ids
+    source = p.submit_async(req(40, prompt=prompt))
+    await eventually(lambda: bool(engine.steps) and engine.steps[-1][0].n_tokens == 1)
+    engine.hold()
+    await eventually(engine.waiting_at_gate.is_set)
+    copier = p.submit_async(req(4, prompt=prompt + "x"))
+    before = len(engine.steps)
+    engine.release()
+    engine.hold()  # the copier is admitted; its first step waits at the gate...
+    await eventually(lambda: len(engine.steps) > before and engine.waiting_at_gate.is_set())
+    p.cancel(source)  # ...and the source goes away before the copy runs
+    engine.release()
+    result = (await p.result(copier)).result
+    assert result.cached_tokens > 0
+    assert result.token_ids == expected
+    assert idle(p)
