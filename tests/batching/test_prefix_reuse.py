@@ -427,3 +427,25 @@ async def test_cancelling_the_source_of_a_pending_copy_leaves_the_copier_correct
     assert result.cached_tokens > 0
     assert result.token_ids == expected
     assert idle(p)
+
+
+async def test_a_pool_entry_being_restored_survives_the_save_that_makes_room(
+    make_processor: Make,
+) -> None:
+    """One slot and a pool for one prefix: A, then B (A goes to the pool), then A again, whose
+    slot must save B to the pool, which needs the room A's entry takes. The entry A copies is
+    kept (the save is skipped), A gets its tokens, and nothing is left behind."""
+    a = "you are a helpful assistant who answers in one short sentence. question one?"
+    b = "system: translate the following english text into french please. hello!"
+    p, engine, _ = await make_processor(
+        strategy="continuous", max_batch_size=1, content_sensitive=True, prefix_cache_mb=0.07
+    )
+    q, _, _ = await make_processor(
+        strategy="continuous", max_batch_size=1, content_sensitive=True, prefix_cache=False
+    )
+    results = [(await p.submit(req(3, prompt=prompt))).result for prompt in (a, b, a)]
+    expected = [(await q.submit(req(3, prompt=prompt))).result for prompt in (a, b, a)]
+    assert [r.token_ids for r in results] == [r.token_ids for r in expected]
+    assert results[2].cached_tokens > 0  # restored from the pool
+    assert sum(len(ids) for ids in engine.pool.values()) * 1024 == p.prefix_pool[0]
+    assert idle(p)

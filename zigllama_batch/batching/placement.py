@@ -167,7 +167,11 @@ class PrefixPlacement:
         self.slots.take(slot)
         rec.seq.slot = slot
         keep = reuse if in_place else 0
+        if found.entry >= 0:  # the pool entry this request copies must survive the save
+            self.prefixes.pin_entry(found.entry)
         save, dropped = self.prefixes.plan_save(slot, keep)  # before it is overwritten
+        if found.entry >= 0:
+            self.prefixes.unpin_entry(found.entry)
         rec.seq.save_to_pool = save
         for entry in dropped:
             self.drop_entry(entry)

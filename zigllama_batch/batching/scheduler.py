@@ -228,7 +228,15 @@ class Scheduler:
                 break
             rec.state = RequestState.RUNNING  # popped from the queue: no longer counted there
             rec.admitted = now
-            self.placement.place(rec, worker.running)
+            try:
+                self.placement.place(rec, worker.running)
+            except Exception as exc:  # a placement bug: this request fails, not the processor
+                if rec.seq.slot >= 0:
+                    self.placement.release(rec)
+                error = GenerationError(f"could not place request {rec.id!r}: {exc!r}")
+                error.__cause__ = exc
+                self.end(rec, RequestState.FAILED, error=error)
+                continue
             worker.running.append(rec)  # from here on, _reap frees the slot whatever happens
             try:
                 rec.seq.sampling = self.engine.new_sampling(rec.config, rec.prompt_ids)
