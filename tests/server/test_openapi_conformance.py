@@ -138,39 +138,30 @@ def _over_context(body: Mapping[str, Any]) -> bool:
     the completion length it asks for (a refusal the server makes on a lower bound alone would
     not count)."""
     processor = SERVING["processor"]
-    try:  # a request refused anyway (a non-text part, say) may be refused on the bound alone
-        processor.check_prompt_length(body.get("messages", body.get("prompt")))
-    except PromptTooLong:
-        if not _encodes(body):
+    encoded = _encoded(body)
+    if encoded is None:  # refused anyway (a non-text part, say): the bound alone may refuse it
+        try:
+            processor.check_prompt_length(body.get("messages", body.get("prompt")))
+        except PromptTooLong:
             return True
-    try:
-        if "messages" in body:
-            chat = ChatCompletionRequest.model_validate(body)
-            ids = processor.tokenizer.encode_prompt(chat.message_dicts())
-            asked = chat.requested_max_tokens()
-        else:
-            completion = CompletionRequest.model_validate(body)
-            ids = processor.tokenizer.encode_prompt(completion.prompt_value())
-            asked = completion.requested_max_tokens()
-    except Exception:  # not a request this check can judge: the refusal does not apply
         return False
+    ids, asked = encoded
     room = processor.max_context - len(ids)
     return room <= 0 or (asked is not None and asked > room)
 
 
-def _encodes(body: Mapping[str, Any]) -> bool:
-    """Whether the body's prompt is one the tokenizer takes (a valid request's)."""
-    processor = SERVING["processor"]
+def _encoded(body: Mapping[str, Any]) -> tuple[list[int], int | None] | None:
+    """The prompt's token ids and the completion length asked for, as the server reads the
+    body; None when the body is not a request the tokenizer takes."""
+    tokenizer = SERVING["processor"].tokenizer
     try:
         if "messages" in body:
-            processor.tokenizer.encode_prompt(
-                ChatCompletionRequest.model_validate(body).message_dicts()
-            )
-        else:
-            processor.tokenizer.encode_prompt(CompletionRequest.model_validate(body).prompt_value())
+            chat = ChatCompletionRequest.model_validate(body)
+            return tokenizer.encode_prompt(chat.message_dicts()), chat.requested_max_tokens()
+        completion = CompletionRequest.model_validate(body)
+        return tokenizer.encode_prompt(completion.prompt_value()), completion.requested_max_tokens()
     except Exception:
-        return False
-    return True
+        return None
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ class Placement(Protocol):
     """Slot bookkeeping as the scheduler sees it (event loop only)."""
 
     slots: SlotTable
+    prefers: bool
+    """Whether :meth:`preference` can be anything but 0 (else admission need not ask)."""
 
     def capacity(self) -> int:
         """How many more requests can be placed now."""
@@ -87,6 +89,8 @@ class Placement(Protocol):
 class PlainPlacement:
     """The lowest free slot; every prompt computed in full."""
 
+    prefers = False
+
     def __init__(self, n_slots: int) -> None:
         self.slots = SlotTable(n_slots)
 
@@ -122,6 +126,8 @@ class PlainPlacement:
 
 class PrefixPlacement:
     """Slots chosen, and prompts started, by the longest cached prefix (module docstring)."""
+
+    prefers = True
 
     def __init__(
         self,

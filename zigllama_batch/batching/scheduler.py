@@ -252,7 +252,7 @@ class Scheduler:
         (they cost least to start). Ageing bounds what this can cost anyone: a request that
         arrives an ageing interval later is a level behind, so the first one waits at most
         about one interval more."""
-        if n <= 0:
+        if n <= 0 or not self.placement.prefers:
             return []
         level = self.queue.peek_level(PREFERENCE_WINDOW)
         if len(level) < 2:
