@@ -309,6 +309,14 @@ machine). Row counts that leave at least this many rows in a last block are padd
 whole block with zero rows."""
 
 
+_QUERY_BLOCK = 128
+"""Prompt tokens whose attention is computed together: small enough that a causal chunk skips
+most masked products, large enough for BLAS (64 and 128 are equally fast; 512 is 2x slower
+at 512 positions)."""
+_CAUSAL = np.triu(np.full((_QUERY_BLOCK, _QUERY_BLOCK), -np.inf, np.float32), 1)
+"""-inf above the diagonal: what a block of queries must not see among its own positions."""
+
+
 def _matmul(h: F32, w: F32) -> F32:
     """``h @ w`` for activations h (N, in) and weights w (in, out), shaped for BLAS's speed."""
     n = h.shape[0]
@@ -376,16 +384,30 @@ def _decode_attention(q: F32, k_cache: F32, v_cache: F32, batch: _Batch) -> F32:
 
 
 def _prefill_attention(q: F32, k_cache: F32, v_cache: F32, slot: int, start: int) -> F32:
-    """Causal attention of one prompt chunk over its slot. q: (T, H, hd). Returns (T, H, hd)."""
+    """Causal attention of one prompt chunk over its slot. q: (T, H, hd). Returns (T, H, hd).
+
+    Queries go in blocks of ``_QUERY_BLOCK``, each attending only to the positions it can see
+    (a causal chunk skips half of the products), with the query heads that share a key/value
+    head stacked into one matrix product per KV head.
+    """
     t, n_heads, hd = q.shape
     n_kv = k_cache.shape[1]
-    length = start + t
-    keys = k_cache[slot, :, :length]  # (KVH, L, hd)
-    values = v_cache[slot, :, :length]
-    qg = q.reshape(t, n_kv, n_heads // n_kv, hd).transpose(1, 2, 0, 3)  # (KVH, G, T, hd)
-    scores = qg @ keys[:, None].transpose(0, 1, 3, 2)  # (KVH, G, T, L)
-    # Token i of the chunk sits at position start + i and sees positions 0..start + i.
-    future = np.arange(length)[None, :] > (start + np.arange(t))[:, None]  # (T, L)
-    scores[..., future] = -np.inf
-    out = _softmax_inplace(scores) @ values[:, None]  # (KVH, G, T, hd)
-    return out.transpose(2, 0, 1, 3).reshape(t, n_heads, hd)
+    group = n_heads // n_kv
+    qg = np.ascontiguousarray(q.reshape(t, n_kv, group, hd).transpose(1, 0, 2, 3))  # (KVH,T,G,hd)
+    out = np.empty((t, n_kv, group, hd), np.float32)
+    for b0 in range(0, t, _QUERY_BLOCK):
+        b1 = min(t, b0 + _QUERY_BLOCK)
+        nb, length = b1 - b0, start + b1
+        keys = k_cache[slot, :, :length]  # (KVH, L, hd)
+        values = v_cache[slot, :, :length]
+        scores = qg[:, b0:b1].reshape(n_kv, nb * group, hd) @ keys.transpose(0, 2, 1)
+        # Row i of the block sits at position start + b0 + i and sees positions up to it: only
+        # the block's own columns need masking.
+        scores.reshape(n_kv, nb, group, length)[..., start + b0 :] += _CAUSAL[:nb, None, :nb]
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        total = scores.sum(axis=-1, keepdims=True)
+        block = scores @ values  # (KVH, nb G, hd), normalised after: fewer divisions
+        block /= total
+        out[b0:b1] = block.reshape(n_kv, nb, group, hd).transpose(1, 0, 2, 3)
+    return out.reshape(t, n_heads, hd)
