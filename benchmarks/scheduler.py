@@ -79,7 +79,7 @@ class ZeroCostEngine:
             for it in items
         ]
 
-    def drop_pool_entry(self, entry: int) -> None:
+    def reserve_pool(self, n_blocks: int, block_tokens: int) -> None:
         pass
 
     @property

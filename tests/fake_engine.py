@@ -58,7 +58,8 @@ class FakeEngine:
         self.held: list[list[int]] = [[] for _ in range(n_slots)]
         """The token ids whose "keys and values" each slot holds, by position."""
         self.pool: dict[int, list[int]] = {}
-        """Pool entries: the token ids saved from a slot."""
+        """Pool blocks: the token ids saved in each."""
+        self.block_tokens = 0
 
     # -- the engine signature -----------------------------------------------------------------
     @property
@@ -93,15 +94,18 @@ class FakeEngine:
             error, self.fail_with = self.fail_with, None
             raise error
         for it in items:  # saves to the pool first, then copies, as the real engine does
-            if it.save_to_pool is not None:
-                entry, n = it.save_to_pool
-                assert len(self.held[it.slot]) >= n, "saving positions a slot does not hold"
-                self.pool[entry] = self.held[it.slot][:n]
+            if (save := it.save_to_pool) is not None:
+                held, b = self.held[it.slot], self.block_tokens
+                assert len(held) >= save.end, "saving positions a slot does not hold"
+                assert len(save.blocks) == -(-(save.end - save.start) // b), save
+                for i, block in enumerate(save.blocks):
+                    start = save.start + i * b
+                    self.pool[block] = held[start : min(start + b, save.end)]
         for it in items:
             if it.prefix_from_pool is not None:
-                saved = self.pool[it.prefix_from_pool]
+                saved = [t for block in it.prefix_from_pool for t in self.pool[block]]
                 assert len(saved) >= it.start_pos, (
-                    f"copy of {it.start_pos} positions from a pool entry of {len(saved)}"
+                    f"copy of {it.start_pos} positions from pool blocks holding {len(saved)}"
                 )
                 self.held[it.slot] = saved[: it.start_pos]
             if it.prefix_from is not None:
@@ -131,8 +135,8 @@ class FakeEngine:
             return self.token_at(position)
         return self.letters[hash(tuple(self.held[item.slot][:position])) % 26]
 
-    def drop_pool_entry(self, entry: int) -> None:
-        self.pool.pop(entry, None)
+    def reserve_pool(self, n_blocks: int, block_tokens: int) -> None:
+        self.block_tokens = block_tokens
 
     @property
     def kv_bytes_per_token(self) -> int:

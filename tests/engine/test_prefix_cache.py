@@ -9,7 +9,10 @@ import pytest
 
 from zigllama_batch import LLaMAModel, Tokenizer
 from zigllama_batch.engine import SequenceStep
+from zigllama_batch.engine.kv_cache import KVBlocks
 from zigllama_batch.engine.prefix_cache import PrefixCache, PrefixMatch
+from zigllama_batch.engine.prefix_pool import BLOCK_TOKENS
+from zigllama_batch.engine.step import PoolSave
 
 
 def cache_holding(*contents: list[int], salts: list[str | None] | None = None) -> PrefixCache:
@@ -98,9 +101,9 @@ def test_reused_and_copied_prefixes_give_the_recomputed_logits(
         np.testing.assert_allclose(copied, whole, atol=1e-4, rtol=0)
 
 
-def pooled(n_slots: int = 2, pool_tokens: int = 100) -> PrefixCache:
-    """A cache whose pool holds ``pool_tokens`` positions (one byte each)."""
-    return PrefixCache(n_slots, 64, pool_bytes=pool_tokens, bytes_per_token=1)
+def pooled(n_slots: int = 2, pool_blocks: int = 8) -> PrefixCache:
+    """A cache whose pool holds ``pool_blocks`` blocks of 16 positions (one byte each)."""
+    return PrefixCache(n_slots, 128, pool_bytes=pool_blocks * BLOCK_TOKENS, bytes_per_token=1)
 
 
 def fill(cache: PrefixCache, slot: int, ids: list[int], salt: str | None = None) -> None:
@@ -108,60 +111,129 @@ def fill(cache: PrefixCache, slot: int, ids: list[int], salt: str | None = None)
     cache.record(slot, 0, ids)
 
 
+def save_slot(cache: PrefixCache, slot: int, ids: list[int], keep: int = 0) -> PoolSave | None:
+    """Fill ``slot`` with ``ids``, then overwrite it as a new sequence would, saving first."""
+    fill(cache, slot, ids)
+    save = cache.plan_save(slot, keep=keep)
+    cache.assign(slot, None, keep=0)
+    cache.record(slot, 0, [999])
+    if save is not None:
+        cache.saved(save)
+    return save
+
+
 def test_an_overwritten_slot_is_saved_and_matched_once_saved() -> None:
-    """A slot about to be overwritten is reserved a pool entry; prompts find the entry only
-    once the step that saves it has run; later they match it like a slot."""
+    """A slot about to be overwritten is saved to pool blocks; prompts find them only once the
+    step that saves them has run, then match them like a slot, at any length."""
     cache = pooled()
     fill(cache, 0, list(range(1, 31)))
-    save, dropped = cache.plan_save(0, keep=0)
-    assert save is not None
-    assert dropped == []
-    entry, n = save
-    assert n == 30
+    save = cache.plan_save(0, keep=0)
+    assert save == PoolSave(start=0, end=30, blocks=save.blocks)
+    assert len(save.blocks) == 2  # 16 + 14 positions
     cache.assign(0, None, keep=0)  # the new sequence takes the slot
     cache.record(0, 0, [99] * 5)
     assert cache.match(list(range(1, 31)), None).length == 0  # not saved yet
-    cache.saved(entry)
-    assert cache.match(list(range(1, 41)), None) == PrefixMatch(-1, 30, entry)
-    assert cache.pool_bytes == 30
+    cache.saved(save)
+    assert cache.match(list(range(1, 41)), None) == PrefixMatch(-1, 30, save.blocks)
+    assert cache.match([*range(1, 21), 0], None) == PrefixMatch(-1, 20, save.blocks)
+    assert cache.match([1, 2, 3, 0], None) == PrefixMatch(-1, 3, save.blocks[:1])
+    assert cache.pool_bytes == 2 * BLOCK_TOKENS
 
 
 def test_short_or_duplicate_prefixes_are_not_saved() -> None:
-    """Fewer than 16 tokens to lose, or tokens another slot or entry holds already: no entry."""
+    """Fewer than 16 tokens to lose, or tokens another slot or the pool holds already: no
+    save."""
     cache = pooled(n_slots=3)
     fill(cache, 0, list(range(1, 11)))
-    assert cache.plan_save(0, keep=0) == (None, [])
+    assert cache.plan_save(0, keep=0) is None
     fill(cache, 1, list(range(1, 41)))
     fill(cache, 2, list(range(1, 31)))  # a prefix of slot 1's
-    assert cache.plan_save(2, keep=0) == (None, [])
-    assert cache.plan_save(1, keep=30) == (None, [])  # only 10 to lose
+    assert cache.plan_save(2, keep=0) is None
+    assert cache.plan_save(1, keep=30) is None  # only 10 to lose
+    assert save_slot(cache, 1, list(range(1, 41))) is not None
+    assert save_slot(cache, 1, list(range(1, 41))) is None  # in the pool already
+    assert save_slot(cache, 1, list(range(1, 37))) is None  # a prefix of what it holds
 
 
-def test_the_pool_stays_under_its_bound_least_recently_used_first() -> None:
-    """Entries are dropped least recently used first to make room; a pinned entry, or one not
-    yet saved, is never dropped; an entry the new one extends is replaced by it."""
-    cache = pooled(n_slots=1, pool_tokens=70)
-    entries = []
-    for base in (100, 200):
-        fill(cache, 0, [base + i for i in range(30)])
-        (entry, _), _ = cache.plan_save(0, keep=0)
-        cache.saved(entry)
-        entries.append(entry)
-    cache.pin_entry(entries[0])  # pinned: must survive
-    fill(cache, 0, [300 + i for i in range(30)])
-    save, dropped = cache.plan_save(0, keep=0)
-    assert save is not None
-    assert dropped == [entries[1]]
-    assert cache.evictions == 1
-    assert cache.pool_bytes == 60 <= cache.pool_limit
-    cache.unpin_entry(entries[0])
-    cache.saved(save[0])
-    # A longer prefix of the same tokens replaces the entry it extends.
-    fill(cache, 0, [300 + i for i in range(40)])
-    save2, dropped2 = cache.plan_save(0, keep=0)
-    assert save2 is not None
-    assert save[0] in dropped2
+def test_a_shared_head_is_stored_once() -> None:
+    """Prefixes that continue one head differently share the head's blocks: each save writes
+    only the blocks the pool lacks, and each prompt restores through the shared ones."""
+    cache = pooled(n_slots=1, pool_blocks=16)
+    head = list(range(1, 49))  # 3 blocks
+    first = save_slot(cache, 0, [*head, *range(100, 120)])
+    second = save_slot(cache, 0, [*head, *range(200, 220)])
+    assert first is not None
+    assert second is not None
+    assert (first.start, len(first.blocks)) == (0, 5)  # head, then 16 + 4
+    assert (second.start, len(second.blocks)) == (48, 2)  # only the new ending
+    assert cache.pool_bytes == 7 * BLOCK_TOKENS
+    a = cache.match([*head, *range(100, 120), 7], None)
+    b = cache.match([*head, *range(200, 220), 7], None)
+    assert a.length == b.length == 68
+    assert a.blocks[:3] == b.blocks[:3] == first.blocks[:3]
+    assert b.blocks[3:] == second.blocks
+
+
+def test_a_partial_block_is_replaced_by_the_blocks_that_extend_it() -> None:
+    """A prefix saved again, longer, replaces its own partial last block (no ids kept twice)."""
+    cache = pooled(n_slots=1)
+    short = save_slot(cache, 0, list(range(1, 21)))  # 16 + 4
+    longer = save_slot(cache, 0, list(range(1, 41)))  # 16 + 16 + 8
+    assert short is not None
+    assert longer is not None
+    assert longer.start == 16
+    assert cache.pool_bytes == 3 * BLOCK_TOKENS
+    assert cache.match(list(range(1, 41)), None).length == 40
+
+
+def test_eviction_is_least_recently_used_and_keeps_shared_heads_longest() -> None:
+    """To make room, the least recently used leaf goes first, so a head outlives every prefix
+    that continues it; pinned blocks and blocks not yet written are never dropped."""
+    cache = pooled(n_slots=1, pool_blocks=6)
+    head = list(range(1, 33))  # 2 blocks
+    a = save_slot(cache, 0, [*head, *range(100, 132)])  # head + 2
+    b = save_slot(cache, 0, [*head, *range(200, 232)])  # + 2
+    assert a is not None
+    assert b is not None
+    assert cache.pool.used_blocks == 6
+    cache.pin_pool(cache.match([*head, *range(100, 132)], None).blocks)  # a is being restored
+    c = save_slot(cache, 0, [*head, *range(300, 332)])  # needs 2: b's ending goes, not a's
+    assert c is not None
+    assert cache.evictions == 2
+    assert cache.match([*head, *range(200, 232)], None).length == 32  # the head survived
+    assert cache.match([*head, *range(100, 132)], None).length == 64
+    assert cache.match([*head, *range(300, 332)], None).length == 64
+    cache.unpin_pool(a.blocks)
+    # Unrelated prefixes evict whole least recently used chains, heads last.
+    d = save_slot(cache, 0, list(range(500, 564)))  # 4 blocks
+    assert d is not None
+    assert cache.pool.used_blocks <= 6
+    assert cache.match([*head, *range(300, 332)], None).length in (0, 32, 64)
     assert cache.pool_bytes <= cache.pool_limit
+
+
+def test_a_save_that_never_runs_is_forgotten() -> None:
+    """Blocks reserved for a save whose step fails or never runs go back to the free list."""
+    cache = pooled(n_slots=1)
+    fill(cache, 0, list(range(1, 41)))
+    save = cache.plan_save(0, keep=0)
+    assert save is not None
+    cache.forget(save)
+    assert cache.pool_bytes == 0
+    assert cache.match(list(range(1, 41)), None).blocks == ()  # only the slot holds it
+    assert cache.plan_save(0, keep=0) is not None  # and can be planned again
+
+
+def test_salts_keep_pool_prefixes_apart() -> None:
+    """A prefix saved under one salt is invisible under another, and stored once per salt."""
+    cache = pooled(n_slots=1)
+    fill(cache, 0, list(range(1, 41)), salt="a")
+    save = cache.plan_save(0, keep=0)
+    assert save is not None
+    cache.saved(save)
+    assert cache.match(list(range(1, 41)), "a").length == 40
+    assert cache.match(list(range(1, 41)), "b").length == 0
+    assert cache.match(list(range(1, 41)), None).length == 0
 
 
 def test_a_released_slot_forgets_what_it_only_planned() -> None:
@@ -187,14 +259,21 @@ def test_unpinning_what_is_not_pinned_is_a_bug() -> None:
 def test_logits_after_a_pool_round_trip_equal_the_recomputed_ones(
     tiny: tuple[LLaMAModel, Tokenizer],
 ) -> None:
-    """A prefix saved from a slot (read_prefix) and written back into another slot
-    (write_prefix) gives the same logits as computing the prompt whole."""
+    """A prefix saved from a slot into pool blocks (a full one, then a partial one, from a
+    block boundary as a second save would) and restored into another slot gives the same
+    logits as computing the prompt whole."""
     model, tokenizer = tiny
-    prompt = tokenizer.encode("the cat sat on the mat and looked at the dog")
+    prompt = tokenizer.encode(
+        "the cat sat on the mat and looked at the dog, who sat on the rug by the door"
+    )
+    assert len(prompt) > 2 * 4 + 2
     cache = model.new_cache(2, 64)
     whole = _logits(model, cache, [SequenceStep(0, prompt, 0)])[0]
+    blocks = KVBlocks(cache, n_blocks=16, block_tokens=4)
     k = len(prompt) - 2
-    rows = cache.read_prefix(0, k)
-    cache.write_prefix(1, rows, k)
+    blocks.save(cache, 0, PoolSave(start=0, end=4, blocks=(15,)))
+    rest = tuple(range(-(-(k - 4) // 4)))  # blocks 0, 1, ... for positions 4..k-1
+    blocks.save(cache, 0, PoolSave(start=4, end=k, blocks=rest))
+    blocks.restore(cache, 1, (15, *rest), k)
     restored = _logits(model, cache, [SequenceStep(1, prompt[k:], k)])[0]
     np.testing.assert_allclose(restored, whole, atol=1e-4, rtol=0)

@@ -21,7 +21,7 @@ prompts find it as they find slots.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from ..engine.prefix_cache import PrefixCache, PrefixMatch
@@ -82,7 +82,7 @@ class Placement(Protocol):
 
     @property
     def pool(self) -> tuple[int, int]:
-        """Bytes in the prefix pool, and entries evicted from it so far."""
+        """Bytes in the prefix pool, and blocks evicted from it so far."""
         ...
 
 
@@ -137,7 +137,6 @@ class PrefixPlacement:
         *,
         pool_bytes: int = 0,
         bytes_per_token: int = 0,
-        drop_entry: Callable[[int], None] = lambda entry: None,
     ) -> None:
         """Args:
         n_slots: cache slots.
@@ -145,14 +144,12 @@ class PrefixPlacement:
         stats: where lookups are counted.
         pool_bytes: bound of the host-memory pool of evicted prefixes (0: none).
         bytes_per_token: keys and values of one position.
-        drop_entry: frees a pool entry's memory in the engine.
         """
         self.slots = SlotTable(n_slots)
         self.prefixes = PrefixCache(
             n_slots, max_context, pool_bytes=pool_bytes, bytes_per_token=bytes_per_token
         )
         self.stats = stats
-        self.drop_entry = drop_entry
 
     def capacity(self) -> int:
         # A free slot a pending copy reads from is not free to take.
@@ -173,14 +170,11 @@ class PrefixPlacement:
         self.slots.take(slot)
         rec.seq.slot = slot
         keep = reuse if in_place else 0
-        if found.entry >= 0:  # the pool entry this request copies must survive the save
-            self.prefixes.pin_entry(found.entry)
-        save, dropped = self.prefixes.plan_save(slot, keep)  # before it is overwritten
-        if found.entry >= 0:
-            self.prefixes.unpin_entry(found.entry)
-        rec.seq.save_to_pool = save
-        for entry in dropped:
-            self.drop_entry(entry)
+        if found.blocks:  # the pool blocks this request copies must survive the save
+            self.prefixes.pin_pool(found.blocks)
+        rec.seq.save_to_pool = self.prefixes.plan_save(slot, keep)  # before it is overwritten
+        if found.blocks:
+            self.prefixes.unpin_pool(found.blocks)
         self.prefixes.assign(slot, salt, keep=keep, planned=rec.prompt_ids)
         if rec.awaits is None:
             self._reuse(rec, found, reuse, in_place=in_place)
@@ -205,7 +199,7 @@ class PrefixPlacement:
     def after_step(self, parts: StepParts) -> None:
         for rec, step in parts:  # whatever became of the request, the step wrote these
             if step.save_to_pool is not None:
-                self.prefixes.saved(step.save_to_pool[0])
+                self.prefixes.saved(step.save_to_pool)
             if step.prefix_from is not None or step.prefix_from_pool is not None:
                 self.prefixes.record(step.slot, 0, rec.prompt_ids[: step.start_pos])
             self.prefixes.record(step.slot, step.start_pos, step.token_ids)
@@ -214,8 +208,7 @@ class PrefixPlacement:
     def step_failed(self, parts: StepParts) -> None:
         for rec, step in parts:
             if step.save_to_pool is not None:  # saved or not, it is not to be trusted
-                self.prefixes.forget(step.save_to_pool[0])
-                self.drop_entry(step.save_to_pool[0])
+                self.prefixes.forget(step.save_to_pool)
             self._copied(rec, ran=False)
             self.prefixes.assign(step.slot, None, keep=0)
 
@@ -252,13 +245,13 @@ class PrefixPlacement:
 
     def _reuse(self, rec: TrackedRequest, found: PrefixMatch, n: int, *, in_place: bool) -> None:
         """Start ``rec`` after ``n`` prompt tokens held where ``found`` says (its own slot when
-        ``in_place``, else copied by its first step from the slot or pool entry, pinned until
+        ``in_place``, else copied by its first step from the slot or pool blocks, pinned until
         then)."""
         if n and in_place:
             rec.seq.reuse_prefix(n)
-        elif n and found.entry >= 0:
-            rec.seq.reuse_prefix(n, from_pool=found.entry)
-            self.prefixes.pin_entry(found.entry)
+        elif n and found.blocks:
+            rec.seq.reuse_prefix(n, from_pool=found.blocks)
+            self.prefixes.pin_pool(found.blocks)
         elif n:
             rec.seq.reuse_prefix(n, copy_from=found.slot)
             self.prefixes.pin(found.slot)
@@ -272,7 +265,7 @@ class PrefixPlacement:
         if seq.prefix_from is not None:
             self.prefixes.unpin(seq.prefix_from)
         if seq.prefix_from_pool is not None:
-            self.prefixes.unpin_entry(seq.prefix_from_pool)
-        if seq.save_to_pool is not None and not ran:  # the slot still holds it; no entry
-            self.prefixes.forget(seq.save_to_pool[0])
+            self.prefixes.unpin_pool(seq.prefix_from_pool)
+        if seq.save_to_pool is not None and not ran:  # the slot still holds it; no save
+            self.prefixes.forget(seq.save_to_pool)
         seq.prefix_from = seq.prefix_from_pool = seq.save_to_pool = None

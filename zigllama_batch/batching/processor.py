@@ -381,7 +381,7 @@ class BatchProcessor:
 
     @property
     def prefix_pool(self) -> tuple[int, int]:
-        """Bytes in the pool of evicted prefixes, and entries evicted from it so far (cheaper
+        """Bytes in the pool of evicted prefixes, and blocks evicted from it so far (cheaper
         than a full :attr:`stats` snapshot)."""
         return self._scheduler.placement.pool
 

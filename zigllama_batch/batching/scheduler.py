@@ -91,18 +91,19 @@ class Scheduler:
             config.max_queue_size, aging_s=config.priority_aging_ms / 1000 or None
         )
         self.strategy = make_strategy(config)
-        self.placement: Placement = (
-            PrefixPlacement(
+        self.placement: Placement = PlainPlacement(engine.n_slots)
+        if config.prefix_cache:
+            prefix = PrefixPlacement(
                 engine.n_slots,
                 engine.max_context,
                 stats,
                 pool_bytes=int(config.prefix_cache_mb * 2**20),
                 bytes_per_token=engine.kv_bytes_per_token,
-                drop_entry=engine.drop_pool_entry,
             )
-            if config.prefix_cache
-            else PlainPlacement(engine.n_slots)
-        )
+            pool = prefix.prefixes.pool
+            if pool.n_blocks:
+                engine.reserve_pool(pool.n_blocks, pool.block_tokens)
+            self.placement = prefix
         self.slots = self.placement.slots
         self.deliveries = CallbackDelivery(self.end)
         self.workers = [_Worker(i) for i in range(config.num_workers)]

@@ -319,7 +319,8 @@ class BatchStats:
     prefix_pool_bytes: int = 0
     """Host memory held by the pool of prefixes evicted from the cache slots."""
     prefix_pool_evictions: int = 0
-    """Pool entries dropped (least recently used first) to stay under ``prefix_cache_mb``."""
+    """Pool blocks of 16 positions dropped (least recently used leaves first) to make room under
+    ``prefix_cache_mb``."""
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -442,8 +443,9 @@ class EngineLike(Protocol):
         """Run one forward pass over ``items``; the sampled token per item, or None."""
         ...
 
-    def drop_pool_entry(self, entry: int) -> None:
-        """Free a host-memory pool entry of evicted prefixes (see ``SequenceStep``)."""
+    def reserve_pool(self, n_blocks: int, block_tokens: int) -> None:
+        """Reserve host memory for ``n_blocks`` blocks of ``block_tokens`` positions of evicted
+        prefixes, which steps save to and restore from (see ``SequenceStep``)."""
         ...
 
     @property

@@ -3,7 +3,9 @@
 A slot holds one sequence's keys and values for every layer, up to ``max_context`` positions.
 Memory is reserved once and written in place by :meth:`LLaMAModel.step`; no step copies the
 cache. The reservation is virtual: pages are mapped as positions are written, so a cache sized
-for long contexts costs only what its sequences use. Which slot a sequence takes is bookkeeping
+for long contexts costs only what its sequences use. :class:`KVBlocks` is the prefix pool's
+storage, reserved the same way and kept mapped once written (on a virtual machine, the first
+write to a page costs several times a later one). Which slot a sequence takes is bookkeeping
 kept apart, in :class:`~zigllama_batch.engine.slots.SlotTable`.
 
 Layout: one array per layer and per K/V, shaped ``(slots, kv_heads, max_context, head_dim)``.
@@ -15,14 +17,14 @@ from __future__ import annotations
 
 import math
 import mmap
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["KVCache", "KVRows"]
+from .step import PoolSave
 
-KVRows = tuple[list[NDArray[np.float32]], list[NDArray[np.float32]]]
-"""Keys and values of some positions of one sequence: per layer, ``(kv_heads, n, head_dim)``."""
+__all__ = ["KVBlocks", "KVCache"]
 
 
 class KVCache:
@@ -52,17 +54,6 @@ class KVCache:
         self.k: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(n_layers)]
         self.v: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(n_layers)]
 
-    def read_prefix(self, slot: int, n: int) -> KVRows:
-        """A copy of the keys and values of positions ``[0, n)`` of ``slot``, per layer, each
-        ``(kv_heads, n, head_dim)`` (for the host-memory pool of evicted prefixes)."""
-        return [k[slot, :, :n].copy() for k in self.k], [v[slot, :, :n].copy() for v in self.v]
-
-    def write_prefix(self, slot: int, rows: KVRows, n: int) -> None:
-        """Write the first ``n`` positions of ``rows`` (from :meth:`read_prefix`) into ``slot``."""
-        for k, v, saved_k, saved_v in zip(self.k, self.v, *rows, strict=True):
-            k[slot, :, :n] = saved_k[:, :n]
-            v[slot, :, :n] = saved_v[:, :n]
-
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Copy the keys and values of positions ``[0, n)`` from slot ``src`` into slot ``dst``
         (prefix reuse: ``dst`` then continues after them)."""
@@ -80,6 +71,54 @@ class KVCache:
             f"KVCache(slots={self.n_slots}, max_context={self.max_context}, "
             f"reserved={self.nbytes / 2**20:.0f} MiB)"
         )
+
+
+class KVBlocks:
+    """Keys and values of evicted prefixes in host memory, in ``n_blocks`` blocks of
+    ``block_tokens`` positions (which block holds what is
+    :class:`~zigllama_batch.engine.prefix_pool.PrefixPool`'s bookkeeping)."""
+
+    def __init__(self, cache: KVCache, n_blocks: int, block_tokens: int) -> None:
+        """Args:
+        cache: the KV cache whose rows the blocks take and give back (it sets the shapes).
+        n_blocks: blocks to reserve.
+        block_tokens: positions per block.
+        """
+        _, self.n_kv_heads, _, self.head_dim = cache.k[0].shape
+        self.block_tokens = block_tokens
+        shape = (max(1, n_blocks), self.n_kv_heads, block_tokens, self.head_dim)
+        self.k = [_lazy_zeros(shape) for _ in cache.k]
+        self.v = [_lazy_zeros(shape) for _ in cache.v]
+
+    def save(self, cache: KVCache, slot: int, save: PoolSave) -> None:
+        """Copy positions ``[save.start, save.end)`` of ``slot`` into ``save.blocks``."""
+        b, h, d = self.block_tokens, self.n_kv_heads, self.head_dim
+        blocks = np.asarray(save.blocks, np.int64)
+        full, rest = divmod(save.end - save.start, b)
+        for src, dst in zip(cache.k + cache.v, self.k + self.v, strict=True):
+            rows = src[slot, :, save.start : save.end]  # (KVH, n, hd)
+            if full:  # (KVH, full * b, hd) -> (full, KVH, b, hd)
+                dst[blocks[:full]] = (
+                    rows[:, : full * b].reshape(h, full, b, d).transpose(1, 0, 2, 3)
+                )
+            if rest:
+                dst[blocks[full], :, :rest] = rows[:, full * b :]
+
+    def restore(self, cache: KVCache, slot: int, blocks: Sequence[int], n: int) -> None:
+        """Copy the first ``n`` positions held by ``blocks`` (in order) into ``slot``."""
+        b, h, d = self.block_tokens, self.n_kv_heads, self.head_dim
+        full, rest = divmod(n, b)
+        index = np.asarray(blocks[:full], np.int64)
+        for dst, src in zip(cache.k + cache.v, self.k + self.v, strict=True):
+            if full:  # (full, KVH, b, hd) -> (KVH, full * b, hd)
+                dst[slot, :, : full * b] = src[index].transpose(1, 0, 2, 3).reshape(h, full * b, d)
+            if rest:
+                dst[slot, :, full * b : n] = src[blocks[full], :, :rest]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes reserved (virtual until written)."""
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
 
 def _lazy_zeros(shape: tuple[int, ...]) -> NDArray[np.float32]:

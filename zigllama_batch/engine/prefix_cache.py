@@ -16,15 +16,13 @@ It also knows what each slot *will* hold once its prompt is computed, so that re
 arriving together with one long shared prefix wait for the first to compute it and copy it,
 instead of all computing it at once.
 
-And it keeps the index of a bounded host-memory pool: when a slot is about to be overwritten,
-what it held can be saved as a pool entry (:meth:`PrefixCache.plan_save`), which later prompts
-match like slots. The pool stays under its byte bound by dropping the least recently used
-entries; an entry whose tokens another entry or slot already holds is not saved twice, and one
-that a longer new entry extends is replaced by it, so a shared head is kept once. Entries a
-pending copy reads from, or not yet saved, are never dropped.
+And it owns the index of a bounded host-memory pool
+(:class:`~zigllama_batch.engine.prefix_pool.PrefixPool`, a radix tree of blocks): when a slot
+is about to be overwritten, what it held is saved to the pool (:meth:`PrefixCache.plan_save`),
+only the blocks the pool lacks, and later prompts match the pool as they match slots. A prefix
+another slot already holds whole is not saved.
 
-Left out here: preferring cached requests at admission; splitting entries so that only the
-shared head of an evicted prefix survives.
+Left out here: preferring cached requests at admission (the placement's job).
 """
 
 from __future__ import annotations
@@ -35,33 +33,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .prefix_pool import BLOCK_TOKENS, PrefixPool
+from .step import PoolSave
+
 __all__ = ["PrefixCache", "PrefixMatch"]
 
 
 @dataclass(frozen=True, slots=True)
 class PrefixMatch:
-    """The longest cached prefix of a prompt: ``length`` leading tokens held by ``slot``, or by
-    pool entry ``entry`` (the other is -1; both are -1 and ``length`` 0 when nothing matches)."""
+    """The longest cached prefix of a prompt: ``length`` leading tokens held by ``slot`` (-1
+    when none), or by the pool's ``blocks`` (in order; empty when in a slot or nowhere)."""
 
     slot: int
     length: int
-    entry: int = -1
+    blocks: tuple[int, ...] = ()
 
 
 NO_MATCH = PrefixMatch(-1, 0)
 
 MIN_SAVE_TOKENS = 16
-"""Shorter prefixes are not worth a pool entry (they cost less to recompute than to copy)."""
-
-
-@dataclass(slots=True)
-class _Entry:
-    """A prefix saved in the pool."""
-
-    ids: np.ndarray  # (n,) token ids
-    salt: str | None
-    used_at: int
-    saved: bool = False  # its rows are in the pool (the step that saves them has run)
+"""Fewer new positions than this are not worth saving to the pool (cheaper to recompute)."""
 
 
 class PrefixCache:
@@ -79,14 +70,8 @@ class PrefixCache:
         self.n_slots = n_slots
         self.max_context = max_context
         self.pool_limit = pool_bytes
-        self.bytes_per_token = bytes_per_token
-        self.pool_bytes = 0
-        """Bytes the pool's entries take (saved or about to be)."""
-        self.evictions = 0
-        """Pool entries dropped to stay under the bound."""
-        self._entries: dict[int, _Entry] = {}
-        self._next_entry = 0
-        self._entry_pins: Counter[int] = Counter()
+        self.block_bytes = BLOCK_TOKENS * bytes_per_token
+        self.pool = PrefixPool(pool_bytes // self.block_bytes if self.block_bytes else 0)
         self._ids = np.full((n_slots, max_context), -1, np.int64)  # token ids held, by position
         self._held = np.zeros(n_slots, np.int64)  # positions 0..held-1 are valid
         # Positions 0..planned-1 will hold the ids written so far (a prompt being prefilled).
@@ -137,16 +122,8 @@ class PrefixCache:
         return PrefixMatch(min(takeable) if takeable else best[0], length)
 
     def _match_pool(self, prompt: np.ndarray, salt: str | None) -> PrefixMatch:
-        best = NO_MATCH
-        for entry, e in self._entries.items():
-            if e.salt != salt or not e.saved or len(e.ids) <= best.length:
-                continue
-            n = min(len(e.ids), len(prompt))
-            same = e.ids[:n] == prompt[:n]
-            length = n if same.all() else int(same.argmin())
-            if length > best.length:
-                best = PrefixMatch(-1, length, entry)
-        return best
+        length, blocks = self.pool.match(prompt, salt)
+        return PrefixMatch(-1, length, blocks) if length else NO_MATCH
 
     def pick_free(self, free: Iterable[int]) -> int:
         """Among ``free`` slots not pinned by a pending copy, the one whose contents matter
@@ -166,81 +143,52 @@ class PrefixCache:
 
     @property
     def pins(self) -> int:
-        """Pending copies (each pins its source slot or pool entry)."""
-        return sum(self._pins.values()) + sum(self._entry_pins.values())
+        """Pending copies (each pins its source slot, or the pool blocks it reads)."""
+        return sum(self._pins.values()) + self.pool.pins
 
     def is_pinned(self, slot: int) -> bool:
         """Whether a pending copy still reads from ``slot``."""
         return self._pins[slot] > 0
 
-    def plan_save(self, slot: int, keep: int) -> tuple[tuple[int, int] | None, list[int]]:
-        """``slot`` is about to be overwritten after its first ``keep`` positions: if what it
-        holds is worth keeping and held nowhere else, make room in the pool and reserve an
-        entry for it. Returns ``(save, dropped)``: ``save`` is ``(entry, n)`` when the first
-        step of the slot's new sequence must save positions ``[0, n)`` as ``entry`` (then
-        :meth:`saved`), else None; the owner frees the memory of the ``dropped`` entries."""
-        n = int(self._held[slot])
-        size = n * self.bytes_per_token
-        if n - keep < MIN_SAVE_TOKENS or not 0 < size <= self.pool_limit:
-            return None, []
-        ids = self._ids[slot, :n].copy()
-        salt = self._salt[slot]
-        if self._covered(ids, salt, slot):
-            return None, []
-        dropped = [  # entries the new one extends: it replaces them
-            entry
-            for entry, e in self._entries.items()
-            if e.salt == salt
-            and e.saved
-            and not self._entry_pins[entry]
-            and len(e.ids) <= n
-            and (ids[: len(e.ids)] == e.ids).all()
-        ]
-        for entry in dropped:
-            self._drop(entry)
-        for entry in sorted(self._entries, key=lambda k: self._entries[k].used_at):
-            if self.pool_bytes + size <= self.pool_limit:
-                break
-            if self._entries[entry].saved and not self._entry_pins[entry]:
-                self._drop(entry)
-                self.evictions += 1
-                dropped.append(entry)
-        if self.pool_bytes + size > self.pool_limit:
-            return None, dropped  # what is left is pinned or being saved
-        entry = self._next_entry
-        self._next_entry += 1
-        self._clock += 1
-        self._entries[entry] = _Entry(ids, salt, self._clock)
-        self.pool_bytes += size
-        return (entry, n), dropped
-
-    def saved(self, entry: int) -> None:
-        """The step that saves ``entry`` ran: later prompts may copy from it."""
-        if entry in self._entries:
-            self._entries[entry].saved = True
-
-    def forget(self, entry: int) -> None:
-        """``entry`` will not be saved after all (its step failed or never ran)."""
-        if entry in self._entries:
-            self._drop(entry)
-
-    def pin_entry(self, entry: int) -> None:
-        """A copy from pool entry ``entry`` is pending: it must not be dropped until unpinned."""
-        self._entry_pins[entry] += 1
-        self._clock += 1
-        self._entries[entry].used_at = self._clock
-
-    def unpin_entry(self, entry: int) -> None:
-        """The copy from ``entry`` ran (or will never run)."""
-        assert self._entry_pins[entry] > 0, f"pool entry {entry} is not pinned"
-        self._entry_pins[entry] -= 1
-        if not self._entry_pins[entry]:
-            del self._entry_pins[entry]
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of the pool's blocks in use (saved, or about to be)."""
+        return self.pool.used_blocks * self.block_bytes
 
     @property
-    def pool_entries(self) -> int:
-        """Entries in the pool."""
-        return len(self._entries)
+    def evictions(self) -> int:
+        """Pool blocks dropped to make room for others."""
+        return self.pool.evictions
+
+    def plan_save(self, slot: int, keep: int) -> PoolSave | None:
+        """``slot`` is about to be overwritten after its first ``keep`` positions: if what it
+        holds is worth keeping and held by no other slot, reserve pool blocks for the part the
+        pool lacks (making room if need be). Returns what the first step of the slot's new
+        sequence must save (then :meth:`saved`), or None."""
+        n = int(self._held[slot])
+        if n - keep < MIN_SAVE_TOKENS or not self.pool.n_blocks:
+            return None
+        ids = self._ids[slot, :n]
+        salt = self._salt[slot]
+        if self._in_another_slot(ids, salt, slot):
+            return None
+        return self.pool.plan_save(ids, salt, min_new=MIN_SAVE_TOKENS)
+
+    def saved(self, save: PoolSave) -> None:
+        """The step that saves ``save`` ran: later prompts may copy from it."""
+        self.pool.written(save.blocks)
+
+    def forget(self, save: PoolSave) -> None:
+        """``save`` will not be made after all (its step failed or never ran)."""
+        self.pool.forget(save.blocks)
+
+    def pin_pool(self, blocks: Sequence[int]) -> None:
+        """A copy from pool ``blocks`` is pending: they must not be dropped until unpinned."""
+        self.pool.pin(blocks)
+
+    def unpin_pool(self, blocks: Sequence[int]) -> None:
+        """The copy from pool ``blocks`` ran (or will never run)."""
+        self.pool.unpin(blocks)
 
     def release(self, slot: int) -> None:
         """``slot``'s sequence left it: what it planned but never computed is not coming."""
@@ -248,25 +196,16 @@ class PrefixCache:
         self._planned[slot] = held
         self._ids[slot, held:] = -1
 
-    def _covered(self, ids: np.ndarray, salt: str | None, slot: int) -> bool:
-        """Whether another slot or a pool entry of ``salt`` already holds all of ``ids``."""
+    def _in_another_slot(self, ids: np.ndarray, salt: str | None, slot: int) -> bool:
+        """Whether a slot other than ``slot`` holds all of ``ids`` under ``salt``."""
         n = len(ids)
-        for other in range(self.n_slots):
-            if (
-                other != slot
-                and self._salt[other] == salt
-                and self._held[other] >= n
-                and (self._ids[other, :n] == ids).all()
-            ):
-                return True
         return any(
-            e.salt == salt and len(e.ids) >= n and (e.ids[:n] == ids).all()
-            for e in self._entries.values()
+            other != slot
+            and self._salt[other] == salt
+            and self._held[other] >= n
+            and (self._ids[other, :n] == ids).all()
+            for other in range(self.n_slots)
         )
-
-    def _drop(self, entry: int) -> None:
-        e = self._entries.pop(entry)
-        self.pool_bytes -= len(e.ids) * self.bytes_per_token
 
     def assign(self, slot: int, salt: str | None, keep: int, planned: Sequence[int] = ()) -> None:
         """A sequence of ``salt`` takes ``slot``, keeping its first ``keep`` positions (a prefix

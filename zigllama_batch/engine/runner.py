@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..generation import GenerationConfig
-from .kv_cache import KVCache, KVRows
+from .kv_cache import KVBlocks, KVCache
 from .sampler import SamplingState, sample
 from .step import SequenceStep, TokenSample
 from .tokenizer import Tokenizer
@@ -111,9 +111,9 @@ class Engine:
         self.tokenizer = tokenizer
         context = max_context or min(DEFAULT_MAX_CONTEXT, model.config.context_length)
         self.cache: KVCache = model.new_cache(n_slots, context)
-        self.pool: dict[int, KVRows] = {}
-        """Host-memory copies of evicted prefixes, by entry (which entry holds what is the
-        owner's bookkeeping, as slots are)."""
+        self.pool: KVBlocks | None = None
+        """Host-memory blocks of evicted prefixes, once :meth:`reserve_pool` made them (which
+        block holds what is the owner's bookkeeping, as slots are)."""
 
     @property
     def n_slots(self) -> int:
@@ -135,9 +135,10 @@ class Engine:
         """Bytes of keys and values one position takes, all layers together."""
         return self.cache.nbytes // (self.cache.n_slots * self.cache.max_context)
 
-    def drop_pool_entry(self, entry: int) -> None:
-        """Free a pool entry's memory (no step may read it any more)."""
-        self.pool.pop(entry, None)
+    def reserve_pool(self, n_blocks: int, block_tokens: int) -> None:
+        """Reserve host memory for ``n_blocks`` blocks of ``block_tokens`` positions of evicted
+        prefixes, which steps then save to and restore from (see ``SequenceStep``)."""
+        self.pool = KVBlocks(self.cache, n_blocks, block_tokens)
 
     def new_sampling(self, config: GenerationConfig, prompt_ids: Sequence[int]) -> SamplingState:
         """Sampling state (random stream, penalty counts) for a new sequence."""
@@ -153,13 +154,12 @@ class Engine:
         # pool, then prefixes are copied in, so no item reads a half-written slot.
         for it in items:
             if it.save_to_pool is not None:
-                entry, n = it.save_to_pool
-                self.pool[entry] = self.cache.read_prefix(it.slot, n)
+                self._pool().save(self.cache, it.slot, it.save_to_pool)
         for it in items:
             if it.prefix_from is not None:
                 self.cache.copy_prefix(it.prefix_from, it.slot, it.start_pos)
             elif it.prefix_from_pool is not None:
-                self.cache.write_prefix(it.slot, self.pool[it.prefix_from_pool], it.start_pos)
+                self._pool().restore(self.cache, it.slot, it.prefix_from_pool, it.start_pos)
         logits = self.model.step(items, self.cache)
         rows = [i for i, it in enumerate(items) if it.sampling is not None]
         out: list[TokenSample | None] = [None] * len(items)
@@ -169,6 +169,11 @@ class Engine:
             for j, i in enumerate(rows):
                 out[i] = TokenSample(int(tokens[j]), float(logprobs[j]))
         return out
+
+    def _pool(self) -> KVBlocks:
+        if self.pool is None:
+            raise ValueError("a step saves to or restores from a pool that was not reserved")
+        return self.pool
 
     def __repr__(self) -> str:
         return f"Engine({self.model!r}, {self.cache!r})"

@@ -15,7 +15,18 @@ from dataclasses import dataclass
 
 from .sampler import SamplingState
 
-__all__ = ["SequenceState", "SequenceStep", "TokenSample"]
+__all__ = ["PoolSave", "SequenceState", "SequenceStep", "TokenSample"]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSave:
+    """Positions ``[start, end)`` of a slot to save in the host-memory pool of evicted
+    prefixes, block by block: ``blocks[i]`` takes the ``i``-th run of the pool's block size
+    from ``start`` (the last one possibly partial)."""
+
+    start: int
+    end: int
+    blocks: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +45,12 @@ class SequenceStep:
     prefix_from: int | None = None
     """Before the step, copy positions ``[0, start_pos)`` from this slot into ``slot`` (a
     prefix computed for another sequence); None when ``slot`` already holds them."""
-    prefix_from_pool: int | None = None
-    """Before the step, copy positions ``[0, start_pos)`` into ``slot`` from this entry of the
-    host-memory pool of evicted prefixes."""
-    save_to_pool: tuple[int, int] | None = None
-    """``(entry, n)``: before anything else, save positions ``[0, n)`` of ``slot`` (what an
-    earlier sequence left there) as this pool entry."""
+    prefix_from_pool: tuple[int, ...] | None = None
+    """Before the step, copy positions ``[0, start_pos)`` into ``slot`` from these blocks of
+    the host-memory pool of evicted prefixes, in order."""
+    save_to_pool: PoolSave | None = None
+    """Before anything else, save these positions of ``slot`` (what an earlier sequence left
+    there) to the pool."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,17 +102,18 @@ class SequenceState:
         """The token sampled last, which the next decode step feeds."""
         self.prefix_from: int | None = None
         """A slot whose first ``num_computed`` positions the first step copies (prefix reuse)."""
-        self.prefix_from_pool: int | None = None
-        """A pool entry whose first ``num_computed`` positions the first step copies."""
-        self.save_to_pool: tuple[int, int] | None = None
-        """``(entry, n)``: the first step saves the slot's first ``n`` positions (left by an
-        earlier sequence) to the pool before overwriting them."""
+        self.prefix_from_pool: tuple[int, ...] | None = None
+        """Pool blocks holding the first ``num_computed`` positions, which the first step
+        copies."""
+        self.save_to_pool: PoolSave | None = None
+        """What the first step saves to the pool (left in the slot by an earlier sequence)
+        before overwriting it."""
 
     def reuse_prefix(
-        self, n: int, *, copy_from: int | None = None, from_pool: int | None = None
+        self, n: int, *, copy_from: int | None = None, from_pool: tuple[int, ...] | None = None
     ) -> None:
         """Start after the first ``n`` prompt tokens, whose keys and values are already in the
-        slot, or in slot ``copy_from`` or pool entry ``from_pool`` (copied by the first step).
+        slot, or in slot ``copy_from`` or pool blocks ``from_pool`` (copied by the first step).
         At least the last prompt token is always computed, so its logits give the first
         sampled token."""
         if not 0 <= n < len(self.prompt_ids) or self.num_computed:

@@ -92,7 +92,7 @@ class ProcessorMetrics(StatsObserver):
         pool.set_function(lambda: processor.prefix_pool[0])
         evictions = Gauge(
             "zigllama_prefix_cache_pool_evictions",
-            "Pool entries dropped to stay under the bound, since start",
+            "Pool blocks (16 positions each) dropped to make room, since start",
             registry=r,
         )
         evictions.set_function(lambda: processor.prefix_pool[1])

@@ -1,0 +1,214 @@
+"""Which evicted prefixes the host-memory pool holds: a radix tree of fixed-size blocks.
+
+Inside: :class:`PrefixPool`, bookkeeping only (the rows live in
+:class:`~zigllama_batch.engine.kv_cache.KVBlocks`, block by block). Each node of the tree is
+one block of up to :data:`BLOCK_TOKENS` consecutive token ids, under the node holding the ids
+before them, so prefixes that share a head share its blocks: the head is stored once, however
+many prompts continue it. Full blocks are found by their ids (a dict lookup per block); the
+last node of a prefix may be a partial block, and a prompt may stop partway through any
+block, so matches are at token granularity. One tree per cache salt.
+
+Eviction takes the least recently used leaf first, and a use touches the whole path, so a
+block is never dropped before the blocks that continue it: shared heads stay longest. Blocks
+being written (by a step that has not run yet) or read (by a pending restore) are never
+dropped, and a prompt does not match a block until it is written.
+
+Left out: splitting a partial block's tokens between two prompts (a node's ids are fixed when
+it is made); reference counting across salts (the same ids under two salts are two blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .step import PoolSave
+
+__all__ = ["BLOCK_TOKENS", "PrefixPool"]
+
+BLOCK_TOKENS = 16
+"""Positions per pool block (vLLM's default block size): small enough that a partial last block
+wastes little, large enough that a 1,000-token prefix is ~60 dict lookups."""
+
+
+@dataclass(slots=True, eq=False)
+class _Node:
+    tokens: tuple[int, ...]  # up to BLOCK_TOKENS ids, at positions depth .. depth + len - 1
+    block: int  # where its rows live; -1 for a root
+    parent: _Node | None
+    depth: int
+    used_at: int = 0
+    written: bool = True  # its rows are in the block (the step that writes them has run)
+    pins: int = 0  # pending restores that read it
+    children: dict[tuple[int, ...], _Node] = field(default_factory=dict)
+
+
+class PrefixPool:
+    """The index of ``n_blocks`` pool blocks (event loop only)."""
+
+    def __init__(self, n_blocks: int, block_tokens: int = BLOCK_TOKENS) -> None:
+        self.n_blocks = n_blocks
+        self.block_tokens = block_tokens
+        self.evictions = 0
+        """Blocks dropped to make room for others."""
+        self._free = list(range(n_blocks - 1, -1, -1))  # a stack: low block ids first
+        self._nodes: dict[int, _Node] = {}  # by block
+        self._roots: dict[str | None, _Node] = {}
+        self._clock = 0
+
+    @property
+    def used_blocks(self) -> int:
+        """Blocks that hold (or are about to hold) a prefix's rows."""
+        return self.n_blocks - len(self._free)
+
+    @property
+    def pins(self) -> int:
+        """Pending restores, counted per block they read."""
+        return sum(n.pins for n in self._nodes.values())
+
+    def match(self, prompt: np.ndarray, salt: str | None) -> tuple[int, tuple[int, ...]]:
+        """The longest written prefix of ``prompt`` under ``salt``: its length in tokens, and
+        the blocks holding it, in order (the last may be used in part)."""
+        length, nodes = self._walk(prompt, salt, written_only=True)
+        return length, tuple(n.block for n in nodes)
+
+    def covers(self, ids: np.ndarray, salt: str | None) -> bool:
+        """Whether every id of ``ids`` is in the tree already (written or being written)."""
+        return self._walk(ids, salt, written_only=False)[0] == len(ids)
+
+    def _walk(
+        self, prompt: np.ndarray, salt: str | None, *, written_only: bool
+    ) -> tuple[int, list[_Node]]:
+        node = self._roots.get(salt)
+        if node is None:
+            return 0, []
+        b, pos, path = self.block_tokens, 0, []
+        while pos < len(prompt):
+            ahead = tuple(int(t) for t in prompt[pos : pos + b])
+            child = node.children.get(ahead) if len(ahead) == b else None
+            if child is not None and (child.written or not written_only):
+                path.append(child)
+                node, pos = child, pos + b
+                continue
+            # The prompt ends, or leaves the tree, inside this block: the child sharing the
+            # longest run of leading ids with it.
+            best, run = None, 0
+            for c in node.children.values():
+                r = _common_run(c.tokens, ahead)
+                if (c.written or not written_only) and r > run:
+                    best, run = c, r
+            if best is not None:
+                path.append(best)
+                pos += run
+            break
+        return pos, path
+
+    def plan_save(self, ids: np.ndarray, salt: str | None, *, min_new: int) -> PoolSave | None:
+        """Reserve blocks for the part of ``ids`` the tree lacks (at least ``min_new`` ids, or
+        nothing), dropping least recently used leaves to make room. Returns what the step
+        must write (then :meth:`written`, or :meth:`forget` if it never runs), or None."""
+        b = self.block_tokens
+        root = self._roots.setdefault(salt, _Node((), -1, None, 0))
+        node, pos = root, 0
+        path = []
+        while pos + b <= len(ids):
+            child = node.children.get(tuple(int(t) for t in ids[pos : pos + b]))
+            if child is None:
+                break
+            if not child.written:
+                return None  # another step is writing this prefix right now
+            node, pos = child, pos + b
+            path.append(node)
+        new = len(ids) - pos
+        ahead = tuple(int(t) for t in ids[pos:])
+        if new < min_new or any(c.tokens[:new] == ahead for c in node.children.values()):
+            return None
+        needed = -(-new // b)
+        self._touch(path)
+        node.pins += 1  # the node it hangs from must survive the room-making
+        try:
+            while len(self._free) < needed and self._evict_one():
+                pass
+        finally:
+            node.pins -= 1
+        if len(self._free) < needed:
+            return None  # the rest is pinned or being written
+        # A partial block of the same ids that the new blocks extend is replaced by them.
+        for key, c in list(node.children.items()):
+            if len(key) < b and c.written and not c.pins and ahead[: len(key)] == key:
+                self._remove(c)
+        blocks = []
+        for i in range(needed):
+            tokens = ahead[i * b : (i + 1) * b]
+            child = _Node(tokens, self._free.pop(), node, pos + i * b, self._clock, False)
+            node.children[tokens] = child
+            self._nodes[child.block] = child
+            blocks.append(child.block)
+            node = child
+        return PoolSave(start=pos, end=len(ids), blocks=tuple(blocks))
+
+    def written(self, blocks: Iterable[int]) -> None:
+        """The step that writes ``blocks`` ran: prompts may match them."""
+        for block in blocks:
+            if (node := self._nodes.get(block)) is not None:
+                node.written = True
+
+    def forget(self, blocks: Iterable[int]) -> None:
+        """``blocks`` (reserved by :meth:`plan_save`) will not be written after all."""
+        for block in reversed(tuple(blocks)):  # deepest first: each is then a leaf
+            node = self._nodes.get(block)
+            if node is not None and not node.written:
+                self._remove(node)
+
+    def pin(self, blocks: Iterable[int]) -> None:
+        """A restore from ``blocks`` is pending: they must not be dropped until unpinned."""
+        nodes = [self._nodes[block] for block in blocks]
+        for node in nodes:
+            node.pins += 1
+        self._touch(nodes)
+
+    def unpin(self, blocks: Iterable[int]) -> None:
+        """The restore from ``blocks`` ran (or will never run)."""
+        for block in blocks:
+            node = self._nodes[block]
+            assert node.pins > 0, f"pool block {block} is not pinned"
+            node.pins -= 1
+
+    def _touch(self, nodes: list[_Node]) -> None:
+        self._clock += 1
+        for node in nodes:
+            node.used_at = self._clock
+
+    def _evict_one(self) -> bool:
+        """Drop the least recently used droppable leaf (the deepest on a tie); False if none."""
+        leaves = [n for n in self._nodes.values() if not n.children and not n.pins and n.written]
+        if not leaves:
+            return False
+        self._remove(min(leaves, key=lambda n: (n.used_at, -n.depth)))
+        self.evictions += 1
+        return True
+
+    def _remove(self, node: _Node) -> None:
+        assert not node.children, "only a leaf is removed"
+        assert node.parent is not None, "a root is never removed"
+        del node.parent.children[node.tokens]
+        del self._nodes[node.block]
+        self._free.append(node.block)
+
+    def __repr__(self) -> str:
+        return (
+            f"PrefixPool(blocks={self.used_blocks}/{self.n_blocks}, "
+            f"block_tokens={self.block_tokens}, evictions={self.evictions})"
+        )
+
+
+def _common_run(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
