@@ -26,7 +26,7 @@ from zigllama_batch import GenerationConfig, load_model
 from zigllama_batch.engine import Engine, LLaMAModel, SequenceStep
 
 BATCHES = (1, 8, 32, 64)
-PREFILL_LENGTHS = (16, 256)
+PREFILL_LENGTHS = (16, 256, 1000)
 
 
 def bare_matmuls(model: LLaMAModel, batch: int, scratch: dict[int, Any]) -> None:
