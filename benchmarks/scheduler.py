@@ -79,6 +79,9 @@ class ZeroCostEngine:
             for it in items
         ]
 
+    def check_structured(self, structured: Any) -> None:
+        pass
+
     def reserve_pool(self, n_blocks: int, block_tokens: int) -> None:
         pass
 

@@ -135,6 +135,9 @@ class FakeEngine:
             return self.token_at(position)
         return self.letters[hash(tuple(self.held[item.slot][:position])) % 26]
 
+    def check_structured(self, structured: Any) -> None:
+        pass
+
     def reserve_pool(self, n_blocks: int, block_tokens: int) -> None:
         self.block_tokens = block_tokens
 

@@ -25,6 +25,7 @@ from .engine.model import LLaMAModel
 from .engine.tokenizer import Tokenizer
 from .errors import (
     CallbackFailed,
+    ConstraintFailed,
     GenerationError,
     InvalidRequest,
     ModelLoadError,
@@ -44,6 +45,7 @@ from .generation import (
     StreamCallback,
 )
 from .generator import TextGenerator, load_model
+from .structured import StructuredOutput
 
 __version__ = "0.1.0"
 
@@ -56,6 +58,7 @@ __all__ = [
     "BatchingStrategy",
     "CallbackFailed",
     "ChatMessage",
+    "ConstraintFailed",
     "FinishReason",
     "GenerationConfig",
     "GenerationError",
@@ -76,6 +79,7 @@ __all__ = [
     "RequestTimeout",
     "StreamCallback",
     "StreamChunk",
+    "StructuredOutput",
     "TextGenerator",
     "Tokenizer",
     "ZigllamaBatchError",

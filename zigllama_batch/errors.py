@@ -13,6 +13,7 @@ can catch the whole family at once. Other libraries' exceptions are translated a
     ├── RequestCancelled          the request was cancelled before it finished
     ├── RequestTimeout            the request's deadline passed
     ├── GenerationError           the engine failed while running the request's step
+    ├── ConstraintFailed          the request's output constraint could not be continued
     └── CallbackFailed            the request's token callback raised (the cause is chained)
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 __all__ = [
     "CallbackFailed",
+    "ConstraintFailed",
     "GenerationError",
     "InvalidRequest",
     "ModelLoadError",
@@ -99,6 +101,11 @@ class RequestTimeout(ZigllamaBatchError):
 
 class GenerationError(ZigllamaBatchError):
     """The engine raised while running a step that included this request."""
+
+
+class ConstraintFailed(ZigllamaBatchError):
+    """The request's output constraint could not go on (a parser limit was hit, or no token
+    could continue it); only this request ends."""
 
 
 class CallbackFailed(ZigllamaBatchError):

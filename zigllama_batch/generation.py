@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Self
 
 from .errors import InvalidRequest
+from .structured import StructuredOutput
 
 __all__ = [
     "ChatMessage",
@@ -96,6 +97,10 @@ class GenerationConfig:
     """Keep generating past the end-of-sequence token (for benchmarks of fixed length)."""
     logprobs: bool = False
     """Return the log-probability of each chosen token under the model's raw distribution."""
+    structured: StructuredOutput | None = None
+    """A shape the text must have (JSON schema, regex, choice, grammar): every token the
+    constraint does not allow is masked, and the generation ends with ``stop`` once the
+    constraint is complete (``length`` if ``max_tokens`` comes first). None: free text."""
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples, so the config stays hashable.
@@ -123,6 +128,10 @@ class GenerationConfig:
         for name in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequest(f"{name}: must be a bool, got {getattr(self, name)!r}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise InvalidRequest(
+                f"structured: must be a StructuredOutput, got {type(self.structured).__name__}"
+            )
 
     @property
     def is_greedy(self) -> bool:

@@ -23,7 +23,7 @@ from .engine.runner import DEFAULT_PREFILL_CHUNK, Engine, Model
 from .engine.slots import SlotTable
 from .engine.step import SequenceState
 from .engine.tokenizer import Tokenizer
-from .errors import PromptTooLong
+from .errors import ConstraintFailed, PromptTooLong
 from .generation import GenerationConfig, GenerationResult, Prompt, StreamCallback
 
 __all__ = ["TextGenerator", "load_model"]
@@ -105,7 +105,8 @@ class TextGenerator:
 
         Raises:
             PromptTooLong: the prompt leaves no room in the context.
-            InvalidRequest: the prompt is malformed.
+            InvalidRequest: the prompt is malformed, or its output constraint does not compile.
+            ConstraintFailed: the output constraint could not go on (a parser limit).
         """
         run = self._start(prompt, config or GenerationConfig())
         for _ in self._tokens(run, callback):
@@ -147,7 +148,11 @@ class TextGenerator:
                     continue
                 if run.first_token is None:
                     run.first_token = time.perf_counter()
+                if (hook := sampling.hook) is not None and hook.error is not None:
+                    raise ConstraintFailed(f"the output constraint failed: {hook.error}")
                 text = run.decoder.add(out.token_id, out.logprob)
+                if hook is not None and hook.finished and not run.decoder.finished:
+                    text += run.decoder.stop()  # the constraint is complete
                 if callback is not None:
                     callback(text, out.token_id)
                 yield text

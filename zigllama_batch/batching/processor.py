@@ -300,6 +300,9 @@ class BatchProcessor:
             RequestTimeout: its deadline passed.
             GenerationError: the engine failed on a step it was part of.
         """
+        structured = request.config.structured if isinstance(request, BatchRequest) else None
+        if structured is not None:  # compile off the event loop; _accept then finds it cached
+            await asyncio.to_thread(self.engine.check_structured, structured)
         rec = self._accept(request)
         try:
             return await asyncio.shield(rec.future)
@@ -478,6 +481,8 @@ class BatchProcessor:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         max_context = self.engine.max_context
         prompt_ids = self.encode_prompt(request.prompt)
+        if request.config.structured is not None:  # compiled once per distinct constraint
+            self.engine.check_structured(request.config.structured)
         now = self.clock.now()
         timeout_ms = request.timeout_ms or self.config.request_timeout_ms
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()

@@ -111,12 +111,21 @@ class TrackedRequest:
             self.first_token = now
         logprob = None if math.isnan(sample.logprob) else sample.logprob
         text = self.decoder.add(sample.token_id, logprob)
+        hook = getattr(self.seq.sampling, "hook", None)  # (a fake engine's state has none)
+        if hook is not None and hook.finished and not self.decoder.finished:
+            text += self.decoder.stop()  # the constraint is complete
         return StreamChunk(
             text,
             sample.token_id,
             self.decoder.finish_reason,
             logprob if self.config.logprobs else None,
         )
+
+    @property
+    def constraint_error(self) -> str | None:
+        """Why this request's output constraint cannot go on, if it cannot."""
+        hook = getattr(self.seq.sampling, "hook", None)
+        return None if hook is None else hook.error
 
     def finish(
         self,

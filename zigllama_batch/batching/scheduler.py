@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..engine.step import SequenceStep, TokenSample
-from ..errors import GenerationError, ProcessorStopped, ZigllamaBatchError
+from ..errors import ConstraintFailed, GenerationError, ProcessorStopped, ZigllamaBatchError
 from .clock import Clock, Wakeup
 from .delivery import CallbackDelivery
 from .executor import StepExecutor
@@ -319,6 +319,10 @@ class Scheduler:
 
     def _apply(self, rec: TrackedRequest, out: TokenSample, now: float) -> None:
         """Hand a sampled token to its request, its stream and its callback."""
+        if (why := rec.constraint_error) is not None:  # only this request ends
+            error = ConstraintFailed(f"request {rec.id!r}: its output constraint failed: {why}")
+            self.end(rec, RequestState.FAILED, error=error)
+            return
         chunk = rec.accept(out, now)
         if rec.stream is not None:
             rec.stream.put_nowait(chunk)

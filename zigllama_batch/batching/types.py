@@ -18,6 +18,7 @@ from ..engine.step import SequenceStep, TokenSample
 from ..engine.tokenizer import Tokenizer
 from ..errors import InvalidRequest
 from ..generation import FinishReason, GenerationConfig, GenerationResult, Prompt
+from ..structured import StructuredOutput
 
 __all__ = [
     "BatchConfig",
@@ -441,6 +442,11 @@ class EngineLike(Protocol):
 
     def step(self, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
         """Run one forward pass over ``items``; the sampled token per item, or None."""
+        ...
+
+    def check_structured(self, structured: StructuredOutput) -> None:
+        """Compile an output constraint (may take milliseconds: called off the event loop);
+        raises InvalidRequest when it does not compile."""
         ...
 
     def reserve_pool(self, n_blocks: int, block_tokens: int) -> None:

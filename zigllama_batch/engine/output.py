@@ -95,6 +95,13 @@ class OutputDecoder:
         self.text += chunk
         return chunk
 
+    def stop(self) -> str:
+        """End the sequence now with ``stop`` (its output constraint is complete); returns the
+        text held back until then."""
+        if self.finish_reason is not None:
+            raise RuntimeError("the sequence is already finished")
+        return self._finish(FinishReason.STOP, self._held + self._detok.flush())
+
     def result(
         self, *, time_to_first_token_ms: float, total_time_ms: float, cached_tokens: int = 0
     ) -> GenerationResult:

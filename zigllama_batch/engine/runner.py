@@ -19,6 +19,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..generation import GenerationConfig
+from ..structured import StructuredOutput
+from .grammar import GrammarCompiler
 from .kv_cache import KVBlocks, KVCache
 from .sampler import SamplingState, sample
 from .step import SequenceStep, TokenSample
@@ -111,6 +113,8 @@ class Engine:
         self.tokenizer = tokenizer
         context = max_context or min(DEFAULT_MAX_CONTEXT, model.config.context_length)
         self.cache: KVCache = model.new_cache(n_slots, context)
+        self.grammars = GrammarCompiler(tokenizer, vocab_size)
+        """Compiled output constraints (structured output), shared by this engine's requests."""
         self.pool: KVBlocks | None = None
         """Host-memory blocks of evicted prefixes, once :meth:`reserve_pool` made them (which
         block holds what is the owner's bookkeeping, as slots are)."""
@@ -141,8 +145,22 @@ class Engine:
         self.pool = KVBlocks(self.cache, n_blocks, block_tokens)
 
     def new_sampling(self, config: GenerationConfig, prompt_ids: Sequence[int]) -> SamplingState:
-        """Sampling state (random stream, penalty counts) for a new sequence."""
-        return SamplingState(config, prompt_ids, self.model.config.vocab_size)
+        """Sampling state (random stream, penalty counts, output constraint) for a new
+        sequence.
+
+        Raises:
+            InvalidRequest: the config's output constraint does not compile.
+        """
+        hook = None if config.structured is None else self.grammars.hook(config.structured)
+        return SamplingState(config, prompt_ids, self.model.config.vocab_size, hook=hook)
+
+    def check_structured(self, structured: StructuredOutput) -> None:
+        """Compile an output constraint now (cached), so that a bad one fails early.
+
+        Raises:
+            InvalidRequest: it does not compile (the message says why).
+        """
+        self.grammars.check(structured)
 
     def step(self, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
         """Run one forward pass over ``items`` and sample where asked.

@@ -47,6 +47,16 @@ class LogitsHook(Protocol):
         """The token chosen for this sequence."""
         ...
 
+    @property
+    def finished(self) -> bool:
+        """True once the hook allows nothing more: the sequence ends (``stop``)."""
+        ...
+
+    @property
+    def error(self) -> str | None:
+        """Why the sequence cannot go on under this hook (it then ends with an error)."""
+        ...
+
 
 class SamplingState:
     """One sequence's sampling settings, random generator, token counts for penalties, and its

@@ -186,6 +186,11 @@ class Tokenizer:
             ids.insert(0, self.bos_id)
         return ids
 
+    def hf_json(self) -> str:
+        """The Hugging Face ``tokenizers`` definition this tokenizer runs on, as JSON (for
+        libraries that build their own view of the vocabulary, such as llguidance)."""
+        return str(self._hf.to_str())
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (control tokens left out unless ``skip_special_tokens`` is False)."""
         self._check_ids(ids)

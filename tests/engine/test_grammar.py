@@ -1,0 +1,140 @@
+"""Structured output on the tiny model: whatever a random model samples under a constraint is
+text the constraint accepts, the request ends with ``stop`` when the constraint is complete,
+bad constraints are refused with a clear error, and each distinct constraint compiles once."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import numpy as np
+import pytest
+
+from zigllama_batch import (
+    FinishReason,
+    GenerationConfig,
+    InvalidRequest,
+    LLaMAModel,
+    StructuredOutput,
+    TextGenerator,
+    Tokenizer,
+)
+from zigllama_batch.engine.grammar import GrammarCompiler
+
+Tiny = tuple[LLaMAModel, Tokenizer]
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "kind": {"enum": ["cat", "dog", "bird"]},
+        "legs": {"type": "integer", "minimum": 0, "maximum": 8},
+        "tame": {"type": "boolean"},
+        "tags": {
+            "type": "array",
+            "items": {"type": "string", "pattern": "^[a-c]{1,3}$"},
+            "minItems": 1,
+            "maxItems": 3,
+        },
+        "owner": {
+            "type": "object",
+            "properties": {"age": {"type": "integer", "minimum": 18, "maximum": 99}},
+            "required": ["age"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["kind", "legs", "tags"],
+    "additionalProperties": False,
+}
+
+
+def sampled(seed: int, structured: StructuredOutput, max_tokens: int = 200) -> GenerationConfig:
+    """Free sampling (the tiny model is random: it tries everything the mask leaves)."""
+    return GenerationConfig(
+        temperature=1.0, top_k=0, top_p=1.0, seed=seed, max_tokens=max_tokens,
+        structured=structured,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_sampled_json_validates_against_its_schema(tiny: Tiny, seed: int) -> None:
+    """Nested objects, enums, bounded integers, patterned strings in a bounded array, optional
+    fields, no extra keys: the text parses and validates, and ends with ``stop``."""
+    result = TextGenerator(*tiny).generate(
+        "hello", sampled(seed, StructuredOutput.json_schema(SCHEMA))
+    )
+    assert result.finish_reason == FinishReason.STOP, result.text
+    jsonschema.validate(json.loads(result.text), SCHEMA)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_regex_choice_and_grammar_outputs_match(tiny: Tiny, seed: int) -> None:
+    """A regex is matched in full, a choice is one of its options, a Lark or GBNF grammar's
+    language is respected."""
+    gen = TextGenerator(*tiny)
+    r = gen.generate("x", sampled(seed, StructuredOutput.regex(r"[a-c]{2,5}-\d{2}")))
+    assert re.fullmatch(r"[a-c]{2,5}-\d{2}", r.text), r.text
+    assert r.finish_reason == FinishReason.STOP
+    options = ["cat", "dog", "a bird"]
+    r = gen.generate("x", sampled(seed, StructuredOutput.choice(options)))
+    assert r.text in options
+    lark = 'start: item ("," item)*\nitem: "ab" | "cd"'
+    r = gen.generate("x", sampled(seed, StructuredOutput.grammar(lark), max_tokens=400))
+    assert re.fullmatch(r"(ab|cd)(,(ab|cd))*", r.text), r.text
+    gbnf = 'root ::= "yes" | "no" | "maybe " [0-9]'
+    r = gen.generate("x", sampled(seed, StructuredOutput.grammar(gbnf)))
+    assert re.fullmatch(r"yes|no|maybe [0-9]", r.text), r.text
+
+
+def test_max_tokens_first_ends_with_length(tiny: Tiny) -> None:
+    """A constraint cut short by ``max_tokens`` ends with ``length``, as OpenAI's does."""
+    r = TextGenerator(*tiny).generate(
+        "x", sampled(0, StructuredOutput.regex("[a-z]{40}"), max_tokens=3)
+    )
+    assert r.finish_reason == FinishReason.LENGTH
+    assert r.completion_tokens == 3
+
+
+def test_a_complete_constraint_stops_even_when_eos_is_ignored(tiny: Tiny) -> None:
+    """Once the constraint allows nothing more the request ends, ``ignore_eos`` or not."""
+    config = sampled(1, StructuredOutput.choice(["yes", "no"])).with_(ignore_eos=True)
+    r = TextGenerator(*tiny).generate("x", config)
+    assert r.text in ("yes", "no")
+    assert r.finish_reason == FinishReason.STOP
+
+
+@pytest.mark.parametrize(
+    ("structured", "message"),
+    [
+        (StructuredOutput.json_schema({"type": "object", "if": {}}), r"json_schema: .*if"),
+        (StructuredOutput.json_schema({"type": "frog"}), "json_schema: "),
+        (StructuredOutput.json_schema({"type": "string", "format": "not-a-format"}), "format"),
+        (StructuredOutput.regex("(unclosed"), "regex: "),
+        (StructuredOutput.grammar("start: undefined_rule"), "grammar: "),
+        (StructuredOutput.grammar("root ::= ("), "grammar: "),
+    ],
+)
+def test_a_constraint_that_does_not_compile_is_an_invalid_request(
+    tiny: Tiny, structured: StructuredOutput, message: str
+) -> None:
+    """Unsupported keywords, invalid schemas, patterns and grammars: InvalidRequest with
+    llguidance's reason, before anything is generated."""
+    model, tok = tiny
+    with pytest.raises(InvalidRequest, match=message):
+        GrammarCompiler(tok, model.config.vocab_size).check(structured)
+    with pytest.raises(InvalidRequest, match=message):
+        TextGenerator(model, tok).generate("x", GenerationConfig(structured=structured))
+
+
+def test_each_distinct_constraint_compiles_once(tiny: Tiny) -> None:
+    """Hooks for one constraint share its compiled grammar; each starts at the beginning."""
+    model, tok = tiny
+    compiler = GrammarCompiler(tok, model.config.vocab_size)
+    structured = StructuredOutput.choice(["cat", "dog"])
+    first = compiler.hook(structured)
+    first.accept(tok.encode("c")[0])
+    second = compiler.hook(StructuredOutput.choice(["cat", "dog"]))
+    assert len(compiler._compiled) == 1
+    logits = np.zeros(model.config.vocab_size, np.float32)
+    second.adjust(logits)  # the fresh hook still allows "d", which the first one no longer does
+    assert np.isfinite(logits[tok.encode("d")[0]])

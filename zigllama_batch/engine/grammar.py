@@ -1,0 +1,150 @@
+"""Structured output on llguidance: constraints compiled against the model's tokenizer, and the
+per-sequence hook that masks what they do not allow.
+
+Inside: :class:`GrammarCompiler` (turns a :class:`~zigllama_batch.StructuredOutput` into an
+llguidance matcher, once per distinct constraint: 32 requests with one schema compile once,
+and each gets a copy of the compiled matcher at its start state) and :class:`GrammarHook` (a
+:class:`~zigllama_batch.engine.sampler.LogitsHook`: before each choice it fills the sequence's
+packed bitmask of allowed tokens and sets every other logit to -inf; after it, it advances the
+matcher with the chosen token). Rows without a constraint never meet this module.
+
+JSON comes out compact (``","`` and ``":"`` with no whitespace between tokens): a small model
+allowed free whitespace can fill its budget with newlines. A matcher that fails mid-generation
+(a resource limit, a token it cannot take) reports an error that ends only its own request.
+
+Left out: jump-forward (feeding tokens the grammar forces without sampling them), and masks of
+many rows computed in parallel (llguidance's executor); both are the next steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import llguidance as llg
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import InvalidRequest
+from ..structured import StructuredOutput
+from .tokenizer import Tokenizer
+
+__all__ = ["GrammarCompiler", "GrammarHook"]
+
+MAX_CACHED_GRAMMARS = 256
+"""Compiled constraints kept (least recently used dropped first): a server sees few distinct
+schemas, each ~1 ms to compile and tens of KB to keep."""
+
+_JSON_OPTIONS: Any = {"whitespace_flexible": False}
+"""Compact JSON: separators without spaces, no whitespace between tokens."""
+
+
+class GrammarCompiler:
+    """Compiles constraints for one tokenizer and vocabulary; safe to call from any thread."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
+        """Args:
+        tokenizer: the model's tokenizer (its vocabulary is what the masks cover).
+        vocab_size: rows of the model's logits (may exceed the tokenizer's vocabulary).
+        """
+        self._source = tokenizer
+        self.vocab_size = vocab_size
+        self._tokenizer: llg.LLTokenizer | None = None
+        self._compiled: OrderedDict[StructuredOutput, llg.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, structured: StructuredOutput) -> None:
+        """Compile ``structured`` now (cached), so a bad one fails before the request queues.
+
+        Raises:
+            InvalidRequest: the schema, pattern or grammar does not compile, uses a feature
+                llguidance does not support, or exceeds its compile limits.
+        """
+        self._prototype(structured)
+
+    def hook(self, structured: StructuredOutput) -> GrammarHook:
+        """A fresh hook for one sequence under ``structured`` (compiled on first use).
+
+        Raises:
+            InvalidRequest: as :meth:`check`.
+        """
+        return GrammarHook(self._prototype(structured).deep_copy(), self.vocab_size)
+
+    def _prototype(self, structured: StructuredOutput) -> llg.LLMatcher:
+        with self._lock:
+            matcher = self._compiled.get(structured)
+            if matcher is not None:
+                self._compiled.move_to_end(structured)
+                return matcher
+        matcher = llg.LLMatcher(self._llg_tokenizer(), _grammar(structured), log_level=0)
+        if matcher.is_error():
+            raise InvalidRequest(f"{structured.kind}: {matcher.get_error()}")
+        with self._lock:
+            self._compiled[structured] = matcher
+            while len(self._compiled) > MAX_CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return matcher
+
+    def _llg_tokenizer(self) -> llg.LLTokenizer:
+        # Built on first use (~0.25 s for a 49k vocabulary), from the same tokenizers JSON the
+        # model's Tokenizer runs on, so both agree on every token's bytes.
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = llg.LLTokenizer(
+                    self._source.hf_json(),
+                    n_vocab=self.vocab_size,
+                    eos_token=sorted(self._source.stop_ids),
+                )
+            return self._tokenizer
+
+
+def _grammar(structured: StructuredOutput) -> str:
+    """llguidance's grammar text for ``structured``."""
+    try:
+        if structured.kind == "json_schema":
+            return str(llg.LLMatcher.grammar_from_json_schema(structured.spec, _JSON_OPTIONS))
+        if structured.kind == "regex":
+            return str(llg.LLMatcher.grammar_from_regex(structured.spec))
+        if structured.kind == "choice":
+            return str(llg.grammar_from("choice", structured.spec))
+        return str(llg.grammar_from("grammar", structured.spec))  # Lark, or GBNF converted
+    except ValueError as exc:
+        raise InvalidRequest(f"{structured.kind}: {exc}") from None
+
+
+class GrammarHook:
+    """One sequence's constraint: masks its logits row, follows its chosen tokens."""
+
+    __slots__ = ("_mask", "_vocab", "error", "matcher")
+
+    def __init__(self, matcher: llg.LLMatcher, vocab_size: int) -> None:
+        self.matcher = matcher
+        self._vocab = vocab_size
+        self._mask: NDArray[np.int32] = np.zeros((vocab_size + 31) // 32, np.int32)
+        self.error: str | None = None
+        """Why the constraint cannot go on (then the request ends with an error), or None."""
+
+    def adjust(self, logits: NDArray[np.float32]) -> None:
+        """Set the logit of every token the constraint does not allow now to -inf."""
+        if self.error is not None:
+            return
+        self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        if self.matcher.is_error():
+            self.error = self.matcher.get_error()
+            return
+        allowed = np.unpackbits(self._mask.view(np.uint8), count=self._vocab, bitorder="little")
+        if not allowed.any():
+            self.error = "the constraint allows no token here"
+            return
+        logits[allowed == 0] = -np.inf
+
+    def accept(self, token_id: int) -> None:
+        """Advance the matcher past the chosen token."""
+        if self.error is None and not self.matcher.consume_token(token_id):
+            self.error = self.matcher.get_error() or f"token {token_id} breaks the constraint"
+
+    @property
+    def finished(self) -> bool:
+        """True once the constraint is complete and allows nothing more."""
+        return self.error is None and self.matcher.is_stopped()
