@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
+import pydantic
 import pytest
 from openai import AsyncOpenAI
 
@@ -103,6 +104,31 @@ async def test_streamed_chat(server: ServerProcess, client: AsyncOpenAI) -> None
     assert finish == "stop"
     assert usage is not None
     assert usage.completion_tokens > 3
+
+
+class Capital(pydantic.BaseModel):
+    country: str = pydantic.Field(max_length=30)
+    capital: str = pydantic.Field(max_length=30)
+    population_millions: int = pydantic.Field(ge=0, le=2000)
+
+
+async def test_the_official_parse_helper_returns_a_populated_pydantic_object(
+    server: ServerProcess, client: AsyncOpenAI
+) -> None:
+    """client.chat.completions.parse(response_format=SomeModel) sends OpenAI's strict
+    json_schema and gets back an answer it parses into the model, unchanged client code."""
+    completion = await client.chat.completions.parse(
+        model=server.model,
+        messages=[{"role": "user", "content": "Give the capital of France as JSON."}],
+        response_format=Capital,
+        max_tokens=80,
+        temperature=0,
+    )
+    message = completion.choices[0].message
+    assert isinstance(message.parsed, Capital)
+    assert message.parsed.capital
+    assert message.refusal is None
+    assert completion.choices[0].finish_reason == "stop"
 
 
 async def test_sixteen_concurrent_streams_all_finish_with_right_usage(

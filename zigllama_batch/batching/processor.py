@@ -25,6 +25,7 @@ from ..engine.runner import Engine, Model
 from ..engine.tokenizer import Tokenizer
 from ..errors import InvalidRequest, ProcessorStopped, PromptTooLong, QueueFull, RequestCancelled
 from ..generation import Prompt
+from ..structured import StructuredOutput
 from .clock import Clock, MonotonicClock, wait_until
 from .deadlines import DeadlineWatcher
 from .lifecycle import Lifecycle, ProcessorState
@@ -301,8 +302,8 @@ class BatchProcessor:
             GenerationError: the engine failed on a step it was part of.
         """
         structured = request.config.structured if isinstance(request, BatchRequest) else None
-        if structured is not None:  # compile off the event loop; _accept then finds it cached
-            await asyncio.to_thread(self.engine.check_structured, structured)
+        if structured is not None:  # compiled off the event loop; _accept then finds it cached
+            await self.check_structured(structured)
         rec = self._accept(request)
         try:
             return await asyncio.shield(rec.future)
@@ -442,6 +443,16 @@ class BatchProcessor:
         if len(prompt_ids) >= max_context:
             raise PromptTooLong(len(prompt_ids), max_context)
         return prompt_ids
+
+    async def check_structured(self, structured: StructuredOutput) -> None:
+        """Compile an output constraint in a worker thread (cached by its text), as
+        :meth:`submit` does first; :meth:`submit_async` and :meth:`stream`, which cannot wait,
+        compile on the event loop (~1 ms for a typical schema) unless this ran before.
+
+        Raises:
+            InvalidRequest: the constraint does not compile (the message says why).
+        """
+        await asyncio.to_thread(self.engine.check_structured, structured)
 
     def check_prompt_length(self, prompt: object) -> None:
         """Refuse, without rendering or tokenizing it, a prompt certainly too long for the

@@ -360,6 +360,13 @@ class _Api:
                     code="context_length_exceeded",
                 )
             config = generation_config(body, max_tokens_default=room)
+            if config.structured is not None:  # compiled off the loop, errors named by field
+                try:
+                    await self.processor.check_structured(config.structured)
+                except InvalidRequest as exc:
+                    asked = body.structured()
+                    field = asked[0] if asked else None
+                    raise ApiError(400, f"{field}: {exc}", param=field) from exc
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             batch_request = BatchRequest(
                 prompt=prompt_ids,

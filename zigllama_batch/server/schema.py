@@ -10,19 +10,25 @@ How fields are read, as OpenAI and vLLM read them:
   ``/v1/completions``); a required field (``model``, ``messages``, ``prompt``'s key) must be there.
 - Unknown fields, at the top level and inside known objects (``stream_options``, messages), are
   ignored: they cannot change the answer. Known fields that would change the answer but are not
-  implemented (``n`` > 1, ``best_of`` > 1, ``echo``, ``suffix``, ``logit_bias``, tools, response
-  formats other than text, audio output, more than one logprob alternative, ``max_tokens`` 0)
-  are refused with a 400 that names the field, rather than silently ignored.
+  implemented (``n`` > 1, ``best_of`` > 1, ``echo``, ``suffix``, ``logit_bias``, tools, audio
+  output, more than one logprob alternative, ``max_tokens`` 0) are refused with a 400 that
+  names the field, rather than silently ignored.
+- The output may be constrained by one of: ``response_format`` (``json_object``,
+  ``json_schema``), vLLM's ``structured_outputs`` (``json``, ``regex``, ``choice``,
+  ``grammar``), or llama.cpp's ``json_schema`` and ``grammar``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ..errors import InvalidRequest
 from ..generation import GenerationConfig
+from ..structured import StructuredOutput
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "generation_config"]
 
@@ -80,10 +86,34 @@ class StreamOptions(_Body):
     include_obfuscation: bool = True  # accepted; chunks carry no obfuscation padding
 
 
+class JsonSchemaFormat(_Body):
+    """``response_format.json_schema``: the schema the answer follows. ``strict`` is accepted
+    either way: the output always follows the schema (llguidance supports nearly all of JSON
+    Schema, so OpenAI's strict-mode subset is not imposed)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str = "response"
+    schema_: dict[str, Any] | bool = Field(True, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
 class ResponseFormat(_Body):
-    """``response_format``: only ``{"type": "text"}`` (the default) is implemented."""
+    """``response_format``: ``text`` (the default), ``json_object`` or ``json_schema``."""
 
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's ``structured_outputs`` extension: exactly one of ``json`` (a schema), ``regex``,
+    ``choice`` or ``grammar`` (Lark or GBNF)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _Sampling(_Body):
@@ -104,6 +134,9 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extension
+    json_schema: dict[str, Any] | bool | None = None  # llama.cpp's extension
+    grammar: str | None = None  # llama.cpp's extension (GBNF, or Lark)
     priority: Int = Field(0, ge=-1_000_000, le=1_000_000)  # extension: lower is served first
     ignore_eos: bool = False  # extension
     cache_salt: str | None = None  # vLLM's extension: prefixes are shared only within a salt
@@ -121,11 +154,6 @@ class _Sampling(_Body):
                 raise InvalidRequest(f"{key}: not supported by this server")
         if self.n != 1:
             raise InvalidRequest("n: only n=1 is supported")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequest(
-                f"response_format: type {self.response_format.type!r} is not supported by this "
-                "server (only 'text')"
-            )
         requested = self.requested_max_tokens()
         if requested is not None and requested < 1:
             raise InvalidRequest(
@@ -134,6 +162,57 @@ class _Sampling(_Body):
             )
         if len(self.stop_strings()) > 16:
             raise InvalidRequest("stop: at most 16 stop strings")
+
+    def structured(self) -> tuple[str, StructuredOutput] | None:
+        """The output constraint asked for, and the field that asked (at most one may).
+
+        Raises:
+            InvalidRequest: two fields constrain the output, or one is malformed (the message
+                starts with the field's name).
+        """
+        asked: list[tuple[str, Callable[[], StructuredOutput]]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            asked.append(("response_format", StructuredOutput.json_object))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise InvalidRequest(
+                    "response_format: json_schema is required when type is 'json_schema'"
+                )
+            schema = rf.json_schema.schema_
+            asked.append(("response_format", lambda: StructuredOutput.json_schema(schema)))
+        so = self.structured_outputs
+        if so is not None:
+            given: list[tuple[str, Callable[[], StructuredOutput]]] = []
+            if so.json_ is not None:
+                given.append(("json", partial(StructuredOutput.json_schema, so.json_)))
+            if so.regex is not None:
+                given.append(("regex", partial(StructuredOutput.regex, so.regex)))
+            if so.choice is not None:
+                given.append(("choice", partial(StructuredOutput.choice, so.choice)))
+            if so.grammar is not None:
+                given.append(("grammar", partial(StructuredOutput.grammar, so.grammar)))
+            if len(given) != 1:
+                raise InvalidRequest(
+                    "structured_outputs: give exactly one of json, regex, choice or grammar"
+                )
+            asked.append((f"structured_outputs.{given[0][0]}", given[0][1]))
+        if (js := self.json_schema) is not None:
+            asked.append(("json_schema", partial(StructuredOutput.json_schema, js)))
+        if (grammar := self.grammar) is not None:
+            asked.append(("grammar", partial(StructuredOutput.grammar, grammar)))
+        if len(asked) > 1:
+            fields = ", ".join(field for field, _ in asked)
+            raise InvalidRequest(
+                f"{asked[1][0]}: only one field may constrain the output ({fields})"
+            )
+        if not asked:
+            return None
+        field, build = asked[0]
+        try:
+            return field, build()
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{field}: {exc}") from None
 
     def stop_strings(self) -> list[str]:
         """The stop strings asked for; empty ones stop nothing and are left out."""
@@ -243,6 +322,7 @@ def generation_config(
         stop=tuple(body.stop_strings()),
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
+        structured=structured[1] if (structured := body.structured()) is not None else None,
     )
 
 
