@@ -5,6 +5,8 @@ sequence under a JSON schema against the same batch unconstrained, and compile t
    batch free and the batch constrained alternating, ``--rounds`` times. Reported: median step
    time of each and their ratio (the mask is computed and applied per constrained row between
    the logits and the choice, inside the step).
+3. ``jump_forward``: one greedy answer under a form schema with 13 fixed keys, with and
+   without feeding the tokens the schema forces in one step: decode steps, tokens, wall time.
 2. ``compile``: each schema of the test suite and a few larger ones compiled from scratch
    (a new compiler each time, so nothing is cached) ``--compiles`` times; p50 and p99. And the
    cost of a cached constraint (a copy of the compiled matcher).
@@ -80,6 +82,7 @@ def bench_step(engine: Engine, rounds: int, steps: int) -> dict[str, Any]:
     prompt = tok.encode_prompt([{"role": "user", "content": "List some words as JSON."}])
     for slot in range(BATCH):  # every slot holds the prompt; each round decodes after it
         engine.step([SequenceStep(slot, prompt, 0)])
+    engine.grammars.jump_forward = False  # every row samples one token per step: the mask's cost
     times: dict[str, list[float]] = {"free": [], "constrained": []}
     structured = StructuredOutput.json_schema(LONG_OUTPUT)
     for r in range(rounds):
@@ -153,6 +156,69 @@ def bench_compile(engine: Engine, repeats: int) -> dict[str, Any]:
     }
 
 
+FORM = {  # schema-heavy: many fixed keys, short free values
+    "type": "object",
+    "properties": {
+        **{
+            name: {"type": "string", "maxLength": 16}
+            for name in (
+                "first_name",
+                "last_name",
+                "street_address",
+                "city",
+                "postal_code",
+                "country",
+                "email_address",
+                "phone_number",
+                "employer",
+                "job_title",
+            )
+        },
+        "age_in_years": {"type": "integer", "minimum": 0, "maximum": 120},
+        "newsletter_subscription": {"type": "boolean"},
+        "preferred_contact_method": {"enum": ["email", "phone", "post"]},
+    },
+    "additionalProperties": False,
+}
+FORM["required"] = list(FORM["properties"])  # type: ignore[call-overload]
+
+
+def bench_jump(model: Any, tokenizer: Any, repeats: int) -> dict[str, Any]:
+    """Decode steps and wall time of one greedy answer under FORM, with and without feeding
+    forced tokens (jump-forward), alternating."""
+    from zigllama_batch import TextGenerator
+
+    prompt = [{"role": "user", "content": "Fill in a contact form for a made-up person, as JSON."}]
+    config = GenerationConfig.greedy(max_tokens=400, structured=StructuredOutput.json_schema(FORM))
+    runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+    for r in range(repeats):
+        for jump in (True, False) if r % 2 == 0 else (False, True):
+            gen = TextGenerator(model, tokenizer)
+            gen.engine.grammars.jump_forward = jump
+            steps = 0
+            real_step = gen.engine.step
+
+            def step(items: Any, real_step: Any = real_step) -> Any:
+                nonlocal steps
+                steps += 1
+                return real_step(items)
+
+            gen.engine.step = step  # type: ignore[method-assign]
+            started = time.perf_counter()
+            result = gen.generate(prompt, config)
+            wall = time.perf_counter() - started
+            json.loads(result.text)  # valid JSON, or the benchmark fails
+            runs[jump].append({"steps": steps, "tokens": result.completion_tokens, "wall_s": wall})
+    on = {k: statistics.median(x[k] for x in runs[True]) for k in ("steps", "tokens", "wall_s")}
+    off = {k: statistics.median(x[k] for x in runs[False]) for k in ("steps", "tokens", "wall_s")}
+    return {
+        "on": on,
+        "off": off,
+        "steps_cut": 1 - on["steps"] / off["steps"],
+        "wall_ratio": on["wall_s"] / off["wall_s"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -164,6 +230,7 @@ def main() -> None:
     engine = Engine(model, tokenizer, n_slots=BATCH, max_context=512)
     compile_ = bench_compile(engine, args.compiles)
     step = bench_step(engine, args.rounds, args.steps)
+    jump = bench_jump(model, tokenizer, 3)
     print(f"decode step at batch {BATCH}, every sequence under a JSON schema vs free")
     print(f"{'':14} {'step ms (median)':>17}")
     print(f"{'free':14} {step['free_step_ms_median']:>17.1f}")
@@ -174,11 +241,18 @@ def main() -> None:
         print(f"{name:<26} {c['p50_ms']:>7.2f} {c['p99_ms']:>8.2f}")
     print(f"all schemas p99: {compile_['p99_ms_all']:.2f} ms; a cached constraint's hook: "
           f"{compile_['cached_hook_us']:.1f} us")  # fmt: skip
+    on, off = jump["on"], jump["off"]
+    print("\njump-forward, one greedy answer under a 13-key form schema (median of 3)")
+    print(f"{'':6} {'steps':>6} {'tokens':>7} {'wall s':>7}")
+    for name, row in (("off", off), ("on", on)):
+        print(f"{name:6} {row['steps']:>6.0f} {row['tokens']:>7.0f} {row['wall_s']:>7.2f}")
+    print(f"steps cut by {jump['steps_cut']:.0%}; wall time x{jump['wall_ratio']:.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
     out = {
         "machine": {"cpu": platform.processor() or platform.machine()},
         "step": step,
         "compile": compile_,
+        "jump_forward": jump,
     }
     (args.out / "structured.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.out / 'structured.json'}")

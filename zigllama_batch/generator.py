@@ -150,14 +150,18 @@ class TextGenerator:
                     run.first_token = time.perf_counter()
                 if (hook := sampling.hook) is not None and hook.error is not None:
                     raise ConstraintFailed(f"the output constraint failed: {hook.error}")
-                text = run.decoder.add(out.token_id, out.logprob)
-                if hook is not None and hook.finished and not run.decoder.finished:
-                    text += run.decoder.stop()  # the constraint is complete
-                if callback is not None:
-                    callback(text, out.token_id)
-                yield text
-                if run.decoder.finished:
-                    return
+                # The sampled token, then any the output constraint forced after it.
+                group = ((out.token_id, out.logprob), *((t, None) for t in out.forced))
+                for i, (token_id, logprob) in enumerate(group):
+                    text = run.decoder.add(token_id, logprob)
+                    last = i == len(group) - 1
+                    if last and hook is not None and hook.finished and not run.decoder.finished:
+                        text += run.decoder.stop()  # the constraint is complete
+                    if callback is not None:
+                        callback(text, token_id)
+                    yield text
+                    if run.decoder.finished:
+                        return
         finally:
             self.slots.free(slot)
 

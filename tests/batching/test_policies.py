@@ -201,7 +201,7 @@ def test_build_step_puts_decodes_first_and_chunks_prompts_within_the_budget() ->
     decoding = [rec(name=f"d{i}", prompt=3) for i in range(3)]
     for d in decoding:
         d.seq.num_computed = 3  # prompt done: decoding
-        d.seq.last_token = 42
+        d.seq.pending = [42]
     long_prompt = rec(name="p1", prompt=100)
     long_prompt.seq.num_computed = 40
     short_prompt = rec(name="p2", prompt=10)

@@ -95,17 +95,18 @@ async def test_a_failing_constraint_ends_only_its_own_request(
     failing: set[int] = set()
     real_hook, real_accept = GrammarCompiler.hook, GrammarHook.accept
 
-    def hook(self: GrammarCompiler, structured: StructuredOutput) -> GrammarHook:
-        made = real_hook(self, structured)
+    def hook(self: GrammarCompiler, structured: StructuredOutput, **kw: Any) -> GrammarHook:
+        made = real_hook(self, structured, **kw)
         if structured == doomed:
             failing.add(id(made))
         return made
 
-    def accept(self: GrammarHook, token_id: int) -> None:
-        real_accept(self, token_id)
+    def accept(self: GrammarHook, token_id: int) -> tuple[int, ...]:
+        forced = real_accept(self, token_id)
         if id(self) in failing:
             failing.discard(id(self))  # fails at its first token
             self.error = "a parser limit was hit (simulated)"
+        return forced
 
     monkeypatch.setattr(GrammarCompiler, "hook", hook)
     monkeypatch.setattr(GrammarHook, "accept", accept)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -138,3 +139,61 @@ def test_each_distinct_constraint_compiles_once(tiny: Tiny) -> None:
     logits = np.zeros(model.config.vocab_size, np.float32)
     second.adjust(logits)  # the fresh hook still allows "d", which the first one no longer does
     assert np.isfinite(logits[tok.encode("d")[0]])
+
+
+KEYS = {
+    "type": "object",
+    "properties": {f"property_number_{i}": {"enum": ["alpha", "beta"]} for i in range(8)},
+    "required": [f"property_number_{i}" for i in range(8)],
+    "additionalProperties": False,
+}
+
+
+def counting(gen: TextGenerator) -> list[int]:
+    """Record the number of new tokens of every engine step ``gen`` runs."""
+    sizes: list[int] = []
+    real_step = gen.engine.step
+
+    def step(items: Any) -> Any:
+        sizes.append(sum(len(it.token_ids) for it in items))
+        return real_step(items)
+
+    gen.engine.step = step  # type: ignore[method-assign]
+    return sizes
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_jump_forward_feeds_forced_tokens_in_one_step(tiny: Tiny, seed: int) -> None:
+    """Fixed keys are forced: with jump-forward they come as chunks of several tokens, in
+    fewer steps than sampling them one by one, and the output still validates."""
+    config = sampled(seed, StructuredOutput.json_schema(KEYS), max_tokens=300)
+    steps = {}
+    for jump in (False, True):
+        gen = TextGenerator(*tiny)
+        gen.engine.grammars.jump_forward = jump
+        sizes = counting(gen)
+        result = gen.generate("x", config)
+        jsonschema.validate(json.loads(result.text), KEYS)
+        assert result.finish_reason == FinishReason.STOP
+        steps[jump] = len(sizes)
+        assert (max(sizes[1:]) > 1) is jump
+    assert steps[True] < steps[False] / 2
+
+
+def test_max_tokens_inside_forced_tokens_ends_with_length(tiny: Tiny) -> None:
+    """The token budget counts forced tokens: the request stops at max_tokens exactly."""
+    config = sampled(0, StructuredOutput.json_schema(KEYS), max_tokens=7)
+    result = TextGenerator(*tiny).generate("x", config)
+    assert result.finish_reason == FinishReason.LENGTH
+    assert result.completion_tokens == 7
+
+
+def test_requests_with_logprobs_sample_every_token(tiny: Tiny) -> None:
+    """Forced tokens have no logprob, so a request that wants logprobs samples each token."""
+    config = sampled(0, StructuredOutput.json_schema(KEYS), max_tokens=300).with_(logprobs=True)
+    gen = TextGenerator(*tiny)
+    sizes = counting(gen)
+    result = gen.generate("x", config)
+    assert result.logprobs is not None
+    assert len(result.logprobs) == result.completion_tokens
+    assert max(sizes[1:]) == 1

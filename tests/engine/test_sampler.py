@@ -162,8 +162,12 @@ class OnlyAllowed:
         logits[:] = -np.inf
         logits[self.allowed] = keep
 
-    def accept(self, token_id: int) -> None:
+    def accept(self, token_id: int) -> tuple[int, ...]:
         self.accepted.append(token_id)
+        return ()
+
+    finished = False
+    error = None
 
 
 @pytest.mark.parametrize(

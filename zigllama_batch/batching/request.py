@@ -105,14 +105,15 @@ class TrackedRequest:
         # Where streamed chunks go (a RequestStream's buffer), when someone streams it.
         self.stream: asyncio.Queue[StreamChunk | None] | None = None
 
-    def accept(self, sample: TokenSample, now: float) -> StreamChunk:
-        """Take the token a step sampled for this request; the chunk of text it adds."""
+    def accept(self, sample: TokenSample, now: float, *, last: bool = True) -> StreamChunk:
+        """Take a token a step gave this request (sampled, or forced by its constraint; ``last``
+        when no forced token follows it); the chunk of text it adds."""
         if self.first_token is None:
             self.first_token = now
         logprob = None if math.isnan(sample.logprob) else sample.logprob
         text = self.decoder.add(sample.token_id, logprob)
         hook = getattr(self.seq.sampling, "hook", None)  # (a fake engine's state has none)
-        if hook is not None and hook.finished and not self.decoder.finished:
+        if last and hook is not None and hook.finished and not self.decoder.finished:
             text += self.decoder.stop()  # the constraint is complete
         return StreamChunk(
             text,

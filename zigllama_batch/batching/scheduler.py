@@ -19,6 +19,7 @@ reads.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -48,12 +49,13 @@ def build_step(
 ) -> list[tuple[TrackedRequest, SequenceStep]]:
     """Choose each running sequence's part of one step.
 
-    Decoding sequences always feed their one token; prefilling ones then share what is left of
-    ``max_tokens``, in admission order, at most ``chunk`` tokens each (but not those waiting for
-    another sequence to compute their shared prefix).
+    Decoding sequences always feed their token (with the tokens an output constraint forced
+    after it); prefilling ones then share what is left of ``max_tokens``, in admission order,
+    at most ``chunk`` tokens each (but not those waiting for another sequence to compute their
+    shared prefix).
     """
     parts = [(r, r.seq.next_step(1)) for r in running if not r.seq.prefilling]
-    budget = max_tokens - len(parts)
+    budget = max_tokens - sum(len(step.token_ids) for _, step in parts)
     for r in running:
         if budget <= 0:
             break
@@ -323,13 +325,17 @@ class Scheduler:
             error = ConstraintFailed(f"request {rec.id!r}: its output constraint failed: {why}")
             self.end(rec, RequestState.FAILED, error=error)
             return
-        chunk = rec.accept(out, now)
-        if rec.stream is not None:
-            rec.stream.put_nowait(chunk)
-        if rec.request.callback is not None and not self.deliveries.deliver(rec, chunk):
-            return  # the callback failed, or ended its own request
-        if rec.decoder.finished:
-            self.deliveries.complete(rec, batch_result(rec, now))
+        # The sampled token, then any an output constraint forced after it (not sampled).
+        group = (out, *(TokenSample(t, math.nan) for t in out.forced))
+        for i, sample in enumerate(group):
+            chunk = rec.accept(sample, now, last=i == len(group) - 1)
+            if rec.stream is not None:
+                rec.stream.put_nowait(chunk)
+            if rec.request.callback is not None and not self.deliveries.deliver(rec, chunk):
+                return  # the callback failed, or ended its own request
+            if rec.decoder.finished:
+                self.deliveries.complete(rec, batch_result(rec, now))
+                return
 
     def close(self) -> None:
         """Release the executor (every worker has returned)."""

@@ -151,7 +151,11 @@ class Engine:
         Raises:
             InvalidRequest: the config's output constraint does not compile.
         """
-        hook = None if config.structured is None else self.grammars.hook(config.structured)
+        hook = (
+            None
+            if config.structured is None
+            else self.grammars.hook(config.structured, jump_forward=not config.logprobs)
+        )
         return SamplingState(config, prompt_ids, self.model.config.vocab_size, hook=hook)
 
     def check_structured(self, structured: StructuredOutput) -> None:
@@ -185,7 +189,7 @@ class Engine:
             states = [s for it in items if (s := it.sampling) is not None]
             tokens, logprobs = sample(logits[rows], states)
             for j, i in enumerate(rows):
-                out[i] = TokenSample(int(tokens[j]), float(logprobs[j]))
+                out[i] = TokenSample(int(tokens[j]), float(logprobs[j]), states[j].forced)
         return out
 
     def _pool(self) -> KVBlocks:

@@ -43,8 +43,9 @@ class LogitsHook(Protocol):
         temperature and the filters); a banned token gets ``-inf``."""
         ...
 
-    def accept(self, token_id: int) -> None:
-        """The token chosen for this sequence."""
+    def accept(self, token_id: int) -> tuple[int, ...]:
+        """The token chosen for this sequence; returns the tokens the hook forces right after
+        it (already followed by the hook: they are fed without being sampled), or ``()``."""
         ...
 
     @property
@@ -62,7 +63,7 @@ class SamplingState:
     """One sequence's sampling settings, random generator, token counts for penalties, and its
     optional :class:`LogitsHook`."""
 
-    __slots__ = ("_generated", "_seen", "config", "hook", "rng")
+    __slots__ = ("_generated", "_seen", "config", "forced", "hook", "rng")
 
     def __init__(
         self,
@@ -74,6 +75,8 @@ class SamplingState:
     ) -> None:
         self.config = config
         self.hook = hook
+        self.forced: tuple[int, ...] = ()
+        """Tokens the hook forced after the last chosen one (fed next, without sampling)."""
         seed = config.seed
         self.rng = np.random.default_rng(
             seed % (1 << 64) if seed is not None and seed < 0 else seed
@@ -93,13 +96,14 @@ class SamplingState:
         return self.hook is not None or self.config.has_penalties
 
     def record(self, token_id: int) -> None:
-        """Account for a token the sequence generated."""
-        if self.hook is not None:
-            self.hook.accept(token_id)
-        if self._seen is not None:
-            self._seen.add(token_id)
-        if self._generated is not None:
-            self._generated[token_id] = self._generated.get(token_id, 0) + 1
+        """Account for a token the sequence generated, and for those its hook forces after
+        it (:attr:`forced`)."""
+        self.forced = () if self.hook is None else self.hook.accept(token_id)
+        for t in (token_id, *self.forced):
+            if self._seen is not None:
+                self._seen.add(t)
+            if self._generated is not None:
+                self._generated[t] = self._generated.get(t, 0) + 1
 
     def adjust(self, logits: F32) -> None:
         """Apply, in place, this sequence's penalties and then its hook to its logits (vocab,)."""

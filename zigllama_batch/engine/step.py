@@ -59,6 +59,9 @@ class TokenSample:
 
     token_id: int
     logprob: float
+    forced: tuple[int, ...] = ()
+    """Tokens an output constraint forces right after this one: generated without being
+    sampled (no logprob), and fed with it in the sequence's next step."""
 
 
 class SequenceState:
@@ -71,8 +74,8 @@ class SequenceState:
     """
 
     __slots__ = (
-        "last_token",
         "num_computed",
+        "pending",
         "prefix_from",
         "prefix_from_pool",
         "prompt_ids",
@@ -98,8 +101,8 @@ class SequenceState:
         self.sampling = sampling
         self.num_computed = 0
         """Tokens (prompt, then output) whose keys and values are in the slot."""
-        self.last_token: int | None = None
-        """The token sampled last, which the next decode step feeds."""
+        self.pending: list[int] = []
+        """The token sampled last and any forced after it: what the next decode step feeds."""
         self.prefix_from: int | None = None
         """A slot whose first ``num_computed`` positions the first step copies (prefix reuse)."""
         self.prefix_from_pool: tuple[int, ...] | None = None
@@ -144,15 +147,15 @@ class SequenceState:
                 self.prefix_from_pool,
                 self.save_to_pool,
             )
-        assert self.last_token is not None, "a decode step needs a sampled token"
-        return SequenceStep(self.slot, [self.last_token], start, self.sampling)
+        assert self.pending, "a decode step needs a sampled token"
+        return SequenceStep(self.slot, self.pending, start, self.sampling)
 
     def advance(self, step: SequenceStep, sample: TokenSample | None) -> None:
         """Account for a step of this sequence that ran, and the token it sampled (if any)."""
         self.num_computed += len(step.token_ids)
         self.prefix_from = self.prefix_from_pool = self.save_to_pool = None  # done, if due
         if sample is not None:
-            self.last_token = sample.token_id
+            self.pending = [sample.token_id, *sample.forced]
 
     def __repr__(self) -> str:
         return (
