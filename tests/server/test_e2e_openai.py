@@ -5,6 +5,7 @@ stream, 429 under an over-full queue, and a graceful SIGTERM shutdown that exits
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
@@ -129,6 +130,63 @@ async def test_the_official_parse_helper_returns_a_populated_pydantic_object(
     assert message.parsed.capital
     assert message.refusal is None
     assert completion.choices[0].finish_reason == "stop"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 30},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+async def test_a_required_tool_call_with_the_official_client(
+    server: ServerProcess, client: AsyncOpenAI
+) -> None:
+    """tools with tool_choice required: the client gets message.tool_calls, the arguments
+    parse and carry the required fields, finish_reason is tool_calls; streamed, the client's
+    deltas add up to a call too."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = await client.chat.completions.create(
+        model=server.model,
+        messages=messages,  # type: ignore[arg-type]
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tool_choice="required",
+        max_tokens=60,
+        temperature=0,
+    )
+    (call,) = r.choices[0].message.tool_calls or []
+    assert call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city", "unit"}
+    assert r.choices[0].finish_reason == "tool_calls"
+    stream = await client.chat.completions.create(
+        model=server.model,
+        messages=messages,  # type: ignore[arg-type]
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=60,
+        temperature=0,
+        stream=True,
+    )
+    name, arguments, finish = None, "", None
+    async for chunk in stream:
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            name = name or (delta.function.name if delta.function else None)
+            arguments += (delta.function.arguments or "") if delta.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert name == "get_weather"
+    assert set(json.loads(arguments)) == {"city", "unit"}
+    assert finish == "tool_calls"
 
 
 async def test_sixteen_concurrent_streams_all_finish_with_right_usage(

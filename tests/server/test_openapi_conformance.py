@@ -183,8 +183,10 @@ DOCUMENTED_REFUSALS = [
     # Parameters that would change the answer but are not implemented (any non-null value).
     Refusal("suffix", _set("suffix")),
     Refusal("logit_bias", _set("logit_bias")),
+    # Tools: function tools with tool_choice "required" or a named function are served; other
+    # tool types, and choices that need the model to decide ("auto") or name nothing, are not.
     Refusal("tools", _set("tools")),
-    Refusal("tool_choice", _set("tool_choice")),
+    Refusal("tool_choice", lambda body: bool(body.get("tools")) or _set("tool_choice")(body)),
     Refusal("functions", _set("functions")),
     Refusal("function_call", _set("function_call")),
     Refusal("audio", _set("audio")),
@@ -192,7 +194,7 @@ DOCUMENTED_REFUSALS = [
     # Generating nothing (meaningful only with echo, which is not implemented).
     Refusal("max_tokens", _below("max_tokens", 1), message="must be >= 1"),
     Refusal("max_completion_tokens", _below("max_completion_tokens", 1), message="must be >= 1"),
-    # Structured output: only plain text ({"type": "text"}) is produced.
+    # Structured output: a schema llguidance cannot compile, or a second constraint (tools).
     Refusal("response_format", _response_format_not_text),
     # The prompt is not repeated in a completion.
     Refusal("echo", lambda body: body.get("echo") is True),

@@ -14,8 +14,9 @@ import httpx
 import jsonschema
 import pytest
 from test_app import MODEL, Tiny, assert_error, sse
+from tiny_gguf import TinySpec, write_tiny_gguf
 
-from zigllama_batch import BatchConfig, BatchProcessor
+from zigllama_batch import BatchConfig, BatchProcessor, load_model
 from zigllama_batch.server import create_app
 
 SCHEMA = {
@@ -29,9 +30,19 @@ SCHEMA = {
 }
 
 
+@pytest.fixture(scope="module")
+def roomy(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    """The tiny model with room for tool definitions (its byte-level vocabulary makes them
+    long)."""
+    path = write_tiny_gguf(
+        tmp_path_factory.mktemp("roomy") / "tiny.gguf", TinySpec(context_length=2048)
+    )
+    return load_model(path)
+
+
 @pytest.fixture
-async def client(tiny: Tiny) -> AsyncIterator[httpx.AsyncClient]:
-    async with BatchProcessor(*tiny, BatchConfig(strategy="continuous", max_batch_size=4)) as p:
+async def client(roomy: Tiny) -> AsyncIterator[httpx.AsyncClient]:
+    async with BatchProcessor(*roomy, BatchConfig(strategy="continuous", max_batch_size=4)) as p:
         app = create_app(p, model_name=MODEL)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
@@ -125,3 +136,147 @@ async def test_a_constraint_that_cannot_be_served_is_a_400_naming_its_field(
         assert message in error["message"]
     ok = await client.post("/v1/chat/completions", json=body(True, max_tokens=2))
     assert ok.status_code == 200
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Oslo"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = {t["function"]["name"]: t["function"] for t in (WEATHER, TIME)}
+
+
+def check_call(call: dict[str, Any]) -> None:
+    """One tool call in OpenAI's shape, its arguments valid for the function it names."""
+    assert call["id"].startswith("call_")
+    assert call["type"] == "function"
+    function = TOOLS[call["function"]["name"]]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), function["parameters"])
+
+
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}]
+)
+@pytest.mark.parametrize("seed", range(3))
+async def test_a_required_or_named_tool_call_comes_back_as_tool_calls(
+    client: httpx.AsyncClient, tool_choice: Any, seed: int
+) -> None:
+    """The answer is a call of the named function (or of one of the tools), arguments valid
+    against its parameters, with finish_reason tool_calls and no content."""
+    fields = {"tools": [WEATHER, TIME], "tool_choice": tool_choice, "seed": seed}
+    r = await client.post("/v1/chat/completions", json=body(True, **fields))
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    check_call(call)
+    if isinstance(tool_choice, dict):
+        assert call["function"]["name"] == "get_time"
+
+
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+async def test_a_streamed_tool_call_arrives_as_openais_deltas(
+    client: httpx.AsyncClient, tool_choice: Any
+) -> None:
+    """The first tool-call delta holds the id, type and name; the next ones hold pieces of
+    the arguments, which join to a valid call; the last chunk says tool_calls."""
+    fields = {"tools": [WEATHER, TIME], "tool_choice": tool_choice, "stream": True}
+    r = await client.post("/v1/chat/completions", json=body(True, **fields))
+    assert r.status_code == 200, r.text
+    chunks = [c for c in sse(r.text) if c != "[DONE]" and c["choices"]]
+    deltas = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls", [])]
+    first, *rest = deltas
+    assert set(first) == {"index", "id", "type", "function"}
+    assert rest
+    assert all(set(d) == {"index", "function"} for d in rest)
+    arguments = "".join(d["function"]["arguments"] for d in deltas)
+    check_call({**first, "function": {**first["function"], "arguments": arguments}})
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert not any(c["choices"][0]["delta"].get("content") for c in chunks)
+
+
+async def test_tool_choice_none_ignores_the_tools(client: httpx.AsyncClient) -> None:
+    """With tool_choice none the answer is text, as if no tools were given."""
+    fields = {"tools": [WEATHER], "tool_choice": "none", "max_tokens": 4}
+    r = await client.post("/v1/chat/completions", json=body(True, **fields))
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    assert "tool_calls" not in message
+    assert isinstance(message["content"], str)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"tools": [WEATHER]}, "tool_choice", "'auto' needs a model whose chat template"),
+        ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice", "'auto'"),
+        ({"tool_choice": "required"}, "tool_choice", "needs at least one tool"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+            "tool_choice",
+            "no tool named 'x'",
+        ),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice", "not served"),
+        ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools", "only function"),
+        (
+            {"tools": [WEATHER, WEATHER], "tool_choice": "required"},
+            "tools",
+            "must be distinct",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+                "tool_choice": "required",
+            },
+            "tools",
+            "object schema",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "if": {}}}}],
+                "tool_choice": "required",
+            },
+            "tools",
+            "Unimplemented keys",
+        ),
+        (
+            {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+            "a tool call already constrains",
+        ),
+    ],
+)  # fmt: skip
+async def test_tool_requests_that_cannot_be_served_are_400s_naming_the_field(
+    client: httpx.AsyncClient, fields: dict[str, Any], param: str, message: str
+) -> None:
+    """auto (the model's template does not render tools), a choice naming nothing, non-function
+    tools, duplicate names, bad parameter schemas, a second constraint: 400 with the reason."""
+    r = await client.post("/v1/chat/completions", json=body(True, **fields))
+    error = assert_error(r, 400, param=param)
+    assert message in error["message"]

@@ -41,8 +41,10 @@ from ..errors import (
     RequestTimeout,
     ZigllamaBatchError,
 )
+from ..generation import FinishReason
 from .metrics import CONTENT_TYPE_LATEST, ProcessorMetrics
 from .schema import ChatCompletionRequest, CompletionRequest, generation_config
+from .tools import ToolCallDeltas, ToolPlan, tool_calls, with_tools
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
@@ -344,9 +346,14 @@ class _Api:
             body = await self._parse(request, schema)
             if body.model != self.model_name:
                 raise self._not_served(body.model, param="model")
-            prompt_ids = self.processor.encode_prompt(
-                body.message_dicts() if chat else body.prompt_value()
-            )
+            plan = body.tool_plan() if chat else None
+            if chat:
+                messages = body.message_dicts()
+                prompt_ids = self.processor.encode_prompt(
+                    messages if plan is None else with_tools(messages, plan)
+                )
+            else:
+                prompt_ids = self.processor.encode_prompt(body.prompt_value())
             max_context = self.processor.max_context
             room = max_context - len(prompt_ids)
             asked = body.requested_max_tokens()
@@ -360,12 +367,14 @@ class _Api:
                     code="context_length_exceeded",
                 )
             config = generation_config(body, max_tokens_default=room)
+            if plan is not None:
+                config = config.with_(structured=plan.structured)
             if config.structured is not None:  # compiled off the loop, errors named by field
                 try:
                     await self.processor.check_structured(config.structured)
                 except InvalidRequest as exc:
                     asked = body.structured()
-                    field = asked[0] if asked else None
+                    field = "tools" if plan is not None else asked[0] if asked else None
                     raise ApiError(400, f"{field}: {exc}", param=field) from exc
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             batch_request = BatchRequest(
@@ -387,6 +396,7 @@ class _Api:
                     prompt_tokens=len(prompt_ids),
                     include_usage=bool(options and options.include_usage),
                     continuous_usage=bool(options and options.continuous_usage_stats),
+                    tools=plan,
                 )
                 return _EventStream(
                     events,
@@ -396,7 +406,7 @@ class _Api:
             result = await self._submit(request, batch_request)
             if result is None:  # the client went away
                 return Response(status_code=499)
-            return _JSON(self._full_response(result, rid, chat=chat))
+            return _JSON(self._full_response(result, rid, chat=chat, tools=plan))
         except ClientDisconnect:  # gone before the body arrived: nobody to answer
             return Response(status_code=499)
         except ApiError as exc:
@@ -459,8 +469,10 @@ class _Api:
         prompt_tokens: int,
         include_usage: bool,
         continuous_usage: bool,
+        tools: ToolPlan | None = None,
     ) -> AsyncIterator[bytes]:
         created = int(time.time())
+        calls = ToolCallDeltas(tools) if tools is not None else None
         kind = "chat.completion.chunk" if chat else "text_completion"
         generated = 0  # tokens so far, for continuous usage
 
@@ -495,6 +507,16 @@ class _Api:
                 generated += 1
                 if not chunk.text and chunk.finish_reason is None and chunk.logprob is None:
                     continue  # text held back (partial character or possible stop string)
+                if calls is not None:  # a tool call: its deltas instead of content
+                    done = chunk.finish_reason is not None
+                    deltas = calls.feed(chunk.text, final=done)
+                    if deltas or done:
+                        finish = _tool_finish(chunk.finish_reason) if done else None
+                        delta = {"tool_calls": deltas} if deltas else {}
+                        yield event([
+                            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                        ])  # fmt: skip
+                    continue
                 yield event([self._chunk_choice(chunk, chat=chat, offset=offset)])
                 offset += len(chunk.text)
             result = stream.result
@@ -531,7 +553,9 @@ class _Api:
             }
         return {"index": 0, "text": chunk.text, "logprobs": logprobs, "finish_reason": finish}
 
-    def _full_response(self, result: BatchResult, rid: str, *, chat: bool) -> dict[str, Any]:
+    def _full_response(
+        self, result: BatchResult, rid: str, *, chat: bool, tools: ToolPlan | None = None
+    ) -> dict[str, Any]:
         r = result.result
         finish = str(r.finish_reason)
         if chat:
@@ -544,9 +568,14 @@ class _Api:
                     ],
                     "refusal": None,
                 }
+            message: dict[str, Any] = {"role": "assistant", "content": r.text, "refusal": None}
+            calls = tool_calls(tools, r.text) if tools is not None else None
+            if calls is not None:
+                message = {**message, "content": None, "tool_calls": calls}
+                finish = _tool_finish(r.finish_reason)
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": r.text, "refusal": None},
+                "message": message,
                 "logprobs": logprobs,
                 "finish_reason": finish,
             }
@@ -610,6 +639,11 @@ def _usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def _tool_finish(reason: FinishReason | None) -> str:
+    """OpenAI's finish reason of a tool-call answer: ``tool_calls`` when the call is complete."""
+    return "tool_calls" if reason == FinishReason.STOP else str(reason)
 
 
 def _too_large(limit: int) -> ApiError:

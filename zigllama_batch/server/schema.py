@@ -29,6 +29,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from ..errors import InvalidRequest
 from ..generation import GenerationConfig
 from ..structured import StructuredOutput
+from .tools import ToolPlan, plan_tools
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "generation_config"]
 
@@ -49,7 +50,7 @@ _UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "best_of": (None, 0, 1),
     "suffix": (None, ""),
     "logit_bias": (None, {}),
-    "tools": (None, []),
+    "tools": (None, []),  # on /v1/completions (chat completions serve them)
     "tool_choice": (None, "none", "auto"),  # "auto" with no tools: nothing to call
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
@@ -264,10 +265,32 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+class FunctionDef(_Body):
+    """A tool's function: its name, what it does, and the JSON schema of its arguments."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    """One entry of ``tools`` (only ``function`` tools are served; others are refused by
+    :meth:`ChatCompletionRequest.tool_plan`, naming ``tools``)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: str
+    function: FunctionDef | None = None
+
+
 class ChatCompletionRequest(_Sampling):
     """Body of ``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # checked by tool_plan, naming the field
+    parallel_tool_calls: bool | None = None  # accepted: an answer holds at most one call
     max_completion_tokens: Int | None = None
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0)
@@ -287,6 +310,22 @@ class ChatCompletionRequest(_Sampling):
         super().check_supported()
         if self.top_logprobs:
             raise InvalidRequest("top_logprobs: alternatives are not available (use 0)")
+
+    def tool_plan(self) -> ToolPlan | None:
+        """The tool call this request asks for (None: free text).
+
+        Raises:
+            InvalidRequest: see :func:`~zigllama_batch.server.tools.plan_tools`; or both a tool
+                call and another field constrain the output.
+        """
+        tools = self.tools or []
+        kind = next((t.type for t in tools if t.type != "function" or t.function is None), None)
+        if kind is not None:
+            raise InvalidRequest(f"tools: only function tools are served, got type {kind!r}")
+        plan = plan_tools([t.model_dump(exclude_none=True) for t in tools], self.tool_choice)
+        if plan is not None and (asked := self.structured()) is not None:
+            raise InvalidRequest(f"{asked[0]}: a tool call already constrains the output")
+        return plan
 
     def message_dicts(self) -> list[dict[str, Any]]:
         """The messages as plain dicts for the chat template."""
