@@ -197,3 +197,29 @@ def test_requests_with_logprobs_sample_every_token(tiny: Tiny) -> None:
     assert result.logprobs is not None
     assert len(result.logprobs) == result.completion_tokens
     assert max(sizes[1:]) == 1
+
+
+def test_stop_strings_still_cut_constrained_text(tiny: Tiny) -> None:
+    """A stop string applies to constrained text as to free text: the text ends before it,
+    with finish_reason stop, even though the constraint is not complete."""
+    config = sampled(0, StructuredOutput.regex("abc(d|e)fgh"), max_tokens=40).with_(stop=("fg",))
+    result = TextGenerator(*tiny).generate("x", config)
+    assert result.text in ("abcd", "abce")
+    assert result.finish_reason == FinishReason.STOP
+
+
+def test_the_end_of_sequence_token_only_where_the_constraint_is_complete(tiny: Tiny) -> None:
+    """EOS is masked until the constraint accepts: a regex with an optional tail may end at
+    either place, never before the mandatory part."""
+    model, tok = tiny
+    hook = GrammarCompiler(tok, model.config.vocab_size).hook(StructuredOutput.regex("ab(cd)?"))
+    eos = tok.eos_id
+    logits = np.zeros(model.config.vocab_size, np.float32)
+    hook.adjust(logits)
+    assert logits[eos] == -np.inf  # nothing written yet
+    for t in tok.encode("ab"):
+        hook.accept(t)
+    logits[:] = 0
+    hook.adjust(logits)
+    assert np.isfinite(logits[eos])  # "ab" is complete; "cd" may follow
+    assert np.isfinite(logits[tok.encode("c")[0]])
