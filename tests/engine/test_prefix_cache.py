@@ -11,7 +11,7 @@ from zigllama_batch import LLaMAModel, Tokenizer
 from zigllama_batch.engine import SequenceStep
 from zigllama_batch.engine.kv_cache import KVBlocks
 from zigllama_batch.engine.prefix_cache import PrefixCache, PrefixMatch
-from zigllama_batch.engine.prefix_pool import BLOCK_TOKENS
+from zigllama_batch.engine.prefix_pool import BLOCK_TOKENS, PrefixPool
 from zigllama_batch.engine.step import PoolSave
 
 
@@ -277,3 +277,26 @@ def test_logits_after_a_pool_round_trip_equal_the_recomputed_ones(
     blocks.restore(cache, 1, (15, *rest), k)
     restored = _logits(model, cache, [SequenceStep(1, prompt[k:], k)])[0]
     np.testing.assert_allclose(restored, whole, atol=1e-4, rtol=0)
+
+
+def test_a_save_that_cannot_fit_drops_nothing() -> None:
+    """A save larger than the pool, or than what pins leave free, fails without evicting
+    what the pool holds; a salt whose blocks are all gone leaves nothing behind."""
+    pool = PrefixPool(3)
+    first = pool.plan_save(np.arange(100, 132), None, min_new=16)  # 2 blocks
+    assert first is not None
+    pool.written(first.blocks)
+    assert pool.plan_save(np.arange(500, 564), None, min_new=16) is None  # needs 4 of 3
+    assert pool.match(np.arange(100, 132), None)[0] == 32
+    assert pool.evictions == 0
+    pool.pin(first.blocks[:1])
+    assert pool.plan_save(np.arange(600, 648), "other", min_new=16) is None  # 3: 1 is pinned
+    assert pool.match(np.arange(100, 132), None)[0] == 32
+    assert pool.evictions == 0
+    assert pool.pins == 1
+    pool.unpin(first.blocks[:1])
+    assert pool.pins == 0
+    salted = pool.plan_save(np.arange(600, 648), "other", min_new=16)  # now it fits
+    assert salted is not None
+    assert pool.evictions == 2
+    assert set(pool._roots) == {"other"}  # the emptied salt (None) keeps no root

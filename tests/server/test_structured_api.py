@@ -16,7 +16,7 @@ import pytest
 from test_app import MODEL, Tiny, assert_error, sse
 from tiny_gguf import TinySpec, write_tiny_gguf
 
-from zigllama_batch import BatchConfig, BatchProcessor, load_model
+from zigllama_batch import BatchConfig, BatchProcessor, InvalidRequest, load_model
 from zigllama_batch.server import create_app
 
 SCHEMA = {
@@ -280,3 +280,40 @@ async def test_tool_requests_that_cannot_be_served_are_400s_naming_the_field(
     r = await client.post("/v1/chat/completions", json=body(True, **fields))
     error = assert_error(r, 400, param=param)
     assert message in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_tool_call_cut_short_by_a_stop_string_is_not_reported_whole(
+    client: httpx.AsyncClient, stream: bool
+) -> None:
+    """A stop string can end the answer before the call is whole: finish_reason is then stop,
+    not tool_calls."""
+    fields = {
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "stop": ['"'],
+        "stream": stream,
+    }
+    r = await client.post("/v1/chat/completions", json=body(True, **fields))
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [c for c in sse(r.text) if c != "[DONE]" and c["choices"]]
+        finish = chunks[-1]["choices"][0]["finish_reason"]
+    else:
+        finish = r.json()["choices"][0]["finish_reason"]
+    assert finish == "stop"
+
+
+async def test_tools_join_a_system_message_given_as_text_parts() -> None:
+    """The tool note is appended to the system message's text, parts joined; a non-text part
+    is refused as anywhere else."""
+    from zigllama_batch.server.tools import plan_tools, with_tools
+
+    plan = plan_tools([WEATHER], "required")
+    assert plan is not None
+    system = {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    messages = with_tools([system, {"role": "user", "content": "hi"}], plan)
+    assert messages[0]["content"].startswith("Be brief.\n\nCall one of these functions")
+    image = {"type": "image_url", "image_url": {"url": "http://x"}}
+    with pytest.raises(InvalidRequest, match="only text parts"):
+        with_tools([{"role": "system", "content": [image]}], plan)

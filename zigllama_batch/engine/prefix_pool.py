@@ -19,6 +19,7 @@ it is made); reference counting across salts (the same ids under two salts are t
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ class _Node:
     written: bool = True  # its rows are in the block (the step that writes them has run)
     pins: int = 0  # pending restores that read it
     children: dict[tuple[int, ...], _Node] = field(default_factory=dict)
+    salt: str | None = None  # a root's salt
 
 
 class PrefixPool:
@@ -55,8 +57,9 @@ class PrefixPool:
         """Blocks dropped to make room for others."""
         self._free = list(range(n_blocks - 1, -1, -1))  # a stack: low block ids first
         self._nodes: dict[int, _Node] = {}  # by block
-        self._roots: dict[str | None, _Node] = {}
+        self._roots: dict[str | None, _Node] = {}  # only salts with blocks in the pool
         self._clock = 0
+        self._pinned = 0  # pending restores, counted per block they read
 
     @property
     def used_blocks(self) -> int:
@@ -66,7 +69,7 @@ class PrefixPool:
     @property
     def pins(self) -> int:
         """Pending restores, counted per block they read."""
-        return sum(n.pins for n in self._nodes.values())
+        return self._pinned
 
     def match(self, prompt: np.ndarray, salt: str | None) -> tuple[int, tuple[int, ...]]:
         """The longest written prefix of ``prompt`` under ``salt``: its length in tokens, and
@@ -110,7 +113,7 @@ class PrefixPool:
         nothing), dropping least recently used leaves to make room. Returns what the step
         must write (then :meth:`written`, or :meth:`forget` if it never runs), or None."""
         b = self.block_tokens
-        root = self._roots.setdefault(salt, _Node((), -1, None, 0))
+        root = self._roots.get(salt) or _Node((), -1, None, 0, salt=salt)
         node, pos = root, 0
         path = []
         while pos + b <= len(ids):
@@ -126,15 +129,16 @@ class PrefixPool:
         if new < min_new or any(c.tokens[:new] == ahead for c in node.children.values()):
             return None
         needed = -(-new // b)
+        if needed > self.n_blocks:
+            return None
         self._touch(path)
         node.pins += 1  # the node it hangs from must survive the room-making
         try:
-            while len(self._free) < needed and self._evict_one():
-                pass
+            if not self._make_room(needed):
+                return None  # the rest is pinned or being written: nothing was dropped
         finally:
             node.pins -= 1
-        if len(self._free) < needed:
-            return None  # the rest is pinned or being written
+        self._roots[salt] = root  # (again, if making room emptied it)
         # A partial block of the same ids that the new blocks extend is replaced by them.
         for key, c in list(node.children.items()):
             if len(key) < b and c.written and not c.pins and ahead[: len(key)] == key:
@@ -167,6 +171,7 @@ class PrefixPool:
         nodes = [self._nodes[block] for block in blocks]
         for node in nodes:
             node.pins += 1
+        self._pinned += len(nodes)
         self._touch(nodes)
 
     def unpin(self, blocks: Iterable[int]) -> None:
@@ -175,27 +180,57 @@ class PrefixPool:
             node = self._nodes[block]
             assert node.pins > 0, f"pool block {block} is not pinned"
             node.pins -= 1
+            self._pinned -= 1
 
     def _touch(self, nodes: list[_Node]) -> None:
         self._clock += 1
         for node in nodes:
             node.used_at = self._clock
 
-    def _evict_one(self) -> bool:
-        """Drop the least recently used droppable leaf (the deepest on a tie); False if none."""
-        leaves = [n for n in self._nodes.values() if not n.children and not n.pins and n.written]
-        if not leaves:
+    def _make_room(self, needed: int) -> bool:
+        """Drop least recently used leaves (the deepest on a tie) until ``needed`` blocks are
+        free; False, with nothing dropped, when that many cannot be freed."""
+        short = needed - len(self._free)
+        if short <= 0:
+            return True
+        droppable = self._droppable()
+        if len(droppable) < short:
             return False
-        self._remove(min(leaves, key=lambda n: (n.used_at, -n.depth)))
-        self.evictions += 1
+        heap = [(n.used_at, -n.depth, n.block, n) for n in droppable if not n.children]
+        heapq.heapify(heap)
+        for _ in range(short):
+            *_, node = heapq.heappop(heap)
+            parent = node.parent
+            self._remove(node)
+            self.evictions += 1
+            if parent is not None and parent in droppable and not parent.children:
+                heapq.heappush(heap, (parent.used_at, -parent.depth, parent.block, parent))
         return True
+
+    def _droppable(self) -> set[_Node]:
+        """Blocks that may go: written, unpinned, and all the blocks below them too."""
+        out: set[_Node] = set()
+
+        def visit(node: _Node) -> bool:
+            below = [visit(c) for c in list(node.children.values())]
+            if node.block >= 0 and node.written and not node.pins and all(below):
+                out.add(node)
+                return True
+            return False
+
+        for root in self._roots.values():
+            visit(root)
+        return out
 
     def _remove(self, node: _Node) -> None:
         assert not node.children, "only a leaf is removed"
-        assert node.parent is not None, "a root is never removed"
-        del node.parent.children[node.tokens]
+        parent = node.parent
+        assert parent is not None, "a root is never removed"
+        del parent.children[node.tokens]
         del self._nodes[node.block]
         self._free.append(node.block)
+        if parent.block < 0 and not parent.children and self._roots.get(parent.salt) is parent:
+            del self._roots[parent.salt]  # a salt with nothing left keeps no root
 
     def __repr__(self) -> str:
         return (

@@ -209,6 +209,10 @@ def _draw(scaled: F32, states: Sequence[SamplingState]) -> NDArray[np.int64]:
         )
     if nucleus:
         chosen[nucleus] = _draw_nucleus(scaled[nucleus], [configs[r] for r in nucleus], u[nucleus])
+    # Float rounding at the very top of a CDF can land past the last allowed token (a draw in
+    # ~10^8 under a grammar's mask): take the last allowed one instead.
+    for r in np.flatnonzero(np.isneginf(scaled[np.arange(rows), chosen])):
+        chosen[r] = np.flatnonzero(scaled[r] > -np.inf)[-1]
     return chosen
 
 

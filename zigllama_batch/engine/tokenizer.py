@@ -278,7 +278,7 @@ class Tokenizer:
         Raises:
             InvalidRequest: the messages are malformed or the template rejects them.
         """
-        clean = _validate_messages(messages)
+        clean = text_messages(messages)
         try:
             return self._template.render(
                 messages=clean,
@@ -429,7 +429,13 @@ def _check_unicode(text: str, field: str) -> None:
         ) from None
 
 
-def _validate_messages(messages: object) -> list[dict[str, str]]:
+def text_messages(messages: object) -> list[dict[str, str]]:
+    """Chat messages checked and with their content as one string (OpenAI's text parts
+    joined).
+
+    Raises:
+        InvalidRequest: a message is malformed or holds a part other than text.
+    """
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or not messages:
         raise InvalidRequest("messages must be a non-empty list of {'role': ..., 'content': ...}")
     clean = []

@@ -44,7 +44,7 @@ from ..errors import (
 from ..generation import FinishReason
 from .metrics import CONTENT_TYPE_LATEST, ProcessorMetrics
 from .schema import ChatCompletionRequest, CompletionRequest, generation_config
-from .tools import ToolCallDeltas, ToolPlan, tool_calls, with_tools
+from .tools import ToolCallDeltas, ToolPlan, complete, tool_calls, with_tools
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
@@ -511,7 +511,8 @@ class _Api:
                     done = chunk.finish_reason is not None
                     deltas = calls.feed(chunk.text, final=done)
                     if deltas or done:
-                        finish = _tool_finish(chunk.finish_reason) if done else None
+                        whole = complete(calls.plan, calls.text)
+                        finish = _tool_finish(chunk.finish_reason, whole) if done else None
                         delta = {"tool_calls": deltas} if deltas else {}
                         yield event([
                             {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -571,8 +572,9 @@ class _Api:
             message: dict[str, Any] = {"role": "assistant", "content": r.text, "refusal": None}
             calls = tool_calls(tools, r.text) if tools is not None else None
             if calls is not None:
+                assert tools is not None
                 message = {**message, "content": None, "tool_calls": calls}
-                finish = _tool_finish(r.finish_reason)
+                finish = _tool_finish(r.finish_reason, complete(tools, r.text))
             choice: dict[str, Any] = {
                 "index": 0,
                 "message": message,
@@ -641,9 +643,10 @@ def _usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _tool_finish(reason: FinishReason | None) -> str:
-    """OpenAI's finish reason of a tool-call answer: ``tool_calls`` when the call is complete."""
-    return "tool_calls" if reason == FinishReason.STOP else str(reason)
+def _tool_finish(reason: FinishReason | None, whole: bool) -> str:
+    """OpenAI's finish reason of a tool-call answer: ``tool_calls`` when the call is whole
+    (a stop string or stop token may have cut it short: then ``stop``)."""
+    return "tool_calls" if reason == FinishReason.STOP and whole else str(reason)
 
 
 def _too_large(limit: int) -> ApiError:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine.tokenizer import text_messages
 from ..errors import InvalidRequest
 from ..structured import StructuredOutput
 
@@ -117,43 +118,50 @@ def with_tools(messages: list[dict[str, Any]], plan: ToolPlan) -> list[dict[str,
         if plan.named
         else f'Call one of these functions, as {{"name": ..., "arguments": {{...}}}}:\n{listed}'
     )
-    if messages and messages[0].get("role") in ("system", "developer"):
-        first = dict(messages[0])
-        first["content"] = f"{first.get('content') or ''}\n\n{note}".strip()
+    messages = text_messages(messages)  # content parts joined: the note is appended to text
+    if messages and messages[0]["role"] in ("system", "developer"):
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}".strip()}
         return [first, *messages[1:]]
     return [{"role": "system", "content": note}, *messages]
 
 
-def _split(plan: ToolPlan, text: str) -> tuple[str | None, str]:
-    """The function's name (None while unknown) and its arguments' text so far."""
+def _split(plan: ToolPlan, text: str) -> tuple[str | None, str, bool]:
+    """The function's name (None while unknown), its arguments' text so far, and whether the
+    call is whole (a stop string or a stop token can cut one short)."""
     if plan.named is not None:
-        return plan.named, text
+        return plan.named, text, _parses(text)
     head = '{"name":'
     if not text.startswith(head):
-        return None, ""
+        return None, "", False
     try:
         name, end = json.JSONDecoder().raw_decode(text, len(head))
     except ValueError:
-        return None, ""
+        return None, "", False
     rest = text[end:]
     if not rest.startswith(',"arguments":'):
-        return None, ""
+        return None, "", False
     body = rest[len(',"arguments":') :]
-    return str(name), body[:-1] if body.endswith("}") and _closes(body) else body
+    if body.endswith("}") and _parses(body[:-1]):  # the arguments, then the call's "}"
+        return str(name), body[:-1], True
+    return str(name), body, False
 
 
-def _closes(body: str) -> bool:
-    """Whether ``body`` is a complete JSON value plus the call object's closing brace."""
+def _parses(text: str) -> bool:
     try:
-        json.loads(body[:-1])
+        json.loads(text)
     except ValueError:
         return False
     return True
 
 
+def complete(plan: ToolPlan, text: str) -> bool:
+    """Whether ``text`` is a whole call."""
+    return _split(plan, text)[2]
+
+
 def tool_calls(plan: ToolPlan, text: str) -> list[dict[str, Any]] | None:
     """OpenAI's ``tool_calls`` for the answer ``text``; None if not even the name came out."""
-    name, arguments = _split(plan, text)
+    name, arguments, _ = _split(plan, text)
     if name is None:
         return None
     return [
@@ -178,7 +186,7 @@ class ToolCallDeltas:
     def feed(self, chunk: str, *, final: bool = False) -> list[dict[str, Any]]:
         """The deltas that ``chunk`` (more of the answer) makes sendable."""
         self.text += chunk
-        name, arguments = _split(self.plan, self.text)
+        name, arguments, whole = _split(self.plan, self.text)
         if name is None:
             return []
         out: list[dict[str, Any]] = []
@@ -194,7 +202,7 @@ class ToolCallDeltas:
             )
         # Without a named function the last character may be the call object's closing brace:
         # held back until the answer is complete.
-        ready = arguments if final or self.plan.named else arguments[:-1]
+        ready = arguments if final or whole or self.plan.named else arguments[:-1]
         if len(ready) > self.sent:
             out.append({"index": 0, "function": {"arguments": ready[self.sent :]}})
             self.sent = len(ready)
