@@ -9,6 +9,7 @@ holds, so a prefix copied from the wrong slot, or cut at the wrong length, chang
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from zigllama_batch import (
     GenerationConfig,
     LLaMAModel,
     Tokenizer,
+    ZigllamaBatchError,
 )
 
 Make = Any
@@ -448,4 +450,83 @@ async def test_pool_blocks_being_restored_survive_the_save_that_makes_room(
     assert [r.token_ids for r in results] == [r.token_ids for r in expected]
     assert results[2].cached_tokens > 0  # restored from the pool
     assert p.prefix_pool[0] <= 0.07 * 2**20
+    assert idle(p)
+
+
+WORDS = ["alpha ", "beta ", "gamma ", "delta ", "eps ", "zeta ", "eta ", "theta "]
+
+
+def shared_heads(rng: random.Random, n: int) -> list[str]:
+    """``n`` prompts over 4 random heads, each cut at a random length and given a random tail."""
+    heads = ["".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25))) for _ in range(4)]
+    out = []
+    for _ in range(n):
+        head = rng.choice(heads)
+        head = head[: rng.randint(len(head) // 2, len(head))]
+        out.append(head + "".join(rng.choice(WORDS) for _ in range(rng.randint(0, 12))))
+    return out
+
+
+async def submit_all(
+    p: BatchProcessor, prompts: list[str], lengths: list[int], rng: random.Random, cancel: bool
+) -> list[tuple[int, ...] | None]:
+    """Every prompt at a random moment; with ``cancel``, a fifth are cancelled while they run."""
+
+    async def one(text: str, n: int) -> tuple[int, ...] | None:
+        await asyncio.sleep(rng.random() * 0.01)
+        task = asyncio.ensure_future(p.submit(req(n, prompt=text)))
+        if cancel and rng.random() < 0.2:
+            await asyncio.sleep(rng.random() * 0.01)
+            task.cancel()
+        try:
+            return (await task).result.token_ids
+        except (asyncio.CancelledError, ZigllamaBatchError):
+            return None
+
+    return await asyncio.gather(*(one(t, n) for t, n in zip(prompts, lengths, strict=True)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_random_traffic_over_a_small_pool_keeps_tokens_and_pool_consistent(
+    make_processor: Make, seed: int, workers: int
+) -> None:
+    """Prompts sharing heads of every length, arriving at random, a fifth cancelled, over two
+    slots per worker and a pool of a few blocks: every finished request has the tokens it has
+    with the cache off, and the pool ends with every block written, unpinned, in the tree or
+    free, never both."""
+    rng = random.Random(seed)
+    prompts = shared_heads(rng, 40)
+    lengths = [rng.randint(1, 20) for _ in prompts]
+    p, _, _ = await make_processor(
+        strategy="continuous",
+        max_batch_size=2,
+        num_workers=workers,
+        content_sensitive=True,
+        prefix_cache_mb=rng.choice([0.05, 0.1, 0.2, 0.4]),
+        manual_clock=False,
+        prefill_chunk=7,
+        max_step_tokens=20,
+    )
+    q, _, _ = await make_processor(
+        strategy="continuous",
+        max_batch_size=2,
+        num_workers=workers,
+        content_sensitive=True,
+        prefix_cache=False,
+        manual_clock=False,
+    )
+    got = await submit_all(p, prompts, lengths, random.Random(seed), cancel=True)
+    want = await submit_all(q, prompts, lengths, random.Random(seed), cancel=False)
+    assert all(g == w for g, w in zip(got, want, strict=True) if g is not None)
+    assert any(g is not None for g in got)
+    pool = p._scheduler.placement.prefixes.pool  # type: ignore[attr-defined]
+    nodes = pool._nodes
+    assert len(nodes) + len(pool._free) == pool.n_blocks
+    assert not set(pool._free) & set(nodes)
+    for block, node in nodes.items():
+        assert node.block == block
+        assert node.written
+        assert node.pins == 0
+        assert node.parent.children.get(node.tokens) is node
     assert idle(p)

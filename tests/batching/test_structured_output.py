@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from typing import Any
 
 import jsonschema
@@ -133,3 +134,67 @@ async def test_streamed_constrained_text_is_the_result_text(tiny: Tiny) -> None:
         assert chunks
         assert stream.result.result.finish_reason == FinishReason.STOP
         jsonschema.validate(json.loads("".join(chunks)), SCHEMA)
+
+
+LONG_KEYS = {
+    "type": "object",
+    "properties": {
+        "the_first_long_key_name": {"type": "integer", "minimum": 0, "maximum": 999},
+        "another_quite_long_key": {"type": "boolean"},
+        "third_key_which_is_forced": {"type": "string", "maxLength": 5},
+    },
+    "required": ["the_first_long_key_name", "another_quite_long_key", "third_key_which_is_forced"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_forced_tokens_with_the_prefix_cache_and_two_workers_change_nothing(
+    tiny: Tiny, seed: int
+) -> None:
+    """Constrained requests whose forced tokens come as multi-token steps, over two workers,
+    prompt chunks of 16 and a pool of a few blocks, some cut by a stop string or max_tokens:
+    the same tokens, finish reasons and text with the prefix cache on and off, and each
+    callback sees exactly the result's tokens."""
+    rng = random.Random(seed)
+    heads = ["system prompt number one is here and long enough " * 3, "another head of text " * 4]
+    prompts = [rng.choice(heads) + f"q{i}" * rng.randint(0, 6) for i in range(16)]
+    configs = [
+        GenerationConfig.greedy(
+            max_tokens=rng.randint(3, 60),
+            structured=StructuredOutput.json_schema(LONG_KEYS),
+            stop=("_key",) if rng.random() < 0.2 else (),
+        )
+        for _ in prompts
+    ]
+    outcomes = {}
+    for on in (False, True):
+        config = BatchConfig(
+            strategy="continuous",
+            max_batch_size=2,
+            num_workers=2,
+            prefix_cache=on,
+            prefix_cache_mb=0.05,
+            prefill_chunk=16,
+            max_step_tokens=40,
+        )
+        async with BatchProcessor(*tiny, config) as p:
+            seen: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+
+            def collect(i: int, seen: dict[int, list[int]] = seen) -> Any:
+                return lambda chunk, rid: seen[i].append(chunk.token_id)
+
+            results = await asyncio.gather(
+                *(
+                    p.submit(BatchRequest(prompt=t, config=c, callback=collect(i)))
+                    for i, (t, c) in enumerate(zip(prompts, configs, strict=True))
+                )
+            )
+            for i, r in enumerate(results):
+                assert tuple(seen[i]) == r.result.token_ids
+                assert r.result.completion_tokens <= configs[i].max_tokens
+            outcomes[on] = [
+                (r.result.token_ids, r.result.finish_reason, r.result.text) for r in results
+            ]
+            assert idle(p)
+    assert outcomes[True] == outcomes[False]
