@@ -317,3 +317,87 @@ async def test_tools_join_a_system_message_given_as_text_parts() -> None:
     image = {"type": "image_url", "image_url": {"url": "http://x"}}
     with pytest.raises(InvalidRequest, match="only text parts"):
         with_tools([{"role": "system", "content": [image]}], plan)
+
+
+HERMES = (  # a chat template that renders tools and asks for calls in <tool_call> tags
+    "{%- if tools %}<|im_start|>system\n# Tools\n<tools>\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    'Call a function as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>\n'
+    "{% endif %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def hermes(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    """The tiny model with a chat template that renders tools (the Hermes call format)."""
+    spec = TinySpec(context_length=2048, chat_template=HERMES)
+    return load_model(write_tiny_gguf(tmp_path_factory.mktemp("hermes") / "tiny.gguf", spec))
+
+
+def test_a_template_that_renders_tools_gets_them(hermes: Tiny, roomy: Tiny) -> None:
+    """Tools reach a template that renders them (as Hugging Face passes them); the default
+    chat template is known not to."""
+    _, tok = hermes
+    assert tok.calls_tools_in_tags
+    assert not roomy[1].calls_tools_in_tags
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[WEATHER])
+    assert '"name": "get_weather"' in text
+    assert text.index("<tools>") < text.index("<|im_start|>user")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_auto_is_served_when_the_template_renders_tools(hermes: Tiny, stream: bool) -> None:
+    """With such a template, tool_choice auto is answered (the model decides; the random tiny
+    model writes text), and required still gives a call."""
+    async with BatchProcessor(*hermes, BatchConfig(strategy="continuous")) as p:
+        app = create_app(p, model_name=MODEL)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            fields = {"tools": [WEATHER], "tool_choice": "auto", "stream": stream, "max_tokens": 8}
+            r = await c.post("/v1/chat/completions", json=body(True, **fields))
+            assert r.status_code == 200, r.text
+            fields = {"tools": [WEATHER], "tool_choice": "required"}
+            r = await c.post("/v1/chat/completions", json=body(True, **fields))
+            (call,) = r.json()["choices"][0]["message"]["tool_calls"]
+            check_call(call)
+
+
+def test_calls_in_tags_become_tool_calls() -> None:
+    """The text before the first tag is the content; each tagged call of a known function is a
+    tool call; anything malformed leaves the whole answer as text."""
+    from zigllama_batch.server.tools import plan_tools, tagged_calls
+
+    plan = plan_tools([WEATHER, TIME], "auto", template_calls=True)
+    assert plan is not None
+    assert plan.auto
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call>'
+    head, calls = tagged_calls(plan, "Let me look.\n" + call)
+    assert head == "Let me look."
+    (one,) = calls
+    assert one["function"] == {"name": "get_weather", "arguments": '{"city":"Oslo","days":2}'}
+    _, two = tagged_calls(plan, call + call.replace("get_weather", "get_time"))
+    assert [c["function"]["name"] for c in two] == ["get_weather", "get_time"]
+    assert len({c["id"] for c in two}) == 2
+    for bad in ("<tool_call>{oops</tool_call>", '<tool_call>{"name": "nope"}</tool_call>'):
+        assert tagged_calls(plan, "x " + bad) == ("x " + bad, [])
+
+
+def test_a_streamed_auto_answer_holds_back_what_may_be_a_tag() -> None:
+    """Text flows until a tag may be starting; at the end the tagged part becomes tool-call
+    deltas, or is sent as text when it is not a call."""
+    from zigllama_batch.server.tools import TaggedCallStream, plan_tools
+
+    plan = plan_tools([WEATHER], "auto", template_calls=True)
+    assert plan is not None
+    stream = TaggedCallStream(plan)
+    sent = [stream.feed(c) for c in ("Sure", ". <tool", '_call>{"name": "get_weather", ')]
+    sent.append(stream.feed('"arguments": {"city": "Paris", "days": 1}}</tool_call>'))
+    assert "".join(sent) == "Sure. "
+    rest, deltas = stream.finish()
+    assert rest == ""
+    assert deltas[0]["function"]["name"] == "get_weather"
+    plain = TaggedCallStream(plan)
+    assert plain.feed("a <tool") == "a "
+    assert plain.finish() == ("<tool", [])

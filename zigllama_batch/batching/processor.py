@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeGuard
 
@@ -429,16 +429,19 @@ class BatchProcessor:
             prefix_pins=self._scheduler.placement.pins,
         )
 
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
+    def encode_prompt(
+        self, prompt: Prompt, *, tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
         """The token ids ``prompt`` runs as, as :meth:`submit` computes them (for callers that
-        check a prompt's length first; the ids can be submitted as the prompt).
+        check a prompt's length first; the ids can be submitted as the prompt). ``tools``
+        (OpenAI's definitions) go to the chat template with chat messages.
 
         Raises:
             PromptTooLong: the prompt leaves no room in the context for a generated token.
             InvalidRequest: the prompt is malformed.
         """
         self.check_prompt_length(prompt)
-        prompt_ids = self.tokenizer.encode_prompt(prompt)
+        prompt_ids = self.tokenizer.encode_prompt(prompt, tools=tools)
         max_context = self.engine.max_context
         if len(prompt_ids) >= max_context:
             raise PromptTooLong(len(prompt_ids), max_context)

@@ -217,10 +217,16 @@ class Tokenizer:
         """A fresh incremental detokenizer for one generated stream."""
         return IncrementalDetokenizer(self._token_bytes)
 
-    def encode_prompt(self, prompt: str | Sequence[Mapping[str, Any]] | Sequence[int]) -> list[int]:
+    def encode_prompt(
+        self,
+        prompt: str | Sequence[Mapping[str, Any]] | Sequence[int],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[int]:
         """Token ids of a prompt: text as :meth:`encode` does, chat messages rendered with the
-        chat template and its generation prompt, or token ids checked against the vocabulary.
-        An empty prompt is the BOS token alone.
+        chat template and its generation prompt (with ``tools``, OpenAI's tool definitions, when
+        given), or token ids checked against the vocabulary. An empty prompt is the BOS token
+        alone.
 
         Raises:
             InvalidRequest: the prompt is none of these, or holds an id outside the vocabulary.
@@ -238,7 +244,7 @@ class Tokenizer:
         else:
             # The template writes any BOS itself, as Hugging Face's apply_chat_template does.
             messages = cast(Sequence[Mapping[str, Any]], prompt)
-            text = self.apply_chat_template(messages)
+            text = self.apply_chat_template(messages, tools=tools)
             _check_unicode(text, "messages")
             ids = self.encode(text, add_bos=False)
         if not ids:  # an empty prompt continues from the start-of-sequence token
@@ -265,8 +271,18 @@ class Tokenizer:
             floor[role] = max(0, two - one)
         return floor
 
+    @property
+    def calls_tools_in_tags(self) -> bool:
+        """Whether the chat template renders tools and has the model call them inside
+        ``<tool_call>...</tool_call>`` (the Hermes format of Qwen2.5, Qwen3, SmolLM3...)."""
+        return "tools" in self.chat_template and "<tool_call>" in self.chat_template
+
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         """Render chat messages with the model's template.
 
@@ -274,15 +290,19 @@ class Tokenizer:
             messages: ``[{"role": "user", "content": "..."}, ...]``; content may also be a list of
                 OpenAI-style parts ``{"type": "text", "text": "..."}``.
             add_generation_prompt: end with the header of an assistant turn.
+            tools: OpenAI's tool definitions, as Hugging Face passes them to a template (one
+                that does not render tools ignores them).
 
         Raises:
             InvalidRequest: the messages are malformed or the template rejects them.
         """
         clean = text_messages(messages)
         try:
+            extra = {} if tools is None else {"tools": list(tools)}
             return self._template.render(
                 messages=clean,
                 add_generation_prompt=add_generation_prompt,
+                **extra,
                 bos_token=self._tokens[self.bos_id] if self.bos_id is not None else "",
                 eos_token=self._tokens[self.eos_id] if self.eos_id is not None else "",
             )

@@ -44,7 +44,15 @@ from ..errors import (
 from ..generation import FinishReason
 from .metrics import CONTENT_TYPE_LATEST, ProcessorMetrics
 from .schema import ChatCompletionRequest, CompletionRequest, generation_config
-from .tools import ToolCallDeltas, ToolPlan, complete, tool_calls, with_tools
+from .tools import (
+    TaggedCallStream,
+    ToolCallDeltas,
+    ToolPlan,
+    complete,
+    tagged_calls,
+    tool_calls,
+    with_tools,
+)
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
@@ -346,12 +354,16 @@ class _Api:
             body = await self._parse(request, schema)
             if body.model != self.model_name:
                 raise self._not_served(body.model, param="model")
-            plan = body.tool_plan() if chat else None
+            calls_in_tags = self.processor.tokenizer.calls_tools_in_tags
+            plan = body.tool_plan(template_calls=calls_in_tags) if chat else None
             if chat:
                 messages = body.message_dicts()
-                prompt_ids = self.processor.encode_prompt(
-                    messages if plan is None else with_tools(messages, plan)
-                )
+                if plan is not None and plan.via_template:
+                    prompt_ids = self.processor.encode_prompt(messages, tools=plan.template_tools())
+                else:
+                    prompt_ids = self.processor.encode_prompt(
+                        messages if plan is None else with_tools(messages, plan)
+                    )
             else:
                 prompt_ids = self.processor.encode_prompt(body.prompt_value())
             max_context = self.processor.max_context
@@ -367,7 +379,7 @@ class _Api:
                     code="context_length_exceeded",
                 )
             config = generation_config(body, max_tokens_default=room)
-            if plan is not None:
+            if plan is not None and plan.structured is not None:
                 config = config.with_(structured=plan.structured)
             if config.structured is not None:  # compiled off the loop, errors named by field
                 try:
@@ -472,7 +484,8 @@ class _Api:
         tools: ToolPlan | None = None,
     ) -> AsyncIterator[bytes]:
         created = int(time.time())
-        calls = ToolCallDeltas(tools) if tools is not None else None
+        calls = ToolCallDeltas(tools) if tools is not None and not tools.auto else None
+        tagged = TaggedCallStream(tools) if tools is not None and tools.auto else None
         kind = "chat.completion.chunk" if chat else "text_completion"
         generated = 0  # tokens so far, for continuous usage
 
@@ -507,6 +520,20 @@ class _Api:
                 generated += 1
                 if not chunk.text and chunk.finish_reason is None and chunk.logprob is None:
                     continue  # text held back (partial character or possible stop string)
+                if tagged is not None:  # "auto": text, then any calls in tags at the end
+                    text = tagged.feed(chunk.text)
+                    if text:
+                        yield event([self._content_choice(text)])
+                    if chunk.finish_reason is not None:
+                        rest, deltas = tagged.finish()
+                        if rest:
+                            yield event([self._content_choice(rest)])
+                        reason = str(chunk.finish_reason)
+                        if deltas:
+                            yield event([self._content_choice(None, {"tool_calls": deltas})])
+                            reason = _tool_finish(chunk.finish_reason, True)
+                        yield event([self._content_choice(None, {}, reason)])
+                    continue
                 if calls is not None:  # a tool call: its deltas instead of content
                     done = chunk.finish_reason is not None
                     deltas = calls.feed(chunk.text, final=done)
@@ -532,6 +559,15 @@ class _Api:
             await stream.aclose()  # a disconnected client cancels its request here
 
     # -- response bodies -----------------------------------------------------------------------
+
+    @staticmethod
+    def _content_choice(
+        text: str | None, delta: dict[str, Any] | None = None, finish: str | None = None
+    ) -> dict[str, Any]:
+        """A chat chunk's choice: ``text`` as content, or the given ``delta``."""
+        if delta is None:
+            delta = {"content": text}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     def _chunk_choice(self, chunk: StreamChunk, *, chat: bool, offset: int) -> dict[str, Any]:
         finish = str(chunk.finish_reason) if chunk.finish_reason is not None else None
@@ -570,9 +606,12 @@ class _Api:
                     "refusal": None,
                 }
             message: dict[str, Any] = {"role": "assistant", "content": r.text, "refusal": None}
-            calls = tool_calls(tools, r.text) if tools is not None else None
-            if calls is not None:
-                assert tools is not None
+            if tools is not None and tools.auto:
+                head, found = tagged_calls(tools, r.text)
+                if found:
+                    message = {**message, "content": head or None, "tool_calls": found}
+                    finish = _tool_finish(r.finish_reason, True)
+            elif tools is not None and (calls := tool_calls(tools, r.text)) is not None:
                 message = {**message, "content": None, "tool_calls": calls}
                 finish = _tool_finish(r.finish_reason, complete(tools, r.text))
             choice: dict[str, Any] = {

@@ -311,8 +311,9 @@ class ChatCompletionRequest(_Sampling):
         if self.top_logprobs:
             raise InvalidRequest("top_logprobs: alternatives are not available (use 0)")
 
-    def tool_plan(self) -> ToolPlan | None:
-        """The tool call this request asks for (None: free text).
+    def tool_plan(self, *, template_calls: bool = False) -> ToolPlan | None:
+        """The tool call this request asks for (None: free text); ``template_calls``: the
+        model's chat template renders tools and has calls written in tags.
 
         Raises:
             InvalidRequest: see :func:`~zigllama_batch.server.tools.plan_tools`; or both a tool
@@ -322,7 +323,11 @@ class ChatCompletionRequest(_Sampling):
         kind = next((t.type for t in tools if t.type != "function" or t.function is None), None)
         if kind is not None:
             raise InvalidRequest(f"tools: only function tools are served, got type {kind!r}")
-        plan = plan_tools([t.model_dump(exclude_none=True) for t in tools], self.tool_choice)
+        plan = plan_tools(
+            [t.model_dump(exclude_none=True) for t in tools],
+            self.tool_choice,
+            template_calls=template_calls,
+        )
         if plan is not None and (asked := self.structured()) is not None:
             raise InvalidRequest(f"{asked[0]}: a tool call already constrains the output")
         return plan

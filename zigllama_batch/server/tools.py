@@ -10,10 +10,13 @@ The constrained text is JSON: for a named function, its arguments (valid against
 ``parameters``); for ``"required"``, ``{"name": ..., "arguments": ...}`` with the name one of the
 tools' and the arguments valid against that tool's parameters. One call per answer.
 
-Left out: ``tool_choice="auto"``, which needs the model to decide between text and a call in a
-format its chat template defines (and a parser for that format); the default model's template
-does not render tools, so it is refused with a 400 saying so. Tools reach the model as a system
-message listing them, since no template served here renders them.
+With a chat template that renders tools and has the model call them inside
+``<tool_call>...</tool_call>`` (the Hermes format: Qwen2.5, Qwen3, SmolLM3), the tools go to the
+template, and ``tool_choice="auto"`` is served: the model answers freely, and the calls it writes
+in those tags come back as ``tool_calls`` (:func:`tagged_calls`, :class:`TaggedCallStream`).
+With any other template, the tools are listed in a system message, and ``"auto"`` is refused
+with a 400 saying why (the default model's template renders no tools and defines no call
+format).
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from ..engine.tokenizer import text_messages
 from ..errors import InvalidRequest
 from ..structured import StructuredOutput
 
-__all__ = ["ToolCallDeltas", "ToolPlan", "plan_tools", "tool_calls", "with_tools"]
+__all__ = [
+    "TaggedCallStream",
+    "ToolCallDeltas",
+    "ToolPlan",
+    "plan_tools",
+    "tagged_calls",
+    "tool_calls",
+    "with_tools",
+]
 
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -40,12 +51,25 @@ class ToolPlan:
 
     tools: tuple[dict[str, Any], ...]  # OpenAI's function objects: name, description, parameters
     named: str | None
-    structured: StructuredOutput
+    structured: StructuredOutput | None  # None for "auto": the model decides
     call_id: str
+    via_template: bool = False  # the chat template renders the tools (else a system message)
+
+    @property
+    def auto(self) -> bool:
+        """The model may answer with text or with calls (``tool_choice="auto"``)."""
+        return self.structured is None
+
+    def template_tools(self) -> list[dict[str, Any]]:
+        """The tools as Hugging Face passes them to a chat template."""
+        return [{"type": "function", "function": f} for f in self.tools]
 
 
-def plan_tools(tools: Sequence[dict[str, Any]] | None, tool_choice: object) -> ToolPlan | None:
+def plan_tools(
+    tools: Sequence[dict[str, Any]] | None, tool_choice: object, *, template_calls: bool = False
+) -> ToolPlan | None:
     """What ``tools`` and ``tool_choice`` ask for; None when the answer is free text.
+    ``template_calls``: the chat template renders tools and has calls written in tags.
 
     Raises:
         InvalidRequest: a choice this server cannot serve, a named function not among the
@@ -72,12 +96,14 @@ def plan_tools(tools: Sequence[dict[str, Any]] | None, tool_choice: object) -> T
             f["parameters"] = _EMPTY_PARAMETERS
         elif not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
             raise InvalidRequest(f"tools: the parameters of {f['name']!r} must be an object schema")
-    if choice == "auto":
-        raise InvalidRequest(
-            "tool_choice: 'auto' needs a model whose chat template renders tools and says how "
-            "it calls one; this model's does not. Use 'required' or name a function."
-        )
     call_id = f"call_{uuid.uuid4().hex[:24]}"
+    if choice == "auto":
+        if not template_calls:
+            raise InvalidRequest(
+                "tool_choice: 'auto' needs a model whose chat template renders tools and says "
+                "how it calls one; this model's does not. Use 'required' or name a function."
+            )
+        return ToolPlan(tuple(functions), None, None, call_id, via_template=True)
     if choice == "required":
         schema = {
             "anyOf": [
@@ -90,14 +116,15 @@ def plan_tools(tools: Sequence[dict[str, Any]] | None, tool_choice: object) -> T
                 for f in functions
             ]
         }
-        return ToolPlan(tuple(functions), None, StructuredOutput.json_schema(schema), call_id)
+        structured = StructuredOutput.json_schema(schema)
+        return ToolPlan(tuple(functions), None, structured, call_id, via_template=template_calls)
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     chosen = next((f for f in functions if f["name"] == name), None)
     if chosen is None:
         raise InvalidRequest(f"tool_choice: no tool named {name!r} in tools ({', '.join(names)})")
     structured = StructuredOutput.json_schema(chosen["parameters"])
-    return ToolPlan((chosen,), name, structured, call_id)
+    return ToolPlan((chosen,), name, structured, call_id, via_template=template_calls)
 
 
 def with_tools(messages: list[dict[str, Any]], plan: ToolPlan) -> list[dict[str, Any]]:
@@ -207,3 +234,71 @@ class ToolCallDeltas:
             out.append({"index": 0, "function": {"arguments": ready[self.sent :]}})
             self.sent = len(ready)
         return out
+
+
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+
+
+def tagged_calls(plan: ToolPlan, text: str) -> tuple[str, list[dict[str, Any]]]:
+    """An ``auto`` answer's text before its first ``<tool_call>``, and the calls written in
+    those tags as OpenAI's ``tool_calls`` (none when a tag holds no ``{"name", "arguments"}``
+    object of a known function: then the whole text is the answer)."""
+    head, tag, rest = text.partition(_OPEN)
+    if not tag:
+        return text, []
+    calls = []
+    names = {f["name"] for f in plan.tools}
+    for i, block in enumerate(rest.split(_OPEN)):
+        body = block.partition(_CLOSE)[0]  # a last tag may be cut before its closing one
+        try:
+            call = json.loads(body)
+        except ValueError:
+            return text, []
+        if not isinstance(call, dict) or call.get("name") not in names:
+            return text, []
+        arguments = call.get("arguments", call.get("parameters", {}))
+        calls.append(
+            {
+                "id": f"{plan.call_id}_{i}" if i else plan.call_id,
+                "type": "function",
+                "function": {
+                    "name": call["name"],
+                    "arguments": json.dumps(arguments, separators=(",", ":")),
+                },
+            }
+        )
+    return head.strip(), calls
+
+
+class TaggedCallStream:
+    """Streams an ``auto`` answer: text is sent as it comes until a ``<tool_call>`` tag may be
+    starting; from there it is held, and at the end turned into tool-call deltas (or sent as
+    text if it holds no valid call)."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.text = ""
+        self.sent = 0  # characters of text sent as content
+
+    def feed(self, chunk: str) -> str:
+        """The content that may be sent now."""
+        self.text += chunk
+        start = self.text.find(_OPEN, self.sent)
+        if start < 0:  # hold back a tail that could be the start of the tag
+            start = len(self.text)
+            for k in range(min(len(_OPEN) - 1, len(self.text) - self.sent), 0, -1):
+                if self.text.endswith(_OPEN[:k]):
+                    start = len(self.text) - k
+                    break
+        out = self.text[self.sent : start]
+        self.sent = start
+        return out
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """At the end: the content still to send, and the tool-call deltas (if any)."""
+        _, calls = tagged_calls(self.plan, self.text)  # the text before the tags was sent
+        if not calls:
+            rest, self.sent = self.text[self.sent :], len(self.text)
+            return rest, []
+        deltas = [{"index": i, **call} for i, call in enumerate(calls)]
+        return "", deltas
