@@ -10,6 +10,7 @@ same prompt chunk size (``DEFAULT_PREFILL_CHUNK`` unless told otherwise).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -148,17 +149,13 @@ class TextGenerator:
                     continue
                 if run.first_token is None:
                     run.first_token = time.perf_counter()
-                if (hook := sampling.hook) is not None and hook.error is not None:
-                    raise ConstraintFailed(f"the output constraint failed: {hook.error}")
-                # The sampled token, then any the output constraint forced after it.
-                group = ((out.token_id, out.logprob), *((t, None) for t in out.forced))
-                for i, (token_id, logprob) in enumerate(group):
-                    text = run.decoder.add(token_id, logprob)
-                    last = i == len(group) - 1
-                    if last and hook is not None and hook.finished and not run.decoder.finished:
-                        text += run.decoder.stop()  # the constraint is complete
+                if out.constraint_error is not None:
+                    raise ConstraintFailed(f"the output constraint failed: {out.constraint_error}")
+                for piece in out.each():  # the sampled token, then any its constraint forced
+                    logprob = None if math.isnan(piece.logprob) else piece.logprob
+                    text = run.decoder.add(piece.token_id, logprob, completes=piece.completes)
                     if callback is not None:
-                        callback(text, token_id)
+                        callback(text, piece.token_id)
                     yield text
                     if run.decoder.finished:
                         return

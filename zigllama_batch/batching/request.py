@@ -105,28 +105,19 @@ class TrackedRequest:
         # Where streamed chunks go (a RequestStream's buffer), when someone streams it.
         self.stream: asyncio.Queue[StreamChunk | None] | None = None
 
-    def accept(self, sample: TokenSample, now: float, *, last: bool = True) -> StreamChunk:
-        """Take a token a step gave this request (sampled, or forced by its constraint; ``last``
-        when no forced token follows it); the chunk of text it adds."""
+    def accept(self, sample: TokenSample, now: float) -> StreamChunk:
+        """Take a token a step gave this request (sampled, or forced by its constraint: one of
+        :meth:`TokenSample.each`); the chunk of text it adds."""
         if self.first_token is None:
             self.first_token = now
         logprob = None if math.isnan(sample.logprob) else sample.logprob
-        text = self.decoder.add(sample.token_id, logprob)
-        hook = getattr(self.seq.sampling, "hook", None)  # (a fake engine's state has none)
-        if last and hook is not None and hook.finished and not self.decoder.finished:
-            text += self.decoder.stop()  # the constraint is complete
+        text = self.decoder.add(sample.token_id, logprob, completes=sample.completes)
         return StreamChunk(
             text,
             sample.token_id,
             self.decoder.finish_reason,
             logprob if self.config.logprobs else None,
         )
-
-    @property
-    def constraint_error(self) -> str | None:
-        """Why this request's output constraint cannot go on, if it cannot."""
-        hook = getattr(self.seq.sampling, "hook", None)
-        return None if hook is None else hook.error
 
     def finish(
         self,

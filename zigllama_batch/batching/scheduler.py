@@ -19,7 +19,6 @@ reads.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -321,14 +320,12 @@ class Scheduler:
 
     def _apply(self, rec: TrackedRequest, out: TokenSample, now: float) -> None:
         """Hand a sampled token to its request, its stream and its callback."""
-        if (why := rec.constraint_error) is not None:  # only this request ends
+        if (why := out.constraint_error) is not None:  # only this request ends
             error = ConstraintFailed(f"request {rec.id!r}: its output constraint failed: {why}")
             self.end(rec, RequestState.FAILED, error=error)
             return
-        # The sampled token, then any an output constraint forced after it (not sampled).
-        group = (out, *(TokenSample(t, math.nan) for t in out.forced))
-        for i, sample in enumerate(group):
-            chunk = rec.accept(sample, now, last=i == len(group) - 1)
+        for sample in out.each():  # the sampled token, then any its constraint forced
+            chunk = rec.accept(sample, now)
             if rec.stream is not None:
                 rec.stream.put_nowait(chunk)
             if rec.request.callback is not None and not self.deliveries.deliver(rec, chunk):

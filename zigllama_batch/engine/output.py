@@ -70,8 +70,10 @@ class OutputDecoder:
         """True once a stop rule has ended the sequence."""
         return self.finish_reason is not None
 
-    def add(self, token_id: int, logprob: float | None = None) -> str:
-        """Take the next sampled token; return the text that may be shown now (maybe empty)."""
+    def add(self, token_id: int, logprob: float | None = None, *, completes: bool = False) -> str:
+        """Take the next generated token; return the text that may be shown now (maybe empty).
+        ``completes``: the output constraint is complete with this token, so the sequence ends
+        with ``stop`` unless a stop rule or the length ended it first."""
         if self.finish_reason is not None:
             raise RuntimeError("the sequence is already finished")
         self.token_ids.append(token_id)
@@ -89,18 +91,13 @@ class OutputDecoder:
             or self._prompt_tokens + len(self.token_ids) >= self._max_context
         ):
             return self._finish(FinishReason.LENGTH, pending + self._detok.flush())
+        if completes:
+            return self._finish(FinishReason.STOP, pending + self._detok.flush())
         hold = self._holdback(pending)
         self._held = pending[len(pending) - hold :]
         chunk = pending[: len(pending) - hold]
         self.text += chunk
         return chunk
-
-    def stop(self) -> str:
-        """End the sequence now with ``stop`` (its output constraint is complete); returns the
-        text held back until then."""
-        if self.finish_reason is not None:
-            raise RuntimeError("the sequence is already finished")
-        return self._finish(FinishReason.STOP, self._held + self._detok.flush())
 
     def result(
         self, *, time_to_first_token_ms: float, total_time_ms: float, cached_tokens: int = 0

@@ -189,7 +189,14 @@ class Engine:
             states = [s for it in items if (s := it.sampling) is not None]
             tokens, logprobs = sample(logits[rows], states)
             for j, i in enumerate(rows):
-                out[i] = TokenSample(int(tokens[j]), float(logprobs[j]), states[j].forced)
+                hook = states[j].hook
+                out[i] = TokenSample(
+                    int(tokens[j]),
+                    float(logprobs[j]),
+                    states[j].forced,
+                    completes=hook is not None and hook.finished,
+                    constraint_error=None if hook is None else hook.error,
+                )
         return out
 
     def _pool(self) -> KVBlocks:

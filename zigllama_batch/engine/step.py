@@ -10,6 +10,7 @@ processor and :class:`~zigllama_batch.generator.TextGenerator` both build their 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,6 +63,22 @@ class TokenSample:
     forced: tuple[int, ...] = ()
     """Tokens an output constraint forces right after this one: generated without being
     sampled (no logprob), and fed with it in the sequence's next step."""
+    completes: bool = False
+    """The output constraint is complete after this token and the forced ones."""
+    constraint_error: str | None = None
+    """Why the output constraint cannot go on (the request then ends with an error)."""
+
+    def each(self) -> list[TokenSample]:
+        """This token, then each forced one as a sample of its own (logprob NaN); only the
+        last says whether the constraint is complete."""
+        if not self.forced:
+            return [self]
+        *rest, last = self.forced
+        return [
+            TokenSample(self.token_id, self.logprob),
+            *(TokenSample(t, math.nan) for t in rest),
+            TokenSample(last, math.nan, completes=self.completes),
+        ]
 
 
 class SequenceState:
