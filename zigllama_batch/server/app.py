@@ -538,8 +538,7 @@ class _Api:
                     done = chunk.finish_reason is not None
                     deltas = calls.feed(chunk.text, final=done)
                     if deltas or done:
-                        whole = complete(calls.plan, calls.text)
-                        finish = _tool_finish(chunk.finish_reason, whole) if done else None
+                        finish = _tool_finish(chunk.finish_reason, calls.whole) if done else None
                         delta = {"tool_calls": deltas} if deltas else {}
                         yield event([
                             {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}

@@ -209,11 +209,14 @@ class ToolCallDeltas:
         self.text = ""
         self.named = False
         self.sent = 0  # characters of the arguments sent
+        self.whole = False
+        """The answer so far is a whole call (see :func:`complete`)."""
 
     def feed(self, chunk: str, *, final: bool = False) -> list[dict[str, Any]]:
         """The deltas that ``chunk`` (more of the answer) makes sendable."""
         self.text += chunk
         name, arguments, whole = _split(self.plan, self.text)
+        self.whole = whole
         if name is None:
             return []
         out: list[dict[str, Any]] = []
