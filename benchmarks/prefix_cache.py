@@ -315,6 +315,11 @@ async def main_async(repeats: int, scenarios: list[str]) -> dict[str, Any]:
     return runs
 
 
+def _medians(runs: dict[str, list[dict[str, Any]]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Per mode (cache on and off), the median of each of ``keys`` over the rounds."""
+    return {mode: {k: _median_of(rows, k) for k in keys} for mode, rows in runs.items()}
+
+
 def _median_of(rows: list[dict[str, Any]], key: str) -> Any:
     values = [r[key] for r in rows]
     if isinstance(values[0], list):
@@ -331,7 +336,6 @@ def main() -> None:
     runs = asyncio.run(main_async(args.repeats, args.scenarios))
     summary: dict[str, Any] = {}
     if "shared_system" in runs:
-        on, off = runs["shared_system"]["on"], runs["shared_system"]["off"]
         keys = (
             "ttft_ms_median",
             "output_tokens_per_s",
@@ -340,10 +344,7 @@ def main() -> None:
             "first_wave_ttft_ms_median",
             "first_wave_output_tokens_per_s",
         )
-        summary["shared_system"] = {
-            "on": {k: _median_of(on, k) for k in keys},
-            "off": {k: _median_of(off, k) for k in keys},
-        }
+        summary["shared_system"] = _medians(runs["shared_system"], keys)
         s = summary["shared_system"]
         s["ttft_ratio_off_over_on"] = s["off"]["ttft_ms_median"] / s["on"]["ttft_ms_median"]
         s["throughput_ratio_on_over_off"] = (
@@ -368,17 +369,14 @@ def main() -> None:
             f"({s['first_wave_ttft_ratio_off_over_on']:.1f}x)"
         )
     if "chat_turns" in runs:
-        on, off = runs["chat_turns"]["on"], runs["chat_turns"]["off"]
-        summary["chat_turns"] = {
-            mode: {
-                "ttft_ms_median_by_turn": _median_of(rows, "ttft_ms_median_by_turn"),
-                "cached_share_median_by_turn": _median_of(rows, "cached_share_median_by_turn"),
-                "share_of_previous_turn_reused_median": _median_of(
-                    rows, "share_of_previous_turn_reused_median"
-                ),
-            }
-            for mode, rows in (("on", on), ("off", off))
-        }
+        summary["chat_turns"] = _medians(
+            runs["chat_turns"],
+            (
+                "ttft_ms_median_by_turn",
+                "cached_share_median_by_turn",
+                "share_of_previous_turn_reused_median",
+            ),
+        )
         c = summary["chat_turns"]
         print(f"\nchat_turns ({CONVERSATIONS} conversations x {TURNS} turns)")
         print(
@@ -394,7 +392,6 @@ def main() -> None:
                 f"{'-' if of_prev is None else format(of_prev, '.0%'):>17}"
             )
     if "rotation" in runs:
-        on, off = runs["rotation"]["on"], runs["rotation"]["off"]
         rotation_keys = (
             "system_tokens_hit_share_after_round_1",
             "wall_s",
@@ -402,10 +399,7 @@ def main() -> None:
             "pool_evictions",
             "rss_growth_bytes",
         )
-        summary["rotation"] = {
-            "on": {k: _median_of(on, k) for k in rotation_keys},
-            "off": {k: _median_of(off, k) for k in rotation_keys},
-        }
+        summary["rotation"] = _medians(runs["rotation"], rotation_keys)
         r = summary["rotation"]
         print("\nrotation (8 system prompts of ~500 tokens over 4 slots, 3 rounds)")
         print(

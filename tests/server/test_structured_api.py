@@ -5,6 +5,7 @@ for every constraint that cannot be served."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -40,13 +41,19 @@ def roomy(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     return load_model(path)
 
 
-@pytest.fixture
-async def client(roomy: Tiny) -> AsyncIterator[httpx.AsyncClient]:
-    async with BatchProcessor(*roomy, BatchConfig(strategy="continuous", max_batch_size=4)) as p:
-        app = create_app(p, model_name=MODEL)
-        transport = httpx.ASGITransport(app=app)
+@contextlib.asynccontextmanager
+async def serving(model: Tiny) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app over ``model``, its processor running (continuous, 4 slots)."""
+    async with BatchProcessor(*model, BatchConfig(strategy="continuous", max_batch_size=4)) as p:
+        transport = httpx.ASGITransport(app=create_app(p, model_name=MODEL))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             yield c
+
+
+@pytest.fixture
+async def client(roomy: Tiny) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(roomy) as c:
+        yield c
 
 
 def body(chat: bool, **fields: Any) -> dict[str, Any]:
@@ -351,17 +358,14 @@ def test_a_template_that_renders_tools_gets_them(hermes: Tiny, roomy: Tiny) -> N
 async def test_auto_is_served_when_the_template_renders_tools(hermes: Tiny, stream: bool) -> None:
     """With such a template, tool_choice auto is answered (the model decides; the random tiny
     model writes text), and required still gives a call."""
-    async with BatchProcessor(*hermes, BatchConfig(strategy="continuous")) as p:
-        app = create_app(p, model_name=MODEL)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            fields = {"tools": [WEATHER], "tool_choice": "auto", "stream": stream, "max_tokens": 8}
-            r = await c.post("/v1/chat/completions", json=body(True, **fields))
-            assert r.status_code == 200, r.text
-            fields = {"tools": [WEATHER], "tool_choice": "required"}
-            r = await c.post("/v1/chat/completions", json=body(True, **fields))
-            (call,) = r.json()["choices"][0]["message"]["tool_calls"]
-            check_call(call)
+    async with serving(hermes) as c:
+        fields = {"tools": [WEATHER], "tool_choice": "auto", "stream": stream, "max_tokens": 8}
+        r = await c.post("/v1/chat/completions", json=body(True, **fields))
+        assert r.status_code == 200, r.text
+        fields = {"tools": [WEATHER], "tool_choice": "required"}
+        r = await c.post("/v1/chat/completions", json=body(True, **fields))
+        (call,) = r.json()["choices"][0]["message"]["tool_calls"]
+        check_call(call)
 
 
 def test_calls_in_tags_become_tool_calls() -> None:
