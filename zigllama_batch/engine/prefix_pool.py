@@ -74,39 +74,29 @@ class PrefixPool:
     def match(self, prompt: np.ndarray, salt: str | None) -> tuple[int, tuple[int, ...]]:
         """The longest written prefix of ``prompt`` under ``salt``: its length in tokens, and
         the blocks holding it, in order (the last may be used in part)."""
-        length, nodes = self._walk(prompt, salt, written_only=True)
-        return length, tuple(n.block for n in nodes)
-
-    def covers(self, ids: np.ndarray, salt: str | None) -> bool:
-        """Whether every id of ``ids`` is in the tree already (written or being written)."""
-        return self._walk(ids, salt, written_only=False)[0] == len(ids)
-
-    def _walk(
-        self, prompt: np.ndarray, salt: str | None, *, written_only: bool
-    ) -> tuple[int, list[_Node]]:
         node = self._roots.get(salt)
         if node is None:
-            return 0, []
-        b, pos, path = self.block_tokens, 0, []
+            return 0, ()
+        b, pos, blocks = self.block_tokens, 0, []
         while pos < len(prompt):
             ahead = tuple(int(t) for t in prompt[pos : pos + b])
             child = node.children.get(ahead) if len(ahead) == b else None
-            if child is not None and (child.written or not written_only):
-                path.append(child)
+            if child is not None and child.written:
+                blocks.append(child.block)
                 node, pos = child, pos + b
                 continue
-            # The prompt ends, or leaves the tree, inside this block: the child sharing the
-            # longest run of leading ids with it.
+            # The prompt ends, or leaves the tree, inside this block: the written child sharing
+            # the longest run of leading ids with it.
             best, run = None, 0
             for c in node.children.values():
                 r = _common_run(c.tokens, ahead)
-                if (c.written or not written_only) and r > run:
+                if c.written and r > run:
                     best, run = c, r
             if best is not None:
-                path.append(best)
+                blocks.append(best.block)
                 pos += run
             break
-        return pos, path
+        return pos, tuple(blocks)
 
     def plan_save(self, ids: np.ndarray, salt: str | None, *, min_new: int) -> PoolSave | None:
         """Reserve blocks for the part of ``ids`` the tree lacks (at least ``min_new`` ids, or
