@@ -1,12 +1,16 @@
-"""Tiny Llama GGUF files written with ``gguf.GGUFWriter``, for fast engine and processor tests.
+"""Tiny GGUF files written with ``gguf.GGUFWriter``, for fast engine and processor tests.
 
 The weights are drawn in Hugging Face's layout and written the way llama.cpp's converter writes
-them (Q and K rows permuted for adjacent-pair RoPE), so a test can check the engine against an
-independent forward pass on the un-permuted weights (:func:`reference_logits`).
+them: for ``llama``, Q and K rows permuted for adjacent-pair RoPE, so a test can check the engine
+against an independent forward pass on the un-permuted weights (:func:`reference_logits`); for
+``qwen2``, ``qwen3`` and ``gemma3``, as they are, with the tensors each family adds (Q/K/V
+biases, q/k norms, Gemma's sandwich norms) and the metadata transformers needs to load the same
+file as the reference (:data:`FAMILY_SPECS`; ``tests/engine/reference/make_family_reference.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,29 +143,99 @@ class TinySpec:
     drop_keys: Sequence[str] = ()
     chat_template: str | None = CHATML
     add_bos: bool | None = None
+    head_dim: int | None = None  # written as attention.key_length when set
+    sliding_window: int | None = None  # gemma3's attention.sliding_window
+    tokenizer_pre: str = "smollm"  # tokenizer.ggml.pre of a gpt2 vocabulary
+    embed_scale: float = 1.0  # spread of the token embedding (smaller: layers matter more)
+
+    @property
+    def hd(self) -> int:
+        """Width of one attention head."""
+        return self.head_dim or self.dim // self.n_heads
+
+
+FAMILY_SPECS: dict[str, TinySpec] = {
+    # Qwen2: Q/K/V biases, NEOX RoPE, tied head, RoPE base 1e6.
+    "qwen2": TinySpec(
+        arch="qwen2",
+        n_heads=4,
+        n_kv_heads=2,
+        rope_base=1e6,
+        rms_eps=1e-6,
+        seed=11,
+        tokenizer_pre="qwen2",
+        n_layers=3,
+        embed_scale=0.1,
+    ),
+    # Qwen3: per-head q/k RMSNorm, heads wider than dim / heads (transformers' Qwen3 reads no
+    # key_length from a GGUF and keeps its default of 128, so the file states 128 too).
+    "qwen3": TinySpec(
+        arch="qwen3",
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=128,
+        rope_base=1e6,
+        rms_eps=1e-6,
+        seed=12,
+        tied=False,
+        tokenizer_pre="qwen2",
+        n_layers=3,
+    ),
+    # Gemma 3: 5 windowed layers then a global one, a window shorter than the test prompts,
+    # head width 256 (transformers scales queries by its query_pre_attn_scalar default, 256;
+    # llama.cpp by 1/sqrt(key_length): the same here and in Gemma 3 270M).
+    "gemma3": TinySpec(
+        arch="gemma3",
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=256,
+        rope_base=1e6,
+        rms_eps=1e-6,
+        seed=13,
+        sliding_window=8,
+        n_layers=6,
+        vocab="spm",
+        context_length=512,
+        embed_scale=0.1,
+    ),
+}
+"""One tiny spec per family beyond llama; their files load in transformers as well."""
 
 
 def hf_weights(spec: TinySpec, vocab_size: int) -> dict[str, np.ndarray]:
     """Random weights in Hugging Face's layout: linear layers as (out, in)."""
     rng = np.random.default_rng(spec.seed)
-    hd = spec.dim // spec.n_heads
+    hd = spec.hd
 
     def w(*shape: int, scale: float = 0.15) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    out = {"token_embd.weight": w(vocab_size, spec.dim, scale=1.0)}
+    def norm(n: int) -> np.ndarray:
+        return (1 + w(n, scale=0.1)).astype(np.float32)
+
+    out = {"token_embd.weight": w(vocab_size, spec.dim, scale=spec.embed_scale)}
     for i in range(spec.n_layers):
         p = f"blk.{i}."
-        out[p + "attn_norm.weight"] = (1 + w(spec.dim, scale=0.1)).astype(np.float32)
+        out[p + "attn_norm.weight"] = norm(spec.dim)
         out[p + "attn_q.weight"] = w(spec.n_heads * hd, spec.dim)
         out[p + "attn_k.weight"] = w(spec.n_kv_heads * hd, spec.dim)
         out[p + "attn_v.weight"] = w(spec.n_kv_heads * hd, spec.dim)
         out[p + "attn_output.weight"] = w(spec.dim, spec.n_heads * hd)
-        out[p + "ffn_norm.weight"] = (1 + w(spec.dim, scale=0.1)).astype(np.float32)
+        out[p + "ffn_norm.weight"] = norm(spec.dim)
         out[p + "ffn_gate.weight"] = w(spec.ffn_dim, spec.dim)
         out[p + "ffn_up.weight"] = w(spec.ffn_dim, spec.dim)
         out[p + "ffn_down.weight"] = w(spec.dim, spec.ffn_dim, scale=0.08)
-    out["output_norm.weight"] = (1 + w(spec.dim, scale=0.1)).astype(np.float32)
+        if spec.arch == "qwen2":
+            out[p + "attn_q.bias"] = w(spec.n_heads * hd, scale=0.5)
+            out[p + "attn_k.bias"] = w(spec.n_kv_heads * hd, scale=0.5)
+            out[p + "attn_v.bias"] = w(spec.n_kv_heads * hd, scale=0.5)
+        if spec.arch in ("qwen3", "gemma3"):
+            out[p + "attn_q_norm.weight"] = norm(hd)
+            out[p + "attn_k_norm.weight"] = norm(hd)
+        if spec.arch == "gemma3":
+            out[p + "post_attention_norm.weight"] = norm(spec.dim)
+            out[p + "post_ffw_norm.weight"] = norm(spec.dim)
+    out["output_norm.weight"] = norm(spec.dim)
     if not spec.tied:
         out["output.weight"] = w(vocab_size, spec.dim, scale=0.5)
     return out
@@ -196,14 +270,18 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> Path:
         "rope_freq_base": spec.rope_base,
         "layer_norm_rms_eps": spec.rms_eps,
     }
+    if spec.head_dim is not None:
+        keys["key_length"] = keys["value_length"] = spec.head_dim
+    if spec.sliding_window is not None:
+        keys["sliding_window"] = spec.sliding_window
     for key, value in keys.items():
         if key not in spec.drop_keys:
             getattr(writer, f"add_{key}")(value)
-    writer.add_name("tiny-test-llama")
+    writer.add_name(f"tiny-test-{spec.arch}")
     if spec.vocab == "gpt2":
         tokens, types, merges = gpt2_vocab()
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("smollm")
+        writer.add_tokenizer_pre(spec.tokenizer_pre)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
@@ -225,9 +303,9 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> Path:
     for name, w in hf_weights(spec, len(tokens)).items():
         if name in spec.drop_tensors:
             continue
-        if name.endswith("attn_q.weight"):
+        if spec.arch == "llama" and name.endswith("attn_q.weight"):
             w = permute_for_gguf(w, spec.n_heads)
-        elif name.endswith("attn_k.weight"):
+        elif spec.arch == "llama" and name.endswith("attn_k.weight"):
             w = permute_for_gguf(w, spec.n_kv_heads)
         qtype = next((t for suffix, t in spec.qtypes.items() if name.endswith(suffix)), Q.F32)
         if w.ndim == 1 or qtype == Q.F32:
@@ -259,6 +337,15 @@ def file_tensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a GGUF file dequantized with the gguf package, numpy (rows, cols) order."""
     reader = gguf.GGUFReader(str(path))
     return {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 over a file's tensors, dequantized, in name order: what a reference was made from."""
+    h = hashlib.sha256()
+    for name, array in sorted(file_tensors(path).items()):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 def reference_logits(path: Path, spec: TinySpec, token_ids: Sequence[int]) -> np.ndarray:

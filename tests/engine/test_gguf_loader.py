@@ -105,10 +105,14 @@ def test_truncated_gguf_file(tmp_path: Path, tiny_path: Path) -> None:
         load_model(path)
 
 
-def test_other_architecture(write_gguf: Callable[..., Path]) -> None:
-    """A model of another architecture raises ModelLoadError naming it."""
-    with pytest.raises(ModelLoadError, match="'gpt2' is not supported"):
-        load_model(write_gguf(arch="gpt2"))
+@pytest.mark.parametrize("arch", ["gpt2", "phi3", "gemma2"])
+def test_other_architecture(write_gguf: Callable[..., Path], arch: str) -> None:
+    """A model of an unsupported architecture is refused at load, with an error that names it
+    and lists the supported ones."""
+    with pytest.raises(ModelLoadError) as info:
+        load_model(write_gguf(arch=arch))
+    assert f"architecture '{arch}' is not supported" in str(info.value)
+    assert "supported: llama, qwen2, qwen3, gemma3" in str(info.value)
 
 
 @pytest.mark.parametrize(

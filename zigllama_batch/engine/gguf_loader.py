@@ -2,14 +2,19 @@
 
 Every tensor is dequantized to float32 once, at load (``gguf.quants.dequantize`` knows F32, F16,
 BF16, the legacy Q4/Q5/Q8 types and the K-quants). Weights are stored ready for the forward pass:
-linear layers as ``(in, out)`` C-contiguous matrices, Q/K/V fused into one matrix and gate/up into
-another, so each layer runs two big matrix multiplies instead of five.
+linear layers as ``(in, out)`` C-contiguous matrices, Q/K/V fused into one matrix (and their
+biases into one vector) and gate/up into another, so each layer runs two big matrix multiplies
+instead of five.
 
-The Q and K weights stay in the row order llama.cpp's converter wrote them in (it permutes them so
-that RoPE rotates *adjacent* pairs of dimensions); the model applies RoPE in that same layout.
+Which tensors a file must hold, and how they are laid out, follows its row of the architecture
+table (:mod:`~zigllama_batch.engine.architecture`): ``llama``, ``qwen2``, ``qwen3`` and
+``gemma3``. The model applies RoPE to adjacent pairs of dimensions only, so the Q and K columns
+of a "halves" (NEOX) architecture are reordered here, head by head, into adjacent pairs, with
+their biases and q/k norm weights. Attention scores are dot products of queries and keys, which
+the same reordering of both leaves unchanged. ``llama`` files need nothing: llama.cpp's converter
+already permuted their rows.
 
-Simplified: only the ``llama`` architecture (Llama 1/2/3, TinyLlama, SmolLM, Mistral-style dense
-models); no mixture-of-experts, no split files, no attention or MLP biases.
+Simplified: no mixture-of-experts, no split files, no partial rotary dimensions.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import ModelLoadError
+from .architecture import ARCHITECTURES, Architecture, RopeLayout, architecture
 
 __all__ = [
     "GGUFContents",
@@ -41,52 +47,65 @@ _GGUF_MAGIC = b"GGUF"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LlamaConfig:
-    """Hyperparameters of a Llama-architecture model, as its GGUF metadata states them."""
+    """Hyperparameters of a Llama-family model (Llama, Qwen2, Qwen3, Gemma 3), as its GGUF metadata
+    states them. Metadata keys are prefixed by the architecture's name (``qwen2.block_count``)."""
 
     n_layers: int
-    """Number of transformer blocks (``llama.block_count``)."""
+    """Number of transformer blocks (``block_count``)."""
     dim: int
-    """Width of the residual stream (``llama.embedding_length``)."""
+    """Width of the residual stream (``embedding_length``)."""
     n_heads: int
-    """Query heads (``llama.attention.head_count``)."""
+    """Query heads (``attention.head_count``)."""
     n_kv_heads: int
     """Key/value heads; fewer than ``n_heads`` means grouped-query attention."""
+    head_dim: int
+    """Width of one attention head: ``attention.key_length`` where the file states it (Qwen3 and
+    Gemma 3 heads are wider than ``dim / n_heads``), else ``dim / n_heads``."""
     ffn_dim: int
-    """Hidden width of the SwiGLU feed-forward (``llama.feed_forward_length``)."""
+    """Hidden width of the gated feed-forward (``feed_forward_length``)."""
     context_length: int
-    """Longest sequence the model was trained for (``llama.context_length``)."""
+    """Longest sequence the model was trained for (``context_length``)."""
     rope_base: float
-    """RoPE frequency base (``llama.rope.freq_base``; 10000 when absent)."""
+    """RoPE frequency base (``rope.freq_base``; 10000 when absent)."""
     rope_scale: float
     """Linear RoPE position scaling factor (1 when absent)."""
     rms_eps: float
-    """Epsilon of RMSNorm (``llama.attention.layer_norm_rms_epsilon``)."""
+    """Epsilon of RMSNorm (``attention.layer_norm_rms_epsilon``)."""
     vocab_size: int
     """Rows of the token embedding."""
     tied_embeddings: bool
     """True when the output head reuses the token embedding (no ``output.weight`` tensor)."""
+    architecture: Architecture = ARCHITECTURES["llama"]
+    """The architecture's row of facts (biases, norms, RoPE layout, activation, windows)."""
+    sliding_window: int | None = None
+    """Positions a windowed layer attends to, itself included (``attention.sliding_window``);
+    None when every layer attends to all earlier positions."""
     name: str = "llama"
     """The file name without ``.gguf``: what the demo, ``generate`` and the server show, and the
     server's default model id, so a user sees one name everywhere. The file's ``general.name``
     is not used: converters fill it with names of their own ("Smollm2 135M 8k Lc100K Mix1
     Ep2" for SmolLM2-135M-Instruct)."""
 
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.dim // self.n_heads
-
     def __post_init__(self) -> None:
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
+        if self.n_heads % self.n_kv_heads or self.head_dim % 2:
             raise ModelLoadError(
-                f"inconsistent attention shape: dim={self.dim}, heads={self.n_heads}, "
-                f"kv_heads={self.n_kv_heads}"
+                f"inconsistent attention shape: heads={self.n_heads}, "
+                f"kv_heads={self.n_kv_heads}, head_dim={self.head_dim}"
             )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ModelLoadError(f"sliding window must be positive, got {self.sliding_window}")
+
+    def window(self, layer: int) -> int | None:
+        """Positions ``layer`` attends to (itself included), or None for all earlier ones."""
+        if self.sliding_window is None or self.architecture.is_global(layer):
+            return None
+        return self.sliding_window
 
 
 @dataclass(slots=True, kw_only=True)
 class LayerWeights:
-    """One transformer block's weights, float32, linear layers as ``(in, out)``."""
+    """One transformer block's weights, float32, linear layers as ``(in, out)``. The optional
+    ones are None where the architecture has no such tensor."""
 
     attn_norm: F32  # (dim,)
     wqkv: F32  # (dim, (n_heads + 2 * n_kv_heads) * head_dim)
@@ -94,6 +113,17 @@ class LayerWeights:
     ffn_norm: F32  # (dim,)
     w_gate_up: F32  # (dim, 2 * ffn_dim): gate columns first, then up
     w_down: F32  # (ffn_dim, dim)
+    bqkv: F32 | None = None  # ((n_heads + 2 * n_kv_heads) * head_dim,): Q/K/V biases
+    q_norm: F32 | None = None  # (head_dim,): per-head RMSNorm of queries
+    k_norm: F32 | None = None  # (head_dim,): per-head RMSNorm of keys
+    post_attn_norm: F32 | None = None  # (dim,): RMSNorm of the attention output
+    post_ffn_norm: F32 | None = None  # (dim,): RMSNorm of the feed-forward output
+
+    def arrays(self) -> list[F32]:
+        """Every array this layer holds."""
+        optional = (self.bqkv, self.q_norm, self.k_norm, self.post_attn_norm, self.post_ffn_norm)
+        required = [self.attn_norm, self.wqkv, self.wo, self.ffn_norm, self.w_gate_up, self.w_down]
+        return required + [a for a in optional if a is not None]
 
 
 @dataclass(slots=True, kw_only=True)
@@ -113,14 +143,7 @@ class LlamaWeights:
         if self.output is not self.embed_t:
             arrays.append(self.output)
         for layer in self.layers:
-            arrays += [
-                layer.attn_norm,
-                layer.wqkv,
-                layer.wo,
-                layer.ffn_norm,
-                layer.w_gate_up,
-                layer.w_down,
-            ]
+            arrays += layer.arrays()
         return sum(a.nbytes for a in arrays)
 
 
@@ -135,11 +158,13 @@ class GGUFContents:
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
-    """Read a Llama-architecture GGUF file and dequantize its weights to float32.
+    """Read a GGUF file of a supported architecture and dequantize its weights to float32.
 
     Raises:
-        ModelLoadError: the file is missing, is not GGUF, is not a llama model, lacks a tensor or
-            has a tensor of the wrong shape or of a type ``gguf`` cannot dequantize.
+        ModelLoadError: the file is missing, is not GGUF, is of an architecture not in
+            :data:`~zigllama_batch.engine.architecture.ARCHITECTURES` (the message names it and
+            lists those supported), lacks a tensor or metadata key, or has a tensor of the wrong
+            shape or of a type ``gguf`` cannot dequantize.
     """
     path = Path(path)
     reader, metadata = _open(path)
@@ -150,7 +175,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
 
 
 def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read only the metadata of a Llama-architecture GGUF file (no tensor is dequantized).
+    """Read only the metadata of a GGUF file of a supported architecture (no tensor is
+    dequantized).
 
     Raises:
         ModelLoadError: as :func:`read_gguf`, for the file itself and its architecture.
@@ -169,46 +195,100 @@ def _open(path: Path) -> tuple[Any, dict[str, Any]]:
         if f.read(4) != _GGUF_MAGIC:
             raise ModelLoadError(f"not a GGUF file (bad magic bytes): {path}")
     try:
-        reader = gguf.GGUFReader(path, "r")
+        reader = _Reader(path, "r")
     except Exception as exc:  # gguf raises ValueError, struct.error, IndexError... on bad files
         raise ModelLoadError(f"cannot parse GGUF file {path}: {exc}") from exc
     metadata = {name: _field_value(field) for name, field in reader.fields.items()}
-    arch = metadata.get("general.architecture")
-    if arch != "llama":
-        raise ModelLoadError(
-            f"{path}: architecture {arch!r} is not supported (only 'llama' models are)"
-        )
+    try:
+        architecture(metadata.get("general.architecture"))
+    except KeyError as exc:
+        raise ModelLoadError(f"{path}: {exc.args[0]}") from None
     return reader, metadata
 
 
+class _Reader(gguf.GGUFReader):
+    """``gguf.GGUFReader`` with arrays of metadata read whole.
+
+    The stock reader makes two numpy views per element of an array field: 24 s for Gemma 3's
+    three 262,144-entry vocabulary arrays, against 0.3 s here. An array of fixed-size scalars
+    becomes one typed view, and an array of strings one view of its bytes (decoded by
+    :func:`_field_value`); every other field is read as ``gguf`` reads it.
+    """
+
+    def _get_field_parts(
+        self, orig_offs: int, raw_type: int
+    ) -> tuple[int, list[NDArray[Any]], list[int], list[gguf.GGUFValueType]]:
+        if raw_type != gguf.GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        item_type = gguf.GGUFValueType(int(raw_itype[0]))
+        start, count = orig_offs + 12, int(alen[0])
+        nptype = self.gguf_scalar_to_np.get(item_type)
+        if nptype is not None:
+            payload = self._get(start, nptype, count)
+        elif item_type == gguf.GGUFValueType.STRING:
+            data = memoryview(self.data.data)  # the file's bytes, not a copy
+            end = start
+            for _ in range(count):  # each string: a uint64 length, then its bytes
+                end += 8 + int.from_bytes(data[end : end + 8], "little")
+            payload = self._get(start, np.uint8, end - start)
+        else:  # arrays of arrays: as gguf reads them
+            return super()._get_field_parts(orig_offs, raw_type)
+        size = 12 + int(payload.nbytes)
+        return size, [raw_itype, alen, payload], [2], [gguf.GGUFValueType.ARRAY, item_type]
+
+
 def _field_value(field: Any) -> Any:
+    """A metadata field of a :class:`_Reader` as Python values."""
     try:
+        if len(field.types) == 2 and field.types[0] == gguf.GGUFValueType.ARRAY:
+            # An array read whole: its parts end with (item type, count, payload).
+            payload = field.parts[field.data[0]]
+            if field.types[1] != gguf.GGUFValueType.STRING:
+                return payload.tolist()
+            data, strings, offset = payload.tobytes(), [], 0
+            for _ in range(int(field.parts[field.data[0] - 1][0])):
+                length = int.from_bytes(data[offset : offset + 8], "little")
+                strings.append(data[offset + 8 : offset + 8 + length].decode("utf-8"))
+                offset += 8 + length
+            return strings
         return field.contents()
     except (UnicodeDecodeError, ValueError):
         return None  # a string that is not UTF-8: not a field this library reads
 
 
 def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], path: Path) -> LlamaConfig:
+    arch = architecture(meta["general.architecture"])
+
     def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"llama.{key}", default)
+        value = meta.get(f"{arch.name}.{key}", default)
         if value is None:
-            raise ModelLoadError(f"{path}: metadata key 'llama.{key}' is missing")
+            raise ModelLoadError(f"{path}: metadata key '{arch.name}.{key}' is missing")
         return value
 
     if "token_embd.weight" not in tensors:
         raise ModelLoadError(f"{path}: tensor 'token_embd.weight' is missing")
     vocab_size = int(tensors["token_embd.weight"].shape[1])  # GGUF shapes list ne0 (dim) first
-    scaling_type = meta.get("llama.rope.scaling.type", "none")
+    scaling_type = get("rope.scaling.type", "none")
     rope_scale = 1.0
     if scaling_type == "linear":
-        rope_scale = float(meta.get("llama.rope.scaling.factor", 1.0))
+        rope_scale = float(get("rope.scaling.factor", 1.0))
     elif scaling_type not in ("none", None):
         raise ModelLoadError(f"{path}: RoPE scaling {scaling_type!r} is not supported")
+    dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", dim // n_heads))
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        raise ModelLoadError(f"{path}: keys and values of different widths are not supported")
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
+        raise ModelLoadError(f"{path}: RoPE over part of a head is not supported")
+    window = get("attention.sliding_window", 0) if arch.global_every else 0
     return LlamaConfig(
         n_layers=int(get("block_count")),
-        dim=int(get("embedding_length")),
-        n_heads=int(get("attention.head_count")),
-        n_kv_heads=int(get("attention.head_count_kv", get("attention.head_count"))),
+        dim=dim,
+        n_heads=n_heads,
+        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
         ffn_dim=int(get("feed_forward_length")),
         context_length=int(get("context_length")),
         rope_base=float(get("rope.freq_base", 10000.0)),
@@ -216,13 +296,21 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], path: P
         rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         vocab_size=vocab_size,
         tied_embeddings="output.weight" not in tensors,
+        architecture=arch,
+        sliding_window=int(window) or None,
         name=path.name.removesuffix(".gguf"),
     )
 
 
 def _load_weights(config: LlamaConfig, tensors: dict[str, Any], path: Path) -> LlamaWeights:
-    d, hd = config.dim, config.head_dim
+    arch, d, hd = config.architecture, config.dim, config.head_dim
     q_out, kv_out = config.n_heads * hd, config.n_kv_heads * hd
+    # Within each head, column order that turns "halves" RoPE pairs (i, i + hd/2) into adjacent
+    # ones (2i, 2i + 1); the identity for files already in adjacent order.
+    if arch.rope_layout is RopeLayout.HALVES:
+        in_head = np.stack([np.arange(hd // 2), np.arange(hd // 2) + hd // 2], axis=1).ravel()
+    else:
+        in_head = np.arange(hd)
 
     def matrix(name: str, n_in: int, n_out: int) -> F32:
         """A linear layer as (in, out), from GGUF's (out rows of in values)."""
@@ -231,32 +319,45 @@ def _load_weights(config: LlamaConfig, tensors: dict[str, Any], path: Path) -> L
     def vector(name: str, n: int) -> F32:
         return _dequantize(tensors, name, (n,), path)
 
+    def heads_reordered(a: F32, n_heads: int) -> F32:
+        """Columns (last axis) of ``n_heads`` heads put in adjacent-pair RoPE order."""
+        order = (np.arange(n_heads)[:, None] * hd + in_head).ravel()
+        return np.ascontiguousarray(a[..., order])
+
     layers = []
     for i in range(config.n_layers):
         p = f"blk.{i}."
-        layers.append(
-            LayerWeights(
-                attn_norm=vector(p + "attn_norm.weight", d),
-                wqkv=np.concatenate(
-                    [
-                        matrix(p + "attn_q.weight", d, q_out),
-                        matrix(p + "attn_k.weight", d, kv_out),
-                        matrix(p + "attn_v.weight", d, kv_out),
-                    ],
-                    axis=1,
-                ),
-                wo=matrix(p + "attn_output.weight", q_out, d),
-                ffn_norm=vector(p + "ffn_norm.weight", d),
-                w_gate_up=np.concatenate(
-                    [
-                        matrix(p + "ffn_gate.weight", d, config.ffn_dim),
-                        matrix(p + "ffn_up.weight", d, config.ffn_dim),
-                    ],
-                    axis=1,
-                ),
-                w_down=matrix(p + "ffn_down.weight", config.ffn_dim, d),
-            )
+        wq = heads_reordered(matrix(p + "attn_q.weight", d, q_out), config.n_heads)
+        wk = heads_reordered(matrix(p + "attn_k.weight", d, kv_out), config.n_kv_heads)
+        layer = LayerWeights(
+            attn_norm=vector(p + "attn_norm.weight", d),
+            wqkv=np.concatenate([wq, wk, matrix(p + "attn_v.weight", d, kv_out)], axis=1),
+            wo=matrix(p + "attn_output.weight", q_out, d),
+            ffn_norm=vector(p + "ffn_norm.weight", d),
+            w_gate_up=np.concatenate(
+                [
+                    matrix(p + "ffn_gate.weight", d, config.ffn_dim),
+                    matrix(p + "ffn_up.weight", d, config.ffn_dim),
+                ],
+                axis=1,
+            ),
+            w_down=matrix(p + "ffn_down.weight", config.ffn_dim, d),
         )
+        if arch.qkv_bias:
+            layer.bqkv = np.concatenate(
+                [
+                    heads_reordered(vector(p + "attn_q.bias", q_out), config.n_heads),
+                    heads_reordered(vector(p + "attn_k.bias", kv_out), config.n_kv_heads),
+                    vector(p + "attn_v.bias", kv_out),
+                ]
+            )
+        if arch.qk_norm:
+            layer.q_norm = heads_reordered(vector(p + "attn_q_norm.weight", hd), 1)
+            layer.k_norm = heads_reordered(vector(p + "attn_k_norm.weight", hd), 1)
+        if arch.sandwich_norms:
+            layer.post_attn_norm = vector(p + "post_attention_norm.weight", d)
+            layer.post_ffn_norm = vector(p + "post_ffw_norm.weight", d)
+        layers.append(layer)
     embed_t = matrix("token_embd.weight", d, config.vocab_size)  # (dim, vocab)
     output = embed_t if config.tied_embeddings else matrix("output.weight", d, config.vocab_size)
     rope_freqs = (

@@ -1,19 +1,27 @@
-"""LLaMA forward pass in numpy, one ragged batch per call (selective batching, as in Orca).
+"""Llama-family forward pass in numpy, one ragged batch per call (selective batching, as in Orca).
 
 Inside: :class:`LLaMAModel`, whose :meth:`~LLaMAModel.step` is the only forward entry point. One
 step runs any mix of sequences, each a :class:`~zigllama_batch.engine.step.SequenceStep`: some
 feed a chunk of their prompt, others one decode token.
 
-- Embedding, RMSNorm, the fused Q/K/V projection, the output projection and the SwiGLU MLP run
+- Embedding, RMSNorm, the fused Q/K/V projection, the output projection and the gated MLP run
   once over all new tokens concatenated: one matrix multiply per weight per step.
 - Attention runs against each sequence's KV-cache slot. Single-token (decode) items are batched
   into one masked attention over their slots; prompt chunks run one by one with a causal mask.
+  A windowed layer (Gemma 3's local layers) attends only to its window's positions.
 - Only each item's last new token goes through the output head.
 
+One block, top to bottom, for every architecture: RMSNorm -> Q/K/V (+ biases) -> per-head q/k
+RMSNorm -> RoPE -> attention -> output projection (-> RMSNorm) -> residual add; RMSNorm -> gated
+MLP (SiLU or tanh-GELU) (-> RMSNorm) -> residual add. The optional steps run where the weights
+hold the tensor; which ones exist, the activation, the embedding scale and the windows come from
+the architecture table (:mod:`~zigllama_batch.engine.architecture`), read once here.
+
 RoPE rotates adjacent pairs of dimensions ``(2i, 2i+1)`` of every head: the layout llama.cpp's
-converter writes Q/K weights in (Hugging Face's "rotate half" applied to un-permuted weights is the
-same computation). Shapes use N = new tokens in the step, B = items, H = query heads,
-KVH = key/value heads, G = H // KVH, D = model width, hd = head width, L = attended positions.
+converter writes Llama Q/K weights in, and the one the loader reorders other architectures' Q/K
+columns into (Hugging Face's "rotate half" on the original order is the same computation).
+Shapes use N = new tokens in the step, B = items, H = query heads, KVH = key/value heads,
+G = H // KVH, D = model width, hd = head width, L = attended positions.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from .architecture import Activation
 from .gguf_loader import LayerWeights, LlamaConfig, LlamaWeights
 from .kv_cache import KVCache
 from .step import SequenceStep
@@ -36,7 +45,7 @@ I64 = NDArray[np.int64]
 
 
 class LLaMAModel:
-    """A Llama-architecture decoder with float32 weights.
+    """A Llama-family decoder (Llama, Qwen2, Qwen3, Gemma 3) with float32 weights.
 
     The model holds no per-sequence state: keys and values live in a :class:`KVCache` passed to
     each :meth:`step`, so several caches (or several disjoint slot sets of one cache) can use the
@@ -46,15 +55,16 @@ class LLaMAModel:
     def __init__(self, config: LlamaConfig, weights: LlamaWeights) -> None:
         self.config = config
         self.weights = weights
-        hd = config.head_dim
-        # RoPE tables for every position, computed in float64 then rounded once.
-        inv_freq = 1.0 / (config.rope_base ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-        if weights.rope_freqs is not None:
-            inv_freq = inv_freq / weights.rope_freqs.astype(np.float64)
-        positions = np.arange(config.context_length, dtype=np.float64) / config.rope_scale
-        angles = np.outer(positions, inv_freq)  # (context, hd/2)
-        # e^(i angle): rotating the pair (x[2j], x[2j+1]) is multiplying x[2j] + i x[2j+1] by it.
-        self._rotation: NDArray[np.complex64] = np.exp(1j * angles).astype(np.complex64)
+        arch = config.architecture
+        self._embed_scale = np.float32(np.sqrt(config.dim)) if arch.scale_embeddings else None
+        self._gelu = arch.activation is Activation.GELU_TANH
+        # RoPE tables: one for the file's base; windowed layers may have a base of their own.
+        self._rotations = [_rotation(config, config.rope_base, config.rope_scale, weights)]
+        self._windows = [config.window(i) for i in range(config.n_layers)]
+        self._table_of_layer = [0] * config.n_layers
+        if arch.local_rope_base is not None and any(self._windows):
+            self._rotations.append(_rotation(config, arch.local_rope_base, 1.0, None))
+            self._table_of_layer = [0 if w is None else 1 for w in self._windows]
 
     @property
     def vocab_size(self) -> int:
@@ -102,28 +112,49 @@ class LLaMAModel:
         """
         if not items:
             return np.zeros((0, self.vocab_size), np.float32)
-        batch = _Batch.build(items, cache, self.vocab_size, self._rotation)
+        batch = _Batch.build(items, cache, self.vocab_size, self._rotations, set(self._windows))
         w = self.weights
         x = w.embed_t[:, batch.token_ids].T.copy()  # (N, D)
-        for layer_index, layer in enumerate(w.layers):
-            self._layer(x, layer, cache.k[layer_index], cache.v[layer_index], batch)
+        if self._embed_scale is not None:
+            x *= self._embed_scale
+        for i, layer in enumerate(w.layers):
+            rotation = batch.rotations[self._table_of_layer[i]]
+            self._layer(x, layer, cache.k[i], cache.v[i], batch, rotation, self._windows[i])
         last = _rms_norm(x[batch.last_rows], w.output_norm, self.config.rms_eps)  # (B, D)
         logits = _matmul(last, w.output)  # (B, vocab)
         return logits
 
     def _layer(
-        self, x: F32, layer: LayerWeights, k_cache: F32, v_cache: F32, batch: _Batch
+        self,
+        x: F32,
+        layer: LayerWeights,
+        k_cache: F32,
+        v_cache: F32,
+        batch: _Batch,
+        rotation: NDArray[np.complex64],
+        window: int | None,
     ) -> None:
-        """One transformer block, updating the residual stream ``x`` (N, D) in place."""
+        """One transformer block, updating the residual stream ``x`` (N, D) in place.
+        ``rotation``: (N, 1, hd/2) RoPE factors of the new tokens; ``window``: positions each
+        token attends to, or None for all earlier ones."""
         c = self.config
         n, hd = x.shape[0], c.head_dim
         q_width, kv_width = c.n_heads * hd, c.n_kv_heads * hd
 
         h = _rms_norm(x, layer.attn_norm, c.rms_eps)
         qkv = _matmul(h, layer.wqkv)  # (N, (H + 2 KVH) hd)
-        # RoPE on queries and keys at once: pairs of dims as complex numbers times e^(i angle).
+        if layer.bqkv is not None:
+            qkv += layer.bqkv
         qk = qkv[:, : q_width + kv_width].reshape(n, c.n_heads + c.n_kv_heads, hd)
-        qk = (qk.view(np.complex64) * batch.rotation).view(np.float32)  # (N, H + KVH, hd)
+        if layer.q_norm is not None and layer.k_norm is not None:  # per-head RMSNorm
+            q_normed = _rms_norm(qk[:, : c.n_heads].reshape(-1, hd), layer.q_norm, c.rms_eps)
+            k_normed = _rms_norm(qk[:, c.n_heads :].reshape(-1, hd), layer.k_norm, c.rms_eps)
+            qk = np.concatenate(
+                [q_normed.reshape(n, c.n_heads, hd), k_normed.reshape(n, c.n_kv_heads, hd)],
+                axis=1,
+            )
+        # RoPE on queries and keys at once: pairs of dims as complex numbers times e^(i angle).
+        qk = (qk.view(np.complex64) * rotation).view(np.float32)  # (N, H + KVH, hd)
         q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
         v = qkv[:, q_width + kv_width :].reshape(n, c.n_kv_heads, hd)
         k_cache[batch.token_slots, :, batch.positions] = k  # (N, KVH, hd) written in place
@@ -133,25 +164,32 @@ class LLaMAModel:
         attn = np.empty((n, c.n_heads, hd), np.float32)  # (N, H, hd)
         if batch.decode_rows.size:
             attn[batch.decode_rows] = _decode_attention(
-                q[batch.decode_rows], k_cache, v_cache, batch
+                q[batch.decode_rows], k_cache, v_cache, batch.decode_groups[window]
             )
         for item_index in batch.prefill_items:
             rows = batch.rows[item_index]
             attn[rows] = _prefill_attention(
-                q[rows], k_cache, v_cache, batch.slots[item_index], batch.starts[item_index]
+                q[rows],
+                k_cache,
+                v_cache,
+                batch.slots[item_index],
+                batch.starts[item_index],
+                window,
             )
-        x += _matmul(attn.reshape(n, q_width), layer.wo)
+        out = _matmul(attn.reshape(n, q_width), layer.wo)  # (N, D)
+        if layer.post_attn_norm is not None:
+            out = _rms_norm(out, layer.post_attn_norm, c.rms_eps)
+        x += out
 
         h = _rms_norm(x, layer.ffn_norm, c.rms_eps)
         gate_up = _matmul(h, layer.w_gate_up)  # (N, 2F)
         gate, up = gate_up[:, : c.ffn_dim], gate_up[:, c.ffn_dim :]
-        # SwiGLU: silu(gate) * up = gate / (1 + e^-gate) * up, in one scratch array.
-        act = np.negative(gate)
-        np.exp(act, out=act)
-        act += 1.0
-        np.divide(gate, act, out=act)
+        act = _gelu_tanh(gate) if self._gelu else _silu(gate)
         act *= up
-        x += _matmul(act, layer.w_down)
+        out = _matmul(act, layer.w_down)
+        if layer.post_ffn_norm is not None:
+            out = _rms_norm(out, layer.post_ffn_norm, c.rms_eps)
+        x += out
 
     def __repr__(self) -> str:
         c = self.config
@@ -175,18 +213,23 @@ class _DecodeGroup:
 
     ``items`` are positions in the slot-ordered decode list; ``where`` indexes the cache (a
     slice: a view; an array: a gather); ``local`` places each item within the run when the
-    run has unused slots (None when every slot of the run is an item); ``mask`` is 0 where a
-    position is attended and -inf elsewhere, ``(run, 1, 1, L)``.
+    run has unused slots (None when every slot of the run is an item); ``positions`` is the
+    range of cache positions read; ``mask`` is 0 where a position is attended and -inf
+    elsewhere, ``(run, 1, 1, L)`` over that range.
     """
 
     items: slice
     where: slice | I64
     local: I64 | None
+    positions: slice
     mask: F32
 
     @staticmethod
-    def plan(slots: Sequence[int], lengths: Sequence[int]) -> list[_DecodeGroup]:
-        """Group slot-ordered decode items into runs; ``lengths``: positions each attends to."""
+    def plan(
+        slots: Sequence[int], lengths: Sequence[int], window: int | None
+    ) -> list[_DecodeGroup]:
+        """Group slot-ordered decode items into runs; ``lengths``: positions each has (its new
+        one included); ``window``: the last positions each attends to (None: all)."""
         if not slots:
             return []
         bounds = [0]  # start of each run, as an index into slots
@@ -195,33 +238,43 @@ class _DecodeGroup:
                 bounds.append(i)
         bounds.append(len(slots))
         if len(bounds) - 1 > _MAX_DECODE_GROUPS:  # scattered: one gathered group
-            return [_DecodeGroup._make(slots, lengths, 0, len(slots), gather=True)]
+            return [_DecodeGroup._make(slots, lengths, window, 0, len(slots), gather=True)]
         return [
-            _DecodeGroup._make(slots, lengths, a, b, gather=False)
+            _DecodeGroup._make(slots, lengths, window, a, b, gather=False)
             for a, b in itertools.pairwise(bounds)
         ]
 
     @staticmethod
     def _make(
-        slots: Sequence[int], lengths: Sequence[int], a: int, b: int, *, gather: bool
+        slots: Sequence[int],
+        lengths: Sequence[int],
+        window: int | None,
+        a: int,
+        b: int,
+        *,
+        gather: bool,
     ) -> _DecodeGroup:
         run_slots = np.asarray(slots[a:b], dtype=np.int64)
-        run_lengths = np.asarray(lengths[a:b], dtype=np.int64)
-        l_max = int(run_lengths.max())
+        run_ends = np.asarray(lengths[a:b], dtype=np.int64)
+        run_starts = np.zeros_like(run_ends) if window is None else np.maximum(run_ends - window, 0)
+        lo, hi = int(run_starts.min()), int(run_ends.max())  # positions any item reads
         if gather:
             where: slice | I64 = run_slots
             local = None
-            row_lengths = run_lengths
+            starts, ends = run_starts, run_ends
         else:
-            lo, hi = int(run_slots[0]), int(run_slots[-1]) + 1
-            where = slice(lo, hi)
-            dense = hi - lo == b - a
-            local = None if dense else run_slots - lo
-            # Unused slots of the run attend to position 0 only: finite, and thrown away.
-            row_lengths = np.ones(hi - lo, dtype=np.int64)
-            row_lengths[run_slots - lo] = run_lengths
-        mask = np.where(np.arange(l_max)[None, :] < row_lengths[:, None], 0.0, -np.inf)
-        return _DecodeGroup(slice(a, b), where, local, mask.astype(np.float32)[:, None, None, :])
+            first, last = int(run_slots[0]), int(run_slots[-1]) + 1
+            where = slice(first, last)
+            dense = last - first == b - a
+            local = None if dense else run_slots - first
+            # Unused slots of the run attend to one position only: finite, and thrown away.
+            starts = np.full(last - first, lo, dtype=np.int64)
+            ends = starts + 1
+            starts[run_slots - first], ends[run_slots - first] = run_starts, run_ends
+        pos = np.arange(lo, hi)[None, :]
+        seen = (pos >= starts[:, None]) & (pos < ends[:, None])
+        mask = np.where(seen, 0.0, -np.inf).astype(np.float32)[:, None, None, :]
+        return _DecodeGroup(slice(a, b), where, local, slice(lo, hi), mask)
 
 
 @dataclass(slots=True)
@@ -237,15 +290,17 @@ class _Batch:
     starts: list[int]
     prefill_items: list[int]  # items with more than one new token
     decode_rows: I64  # rows of single-token items, ordered by slot
-    decode_groups: list[_DecodeGroup]  # the decode items, in slot order, by runs of slots
-    rotation: NDArray[np.complex64]  # (N, 1, hd/2): RoPE factor of each new token
+    # The decode items, in slot order, by runs of slots: one plan per attention window.
+    decode_groups: dict[int | None, list[_DecodeGroup]]
+    rotations: list[NDArray[np.complex64]]  # per RoPE table: (N, 1, hd/2) factor of each token
 
     @staticmethod
     def build(
         items: Sequence[SequenceStep],
         cache: KVCache,
         vocab_size: int,
-        rotation: NDArray[np.complex64],
+        rotations: Sequence[NDArray[np.complex64]],
+        windows: set[int | None],
     ) -> _Batch:
         seen: set[int] = set()
         token_ids: list[int] = []
@@ -282,6 +337,7 @@ class _Batch:
             raise ValueError(f"token ids must be in [0, {vocab_size})")
         decode.sort()
         all_positions = np.concatenate(positions)
+        decode_slots, decode_lengths = [d[0] for d in decode], [d[2] + 1 for d in decode]
         return _Batch(
             token_ids=ids,
             positions=all_positions,
@@ -292,8 +348,8 @@ class _Batch:
             starts=[item.start_pos for item in items],
             prefill_items=prefill_items,
             decode_rows=np.array([d[1] for d in decode], dtype=np.int64),
-            decode_groups=_DecodeGroup.plan([d[0] for d in decode], [d[2] + 1 for d in decode]),
-            rotation=rotation[all_positions][:, None, :],
+            decode_groups={w: _DecodeGroup.plan(decode_slots, decode_lengths, w) for w in windows},
+            rotations=[r[all_positions][:, None, :] for r in rotations],
         )
 
 
@@ -335,6 +391,48 @@ def _matmul(h: F32, w: F32) -> F32:
     return out
 
 
+def _rotation(
+    config: LlamaConfig, base: float, scale: float, weights: LlamaWeights | None
+) -> NDArray[np.complex64]:
+    """RoPE factors of every position, (context, hd/2), computed in float64 then rounded once.
+    ``e^(i angle)``: rotating the pair (x[2j], x[2j+1]) is multiplying x[2j] + i x[2j+1] by it."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (base ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    if weights is not None and weights.rope_freqs is not None:  # Llama 3.1's per-pair factors
+        inv_freq = inv_freq / weights.rope_freqs.astype(np.float64)
+    positions = np.arange(config.context_length, dtype=np.float64) / scale
+    angles = np.outer(positions, inv_freq)  # (context, hd/2)
+    table: NDArray[np.complex64] = np.exp(1j * angles).astype(np.complex64)
+    return table
+
+
+def _silu(gate: F32) -> F32:
+    """silu(gate) = gate / (1 + e^-gate), in one new array."""
+    act = np.negative(gate)
+    np.exp(act, out=act)
+    act += 1.0
+    np.divide(gate, act, out=act)
+    return act
+
+
+_GELU_C = np.float32(np.sqrt(2.0 / np.pi))
+
+
+def _gelu_tanh(gate: F32) -> F32:
+    """GELU, tanh approximation: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), in one new
+    array."""
+    act = gate * gate
+    act *= np.float32(0.044715)
+    act += 1.0
+    act *= gate
+    act *= _GELU_C
+    np.tanh(act, out=act)
+    act += 1.0
+    act *= gate
+    act *= np.float32(0.5)
+    return act
+
+
 def _rms_norm(x: F32, weight: F32, eps: float) -> F32:
     """RMSNorm over rows: x / sqrt(mean(x^2) + eps) * weight. x: (N, D)."""
     rms = np.einsum("ij,ij->i", x, x)  # (N,) sum of squares
@@ -353,19 +451,18 @@ def _softmax_inplace(scores: F32) -> F32:
     return scores
 
 
-def _decode_attention(q: F32, k_cache: F32, v_cache: F32, batch: _Batch) -> F32:
-    """Attention for single-token items, a run of cache slots at a time, each run padded to
-    its longest sequence.
+def _decode_attention(q: F32, k_cache: F32, v_cache: F32, groups: list[_DecodeGroup]) -> F32:
+    """Attention for single-token items, a run of cache slots at a time, each run over the
+    positions its items see.
 
     q: (Bd, H, hd) already scaled, in slot order. Returns (Bd, H, hd).
     """
     _, n_heads, hd = q.shape
     n_kv = k_cache.shape[1]
     out = np.empty_like(q)
-    for group in batch.decode_groups:
-        l_max = group.mask.shape[-1]
-        keys = k_cache[group.where, :, :l_max]  # (R, KVH, L, hd): a view for a slice
-        values = v_cache[group.where, :, :l_max]
+    for group in groups:
+        keys = k_cache[group.where, :, group.positions]  # (R, KVH, L, hd): a view for a slice
+        values = v_cache[group.where, :, group.positions]
         if group.local is None:
             q_run = q[group.items]
         else:  # slots of the run without an item get a zero query
@@ -383,12 +480,14 @@ def _decode_attention(q: F32, k_cache: F32, v_cache: F32, batch: _Batch) -> F32:
     return out
 
 
-def _prefill_attention(q: F32, k_cache: F32, v_cache: F32, slot: int, start: int) -> F32:
+def _prefill_attention(
+    q: F32, k_cache: F32, v_cache: F32, slot: int, start: int, window: int | None
+) -> F32:
     """Causal attention of one prompt chunk over its slot. q: (T, H, hd). Returns (T, H, hd).
 
     Queries go in blocks of ``_QUERY_BLOCK``, each attending only to the positions it can see
-    (a causal chunk skips half of the products), with the query heads that share a key/value
-    head stacked into one matrix product per KV head.
+    (a causal chunk skips half of the products; a window skips what lies before it), with the
+    query heads that share a key/value head stacked into one matrix product per KV head.
     """
     t, n_heads, hd = q.shape
     n_kv = k_cache.shape[1]
@@ -397,13 +496,21 @@ def _prefill_attention(q: F32, k_cache: F32, v_cache: F32, slot: int, start: int
     out = np.empty((t, n_kv, group, hd), np.float32)
     for b0 in range(0, t, _QUERY_BLOCK):
         b1 = min(t, b0 + _QUERY_BLOCK)
-        nb, length = b1 - b0, start + b1
-        keys = k_cache[slot, :, :length]  # (KVH, L, hd)
-        values = v_cache[slot, :, :length]
+        nb, end = b1 - b0, start + b1
+        lo = 0 if window is None else max(0, start + b0 - window + 1)  # first position seen
+        keys = k_cache[slot, :, lo:end]  # (KVH, L, hd)
+        values = v_cache[slot, :, lo:end]
         scores = qg[:, b0:b1].reshape(n_kv, nb * group, hd) @ keys.transpose(0, 2, 1)
-        # Row i of the block sits at position start + b0 + i and sees positions up to it: only
-        # the block's own columns need masking.
-        scores.reshape(n_kv, nb, group, length)[..., start + b0 :] += _CAUSAL[:nb, None, :nb]
+        per_query = scores.reshape(n_kv, nb, group, end - lo)
+        if window is None:
+            # Row i of the block sits at position start + b0 + i and sees positions up to it:
+            # only the block's own columns need masking.
+            per_query[..., start + b0 - lo :] += _CAUSAL[:nb, None, :nb]
+        else:  # what each query sees: (query - window, query]
+            query_pos = np.arange(start + b0, end)[:, None]
+            distance = query_pos - np.arange(lo, end)[None, :]  # (nb, L)
+            mask = np.where((distance >= 0) & (distance < window), 0.0, -np.inf)
+            per_query += mask.astype(np.float32)[:, None, :]
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         total = scores.sum(axis=-1, keepdims=True)

@@ -54,11 +54,17 @@ _LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
     "default": (_GPT2_PATTERN,),
     "gpt2": (_GPT2_PATTERN,),
     "llama-bpe": (_LLAMA3_PATTERN,),
     "llama3": (_LLAMA3_PATTERN,),
+    "qwen2": (_QWEN2_PATTERN,),
+    "deepseek-r1-qwen": (_QWEN2_PATTERN,),
     "smollm": (r"\p{N}", _GPT2_PATTERN),
     "starcoder": (r"\p{N}", _GPT2_PATTERN),
     "refact": (r"\p{N}", _GPT2_PATTERN),
@@ -138,7 +144,26 @@ class Tokenizer:
             default_add_bos = False
         elif kind == "llama":
             scores = metadata.get("tokenizer.ggml.scores")
-            self._hf = self._sentencepiece_bpe(vocab, merges, scores)
+            merge_types = self._types
+            if str(metadata.get("general.architecture", "")).startswith("gemma"):
+                # Gemma files store tokens of two or more spaces as spaces (typed user-defined),
+                # where the text the model reads has "▁"s; and their merge order is the order
+                # of the vocabulary, which their scores do not follow (as transformers' GGUF
+                # reader says).
+                spaces = {i for i, t in enumerate(self._tokens) if len(t) > 1 and not t.strip(" ")}
+                vocab = {"▁" * len(t) if i in spaces else t: i for i, t in enumerate(self._tokens)}
+                merge_types = [
+                    _TokenType.NORMAL if i in spaces else t for i, t in enumerate(self._types)
+                ]
+                scores = [-float(i) for i in range(n)]
+            prefix = metadata.get("tokenizer.ggml.add_space_prefix")
+            self._hf = self._sentencepiece_bpe(
+                vocab,
+                merges,
+                scores,
+                merge_types,
+                space_prefix=True if prefix is None else bool(prefix),
+            )
             default_add_bos = True
         else:
             raise ModelLoadError(f"tokenizer kind {kind!r} is not supported (only 'gpt2', 'llama')")
@@ -331,12 +356,18 @@ class Tokenizer:
         return tok
 
     def _sentencepiece_bpe(
-        self, vocab: dict[str, int], merges: list[str] | None, scores: list[float] | None
+        self,
+        vocab: dict[str, int],
+        merges: list[str] | None,
+        scores: list[float] | None,
+        merge_types: Sequence[_TokenType],
+        *,
+        space_prefix: bool,
     ) -> HFTokenizer:
         if merges:
             pairs = [_split_merge(m) for m in merges]
         elif scores:
-            pairs = _merges_from_scores(vocab, scores, self._types)
+            pairs = _merges_from_scores(vocab, scores, merge_types)
         else:
             raise ModelLoadError("a 'llama' tokenizer needs tokenizer.ggml.scores or merges")
         unk = next(
@@ -351,16 +382,12 @@ class Tokenizer:
             models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True)
         )
         tok.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement="▁", prepend_scheme="first", split=False
+            replacement="▁", prepend_scheme="first" if space_prefix else "never", split=False
         )
-        tok.decoder = decoders.Sequence(
-            [
-                decoders.Replace("▁", " "),
-                decoders.ByteFallback(),
-                decoders.Fuse(),
-                decoders.Strip(" ", 1, 0),
-            ]
-        )
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if space_prefix:
+            steps.append(decoders.Strip(" ", 1, 0))
+        tok.decoder = decoders.Sequence(steps)
         return tok
 
     def _add_special_tokens(self) -> None:
@@ -369,10 +396,13 @@ class Tokenizer:
             for t, ty in zip(self._tokens, self._types, strict=True)
             if ty == _TokenType.CONTROL or ty == _TokenType.UNKNOWN
         ]
+        # A user-defined token whose spelling the model's vocabulary changed (Gemma's runs of
+        # spaces) is left to the vocabulary: adding it again would give it a second id.
+        known = self._hf.get_vocab()
         user = [
             AddedToken(t, special=False, normalized=False)
             for t, ty in zip(self._tokens, self._types, strict=True)
-            if ty == _TokenType.USER_DEFINED
+            if ty == _TokenType.USER_DEFINED and t in known
         ]
         self._hf.add_special_tokens(control)
         self._hf.add_tokens(user)
