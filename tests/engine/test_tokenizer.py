@@ -117,6 +117,34 @@ def test_model_without_template_gets_chatml(write_gguf: Callable[..., Path]) -> 
     )
 
 
+def test_gemma_vocabulary_without_template_gets_gemma_turns(
+    write_gguf: Callable[..., Path],
+) -> None:
+    """A file with Gemma's turn tokens and no template renders Gemma's turns (a system message
+    folded into the first user turn, the assistant called "model"), its BOS written once."""
+    metadata = read_gguf_metadata(write_gguf(vocab="spm", chat_template=None))
+    metadata["tokenizer.ggml.tokens"] = [*metadata["tokenizer.ggml.tokens"], "<start_of_turn>"]
+    metadata["tokenizer.ggml.tokens"].append("<end_of_turn>")
+    metadata["tokenizer.ggml.token_type"] = [*metadata["tokenizer.ggml.token_type"], 3, 3]
+    metadata["tokenizer.ggml.scores"] = [*metadata["tokenizer.ggml.scores"], 0.0, 0.0]
+    tok = Tokenizer(metadata)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi "},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
+    assert tok.apply_chat_template(messages) == (
+        "<s><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+    )
+    ids = tok.encode_prompt(messages)
+    assert ids.count(tok.bos_id) == 1
+    assert ids[0] == tok.bos_id
+    assert tok.token_to_str(ids[1]) == "<start_of_turn>"
+
+
 @pytest.mark.parametrize(
     "messages",
     [

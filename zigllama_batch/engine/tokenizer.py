@@ -14,7 +14,8 @@ Two vocabulary kinds are read from ``tokenizer.ggml.*`` metadata:
 
 Control tokens (``<|im_start|>``, ``<s>``...) are matched as single tokens in any text, chat
 template output included. Chat templates render in jinja2's immutable sandbox; a model without
-a template gets ChatML.
+a template gets Gemma's turn format when its vocabulary has Gemma's turn tokens (the base Gemma
+files carry none), else ChatML.
 
 Left out: the other GGUF vocabulary kinds (``bert``, ``t5``, ``rwkv``), normalizers beyond
 SentencePiece's space handling.
@@ -47,6 +48,21 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set prefix = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') "
+    "+ message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+"""Gemma 3's chat format (its instruction-tuned models' template, without the checks that
+turns alternate): a system message is folded into the first user turn."""
 
 # Pre-tokenizer split rules by `tokenizer.ggml.pre`, as in llama.cpp's llama-vocab.cpp.
 _GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -191,8 +207,14 @@ class Tokenizer:
         }
         self.stop_ids: frozenset[int] = frozenset(i for i in stops if i is not None)
         """Tokens that end a generation (end of sequence, end of turn)."""
-        self.chat_template: str = metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
-        """The Jinja chat template (the model's own, or ChatML when it has none)."""
+        default_template = (
+            GEMMA_TEMPLATE
+            if {"<start_of_turn>", "<end_of_turn>"} <= set(self._tokens)
+            else CHATML_TEMPLATE
+        )
+        self.chat_template: str = metadata.get("tokenizer.chat_template") or default_template
+        """The Jinja chat template (the model's own; else Gemma's for a Gemma vocabulary, or
+        ChatML)."""
 
     @property
     def vocab_size(self) -> int:
