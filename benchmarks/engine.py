@@ -1,10 +1,14 @@
-"""Engine speed on the default model: load time, prefill and decode throughput, peak memory.
+"""Engine speed on a model: load time, prefill and decode throughput, peak memory.
 
 Decode steps are timed A/B interleaved with the bare float32 matrix multiplies of the same step
 (same shapes, same weights): their ratio, the engine's share of the matrix-multiply bound, holds
 on a noisy machine where absolute figures drift. Medians everywhere.
 
-    python benchmarks/engine.py [--model PATH] [--steps 32] [--out benchmarks/results/engine.json]
+    python benchmarks/engine.py [--model PATH|NAME] [--steps 32] [--out FILE]
+
+Results go to ``benchmarks/results/engine.json`` for the default model and to
+``engine-NAME.json`` for a model given by name or path (``--model gemma-3-270m``:
+``engine-gemma-3-270m.json``).
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ def bare_matmuls(model: LLaMAModel, batch: int, scratch: dict[int, Any]) -> None
         c = model.config
         scratch[batch] = (
             np.ones((batch, c.dim), np.float32),
+            np.ones((batch, c.n_heads * c.head_dim), np.float32),
             np.ones((batch, c.ffn_dim), np.float32),
         )
-    x, a = scratch[batch]
+    x, attn, a = scratch[batch]
     w = model.weights
     for layer in w.layers:
         x @ layer.wqkv
-        x @ layer.wo
+        attn @ layer.wo
         x @ layer.w_gate_up
         a @ layer.w_down
     x @ w.output
@@ -137,9 +142,11 @@ def _memory_only(model_path: str | None, slots: int, context: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="GGUF file (default model when omitted)")
+    ap.add_argument(
+        "--model", default=None, help="GGUF file or packaged model name (default model if omitted)"
+    )
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per batch size")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine.json"))
+    ap.add_argument("--out", default=None, help="JSON results file (default: by model)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--slots", type=int, default=32, help=argparse.SUPPRESS)
@@ -195,7 +202,9 @@ def main() -> None:
             f"peak RSS, {memory['slots']} slots x {memory['context']} tokens filled: "
             f"{memory['peak_rss_mib']:.0f} MiB (KV cache {memory['kv_cache_mib']:.0f} MiB)"
         )
-    out = Path(args.out)
+    results = Path(__file__).parent / "results"
+    name = f"engine-{Path(args.model).name.removesuffix('.gguf')}.json" if args.model else ""
+    out = Path(args.out) if args.out else results / (name or "engine.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")

@@ -193,14 +193,21 @@ async def test_sixteen_concurrent_streams_all_finish_with_right_usage(
     server: ServerProcess, client: AsyncOpenAI
 ) -> None:
     """16 concurrent streamed requests all finish with the usage they asked for, and each
-    stream's text is the text the same (seeded) request gets without streaming."""
+    stream's text is the text the same request gets without streaming.
+
+    Greedy, not seeded sampling: the two runs batch the requests differently, and batched
+    float32 products differ in the last bits with the batch's shape. Sampling over the whole
+    vocabulary at temperature 1 crosses the boundary between two tail tokens' shares of the
+    distribution with that noise often enough to fail this test one run in two (seen on an
+    Intel Xeon); a greedy choice changes only at a near-tie."""
 
     def ask(i: int) -> dict[str, object]:
         return {
             "model": server.model,
             "messages": [{"role": "user", "content": f"Tell me fact {i}."}],
             "max_tokens": 12 + i,
-            "extra_body": {"ignore_eos": True, "seed": i},
+            "temperature": 0,
+            "extra_body": {"ignore_eos": True},
         }
 
     async def streamed(i: int) -> tuple[str, int]:

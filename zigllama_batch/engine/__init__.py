@@ -1,13 +1,14 @@
-"""The numeric side: GGUF loading, the numpy LLaMA forward pass, tokenizer and sampling.
+"""The numeric side: GGUF loading, the numpy Llama-family forward pass, tokenizer and sampling.
 
 Nothing here knows about asyncio. The pieces, in the order data flows through them:
+``architecture`` (the table of what differs between Llama, Qwen2, Qwen3 and Gemma 3),
 ``gguf_loader`` (file -> config + float32 weights), ``tokenizer`` (text <-> ids), ``step``
 (``SequenceStep``: what a step takes per sequence; ``SequenceState``: a sequence's progress),
 ``slots`` (which cache slot holds whom), ``model`` (``LLaMAModel.step``: one ragged forward
 pass), ``kv_cache`` (the keys and values, storage only), ``sampler`` (next tokens, with a
 per-sequence logits hook), ``runner`` (``Engine.step``: forward + sampling, typed against the
 ``Model`` protocol), ``output`` (ids -> text with stop rules, and the finished result) and ``hub``
-(the default model's download and cache).
+(packaged models by name: download, verification, cache).
 """
 
 from .gguf_loader import LlamaConfig, read_gguf

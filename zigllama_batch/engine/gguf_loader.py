@@ -314,7 +314,7 @@ def _load_weights(config: LlamaConfig, tensors: dict[str, Any], path: Path) -> L
 
     def matrix(name: str, n_in: int, n_out: int) -> F32:
         """A linear layer as (in, out), from GGUF's (out rows of in values)."""
-        return np.ascontiguousarray(_dequantize(tensors, name, (n_out, n_in), path).T)
+        return _transposed(_dequantize(tensors, name, (n_out, n_in), path))
 
     def vector(name: str, n: int) -> F32:
         return _dequantize(tensors, name, (n,), path)
@@ -372,6 +372,19 @@ def _load_weights(config: LlamaConfig, tensors: dict[str, Any], path: Path) -> L
         output=output,
         rope_freqs=rope_freqs,
     )
+
+
+_TRANSPOSE_ROWS = 512
+"""Rows transposed at a time: numpy's whole-array transposing copy walks memory in an order
+caches dislike (5.1 s for Gemma 3's 262144 x 640 embedding, against 0.7 s in blocks)."""
+
+
+def _transposed(a: F32) -> F32:
+    """A C-contiguous copy of ``a.T``, made block by block."""
+    out = np.empty((a.shape[1], a.shape[0]), np.float32)
+    for i in range(0, a.shape[0], _TRANSPOSE_ROWS):
+        out[:, i : i + _TRANSPOSE_ROWS] = a[i : i + _TRANSPOSE_ROWS].T
+    return out
 
 
 def _dequantize(tensors: dict[str, Any], name: str, shape: tuple[int, ...], path: Path) -> F32:
