@@ -147,6 +147,7 @@ class TinySpec:
     sliding_window: int | None = None  # gemma3's attention.sliding_window
     tokenizer_pre: str = "smollm"  # tokenizer.ggml.pre of a gpt2 vocabulary
     embed_scale: float = 1.0  # spread of the token embedding (smaller: layers matter more)
+    rope_freqs: bool = False  # write Llama 3.1's per-pair RoPE frequency factors
 
     @property
     def hd(self) -> int:
@@ -236,6 +237,8 @@ def hf_weights(spec: TinySpec, vocab_size: int) -> dict[str, np.ndarray]:
             out[p + "post_attention_norm.weight"] = norm(spec.dim)
             out[p + "post_ffw_norm.weight"] = norm(spec.dim)
     out["output_norm.weight"] = norm(spec.dim)
+    if spec.rope_freqs:  # Llama 3.1 divides the low frequencies by up to its factor of 8
+        out["rope_freqs.weight"] = rng.uniform(1.0, 8.0, hd // 2).astype(np.float32)
     if not spec.tied:
         out["output.weight"] = w(vocab_size, spec.dim, scale=0.5)
     return out
@@ -360,6 +363,8 @@ def reference_logits(path: Path, spec: TinySpec, token_ids: Sequence[int]) -> np
         return v / np.sqrt((v * v).mean(-1, keepdims=True) + spec.rms_eps) * w
 
     inv = 1.0 / spec.rope_base ** (np.arange(0, hd, 2) / hd)
+    if "rope_freqs.weight" in t:
+        inv = inv / t["rope_freqs.weight"]
     ang = np.outer(np.arange(n), inv)
     cos = np.cos(np.concatenate([ang, ang], -1))
     sin = np.sin(np.concatenate([ang, ang], -1))

@@ -60,6 +60,20 @@ def test_grouped_query_attention_and_untied_head(tmp_path: Path) -> None:
     )
 
 
+def test_llama3_rope_frequency_factors_are_applied(tmp_path: Path) -> None:
+    """A Llama 3.1-style file with ``rope_freqs.weight`` loads and divides each pair's RoPE
+    frequency by its factor, as an independent forward pass does."""
+    spec = TinySpec(rope_freqs=True, seed=9, rope_base=500000.0)
+    path = write_tiny_gguf(tmp_path / "m.gguf", spec)
+    model, _ = load_model(path)
+    assert model.weights.rope_freqs is not None
+    ids = list(range(7, 47))
+    want = reference_logits(path, spec, ids)
+    np.testing.assert_allclose(logits_token_by_token(model, ids), want, atol=2e-4, rtol=0)
+    without = write_tiny_gguf(tmp_path / "plain.gguf", TinySpec(seed=9, rope_base=500000.0))
+    assert not np.allclose(logits_token_by_token(load_model(without)[0], ids), want, atol=1e-2)
+
+
 def _prompts(model: LLaMAModel) -> list[list[int]]:
     rng = np.random.default_rng(7)
     return [list(map(int, rng.integers(0, model.vocab_size, n))) for n in (1, 5, 17, 33, 64)]

@@ -187,7 +187,9 @@ class Engine:
         out: list[TokenSample | None] = [None] * len(items)
         if rows:
             states = [s for it in items if (s := it.sampling) is not None]
-            tokens, logprobs = sample(logits[rows], states)
+            # Every item samples, as a rule: hand the logits over as they are (a copy of 32 rows
+            # of a 262k vocabulary costs ~9 ms).
+            tokens, logprobs = sample(logits if len(rows) == len(items) else logits[rows], states)
             for j, i in enumerate(rows):
                 hook = states[j].hook
                 out[i] = TokenSample(

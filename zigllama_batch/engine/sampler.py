@@ -147,9 +147,9 @@ def sample(logits: F32, states: Sequence[SamplingState]) -> tuple[NDArray[np.int
     greedy = [i for i, s in enumerate(states) if s.config.is_greedy]
     drawn = [i for i, s in enumerate(states) if not s.config.is_greedy]
     if greedy:
-        tokens[greedy] = np.argmax(_adjusted(logits, greedy, states), axis=1)
+        tokens[greedy] = np.argmax(_adjusted(logits, greedy, states, copy=False), axis=1)
     if drawn:
-        x = _adjusted(logits, drawn, states)
+        x = _adjusted(logits, drawn, states, copy=True)
         x /= np.array([states[i].config.temperature for i in drawn], np.float32)[:, None]
         tokens[drawn] = _draw(x, [states[i] for i in drawn])
 
@@ -165,8 +165,13 @@ def sample(logits: F32, states: Sequence[SamplingState]) -> tuple[NDArray[np.int
     return tokens, logprobs
 
 
-def _adjusted(logits: F32, rows: list[int], states: Sequence[SamplingState]) -> F32:
-    """A copy of the given rows with each sequence's penalties and hook applied."""
+def _adjusted(logits: F32, rows: list[int], states: Sequence[SamplingState], *, copy: bool) -> F32:
+    """The given rows with each sequence's penalties and hook applied: a copy, or (when
+    ``copy`` is false and nothing is to be applied to all of the rows) ``logits`` itself, for a
+    caller that only reads them."""
+    adjusting = any(states[i].adjusts_logits for i in rows)
+    if not copy and not adjusting and len(rows) == logits.shape[0]:
+        return logits
     out = logits[rows]
     for j, i in enumerate(rows):
         if states[i].adjusts_logits:
