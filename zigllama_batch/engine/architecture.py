@@ -70,6 +70,10 @@ class Architecture:
     local_rope_base: float | None = None
     """RoPE base of the windowed layers, which GGUF files do not store (Gemma 3: 10,000, where
     its global layers read 1,000,000 from the file); None: every layer uses the file's."""
+    wide_query_scale_layers: int | None = None
+    """A model of this many layers scales its queries by ``1/sqrt(dim / heads)`` instead of
+    ``1/sqrt(head_dim)`` (Gemma 3 27B, 62 layers, as llama.cpp and its Hugging Face config's
+    ``query_pre_attn_scalar`` of 168 say; GGUF files do not store the scalar)."""
 
     def is_global(self, layer: int) -> bool:
         """True when ``layer`` attends to every earlier position."""
@@ -91,6 +95,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             scale_embeddings=True,
             global_every=6,
             local_rope_base=10_000.0,
+            wide_query_scale_layers=62,
         ),
     )
 }

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gguf
 import numpy as np
@@ -80,6 +80,9 @@ class LlamaConfig:
     sliding_window: int | None = None
     """Positions a windowed layer attends to, itself included (``attention.sliding_window``);
     None when every layer attends to all earlier positions."""
+    query_scale: float = 0.0
+    """What queries are multiplied by before attention: ``1/sqrt(head_dim)`` (0 when not
+    given), or what the architecture's row says for a model of this depth."""
     name: str = "llama"
     """The file name without ``.gguf``: what the demo, ``generate`` and the server show, and the
     server's default model id, so a user sees one name everywhere. The file's ``general.name``
@@ -94,6 +97,10 @@ class LlamaConfig:
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ModelLoadError(f"sliding window must be positive, got {self.sliding_window}")
+        if not self.query_scale:
+            wide = self.architecture.wide_query_scale_layers == self.n_layers
+            width = self.dim / self.n_heads if wide else self.head_dim
+            object.__setattr__(self, "query_scale", 1.0 / float(np.sqrt(width)))
 
     def window(self, layer: int) -> int | None:
         """Positions ``layer`` attends to (itself included), or None for all earlier ones."""
@@ -198,7 +205,8 @@ def _open(path: Path) -> tuple[Any, dict[str, Any]]:
         reader = _Reader(path, "r")
     except Exception as exc:  # gguf raises ValueError, struct.error, IndexError... on bad files
         raise ModelLoadError(f"cannot parse GGUF file {path}: {exc}") from exc
-    metadata = {name: _field_value(field) for name, field in reader.fields.items()}
+    order = _byte_order(reader)
+    metadata = {name: _field_value(field, order) for name, field in reader.fields.items()}
     try:
         architecture(metadata.get("general.architecture"))
     except KeyError as exc:
@@ -207,18 +215,21 @@ def _open(path: Path) -> tuple[Any, dict[str, Any]]:
 
 
 class _Reader(gguf.GGUFReader):
-    """``gguf.GGUFReader`` with arrays of metadata read whole.
+    """``gguf.GGUFReader`` with top-level arrays of metadata read whole.
 
     The stock reader makes two numpy views per element of an array field: 24 s for Gemma 3's
-    three 262,144-entry vocabulary arrays, against 0.3 s here. An array of fixed-size scalars
-    becomes one typed view, and an array of strings one view of its bytes (decoded by
-    :func:`_field_value`); every other field is read as ``gguf`` reads it.
+    three 262,144-entry vocabulary arrays, against 0.3 s here. A top-level array of fixed-size
+    scalars becomes one typed view, and one of strings one view of its bytes (decoded by
+    :func:`_field_value`); every other field, arrays of arrays with all they hold included, is
+    read as ``gguf`` reads it.
     """
+
+    _stock = False  # True while gguf reads an array of arrays, inner arrays included
 
     def _get_field_parts(
         self, orig_offs: int, raw_type: int
     ) -> tuple[int, list[NDArray[Any]], list[int], list[gguf.GGUFValueType]]:
-        if raw_type != gguf.GGUFValueType.ARRAY:
+        if raw_type != gguf.GGUFValueType.ARRAY or self._stock:
             return super()._get_field_parts(orig_offs, raw_type)
         raw_itype = self._get(orig_offs, np.uint32)
         alen = self._get(orig_offs + 4, np.uint64)
@@ -227,29 +238,45 @@ class _Reader(gguf.GGUFReader):
         nptype = self.gguf_scalar_to_np.get(item_type)
         if nptype is not None:
             payload = self._get(start, nptype, count)
+            if len(payload) != count:
+                raise ValueError(f"an array of {count} values runs past the end of the file")
         elif item_type == gguf.GGUFValueType.STRING:
-            data = memoryview(self.data.data)  # the file's bytes, not a copy
+            data, order = memoryview(self.data.data), _byte_order(self)  # the file, not a copy
             end = start
             for _ in range(count):  # each string: a uint64 length, then its bytes
-                end += 8 + int.from_bytes(data[end : end + 8], "little")
+                if end + 8 > len(data):
+                    raise ValueError(f"an array of {count} strings runs past the end of the file")
+                end += 8 + int.from_bytes(data[end : end + 8], order)
+            if end > len(data):
+                raise ValueError(f"an array of {count} strings runs past the end of the file")
             payload = self._get(start, np.uint8, end - start)
-        else:  # arrays of arrays: as gguf reads them
-            return super()._get_field_parts(orig_offs, raw_type)
+        else:  # arrays of arrays: as gguf reads them, inner arrays too
+            self._stock = True
+            try:
+                return super()._get_field_parts(orig_offs, raw_type)
+            finally:
+                self._stock = False
         size = 12 + int(payload.nbytes)
         return size, [raw_itype, alen, payload], [2], [gguf.GGUFValueType.ARRAY, item_type]
 
 
-def _field_value(field: Any) -> Any:
-    """A metadata field of a :class:`_Reader` as Python values."""
+def _byte_order(reader: Any) -> Literal["little", "big"]:
+    """The byte order of a reader's file ("S": swapped from this little-endian host's)."""
+    return "big" if reader.byte_order == "S" else "little"
+
+
+def _field_value(field: Any, order: Literal["little", "big"]) -> Any:
+    """A metadata field of a :class:`_Reader` as Python values; ``order``: the file's byte
+    order."""
     try:
         if len(field.types) == 2 and field.types[0] == gguf.GGUFValueType.ARRAY:
-            # An array read whole: its parts end with (item type, count, payload).
+            # A top-level array read whole: its parts end with (item type, count, payload).
             payload = field.parts[field.data[0]]
             if field.types[1] != gguf.GGUFValueType.STRING:
                 return payload.tolist()
             data, strings, offset = payload.tobytes(), [], 0
             for _ in range(int(field.parts[field.data[0] - 1][0])):
-                length = int.from_bytes(data[offset : offset + 8], "little")
+                length = int.from_bytes(data[offset : offset + 8], order)
                 strings.append(data[offset + 8 : offset + 8 + length].decode("utf-8"))
                 offset += 8 + length
             return strings

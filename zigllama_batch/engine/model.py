@@ -160,7 +160,7 @@ class LLaMAModel:
         k_cache[batch.token_slots, :, batch.positions] = k  # (N, KVH, hd) written in place
         v_cache[batch.token_slots, :, batch.positions] = v
 
-        q *= np.float32(1.0 / np.sqrt(hd))
+        q *= np.float32(c.query_scale)
         attn = np.empty((n, c.n_heads, hd), np.float32)  # (N, H, hd)
         if batch.decode_rows.size:
             attn[batch.decode_rows] = _decode_attention(

@@ -166,9 +166,9 @@ def sample(logits: F32, states: Sequence[SamplingState]) -> tuple[NDArray[np.int
 
 
 def _adjusted(logits: F32, rows: list[int], states: Sequence[SamplingState], *, copy: bool) -> F32:
-    """The given rows with each sequence's penalties and hook applied: a copy, or (when
-    ``copy`` is false and nothing is to be applied to all of the rows) ``logits`` itself, for a
-    caller that only reads them."""
+    """The given rows with each sequence's penalties and hook applied: a copy, or ``logits``
+    itself when ``copy`` is false, ``rows`` are all of its rows and none of them adjusts its
+    logits (for a caller that only reads them)."""
     adjusting = any(states[i].adjusts_logits for i in rows)
     if not copy and not adjusting and len(rows) == logits.shape[0]:
         return logits
