@@ -20,6 +20,8 @@ Simplified: no mixture-of-experts, no split files, no partial rotary dimensions.
 from __future__ import annotations
 
 import os
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -241,14 +243,9 @@ class _Reader(gguf.GGUFReader):
             if len(payload) != count:
                 raise ValueError(f"an array of {count} values runs past the end of the file")
         elif item_type == gguf.GGUFValueType.STRING:
-            data, order = memoryview(self.data.data), _byte_order(self)  # the file, not a copy
-            end = start
-            for _ in range(count):  # each string: a uint64 length, then its bytes
-                if end + 8 > len(data):
-                    raise ValueError(f"an array of {count} strings runs past the end of the file")
-                end += 8 + int.from_bytes(data[end : end + 8], order)
-            if end > len(data):
-                raise ValueError(f"an array of {count} strings runs past the end of the file")
+            data = memoryview(self.data.data)  # the file, not a copy
+            last = deque(_string_spans(data, start, count, _byte_order(self)), maxlen=1)
+            end = last[0][1] if last else start
             payload = self._get(start, np.uint8, end - start)
         else:  # arrays of arrays: as gguf reads them, inner arrays too
             self._stock = True
@@ -258,6 +255,26 @@ class _Reader(gguf.GGUFReader):
                 self._stock = False
         size = 12 + int(payload.nbytes)
         return size, [raw_itype, alen, payload], [2], [gguf.GGUFValueType.ARRAY, item_type]
+
+
+def _string_spans(
+    data: bytes | memoryview, start: int, count: int, order: Literal["little", "big"]
+) -> Iterator[tuple[int, int]]:
+    """Where the bytes of each of ``count`` GGUF strings lie in ``data`` from ``start`` (each
+    string: a uint64 length, then its bytes), as ``(first, end)`` offsets.
+
+    Raises:
+        ValueError: the strings run past the end of ``data``.
+    """
+    offset = start
+    for _ in range(count):
+        first = offset + 8
+        if first > len(data):
+            raise ValueError(f"an array of {count} strings runs past the end of the file")
+        offset = first + int.from_bytes(data[offset:first], order)
+        if offset > len(data):
+            raise ValueError(f"an array of {count} strings runs past the end of the file")
+        yield first, offset
 
 
 def _byte_order(reader: Any) -> Literal["little", "big"]:
@@ -274,12 +291,8 @@ def _field_value(field: Any, order: Literal["little", "big"]) -> Any:
             payload = field.parts[field.data[0]]
             if field.types[1] != gguf.GGUFValueType.STRING:
                 return payload.tolist()
-            data, strings, offset = payload.tobytes(), [], 0
-            for _ in range(int(field.parts[field.data[0] - 1][0])):
-                length = int.from_bytes(data[offset : offset + 8], order)
-                strings.append(data[offset + 8 : offset + 8 + length].decode("utf-8"))
-                offset += 8 + length
-            return strings
+            data, count = payload.tobytes(), int(field.parts[field.data[0] - 1][0])
+            return [data[a:b].decode("utf-8") for a, b in _string_spans(data, 0, count, order)]
         return field.contents()
     except (UnicodeDecodeError, ValueError):
         return None  # a string that is not UTF-8: not a field this library reads
