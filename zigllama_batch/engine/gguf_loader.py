@@ -82,9 +82,6 @@ class LlamaConfig:
     sliding_window: int | None = None
     """Positions a windowed layer attends to, itself included (``attention.sliding_window``);
     None when every layer attends to all earlier positions."""
-    query_scale: float = 0.0
-    """What queries are multiplied by before attention: ``1/sqrt(head_dim)`` (0 when not
-    given), or what the architecture's row says for a model of this depth."""
     name: str = "llama"
     """The file name without ``.gguf``: what the demo, ``generate`` and the server show, and the
     server's default model id, so a user sees one name everywhere. The file's ``general.name``
@@ -99,10 +96,13 @@ class LlamaConfig:
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ModelLoadError(f"sliding window must be positive, got {self.sliding_window}")
-        if not self.query_scale:
-            wide = self.architecture.wide_query_scale_layers == self.n_layers
-            width = self.dim / self.n_heads if wide else self.head_dim
-            object.__setattr__(self, "query_scale", 1.0 / float(np.sqrt(width)))
+
+    @property
+    def query_scale(self) -> float:
+        """What queries are multiplied by before attention: ``1/sqrt(head_dim)``, or
+        ``1/sqrt(dim / n_heads)`` at the depth where the architecture's row says so."""
+        wide = self.architecture.wide_query_scale_layers == self.n_layers
+        return 1.0 / float(np.sqrt(self.dim / self.n_heads if wide else self.head_dim))
 
     def window(self, layer: int) -> int | None:
         """Positions ``layer`` attends to (itself included), or None for all earlier ones."""

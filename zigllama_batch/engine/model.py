@@ -61,6 +61,7 @@ class LLaMAModel:
         # RoPE tables: one for the file's base; windowed layers may have a base of their own.
         self._rotations = [_rotation(config, config.rope_base, config.rope_scale, weights)]
         self._windows = [config.window(i) for i in range(config.n_layers)]
+        self._window_set = set(self._windows)  # one decode plan per distinct window
         self._table_of_layer = [0] * config.n_layers
         if arch.local_rope_base is not None and any(self._windows):
             self._rotations.append(_rotation(config, arch.local_rope_base, 1.0, None))
@@ -112,7 +113,7 @@ class LLaMAModel:
         """
         if not items:
             return np.zeros((0, self.vocab_size), np.float32)
-        batch = _Batch.build(items, cache, self.vocab_size, self._rotations, set(self._windows))
+        batch = _Batch.build(items, cache, self.vocab_size, self._rotations, self._window_set)
         w = self.weights
         x = w.embed_t[:, batch.token_ids].T.copy()  # (N, D)
         if self._embed_scale is not None:

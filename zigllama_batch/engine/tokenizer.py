@@ -184,7 +184,7 @@ class Tokenizer:
         else:
             raise ModelLoadError(f"tokenizer kind {kind!r} is not supported (only 'gpt2', 'llama')")
         self.kind: str = kind
-        self._add_special_tokens()
+        self._add_special_tokens(vocab)
 
         def special(key: str) -> int | None:
             value = metadata.get(f"tokenizer.ggml.{key}_token_id")
@@ -412,7 +412,9 @@ class Tokenizer:
         tok.decoder = decoders.Sequence(steps)
         return tok
 
-    def _add_special_tokens(self) -> None:
+    def _add_special_tokens(self, vocab: Mapping[str, int]) -> None:
+        """Control tokens as special, user-defined ones as plain added tokens; ``vocab``: the
+        vocabulary the model was built on."""
         control = [
             AddedToken(t, special=True, normalized=False)
             for t, ty in zip(self._tokens, self._types, strict=True)
@@ -420,11 +422,10 @@ class Tokenizer:
         ]
         # A user-defined token whose spelling the model's vocabulary changed (Gemma's runs of
         # spaces) is left to the vocabulary: adding it again would give it a second id.
-        known = self._hf.get_vocab()
         user = [
             AddedToken(t, special=False, normalized=False)
             for t, ty in zip(self._tokens, self._types, strict=True)
-            if ty == _TokenType.USER_DEFINED and t in known
+            if ty == _TokenType.USER_DEFINED and t in vocab
         ]
         self._hf.add_special_tokens(control)
         self._hf.add_tokens(user)
