@@ -54,32 +54,49 @@ def bare_matmuls(model: LLaMAModel, batch: int, scratch: dict[int, Any]) -> None
     x @ w.output
 
 
+class _Decoding:
+    """Greedy sequences in given cache slots, each past a 16-token random prompt; ``step()``
+    runs one decode step of all of them and returns its seconds."""
+
+    def __init__(self, engine: Engine, slots: list[int], rng: np.random.Generator) -> None:
+        config = GenerationConfig.greedy(ignore_eos=True)
+        prompts = [list(map(int, rng.integers(100, 40000, 16))) for _ in slots]
+        self.engine, self.slots, self.pos = engine, slots, 16
+        self.states = [engine.new_sampling(config, p) for p in prompts]
+        self.tokens = self._run(
+            [
+                SequenceStep(s, p, 0, st)
+                for s, p, st in zip(slots, prompts, self.states, strict=True)
+            ]
+        )
+
+    def step(self) -> float:
+        items = [
+            SequenceStep(s, [t], self.pos, st)
+            for s, t, st in zip(self.slots, self.tokens, self.states, strict=True)
+        ]
+        t0 = time.perf_counter()
+        self.tokens = self._run(items)
+        self.pos += 1
+        return time.perf_counter() - t0
+
+    def _run(self, items: list[SequenceStep]) -> list[int]:
+        return [o.token_id for o in self.engine.step(items) if o is not None]
+
+
 def bench_decode(
     engine: Engine, model: LLaMAModel, batch: int, steps: int, rng: np.random.Generator
 ) -> dict[str, float]:
-    config = GenerationConfig.greedy(ignore_eos=True)
-    slots = list(range(batch))  # neighbouring slots, as the scheduler's SlotTable hands out
-    prompts = [list(map(int, rng.integers(100, 40000, 16))) for _ in slots]
-    states = [engine.new_sampling(config, p) for p in prompts]
-    outs = engine.step(
-        [SequenceStep(s, p, 0, st) for s, p, st in zip(slots, prompts, states, strict=True)]
-    )
-    tokens = [o.token_id for o in outs if o is not None]
+    # Neighbouring slots, as the scheduler's SlotTable hands them out.
+    decoding = _Decoding(engine, list(range(batch)), rng)
     scratch: dict[int, Any] = {}
     bare_matmuls(model, batch, scratch)  # warm up
     engine_times, bound_times = [], []
-    for i in range(steps):
-        pos = 16 + i
+    for _ in range(steps):
+        engine_times.append(decoding.step())
         t0 = time.perf_counter()
-        outs = engine.step(
-            [SequenceStep(s, [t], pos, st) for s, t, st in zip(slots, tokens, states, strict=True)]
-        )
-        t1 = time.perf_counter()
         bare_matmuls(model, batch, scratch)
-        t2 = time.perf_counter()
-        tokens = [o.token_id for o in outs if o is not None]
-        engine_times.append(t1 - t0)
-        bound_times.append(t2 - t1)
+        bound_times.append(time.perf_counter() - t0)
     e, b = statistics.median(engine_times), statistics.median(bound_times)
     ratios = [bt / et for et, bt in zip(engine_times, bound_times, strict=True)]
     return {
@@ -97,31 +114,12 @@ def bench_batching_gain(engine: Engine, steps: int, rng: np.random.Generator) ->
     """Tokens/s at batch 32 over tokens/s at batch 1, from decode steps of the two sizes timed
     alternately (each round one of each, the order swapped every round), so that the machine's
     drift between the two sections of :func:`bench_decode` does not enter the ratio."""
-    config = GenerationConfig.greedy(ignore_eos=True)
-    groups = {1: [40], 32: list(range(32))}  # slot 40: apart from the batch of 32
-    tokens, states = {}, {}
-    for size, slots in groups.items():
-        prompts = [list(map(int, rng.integers(100, 40000, 16))) for _ in slots]
-        states[size] = [engine.new_sampling(config, p) for p in prompts]
-        outs = engine.step(
-            [
-                SequenceStep(s, p, 0, st)
-                for s, p, st in zip(slots, prompts, states[size], strict=True)
-            ]
-        )
-        tokens[size] = [o.token_id for o in outs if o is not None]
+    # Slot 40: apart from the batch of 32.
+    groups = {1: _Decoding(engine, [40], rng), 32: _Decoding(engine, list(range(32)), rng)}
     times: dict[int, list[float]] = {1: [], 32: []}
     for i in range(steps):
         for size in (1, 32) if i % 2 else (32, 1):
-            t0 = time.perf_counter()
-            outs = engine.step(
-                [
-                    SequenceStep(s, [t], 16 + i, st)
-                    for s, t, st in zip(groups[size], tokens[size], states[size], strict=True)
-                ]
-            )
-            times[size].append(time.perf_counter() - t0)
-            tokens[size] = [o.token_id for o in outs if o is not None]
+            times[size].append(groups[size].step())
     gains = [32 * t1 / t32 for t1, t32 in zip(times[1], times[32], strict=True)]
     return {
         "rounds": steps,
