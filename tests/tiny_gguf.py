@@ -19,6 +19,9 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from zigllama_batch import LLaMAModel
+from zigllama_batch.engine import SequenceStep
+
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = [
     "Ġ t",
@@ -349,6 +352,18 @@ def weights_digest(path: Path) -> str:
         h.update(name.encode())
         h.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
     return h.hexdigest()
+
+
+def greedy_tokens(model: LLaMAModel, prompt: Sequence[int], n: int, context: int) -> list[int]:
+    """``n`` greedy tokens after ``prompt`` (fed as one step), decoded through a KV cache of
+    ``context`` positions."""
+    cache = model.new_cache(1, context)
+    logits = model.step([SequenceStep(0, list(prompt), 0)], cache)[0]
+    tokens: list[int] = []
+    for i in range(n):
+        tokens.append(int(np.argmax(logits)))
+        logits = model.step([SequenceStep(0, [tokens[-1]], len(prompt) + i)], cache)[0]
+    return tokens
 
 
 def reference_logits(path: Path, spec: TinySpec, token_ids: Sequence[int]) -> np.ndarray:

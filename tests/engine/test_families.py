@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_gguf import FAMILY_SPECS, TinySpec, weights_digest, write_tiny_gguf
+from tiny_gguf import FAMILY_SPECS, TinySpec, greedy_tokens, weights_digest, write_tiny_gguf
 
 from zigllama_batch import LLaMAModel, load_model
 from zigllama_batch.engine import SequenceStep
@@ -75,13 +75,7 @@ def test_greedy_tokens_match_transformers(
     name, _, _, model = family
     prompt = [int(t) for t in reference[f"{name}_prompt"]]
     want = [int(t) for t in reference[f"{name}_greedy"]]
-    cache = model.new_cache(1, 128)
-    logits = model.step([SequenceStep(0, prompt, 0)], cache)[0]
-    got = []
-    for i in range(len(want)):
-        got.append(int(np.argmax(logits)))
-        logits = model.step([SequenceStep(0, [got[-1]], len(prompt) + i)], cache)[0]
-    assert got == want
+    assert greedy_tokens(model, prompt, len(want), 128) == want
 
 
 def test_logits_do_not_depend_on_batch_companions(

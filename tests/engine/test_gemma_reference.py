@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_gguf import greedy_tokens
 
 from zigllama_batch import LLaMAModel, Tokenizer, load_model
 from zigllama_batch.engine import SequenceStep
@@ -81,12 +82,7 @@ def test_greedy_tokens_match_until_a_near_tie(
     want = ref[f"greedy{prompt}_ids"].tolist()
     gaps = ref[f"greedy{prompt}_top2_gap"]
     agree = int(np.argmax(gaps < 0.01)) if (gaps < 0.01).any() else len(want)
-    cache = model.new_cache(1, 1024)
-    logits = model.step([SequenceStep(0, prompt_ids, 0)], cache)[0]
-    got = []
-    for i in range(len(want)):
-        got.append(int(np.argmax(logits)))
-        logits = model.step([SequenceStep(0, [got[-1]], len(prompt_ids) + i)], cache)[0]
+    got = greedy_tokens(model, prompt_ids, len(want), 1024)
     assert got[: agree + 1] == want[: agree + 1]
 
 
