@@ -18,17 +18,18 @@ import logging
 from collections import OrderedDict
 from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeGuard
+from typing import Any, Self
 
 from ..engine.output import OutputDecoder
 from ..engine.runner import Engine, Model
 from ..engine.tokenizer import Tokenizer
-from ..errors import InvalidRequest, ProcessorStopped, PromptTooLong, QueueFull, RequestCancelled
+from ..errors import InvalidRequest, ProcessorStopped, QueueFull, RequestCancelled
 from ..generation import Prompt
 from ..structured import StructuredOutput
 from .clock import Clock, MonotonicClock, wait_until
 from .deadlines import DeadlineWatcher
 from .lifecycle import Lifecycle, ProcessorState
+from .prompts import check_prompt_length, encode_prompt
 from .request import TrackedRequest
 from .scheduler import Scheduler
 from .stats import Bookkeeping, StatsRecorder
@@ -440,12 +441,7 @@ class BatchProcessor:
             PromptTooLong: the prompt leaves no room in the context for a generated token.
             InvalidRequest: the prompt is malformed.
         """
-        self.check_prompt_length(prompt)
-        prompt_ids = self.tokenizer.encode_prompt(prompt, tools=tools)
-        max_context = self.engine.max_context
-        if len(prompt_ids) >= max_context:
-            raise PromptTooLong(len(prompt_ids), max_context)
-        return prompt_ids
+        return encode_prompt(self.tokenizer, self.engine.max_context, prompt, tools=tools)
 
     async def check_structured(self, structured: StructuredOutput) -> None:
         """Compile an output constraint in a worker thread (cached by its text), as
@@ -468,17 +464,7 @@ class BatchProcessor:
             PromptTooLong: the prompt cannot fit, whatever its tokens turn out to be.
             InvalidRequest: more chat messages than the context has positions.
         """
-        max_context = self.engine.max_context
-        at_least = _least_tokens(prompt, self.tokenizer)
-        if at_least >= max_context:
-            raise PromptTooLong(at_least, max_context, at_least=True)
-        if _is_chat(prompt) and len(prompt) > max_context:  # roles the template renders empty
-            raise InvalidRequest(
-                f"messages: {len(prompt)} messages; at most {max_context} (the context's "
-                "positions) are accepted"
-            )
-
-    # -- internals -----------------------------------------------------------------------------
+        check_prompt_length(self.tokenizer, self.engine.max_context, prompt)
 
     def _accept(self, request: BatchRequest, *, streamed: bool = False) -> TrackedRequest:
         if not isinstance(request, BatchRequest):
@@ -556,53 +542,6 @@ class BatchProcessor:
             f"queued={len(self._scheduler.queue)} running={self._scheduler.running} "
             f"workers={self.config.num_workers}>"
         )
-
-
-def _least_tokens(prompt: object, tokenizer: Tokenizer) -> int:
-    """A lower bound on a prompt's tokens, from its shape and sizes alone: text (bytes / the
-    longest token's bytes), token ids (their count; JSON may carry them as ``1.0``), a list of
-    texts or of token-id lists (the longest), or chat messages (their text, plus the tokens the
-    template adds per message of each role); 0 for anything else. Never recursive: a request
-    nested 400 lists deep is malformed, not long."""
-    bytes_per_token = tokenizer.max_token_bytes
-    if isinstance(prompt, str):
-        return _utf8_bytes(prompt) // bytes_per_token
-    if not isinstance(prompt, list | tuple) or not prompt:
-        return 0
-    first = prompt[0]
-    if isinstance(first, int | float) and not isinstance(first, bool):
-        return len(prompt)
-    if isinstance(first, str | list | tuple):
-        return max(
-            _utf8_bytes(p) // bytes_per_token if isinstance(p, str) else len(p)
-            for p in prompt
-            if isinstance(p, str | list | tuple)
-        )
-    floor = tokenizer.message_token_floor
-    text = template = 0
-    for message in prompt:
-        if not isinstance(message, dict):
-            continue
-        role = message.get("role")
-        template += floor.get(role, 0) if isinstance(role, str) else 0
-        content = message.get("content")
-        parts = content if isinstance(content, list) else [content]
-        for part in parts:
-            value = part.get("text") if isinstance(part, dict) else part
-            if isinstance(value, str):
-                text += _utf8_bytes(value)
-    return text // bytes_per_token + template
-
-
-def _is_chat(prompt: object) -> TypeGuard[Sequence[object]]:
-    """Whether ``prompt`` is a list of chat messages (its first item an object)."""
-    return isinstance(prompt, list | tuple) and bool(prompt) and isinstance(prompt[0], dict)
-
-
-def _utf8_bytes(text: str) -> int:
-    """UTF-8 bytes of ``text``; a lone surrogate counts as the 3 bytes it would take (the
-    tokenizer refuses it)."""
-    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _mark_retrieved(future: asyncio.Future[BatchResult]) -> None:

@@ -29,8 +29,6 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..batching.lifecycle import ProcessorState
-from ..batching.processor import BatchProcessor
-from ..batching.stream import RequestStream
 from ..batching.types import BatchRequest, BatchResult, StreamChunk
 from ..engine.tokenizer import Tokenizer
 from ..errors import (
@@ -42,6 +40,7 @@ from ..errors import (
     ZigllamaBatchError,
 )
 from ..generation import FinishReason
+from .backend import Backend, ChunkStream
 from .metrics import CONTENT_TYPE_LATEST, ProcessorMetrics
 from .schema import ChatCompletionRequest, CompletionRequest, generation_config
 from .tools import (
@@ -108,7 +107,7 @@ class ApiError(Exception):
 
 
 def create_app(
-    processor: BatchProcessor,
+    processor: Backend,
     *,
     model_name: str | None = None,
     api_key: str | None = None,
@@ -119,7 +118,7 @@ def create_app(
     """Build the OpenAI-compatible app around a processor.
 
     Args:
-        processor: the processor requests go to. Mounted into an existing service, the caller
+        processor: the processor requests go to (or any :class:`~zigllama_batch.server.backend.Backend`). Mounted into an existing service, the caller
             starts and closes it; with ``manage_processor`` the app's lifespan does.
         model_name: the id clients pass as ``model`` (default: the model's name).
         api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
@@ -284,7 +283,7 @@ class _Api:
 
     def __init__(
         self,
-        processor: BatchProcessor,
+        processor: Backend,
         model_name: str,
         max_body_bytes: int,
         metrics: ProcessorMetrics,
@@ -474,7 +473,7 @@ class _Api:
 
     async def _events(
         self,
-        stream: RequestStream,
+        stream: ChunkStream,
         rid: str,
         *,
         chat: bool,

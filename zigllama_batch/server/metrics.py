@@ -17,12 +17,18 @@ from prometheus_client import (
     generate_latest,
 )
 
-from ..batching.processor import BatchProcessor
 from ..batching.request import RequestState
 from ..batching.stats import StatsObserver
 from ..batching.types import BatchResult
+from .backend import Backend
 
-__all__ = ["CONTENT_TYPE_LATEST", "OUTCOMES", "ProcessorMetrics"]
+__all__ = [
+    "BATCH_BUCKETS",
+    "CONTENT_TYPE_LATEST",
+    "OUTCOMES",
+    "SECONDS_BUCKETS",
+    "ProcessorMetrics",
+]
 
 OUTCOMES = (
     "completed",
@@ -36,14 +42,16 @@ OUTCOMES = (
 )
 """Values of ``zigllama_requests_total{outcome}``: every API request ends in exactly one."""
 
-_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
-_BATCH = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+"""Histogram buckets of durations, in seconds."""
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+"""Histogram buckets of step batch sizes."""
 
 
 class ProcessorMetrics(StatsObserver):
     """Prometheus view of one processor (register with ``stats_recorder.observers``)."""
 
-    def __init__(self, processor: BatchProcessor) -> None:
+    def __init__(self, processor: Backend) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -56,23 +64,32 @@ class ProcessorMetrics(StatsObserver):
         self.latency = Histogram(
             "zigllama_request_latency_seconds",
             "Submission to last token",
-            buckets=_SECONDS,
+            buckets=SECONDS_BUCKETS,
             registry=r,
         )
         self.ttft = Histogram(
             "zigllama_time_to_first_token_seconds",
             "Submission to first token",
-            buckets=_SECONDS,
+            buckets=SECONDS_BUCKETS,
             registry=r,
         )
         self.queue_time = Histogram(
-            "zigllama_queue_time_seconds", "Submission to admission", buckets=_SECONDS, registry=r
+            "zigllama_queue_time_seconds",
+            "Submission to admission",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
         )
         self.batch = Histogram(
-            "zigllama_step_batch_size", "Sequences per engine step", buckets=_BATCH, registry=r
+            "zigllama_step_batch_size",
+            "Sequences per engine step",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.step = Histogram(
-            "zigllama_step_seconds", "Duration of one engine step", buckets=_SECONDS, registry=r
+            "zigllama_step_seconds",
+            "Duration of one engine step",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
         )
         self.prefix_queries = Counter(
             "zigllama_prefix_cache_queries_tokens",
