@@ -5,7 +5,8 @@ Inside: :class:`RayMetrics`, a :class:`~zigllama_batch.batching.stats.StatsObser
 ``/metrics`` has (same names, same buckets). Serve tags every series with its application,
 deployment and replica, and Ray's metrics agent serves them to Prometheus on each node's
 metrics export port (``ray start --metrics-export-port``), with Ray's ``ray_`` prefix. Gauges
-(queue depth, running sequences, prefix pool) are set after every step and every ended request.
+(queue depth, running sequences, prefix pool) are set by :meth:`RayMetrics.update_gauges`, which
+the replica calls twice a second.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class RayMetrics(StatsObserver):
             "zigllama_prefix_cache_pool_bytes",
             "Host memory held by prefixes evicted from the cache slots",
         )
-        self._gauges()
+        self.update_gauges()
 
     def on_reject(self) -> None:
         """Count a request the processor refused."""
@@ -80,13 +81,11 @@ class RayMetrics(StatsObserver):
             self.latency.observe(result.latency_ms / 1000)
             self.ttft.observe(result.time_to_first_token_ms / 1000)
             self.queue_time.observe(result.queue_time_ms / 1000)
-        self._gauges()
 
     def on_step(self, sequences: int, new_tokens: int, seconds: float) -> None:
         """Observe a step's batch size and duration."""
         self.batch.observe(sequences)
         self.step.observe(seconds)
-        self._gauges()
 
     def on_prefix_lookup(self, queried: int, hit: int) -> None:
         """Count prompt tokens looked up in the prefix cache, and those reused."""
@@ -95,7 +94,8 @@ class RayMetrics(StatsObserver):
         if hit:
             self.prefix_hits.inc(hit)
 
-    def _gauges(self) -> None:
+    def update_gauges(self) -> None:
+        """Set the gauges to the processor's state now."""
         self.queue_depth.set(self.processor.queue_depth)
         self.running.set(self.processor.running)
         self.pool.set(self.processor.prefix_pool[0])

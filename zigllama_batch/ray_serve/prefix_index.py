@@ -17,12 +17,16 @@ for). Pure and synchronous, no Ray here.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Generic, TypeVar
 
 __all__ = ["PrefixIndex"]
 
+K = TypeVar("K", bound=Hashable)
+"""A replica's key (Serve's ReplicaID; anything hashable in tests)."""
 
-class PrefixIndex:
+
+class PrefixIndex(Generic[K]):
     """Per-replica LRU sets of chained block hashes of the prompts routed to each replica."""
 
     def __init__(self, *, block_size: int = 16, max_blocks_per_replica: int = 8192) -> None:
@@ -39,7 +43,7 @@ class PrefixIndex:
             )
         self.block_size = block_size
         self.max_blocks_per_replica = max_blocks_per_replica
-        self._blocks: dict[Hashable, OrderedDict[int, None]] = {}
+        self._blocks: dict[K, OrderedDict[int, None]] = {}
 
     def block_hashes(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
         """The chained names of the prompt's whole blocks, first block first."""
@@ -51,9 +55,9 @@ class PrefixIndex:
             names.append(name)
         return names
 
-    def match(self, names: Sequence[int], replicas: Iterable[Hashable]) -> dict[Hashable, int]:
+    def match(self, names: Sequence[int], replicas: Iterable[K]) -> dict[K, int]:
         """Tokens of the prompt (given by its block names) each replica holds as a prefix."""
-        matched: dict[Hashable, int] = {}
+        matched: dict[K, int] = {}
         for replica in replicas:
             held = self._blocks.get(replica)
             n = 0
@@ -63,7 +67,36 @@ class PrefixIndex:
             matched[replica] = n * self.block_size
         return matched
 
-    def insert(self, replica: Hashable, names: Sequence[int]) -> None:
+    def rank(
+        self,
+        names: Sequence[int],
+        loads: Mapping[K, int],
+        *,
+        min_match_tokens: int,
+        imbalance_threshold: int,
+    ) -> list[list[K]] | None:
+        """Replicas to try for a prompt, best rank first, or None for "no preference".
+
+        The replicas (keys of ``loads``, their ongoing requests) holding the longest prefix of
+        at least ``min_match_tokens`` rank first, unless they carry more than
+        ``imbalance_threshold`` requests beyond the least loaded replica; the others follow.
+        """
+        if not names or len(loads) < 2:
+            return None
+        matched = self.match(names, loads)
+        best = max(matched.values())
+        if best < min_match_tokens:
+            return None
+        least = min(loads.values())
+        warm = [
+            r for r, n in matched.items() if n == best and loads[r] - least <= imbalance_threshold
+        ]
+        if not warm:
+            return None
+        rest = [r for r in loads if r not in warm]
+        return [warm, rest] if rest else [warm]
+
+    def insert(self, replica: K, names: Sequence[int]) -> None:
         """Record that the prompt's blocks were sent to ``replica`` (most recent use)."""
         held = self._blocks.setdefault(replica, OrderedDict())
         # Last block first: a prefix is then always more recent than its extensions, so LRU
@@ -74,17 +107,17 @@ class PrefixIndex:
         while len(held) > self.max_blocks_per_replica:
             held.popitem(last=False)
 
-    def remove(self, replica: Hashable) -> None:
+    def remove(self, replica: K) -> None:
         """Forget a replica (it died or was scaled down)."""
         self._blocks.pop(replica, None)
 
-    def retain(self, replicas: Iterable[Hashable]) -> None:
+    def retain(self, replicas: Iterable[K]) -> None:
         """Forget every replica not in ``replicas``."""
         keep = set(replicas)
         for replica in [r for r in self._blocks if r not in keep]:
             del self._blocks[replica]
 
-    def blocks(self, replica: Hashable) -> int:
+    def blocks(self, replica: K) -> int:
         """Blocks remembered for ``replica``."""
         return len(self._blocks.get(replica, ()))
 

@@ -35,6 +35,9 @@ __all__ = ["ModelReplica", "ReplicaSettings"]
 
 logger = logging.getLogger(__name__)
 
+_GAUGE_PERIOD_S = 0.5
+"""How often a replica sets its gauges (queue depth, running sequences, prefix pool)."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReplicaSettings:
@@ -58,8 +61,10 @@ class ModelReplica:
         self.path = str(await asyncio.to_thread(model_path, settings.model, progress=False))
         model, tokenizer = await asyncio.to_thread(load_model, self.path, progress=False)
         self.processor = BatchProcessor(model, tokenizer, settings.config)
-        self.processor.stats_recorder.observers.append(RayMetrics(self.processor))
+        self.metrics = RayMetrics(self.processor)
+        self.processor.stats_recorder.observers.append(self.metrics)
         await self.processor.start()
+        self._gauges = asyncio.create_task(self._update_gauges())
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         logger.info("replica %s serves %s (%s)", self.replica, self.path, self.processor)
@@ -99,11 +104,18 @@ class ModelReplica:
         if state is not ProcessorState.RUNNING:
             raise RuntimeError(f"the processor is {state.value}: {self.processor.failure!r}")
 
+    async def _update_gauges(self) -> None:
+        while True:
+            self.metrics.update_gauges()
+            await asyncio.sleep(_GAUGE_PERIOD_S)
+
     async def __del__(self) -> None:
         """Drain: Serve awaits this when it stops the replica."""
         processor = getattr(self, "processor", None)
         if processor is not None:
             await processor.aclose(drain=True, drain_timeout=self.settings.drain_timeout)
+            self._gauges.cancel()
+            self.metrics.update_gauges()
 
     def __repr__(self) -> str:
         return (

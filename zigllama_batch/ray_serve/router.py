@@ -47,7 +47,9 @@ class PrefixAwareRouter(RequestRouter):
         self.imbalance_threshold = int(kwargs.pop("imbalance_threshold", 16))
         if kwargs:
             raise TypeError(f"unknown PrefixAwareRouter settings: {sorted(kwargs)}")
-        self.index = PrefixIndex(block_size=block_size, max_blocks_per_replica=max_blocks)
+        self.index: PrefixIndex[ReplicaID] = PrefixIndex(
+            block_size=block_size, max_blocks_per_replica=max_blocks
+        )
 
     async def choose_replicas(
         self,
@@ -58,24 +60,17 @@ class PrefixAwareRouter(RequestRouter):
         if not candidate_replicas:
             return []
         names = self._block_names(pending_request)
-        if names and len(candidate_replicas) > 1:
-            matched = self.index.match(names, [r.replica_id for r in candidate_replicas])
-            best = max(matched.values())
-            if best >= self.min_match_tokens:
-                loads = {r.replica_id: self._load(r) for r in candidate_replicas}
-                least = min(loads.values())
-                warm = [
-                    r
-                    for r in candidate_replicas
-                    if matched[r.replica_id] == best
-                    and loads[r.replica_id] - least <= self.imbalance_threshold
-                ]
-                if warm:
-                    rest = [r for r in candidate_replicas if r not in warm]
-                    return [warm, rest] if rest else [warm]
-        if len(candidate_replicas) <= 2:
-            return [list(candidate_replicas)]
-        return [random.sample(candidate_replicas, 2)]
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        ranks = self.index.rank(
+            names,
+            {r.replica_id: self._load(r) for r in candidate_replicas},
+            min_match_tokens=self.min_match_tokens,
+            imbalance_threshold=self.imbalance_threshold,
+        )
+        if ranks is not None:
+            return [[by_id[i] for i in rank] for rank in ranks]
+        # Two at random (in random order: Serve takes the first of equally loaded ones).
+        return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any

@@ -1,0 +1,151 @@
+"""LocalServe: the Serve application on a Ray instance of this machine, for the command line,
+tests and benchmarks.
+
+Inside: :class:`LocalServe`. It starts Ray (or joins the cluster ``RAY_ADDRESS`` names), starts
+Serve's HTTP proxy on ``host:port``, deploys :func:`~zigllama_batch.ray_serve.build_app` and
+waits until every replica is ready. It reads each replica's metrics from Ray's Prometheus
+export, and can kill a replica (as a crash would). Leaving it shuts Serve down (replicas drain)
+and, if it started Ray, stops Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import urllib.request
+from collections import defaultdict
+from types import TracebackType
+from typing import Any, Self
+
+import ray
+from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+
+from .app import RayAppArgs, build_app
+
+__all__ = ["LocalServe"]
+
+
+class LocalServe:
+    """The Serve application on this machine's Ray (``with LocalServe(args) as local:``)."""
+
+    def __init__(
+        self,
+        args: RayAppArgs | dict[str, Any],
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        num_cpus: int | None = None,
+        app_name: str = "zigllama",
+        metrics_report_ms: int = 500,
+    ) -> None:
+        """Args:
+        args: the application's arguments.
+        host, port: where Serve's proxy listens (default port: a free one).
+        num_cpus: CPUs of a Ray started here (default: all of them).
+        app_name: the Serve application's name.
+        metrics_report_ms: how often replicas report metrics to Ray's export.
+        """
+        self.args = args if isinstance(args, RayAppArgs) else RayAppArgs.model_validate(args)
+        self.host = host
+        self.port = port or _free_port()
+        self.num_cpus = num_cpus
+        self.app_name = app_name
+        self.metrics_report_ms = metrics_report_ms
+        self.metrics_port: int | None = None
+        self.model = ""
+        self.ready_s = 0.0
+        self._started_ray = False
+
+    @property
+    def base_url(self) -> str:
+        """Where Serve's proxy answers."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> Self:
+        """Start Ray if needed, then Serve, and deploy; returns once every replica is ready."""
+        began = time.perf_counter()
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(log_to_driver=False)
+            else:
+                self.metrics_port = _free_port()
+                ray.init(
+                    num_cpus=self.num_cpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    _metrics_export_port=self.metrics_port,
+                    _system_config={"metrics_report_interval_ms": self.metrics_report_ms},
+                )
+                self._started_ray = True
+        serve.start(http_options={"host": self.host, "port": self.port})
+        serve.run(build_app(self.args), name=self.app_name, route_prefix="/")
+        self.ready_s = time.perf_counter() - began
+        replica = serve.get_deployment_handle("ModelReplica", self.app_name)
+        self.model = self.args.model_name or replica.describe.remote().result().model_name
+        return self
+
+    def stop(self) -> None:
+        """Shut Serve down (replicas drain), and Ray if this started it. Idempotent."""
+        if ray.is_initialized():
+            serve.shutdown()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
+            if self._started_ray:
+                ray.shutdown()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def replica_metrics(self) -> dict[str, dict[str, float]]:
+        """Each model replica's ``zigllama_*`` series, by replica id: counters by name (with
+        ``:outcome`` for requests), gauges by name, histograms' ``_count`` and ``_sum``."""
+        if self.metrics_port is None:
+            raise RuntimeError("metrics are read from a Ray this LocalServe started")
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        found: dict[str, dict[str, float]] = defaultdict(dict)
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = sample.labels
+                if not sample.name.startswith("ray_zigllama_"):
+                    continue
+                if labels.get("application") != self.app_name:
+                    continue
+                name = sample.name.removeprefix("ray_")
+                if "outcome" in labels:
+                    name += f":{labels['outcome']}"
+                elif "le" in labels:
+                    continue  # histogram buckets: _count and _sum are enough here
+                found[labels["replica"]][name] = sample.value
+        return dict(found)
+
+    def replica_ids(self) -> list[str]:
+        """Ids of the model replicas Serve has running."""
+        names = ray.util.list_named_actors(all_namespaces=True)
+        prefix = f"SERVE_REPLICA::{self.app_name}#ModelReplica#"
+        return sorted(a["name"].removeprefix(prefix) for a in names if a["name"].startswith(prefix))
+
+    def kill_replica(self, replica_id: str) -> None:
+        """Kill a model replica's process at once, as a crash would (Serve replaces it)."""
+        name = f"SERVE_REPLICA::{self.app_name}#ModelReplica#{replica_id}"
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+    def running_replicas(self) -> int:
+        """Model replicas Serve reports RUNNING."""
+        status = serve.status().applications[self.app_name].deployments["ModelReplica"]
+        return sum(n for state, n in status.replica_states.items() if state == "RUNNING")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
