@@ -24,9 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
-
 from zigllama_batch import (
     BatchConfig,
     BatchingStrategy,
@@ -35,7 +32,7 @@ from zigllama_batch import (
     GenerationConfig,
     load_model,
 )
-from zigllama_batch.testing import ServerProcess
+from zigllama_batch.testing import ServerProcess, chat_stream_load, load_summary
 
 OUTPUT_TOKENS = 64
 TOPICS = [
@@ -56,51 +53,6 @@ TOPICS = [
 
 def prompt(i: int) -> str:
     return f"Write a short story about {TOPICS[i % len(TOPICS)]}."
-
-
-async def http_load(base: str, model: str, clients: int, per_client: int) -> dict[str, Any]:
-    """Closed loop: each client sends its requests one after another."""
-    latencies: list[float] = []
-    ttfts: list[float] = []
-    tokens = 0
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
-
-        async def client(c: int) -> None:
-            nonlocal tokens
-            for j in range(per_client):
-                body = {
-                    "model": model,
-                    "messages": [{"role": "user", "content": prompt(c + j)}],
-                    "max_tokens": OUTPUT_TOKENS,
-                    "stream": True,
-                    "ignore_eos": True,
-                    "stream_options": {"include_usage": True},
-                }
-                start = time.perf_counter()
-                first = None
-                async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-                    r.raise_for_status()
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        event = json.loads(line[6:])
-                        if (
-                            first is None
-                            and event["choices"]
-                            and event["choices"][0]["delta"].get("content")
-                        ):
-                            first = time.perf_counter()
-                        if event.get("usage"):
-                            tokens += event["usage"]["completion_tokens"]
-                end = time.perf_counter()
-                latencies.append(end - start)
-                ttfts.append((first or end) - start)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(client(c) for c in range(clients)))
-        elapsed = time.perf_counter() - started
-    return _summary("http", clients, len(latencies), tokens, elapsed, latencies, ttfts)
 
 
 async def inprocess_load(
@@ -135,31 +87,7 @@ async def inprocess_load(
     started = time.perf_counter()
     await asyncio.gather(*(client(c) for c in range(clients)))
     elapsed = time.perf_counter() - started
-    return _summary("in_process", clients, len(latencies), tokens, elapsed, latencies, ttfts)
-
-
-def _summary(
-    kind: str,
-    clients: int,
-    n: int,
-    tokens: int,
-    elapsed: float,
-    latencies: list[float],
-    ttfts: list[float],
-) -> dict[str, Any]:
-    return {
-        "kind": kind,
-        "clients": clients,
-        "requests": n,
-        "output_tokens": tokens,
-        "elapsed_s": elapsed,
-        "requests_per_s": n / elapsed,
-        "output_tokens_per_s": tokens / elapsed,
-        "latency_p50_ms": float(np.percentile(latencies, 50) * 1000),
-        "latency_p99_ms": float(np.percentile(latencies, 99) * 1000),
-        "ttft_p50_ms": float(np.percentile(ttfts, 50) * 1000),
-        "ttft_p99_ms": float(np.percentile(ttfts, 99) * 1000),
-    }
+    return load_summary("in_process", clients, len(latencies), tokens, elapsed, latencies, ttfts)
 
 
 def show(row: dict[str, Any]) -> None:
@@ -189,7 +117,9 @@ async def main() -> None:
     rows: list[dict[str, Any]] = []
     try:
         for n in (1, 8):
-            row = await http_load(base, model, n, args.requests_per_client)
+            row = await chat_stream_load(
+                base, model, n, args.requests_per_client, OUTPUT_TOKENS, prompt
+            )
             rows.append(row)
             show(row)
         llama, tokenizer = load_model()
@@ -201,7 +131,9 @@ async def main() -> None:
             for _ in range(args.rounds):
                 inproc = await inprocess_load(processor, 32, args.requests_per_client)
                 show(inproc)
-                over_http = await http_load(base, model, 32, args.requests_per_client)
+                over_http = await chat_stream_load(
+                    base, model, 32, args.requests_per_client, OUTPUT_TOKENS, prompt
+                )
                 show(over_http)
                 rows += [inproc, over_http]
                 ratios.append(over_http["output_tokens_per_s"] / inproc["output_tokens_per_s"])

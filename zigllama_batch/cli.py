@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from .batching.types import BatchingStrategy
@@ -198,6 +200,25 @@ def _parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug", "trace"],
         help="the server's log level: critical, error, warning, info, debug or trace",
     )
+    srv.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve (the [ray] extra): a local Ray, or the cluster $RAY_ADDRESS names",
+    )
+    srv.add_argument(
+        "--replicas",
+        metavar="N",
+        type=int,
+        default=1,
+        help="with --ray: model replicas (more than one: routed by prompt prefix)",
+    )
+    srv.add_argument(
+        "--cpus-per-replica",
+        metavar="N",
+        type=float,
+        default=None,
+        help="with --ray: CPUs each replica reserves and uses (default: the cores / replicas)",
+    )
     srv.set_defaults(run=_serve)
     return parser
 
@@ -355,6 +376,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        return _serve_on_ray(args)
     try:
         from .server.run import serve
     except ImportError as exc:
@@ -387,6 +410,53 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a setting the config, or the loaded model, cannot take
         print(f"error: {_in_flag_terms(exc, _BATCH_FLAGS)}", file=sys.stderr)
         return 2
+
+
+def _serve_on_ray(args: argparse.Namespace) -> int:
+    try:
+        from .ray_serve.local import LocalServe
+    except ImportError as exc:
+        print(
+            f"error: --ray needs its extra: pip install 'zigllama-batch[ray]' ({exc})",
+            file=sys.stderr,
+        )
+        return 2
+    import pydantic
+
+    try:
+        local = LocalServe(
+            {
+                "model": args.model,
+                "model_name": args.model_name,
+                "num_replicas": args.replicas,
+                "cpus_per_replica": args.cpus_per_replica,
+                "strategy": args.strategy,
+                "max_batch_size": args.max_batch_size,
+                "max_queue_size": args.max_queue_size,
+                "max_context": args.max_context,
+                "api_key": args.api_key,
+                "drain_timeout": args.drain_timeout,
+            },
+            host=args.host,
+            port=args.port or None,
+        )
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        return 2
+    with local:
+        print(
+            f"serving {local.model!r} on {local.base_url}/v1 through Ray Serve: "
+            f"{args.replicas} replica(s), ready in {local.ready_s:.1f} s; Ctrl-C drains and stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        print("draining ...", file=sys.stderr, flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Inside: :class:`ServerProcess` (``zigllama-batch serve`` in a subprocess on a fr
 port: it waits until ``/health`` answers, reads the served model's id, and stops the server
 with SIGTERM, returning its exit status) and :class:`LoopLagProbe` (how late the event loop
 wakes a task that sleeps a millisecond: what a host application's other tasks feel while the
-processor works). The project's own end-to-end tests and benchmarks use both; nothing else in
-the package imports this module.
+processor works), and a closed-loop streaming load for an OpenAI-compatible server
+(:func:`chat_stream_load`). The project's own end-to-end tests and benchmarks use them; nothing
+else in the package imports this module.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
-__all__ = ["LoopLagProbe", "ServerProcess"]
+import numpy as np
+
+__all__ = ["LoopLagProbe", "ServerProcess", "chat_stream_load", "load_summary"]
 
 
 class ServerProcess:
@@ -182,6 +186,96 @@ class LoopLagProbe:
         self._stop.set()
         if self._task is not None:
             await self._task
+
+
+async def chat_stream_load(
+    base: str,
+    model: str,
+    clients: int,
+    per_client: int,
+    max_tokens: int,
+    prompt: Callable[[int], str],
+    *,
+    api_key: str | None = None,
+) -> dict[str, Any]:
+    """Closed loop over HTTP: each of ``clients`` clients sends ``per_client`` streamed chat
+    completions one after another (``max_tokens`` each, ``ignore_eos``; client ``c``'s
+    ``j``-th message is ``prompt(c + j)``). Returns :func:`load_summary`'s figures, measured
+    by the clients. Plain httpx with a minimal SSE reader, so the clients take little CPU."""
+    import httpx  # a test dependency, imported only by this load generator
+
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    tokens = 0
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(
+        base_url=base, timeout=600, limits=limits, headers=headers
+    ) as http:
+
+        async def client(c: int) -> None:
+            nonlocal tokens
+            for j in range(per_client):
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": prompt(c + j)}],
+                    "max_tokens": max_tokens,
+                    "stream": True,
+                    "ignore_eos": True,
+                    "stream_options": {"include_usage": True},
+                }
+                start = time.perf_counter()
+                first = None
+                async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            raise RuntimeError(f"the stream ended with an error: {event}")
+                        if (
+                            first is None
+                            and event["choices"]
+                            and event["choices"][0]["delta"].get("content")
+                        ):
+                            first = time.perf_counter()
+                        if event.get("usage"):
+                            tokens += event["usage"]["completion_tokens"]
+                end = time.perf_counter()
+                latencies.append(end - start)
+                ttfts.append((first or end) - start)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        elapsed = time.perf_counter() - started
+    return load_summary("http", clients, len(latencies), tokens, elapsed, latencies, ttfts)
+
+
+def load_summary(
+    kind: str,
+    clients: int,
+    n: int,
+    tokens: int,
+    elapsed: float,
+    latencies: list[float],
+    ttfts: list[float],
+) -> dict[str, Any]:
+    """A load run's figures: requests and output tokens per second, latency and time to first
+    token percentiles (p50, p99, in ms)."""
+    return {
+        "kind": kind,
+        "clients": clients,
+        "requests": n,
+        "output_tokens": tokens,
+        "elapsed_s": elapsed,
+        "requests_per_s": n / elapsed,
+        "output_tokens_per_s": tokens / elapsed,
+        "latency_p50_ms": float(np.percentile(latencies, 50) * 1000),
+        "latency_p99_ms": float(np.percentile(latencies, 99) * 1000),
+        "ttft_p50_ms": float(np.percentile(ttfts, 50) * 1000),
+        "ttft_p99_ms": float(np.percentile(ttfts, 99) * 1000),
+    }
 
 
 def _free_port() -> int:

@@ -22,6 +22,7 @@ from ray import serve
 from tiny_gguf import TinySpec, write_tiny_gguf
 
 from zigllama_batch import BatchConfig, BatchingStrategy, BatchProcessor, load_model
+from zigllama_batch.ray_serve import build_app
 from zigllama_batch.ray_serve.local import LocalServe
 from zigllama_batch.server.app import create_app
 
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.ray_serve, pytest.mark.asyncio(loop_factories=["asynci
 API_KEY = "ray-test-key"
 ARGS: dict[str, Any] = {
     "num_replicas": 2,
-    "cpus_per_replica": 1,
+    "cpus_per_replica": 0.5,  # room left on the 2 CPUs for a replacement and a third app
     "strategy": "continuous",
     "max_batch_size": 8,
     "max_queue_size": 64,
@@ -51,7 +52,8 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def local(model_path: Path) -> Iterator[LocalServe]:
-    with LocalServe({**ARGS, "model": str(model_path)}, num_cpus=2) as running:
+    args = {**ARGS, "model": str(model_path)}
+    with LocalServe(args, num_cpus=2, metrics_report_ms=500) as running:
         yield running
 
 
@@ -301,6 +303,39 @@ async def test_a_replica_killed_mid_stream_fails_its_request_and_serve_replaces_
     assert r.choices[0].finish_reason in ("stop", "length")
     await wait_for(lambda: local.running_replicas() == 2, "a replacement replica", within=90)
     assert busy[0] not in local.replica_ids()
+
+
+async def test_one_replica_serves_http_itself_without_an_ingress(
+    local: LocalServe, model_path: Path
+) -> None:
+    """With one replica there is nothing to route: the replica serves the OpenAI app itself
+    (one deployment), streamed and not, behind the same API key."""
+    args = {**ARGS, "model": str(model_path), "num_replicas": 1}
+    await asyncio.to_thread(serve.run, build_app(args), name="solo", route_prefix="/solo")
+    try:
+        assert set(serve.status().applications["solo"].deployments) == {"ModelReplica"}
+        base = f"{local.base_url}/solo/v1"
+        async with AsyncOpenAI(base_url=base, api_key=API_KEY, max_retries=0) as solo:
+            r = await solo.completions.create(
+                model=local.model, prompt="hello", max_tokens=5, temperature=0,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            assert r.usage is not None
+            assert r.usage.completion_tokens == 5
+            stream = await solo.chat.completions.create(
+                model=local.model,
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=6,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            finishes = [c.choices[0].finish_reason async for c in stream if c.choices]
+            assert finishes[-1] == "length"
+        async with httpx.AsyncClient() as http:
+            refused = await http.get(f"{base}/models")
+        assert refused.status_code == 401
+    finally:
+        await asyncio.to_thread(serve.delete, "solo")
 
 
 async def test_deleting_the_application_drains_running_requests(

@@ -111,6 +111,26 @@ class OpenAIIngress:
         return self.openai_app
 
 
+class ModelServer(ModelReplica):
+    """A model replica that serves the OpenAI app itself: Serve's proxy routes HTTP straight
+    to it (power of two choices), one hop less than through an ingress."""
+
+    async def __init__(  # type: ignore[misc]
+        self, settings: ReplicaSettings, ingress: IngressSettings
+    ) -> None:
+        await super().__init__(settings)
+        self.openai_app: Starlette = create_app(
+            self.processor,  # started and drained by the replica, not by the app's lifespan
+            model_name=ingress.model_name,
+            api_key=ingress.api_key,
+            max_body_bytes=ingress.max_body_bytes,
+        )
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        """The app Serve's proxy sends HTTP requests to."""
+        return self.openai_app
+
+
 def build_app(args: RayAppArgs | dict[str, Any]) -> Application:
     """The Serve application: ``serve run zigllama_batch.ray_serve:build_app key=value ...``.
 
@@ -160,11 +180,19 @@ def build_app(args: RayAppArgs | dict[str, Any]) -> Application:
         )
     else:
         options["num_replicas"] = args.num_replicas
-    if args.prefix_routing:
-        options["request_router_config"] = {
-            "request_router_class": f"{PrefixAwareRouter.__module__}.{PrefixAwareRouter.__name__}",
-            "request_router_kwargs": {"imbalance_threshold": max(1, config.max_batch_size // 2)},
-        }
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    ingress_settings = IngressSettings(
+        model_name=args.model_name, api_key=api_key, drain_timeout=args.drain_timeout
+    )
+    if args.num_replicas == 1 or not args.prefix_routing:
+        # Nothing to route by prefix: each replica serves HTTP itself.
+        server = serve.deployment(name="ModelReplica", **options)(serve.ingress()(ModelServer))
+        colocated: Application = server.bind(settings, ingress_settings)
+        return colocated
+    options["request_router_config"] = {
+        "request_router_class": f"{PrefixAwareRouter.__module__}.{PrefixAwareRouter.__name__}",
+        "request_router_kwargs": {"imbalance_threshold": max(1, config.max_batch_size // 2)},
+    }
     model = serve.deployment(name="ModelReplica", **options)(ModelReplica)
     most_replicas = args.max_replicas if args.num_replicas == "auto" else fixed
     ingress = serve.deployment(
@@ -174,11 +202,5 @@ def build_app(args: RayAppArgs | dict[str, Any]) -> Application:
         # Never the bottleneck: it holds what all replicas hold, plus its own queue.
         max_ongoing_requests=max(1, most_replicas) * capacity + max(0, max_queued),
     )(serve.ingress()(OpenAIIngress))
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    app: Application = ingress.bind(
-        model.bind(settings),
-        IngressSettings(
-            model_name=args.model_name, api_key=api_key, drain_timeout=args.drain_timeout
-        ),
-    )
+    app: Application = ingress.bind(model.bind(settings), ingress_settings)
     return app

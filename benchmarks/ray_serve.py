@@ -1,0 +1,186 @@
+"""Ray Serve replicas against the standalone server, under 32 streaming clients.
+
+Each round, alternated: the standalone server (``zigllama-batch serve``, CONTINUOUS, max batch
+32, default model) under 32 closed-loop streaming clients; then a local Ray with Serve and ONE
+model replica (the same batching settings, all cores for its BLAS threads) under the same load,
+and Ray stopped again (so Ray's own processes never run during a standalone measurement). The
+per-round ratio Ray/standalone of output tokens/s, and its median, answer "what does Serve
+cost". Then two replicas (one core each) under the same load, reported as it is. Also reported:
+Ray's start-up to ready time, each replica's memory (RSS), and all of Ray's processes' memory.
+
+    python benchmarks/ray_serve.py [--rounds 3] [--requests-per-client 3] [--out benchmarks/results]
+
+Writes ``ray_serve.json`` into ``--out``. Each load is preceded by a short warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from zigllama_batch.ray_serve.local import LocalServe
+from zigllama_batch.testing import ServerProcess, chat_stream_load
+
+OUTPUT_TOKENS = 64
+CLIENTS = 32
+TOPICS = ["the sea", "a lighthouse", "bees", "a robot", "autumn", "the moon", "a library",
+          "trains", "mountains", "coffee", "a garden", "winter"]  # fmt: skip
+GiB = 1 << 30
+
+
+def prompt(i: int) -> str:
+    return f"Write a short story about {TOPICS[i % len(TOPICS)]}."
+
+
+async def measure(base: str, model: str, per_client: int, kind: str) -> dict[str, Any]:
+    await chat_stream_load(base, model, 4, 1, 8, prompt)  # warm-up
+    row = await chat_stream_load(base, model, CLIENTS, per_client, OUTPUT_TOKENS, prompt)
+    row["kind"] = kind
+    print(
+        f"{kind:>16} N={CLIENTS}  {row['output_tokens_per_s']:7.1f} tok/s  latency p50/p99 "
+        f"{row['latency_p50_ms']:6.0f}/{row['latency_p99_ms']:6.0f} ms  TTFT p50/p99 "
+        f"{row['ttft_p50_ms']:5.0f}/{row['ttft_p99_ms']:5.0f} ms",
+        flush=True,
+    )
+    return row
+
+
+def ray_memory(exclude: int) -> dict[str, Any]:
+    """RSS of this process's descendants (Ray's), by role; ``exclude`` is the standalone
+    server's pid (its process is a child too)."""
+    replicas, ingress, other = [], 0, 0
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.pid == exclude or exclude in [a.pid for a in p.parents()]:
+                continue
+            title = " ".join(p.cmdline())
+            rss = p.memory_info().rss
+        except psutil.Error:
+            continue
+        if "ModelReplica" in title:
+            replicas.append(rss)
+        elif "OpenAIIngress" in title:
+            ingress += rss
+        else:
+            other += rss
+    return {
+        "replica_rss_gib": [r / GiB for r in replicas],
+        "ingress_rss_gib": ingress / GiB,
+        "rest_of_ray_rss_gib": other / GiB,
+    }
+
+
+def serve_args(replicas: int, cpus: int) -> dict[str, Any]:
+    return {
+        "num_replicas": replicas,
+        "cpus_per_replica": cpus,
+        "strategy": "continuous",
+        "max_batch_size": 32,
+    }
+
+
+async def on_ray(replicas: int, cpus: int, per_client: int, exclude: int) -> dict[str, Any]:
+    with LocalServe(serve_args(replicas, cpus), num_cpus=os.cpu_count()) as local:
+        print(f"  Ray + Serve + {replicas} replica(s) ready in {local.ready_s:.1f} s", flush=True)
+        memory = ray_memory(exclude)
+        row = await measure(local.base_url, local.model, per_client, f"ray x{replicas}")
+    return {**row, "replicas": replicas, "ready_s": local.ready_s, **memory}
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests-per-client", type=int, default=3)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    cores = os.cpu_count() or 1
+    server = ServerProcess("--max-batch-size", "32", capture_output=False).start()
+    assert server.process is not None
+    standalone_rss = psutil.Process(server.process.pid).memory_info().rss / GiB
+    rows: list[dict[str, Any]] = []
+    ratios: list[float] = []
+    try:
+        for r in range(args.rounds):
+            print(f"round {r + 1}", flush=True)
+            alone = await measure(
+                server.base_url, server.model, args.requests_per_client, "standalone"
+            )
+            ray1 = await on_ray(1, cores, args.requests_per_client, server.process.pid)
+            rows += [alone, ray1]
+            ratios.append(ray1["output_tokens_per_s"] / alone["output_tokens_per_s"])
+            print(f"  ray x1 / standalone: {ratios[-1]:.1%}", flush=True)
+        two = await on_ray(2, max(1, cores // 2), args.requests_per_client, server.process.pid)
+        rows.append(two)
+    finally:
+        server.stop()
+    ratio = statistics.median(ratios)
+    alone_tps = statistics.median(
+        r["output_tokens_per_s"] for r in rows if r["kind"] == "standalone"
+    )
+    ray_tps = statistics.median(r["output_tokens_per_s"] for r in rows if r["kind"] == "ray x1")
+    ready = statistics.median(r["ready_s"] for r in rows if r["kind"].startswith("ray"))
+    replica_rss = statistics.median(
+        g for r in rows if "replica_rss_gib" in r for g in r["replica_rss_gib"]
+    )
+    print()
+    print("| setup | output tokens/s at 32 streaming clients | share of standalone |")
+    print("|---|---|---|")
+    print(f"| standalone server (median of {args.rounds}) | {alone_tps:.1f} | 100% |")
+    print(
+        f"| Ray Serve, 1 replica x {cores} cores (median) | {ray_tps:.1f} | {ratio:.1%} (median of per-round ratios) |"
+    )
+    print(
+        f"| Ray Serve, 2 replicas x {max(1, cores // 2)} core(s) | {two['output_tokens_per_s']:.1f} | {two['output_tokens_per_s'] / alone_tps:.1%} |"
+    )
+    print()
+    print(f"start-up to ready (ray.init + Serve + replicas loaded): median {ready:.1f} s")
+    print(
+        f"memory: standalone server {standalone_rss:.2f} GiB; each replica {replica_rss:.2f} GiB; "
+        f"ingress {two['ingress_rss_gib']:.2f} GiB; rest of Ray {two['rest_of_ray_rss_gib']:.2f} GiB"
+    )
+    write(
+        Path(args.out),
+        {
+            "machine": {"cpu": cpu_name(), "cores": cores, "python": platform.python_version()},
+            "clients": CLIENTS,
+            "output_tokens_per_request": OUTPUT_TOKENS,
+            "max_batch_size": 32,
+            "runs": rows,
+            "ray_1_replica_over_standalone": ratio,
+            "per_round_ratios": ratios,
+            "standalone_tokens_per_s": alone_tps,
+            "ray_1_replica_tokens_per_s": ray_tps,
+            "ray_2_replicas_tokens_per_s": two["output_tokens_per_s"],
+            "ready_s_median": ready,
+            "standalone_rss_gib": standalone_rss,
+            "replica_rss_gib_median": replica_rss,
+            "measured_at": time.strftime("%Y-%m-%d"),
+        },
+    )
+
+
+def cpu_name() -> str:
+    """lscpu's model name (the CPU changes between sessions of this project's machine)."""
+    text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    names = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Model name")]
+    return names[0] if names else platform.processor()
+
+
+def write(out: Path, payload: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ray_serve.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out / 'ray_serve.json'}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
