@@ -159,7 +159,6 @@ def build_app(args: RayAppArgs | dict[str, Any]) -> Application:
         config=config,
         threads=max(1, int(cpus)),
         drain_timeout=args.drain_timeout,
-        max_queued=max_queued,
     )
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cpus},

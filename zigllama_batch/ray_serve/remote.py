@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -59,8 +59,6 @@ class ModelInfo:
 
     model_name: str
     max_context: int
-    model_path: str  # the GGUF file, for the ingress's tokenizer
-    max_queued: int  # requests Serve may queue at one handle before refusing (QueueFull's bound)
 
 
 class RemoteProcessor:
@@ -206,7 +204,11 @@ class RemoteStream:
     """One request's chunks from its replica (``async for chunk in stream``); ``aclose()``
     before the end cancels the request in the replica."""
 
-    def __init__(self, chunks: DeploymentResponseGenerator[Any], on_end: Any) -> None:
+    def __init__(
+        self,
+        chunks: DeploymentResponseGenerator[Any],
+        on_end: Callable[[BaseException | None, int, BatchResult | None], None],
+    ) -> None:
         self._chunks = chunks
         self._on_end = on_end
         self._generated = 0
@@ -222,8 +224,9 @@ class RemoteStream:
         try:
             item = await _translated(self._chunks.__anext__())
         except StopAsyncIteration:
-            self._finish(GenerationError("the replica ended the stream without a result"))
-            raise GenerationError("the replica ended the stream without a result") from None
+            lost = GenerationError("the replica ended the stream without a result")
+            self._finish(lost)
+            raise lost from None
         except BaseException as exc:
             self._finish(exc)
             raise

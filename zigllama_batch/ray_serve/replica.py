@@ -47,7 +47,6 @@ class ReplicaSettings:
     config: BatchConfig
     threads: int  # BLAS threads: the CPUs Ray reserves for the replica
     drain_timeout: float  # seconds a stopping replica lets running requests finish
-    max_queued: int  # Serve's per-handle queue bound (reported to the ingress)
 
 
 class ModelReplica:
@@ -74,8 +73,6 @@ class ModelReplica:
         return ModelInfo(
             model_name=self.processor.model_name,
             max_context=self.processor.max_context,
-            model_path=self.path,
-            max_queued=self.settings.max_queued,
         )
 
     async def tokenizer_metadata(self) -> dict[str, Any]:
