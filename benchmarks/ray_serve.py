@@ -1,12 +1,14 @@
 """Ray Serve replicas against the standalone server, under 32 streaming clients.
 
-Each round, alternated: the standalone server (``zigllama-batch serve``, CONTINUOUS, max batch
-32, default model) under 32 closed-loop streaming clients; then a local Ray with Serve and ONE
-model replica (the same batching settings, all cores for its BLAS threads) under the same load,
-and Ray stopped again (so Ray's own processes never run during a standalone measurement). The
-per-round ratio Ray/standalone of output tokens/s, and its median, answer "what does Serve
-cost". Then two replicas (one core each) under the same load, reported as it is. Also reported:
-Ray's start-up to ready time, each replica's memory (RSS), and all of Ray's processes' memory.
+The standalone server (``zigllama-batch serve``, CONTINUOUS, max batch 32, default model) and
+a local Ray with Serve and ONE model replica (the same batching settings, all cores for its
+BLAS threads) take turns under the same load of 32 closed-loop streaming clients: standalone,
+Ray, standalone, Ray, ..., standalone. Ray is stopped after each of its runs, so its processes
+never run during a standalone measurement. Each Ray run is divided by the mean of the
+standalone runs either side of it, which cancels the machine's drift; the median of those
+ratios answers "what does Serve cost". Then two replicas (one core each) under the same load,
+reported as it is. Also reported: start-up to ready time, each replica's memory (RSS), and all
+of Ray's processes' memory.
 
     python benchmarks/ray_serve.py [--rounds 3] [--requests-per-client 3] [--out benchmarks/results]
 
@@ -104,45 +106,53 @@ async def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     cores = os.cpu_count() or 1
+    per_client = args.requests_per_client
     server = ServerProcess("--max-batch-size", "32", capture_output=False).start()
     assert server.process is not None
-    standalone_rss = psutil.Process(server.process.pid).memory_info().rss / GiB
+    pid = server.process.pid
+    standalone_rss = psutil.Process(pid).memory_info().rss / GiB
     rows: list[dict[str, Any]] = []
     ratios: list[float] = []
     try:
+        before = await measure(server.base_url, server.model, per_client, "standalone")
+        rows.append(before)
         for r in range(args.rounds):
             print(f"round {r + 1}", flush=True)
-            alone = await measure(
-                server.base_url, server.model, args.requests_per_client, "standalone"
-            )
-            ray1 = await on_ray(1, cores, args.requests_per_client, server.process.pid)
-            rows += [alone, ray1]
-            ratios.append(ray1["output_tokens_per_s"] / alone["output_tokens_per_s"])
-            print(f"  ray x1 / standalone: {ratios[-1]:.1%}", flush=True)
-        two = await on_ray(2, max(1, cores // 2), args.requests_per_client, server.process.pid)
+            ray1 = await on_ray(1, cores, per_client, pid)
+            after = await measure(server.base_url, server.model, per_client, "standalone")
+            rows += [ray1, after]
+            alone = (before["output_tokens_per_s"] + after["output_tokens_per_s"]) / 2
+            ratios.append(ray1["output_tokens_per_s"] / alone)
+            print(f"  ray x1 / standalone either side: {ratios[-1]:.1%}", flush=True)
+            before = after
+        two = await on_ray(2, max(1, cores // 2), per_client, pid)
         rows.append(two)
     finally:
         server.stop()
-    ratio = statistics.median(ratios)
-    alone_tps = statistics.median(
-        r["output_tokens_per_s"] for r in rows if r["kind"] == "standalone"
-    )
-    ray_tps = statistics.median(r["output_tokens_per_s"] for r in rows if r["kind"] == "ray x1")
+
+    def median_tps(kind: str) -> float:
+        return float(statistics.median(r["output_tokens_per_s"] for r in rows if r["kind"] == kind))
+
+    alone_tps = median_tps("standalone")
+    share = statistics.median(ratios)
     ready = statistics.median(r["ready_s"] for r in rows if r["kind"].startswith("ray"))
     replica_rss = statistics.median(
         g for r in rows if "replica_rss_gib" in r for g in r["replica_rss_gib"]
     )
     print()
-    print("| setup | output tokens/s at 32 streaming clients | share of standalone |")
+    print("| setup | output tokens/s at 32 streaming clients (median) | share of standalone |")
     print("|---|---|---|")
-    print(f"| standalone server (median of {args.rounds}) | {alone_tps:.1f} | 100% |")
+    print(f"| standalone server | {alone_tps:.1f} | 100% |")
+    print(f"| Ray Serve, 1 replica x {cores} cores | {median_tps('ray x1'):.1f} | {share:.1%} |")
     print(
-        f"| Ray Serve, 1 replica x {cores} cores (median) | {ray_tps:.1f} | {ratio:.1%} (median of per-round ratios) |"
-    )
-    print(
-        f"| Ray Serve, 2 replicas x {max(1, cores // 2)} core(s) | {two['output_tokens_per_s']:.1f} | {two['output_tokens_per_s'] / alone_tps:.1%} |"
+        f"| Ray Serve, 2 replicas x {max(1, cores // 2)} core(s) | "
+        f"{two['output_tokens_per_s']:.1f} | {two['output_tokens_per_s'] / alone_tps:.1%} |"
     )
     print()
+    print(
+        "1 replica's share: median of each Ray run over the mean of the standalone runs either "
+        "side: " + ", ".join(f"{v:.1%}" for v in ratios)
+    )
     print(f"start-up to ready (ray.init + Serve + replicas loaded): median {ready:.1f} s")
     print(
         f"memory: standalone server {standalone_rss:.2f} GiB; each replica {replica_rss:.2f} GiB; "
@@ -156,10 +166,10 @@ async def main() -> None:
             "output_tokens_per_request": OUTPUT_TOKENS,
             "max_batch_size": 32,
             "runs": rows,
-            "ray_1_replica_over_standalone": ratio,
-            "per_round_ratios": ratios,
+            "ray_1_replica_over_standalone": share,
+            "per_run_ratios": ratios,
             "standalone_tokens_per_s": alone_tps,
-            "ray_1_replica_tokens_per_s": ray_tps,
+            "ray_1_replica_tokens_per_s": median_tps("ray x1"),
             "ray_2_replicas_tokens_per_s": two["output_tokens_per_s"],
             "ready_s_median": ready,
             "standalone_rss_gib": standalone_rss,
