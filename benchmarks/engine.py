@@ -30,6 +30,7 @@ import numpy as np
 
 from zigllama_batch import GenerationConfig, load_model
 from zigllama_batch.engine import Engine, LLaMAModel, SequenceStep, TokenSample
+from zigllama_batch.engine.model import output_head
 
 BATCHES = (1, 8, 32, 64)
 PREFILL_LENGTHS = (16, 256, 1000)
@@ -51,7 +52,7 @@ def bare_matmuls(model: LLaMAModel, batch: int, scratch: dict[int, Any]) -> None
         attn @ layer.wo
         x @ layer.w_gate_up
         a @ layer.w_down
-    x @ w.output
+    output_head(x, w)  # the engine's own head product (two layouts, chosen by rows)
 
 
 class _Decoding:
