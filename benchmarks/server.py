@@ -87,7 +87,7 @@ async def inprocess_load(
     started = time.perf_counter()
     await asyncio.gather(*(client(c) for c in range(clients)))
     elapsed = time.perf_counter() - started
-    return load_summary("in_process", clients, len(latencies), tokens, elapsed, latencies, ttfts)
+    return load_summary("in_process", clients, tokens, elapsed, latencies, ttfts)
 
 
 def show(row: dict[str, Any]) -> None:

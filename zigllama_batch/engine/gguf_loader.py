@@ -144,7 +144,7 @@ class LlamaWeights:
     output_norm: F32  # (dim,)
     output: F32  # (dim, vocab): the output head, for steps of a few sequences (x @ W)
     # (vocab, dim): the same head as rows (the same array as `embed` when tied), for steps of
-    # many sequences: BLAS multiplies it ~30% faster than `output` there, and `output` makes
+    # many sequences: BLAS multiplies it 20-30% faster than `output` there, and `output` makes
     # the few-sequence products (matrix-vector) faster. Both layouts cost one more copy.
     output_rows: F32
     rope_freqs: F32 | None = None  # (head_dim // 2,): Llama 3.1 frequency factors, when present
