@@ -1,12 +1,14 @@
-"""Engine speed on a model: load time, prefill and decode throughput, peak memory.
+"""Engine speed on a model: load time, resident memory, prefill and decode throughput.
 
-Decode steps are timed A/B interleaved with the bare float32 matrix multiplies of the same step
-(same shapes, same weights): their ratio, the engine's share of the matrix-multiply bound, holds
-on a noisy machine where absolute figures drift. The batching gain (tokens/s at batch 32 over
-batch 1) is measured the same way, from batch-1 and batch-32 steps alternated. Medians
-everywhere.
+Decode steps are timed A/B interleaved with the bare weight products of the same step (the
+engine's own kernels, same shapes, same weights): their ratio, the engine's share of the
+matrix-multiply bound, holds on a noisy machine where absolute figures drift. The batching gain
+(tokens/s at batch 32 over batch 1) is measured the same way, from batch-1 and batch-32 steps
+alternated. Batch 1 is also set beside a memory-bandwidth bound: float32 matrix-vector
+products over as many bytes as the model's weights, the time any kernel needs to read them
+once. Medians everywhere.
 
-    python benchmarks/engine.py [--model PATH|NAME] [--steps 32] [--out FILE]
+    python benchmarks/engine.py [--model PATH|NAME] [--steps 32] [--batches 1,8,32,64] [--out FILE]
 
 Results go to ``benchmarks/results/engine.json`` for the default model and to
 ``engine-NAME.json`` for a model given by name or path (``--model gemma-3-270m``:
@@ -30,14 +32,15 @@ import numpy as np
 
 from zigllama_batch import GenerationConfig, load_model
 from zigllama_batch.engine import Engine, LLaMAModel, SequenceStep, TokenSample
-from zigllama_batch.engine.model import output_head
+from zigllama_batch.engine.hub import model_path
+from zigllama_batch.engine.kernels import linear
 
 BATCHES = (1, 8, 32, 64)
 PREFILL_LENGTHS = (16, 256, 1000)
 
 
 def bare_matmuls(model: LLaMAModel, batch: int, scratch: dict[int, Any]) -> None:
-    """The matrix multiplies of one decode step of ``batch`` tokens, and nothing else."""
+    """The weight products of one decode step of ``batch`` tokens, and nothing else."""
     if batch not in scratch:
         c = model.config
         scratch[batch] = (
@@ -48,11 +51,27 @@ def bare_matmuls(model: LLaMAModel, batch: int, scratch: dict[int, Any]) -> None
     x, attn, a = scratch[batch]
     w = model.weights
     for layer in w.layers:
-        x @ layer.wqkv
-        attn @ layer.wo
-        x @ layer.w_gate_up
-        a @ layer.w_down
-    output_head(x, w)  # the engine's own head product (two layouts, chosen by rows)
+        linear(x, layer.wqkv)
+        linear(attn, layer.wo)
+        linear(x, layer.w_gate_up)
+        linear(a, layer.w_down)
+    linear(x, w.output)
+
+
+def bandwidth_bound(nbytes: int, repeats: int = 15) -> dict[str, float]:
+    """Seconds to read ``nbytes`` of float32 weights once in matrix-vector products (numpy's
+    BLAS, all cores): a floor on a batch-1 decode step over weights of that many bytes."""
+    cols = 4096
+    w = np.ones((max(1, nbytes // (4 * cols)), cols), np.float32)
+    x = np.ones(cols, np.float32)
+    np.matvec(w, x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.matvec(w, x)
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return {"ms": t * 1e3, "gb_per_s": w.nbytes / t / 1e9, "tokens_per_s": 1 / t}
 
 
 class _Decoding:
@@ -190,6 +209,12 @@ def main() -> None:
         "--model", default=None, help="GGUF file or packaged model name (default model if omitted)"
     )
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per batch size")
+    ap.add_argument(
+        "--batches", default=",".join(map(str, BATCHES)), help="decode batch sizes (32 is needed)"
+    )
+    ap.add_argument(
+        "--prefill", default=",".join(map(str, PREFILL_LENGTHS)), help="prompt lengths timed"
+    )
     ap.add_argument("--out", default=None, help="JSON results file (default: by model)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
@@ -200,21 +225,27 @@ def main() -> None:
         _memory_only(args.model, args.slots, args.context)
         return
 
+    batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     load_s = time.perf_counter() - t0
-    rss_after_load = _peak_rss_kib() / 1024
+    rss_after_load = _rss_kib("VmRSS") / 1024
+    peak_during_load = _peak_rss_kib() / 1024
+    file_mib = Path(model_path(args.model, progress=False)).stat().st_size / 2**20
     rng = np.random.default_rng(0)
-    engine = Engine(model, tokenizer, n_slots=max(BATCHES), max_context=1024)
+    engine = Engine(model, tokenizer, n_slots=max(max(batches), 41), max_context=1024)
 
-    prefill = [bench_prefill(engine, n, 7, rng) for n in PREFILL_LENGTHS]
-    decode = [bench_decode(engine, model, b, args.steps, rng) for b in BATCHES]
+    prefill = [bench_prefill(engine, int(n), 5, rng) for n in args.prefill.split(",")]
+    decode = [bench_decode(engine, model, b, args.steps, rng) for b in batches]
     gain = bench_batching_gain(engine, args.steps, rng)
     del engine
+    bound = bandwidth_bound(model.weights.nbytes)
     memory = None if args.skip_memory else bench_memory(args.model, 32, 1024)
 
     b1 = next(d for d in decode if d["batch"] == 1)["tokens_per_s"]
-    b32 = next(d for d in decode if d["batch"] == 32)["tokens_per_s"]
+    b32 = next((d for d in decode if d["batch"] == 32), {"tokens_per_s": float("nan")})[
+        "tokens_per_s"
+    ]
     result = {
         "model": repr(model),
         "machine": {
@@ -224,14 +255,22 @@ def main() -> None:
             "numpy": np.__version__,
         },
         "load_s": load_s,
+        "file_mib": file_mib,
+        "weights_mib": model.weights.nbytes / 2**20,
         "rss_after_load_mib": rss_after_load,
+        "peak_rss_during_load_mib": peak_during_load,
+        "bandwidth_bound_batch1": bound,
         "prefill": prefill,
         "decode": decode,
         "batch32_over_batch1": b32 / b1,
         "batch32_over_batch1_alternated": gain,
         "memory": memory,
     }
-    print(f"model: {result['model']}\nload: {load_s:.2f} s (RSS {rss_after_load:.0f} MiB)\n")
+    print(
+        f"model: {result['model']}\nload: {load_s:.2f} s; RSS after load {rss_after_load:.0f} "
+        f"MiB (peak {peak_during_load:.0f}), file {file_mib:.0f} MiB, weights "
+        f"{result['weights_mib']:.0f} MiB\n"
+    )
     print("prefill          ms    tokens/s")
     for p in prefill:
         print(f"  {p['prompt_tokens']:>4} tokens {p['ms']:>8.1f} {p['tokens_per_s']:>9.0f}")
@@ -243,7 +282,12 @@ def main() -> None:
             f"{d['other_ms_per_step']:>9.1f}"
         )
     print(
-        f"\nbatch 32 / batch 1: {result['batch32_over_batch1']:.1f}x from the sections above, "
+        f"\nbandwidth bound at batch 1: {bound['tokens_per_s']:.1f} tokens/s "
+        f"({bound['gb_per_s']:.1f} GB/s of float32 weights); batch 1 reaches "
+        f"{b1 / bound['tokens_per_s']:.0%} of it"
+    )
+    print(
+        f"batch 32 / batch 1: {result['batch32_over_batch1']:.1f}x from the sections above, "
         f"{gain['gain']:.1f}x from {gain['rounds']} alternated rounds (steps of "
         f"{gain['batch1_step_ms']:.1f} and {gain['batch32_step_ms']:.1f} ms)"
     )
@@ -263,14 +307,19 @@ def main() -> None:
 def _peak_rss_kib() -> int:
     """Peak resident set of this process. /proc's VmHWM belongs to this process alone;
     getrusage's ru_maxrss can carry the parent's peak across fork and exec on Linux."""
+    return _rss_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _rss_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now; VmHWM: peak), 0 if unknown."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1])
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return 0
 
 
 def _cores() -> int:

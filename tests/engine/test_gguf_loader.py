@@ -3,6 +3,7 @@ a file can be unusable."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from zigllama_batch import ModelLoadError, load_model
 from zigllama_batch.engine import LlamaConfig, SequenceStep, read_gguf
 from zigllama_batch.engine.architecture import ARCHITECTURES
 from zigllama_batch.engine.gguf_loader import read_gguf_metadata
+from zigllama_batch.engine.kernels import FORMATS, dequantize
 
 
 def test_config_comes_from_metadata(write_gguf: Callable[..., Path]) -> None:
@@ -50,23 +52,30 @@ def test_the_model_is_named_by_its_file(write_gguf: Callable[..., Path]) -> None
 @pytest.mark.parametrize(
     "qtype", [Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, *K_QUANTS]
 )
-def test_every_quant_type_is_dequantized_once_to_float32(
-    write_gguf: Callable[..., Path], qtype: Q
+def test_every_quant_type_is_kept_as_the_file_stores_it(
+    write_gguf: Callable[..., Path], qtype: Q, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Weights equal the gguf package's dequantization of the stored tensor, in (in, out) layout."""
+    """A weight of a type the kernels read stays in that type, one the kernels do not read is
+    held as float32 with a warning that names its cost, and either way its values are the gguf
+    package's dequantization of the stored tensor."""
     path = write_gguf(
         qtypes={"ffn_down.weight": qtype, "ffn_up.weight": qtype}
         if qtype not in K_QUANTS
         else {"ffn_down.weight": qtype}
     )
-    contents = read_gguf(path)
+    with caplog.at_level(logging.WARNING):
+        contents = read_gguf(path)
     raw = file_tensors(path)
-    layer = contents.weights.layers[1]
-    assert layer.w_down.dtype == np.float32
-    assert layer.w_down.flags.c_contiguous
-    np.testing.assert_array_equal(layer.w_down, raw["blk.1.ffn_down.weight"].T)
-    reader = gguf.GGUFReader(str(path))
-    assert {t.tensor_type for t in reader.tensors if t.name == "blk.1.ffn_down.weight"} == {qtype}
+    (weight,) = contents.weights.layers[1].w_down.parts
+    kept = qtype in FORMATS
+    assert weight.qtype == (qtype if kept else Q.F32)
+    assert (weight.tiles is not None) == kept  # laid out for products
+    np.testing.assert_array_equal(dequantize(weight), raw["blk.1.ffn_down.weight"])
+    if kept:
+        assert not caplog.records
+    else:
+        assert f"{qtype.name} (0 MiB)" in caplog.text
+        assert "held as float32" in caplog.text
     model, _ = load_model(path)
     logits = model.step([SequenceStep(0, [5, 6, 7], 0)], model.new_cache(1, 16))
     assert np.isfinite(logits).all()

@@ -1,14 +1,17 @@
-"""GGUF file -> :class:`LlamaConfig` + float32 weights, with the ``gguf`` package doing the parsing.
+"""GGUF file -> :class:`LlamaConfig` + weights, with the ``gguf`` package doing the parsing.
 
-Every tensor is dequantized to float32 once, at load (``gguf.quants.dequantize`` knows F32, F16,
-BF16, the legacy Q4/Q5/Q8 types and the K-quants). Weights are stored ready for the forward pass:
-linear layers as ``(in, out)`` C-contiguous matrices, Q/K/V fused into one matrix (and their
-biases into one vector) and gate/up into another, so each layer runs two big matrix multiplies
-instead of five.
+Linear layers and the token embedding stay in their GGUF block types (Q8_0, Q4_0, Q4_1, Q5_0,
+Q5_1, Q4_K, Q5_K, Q6_K, F16, BF16; F32 as float32) as :class:`~.kernels.Weight` rows of ``in``
+values, split into planes (:mod:`~.kernels.blocks`); the kernels multiply them as they are. A
+type the kernels do not read (Q2_K, Q3_K, the IQ types) is dequantized to float32 once, with a
+logged warning that says what it costs. Q/K/V are fused into one :class:`~.kernels.Linear`
+(and their biases into one vector) and gate/up into another, so each layer runs two big
+products instead of five; parts of different types (Q4_K_M files keep V in Q6_K) stay apart
+inside it. Norms and biases are float32 vectors. Nothing of the file stays mapped after load.
 
 Which tensors a file must hold, and how they are laid out, follows its row of the architecture
 table (:mod:`~zigllama_batch.engine.architecture`): ``llama``, ``qwen2``, ``qwen3`` and
-``gemma3``. The model applies RoPE to adjacent pairs of dimensions only, so the Q and K columns
+``gemma3``. The model applies RoPE to adjacent pairs of dimensions only, so the Q and K rows
 of a "halves" (NEOX) architecture are reordered here, head by head, into adjacent pairs, with
 their biases and q/k norm weights. Attention scores are dot products of queries and keys, which
 the same reordering of both leaves unchanged. ``llama`` files need nothing: llama.cpp's converter
@@ -19,6 +22,7 @@ Simplified: no mixture-of-experts, no split files, no partial rotary dimensions.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -32,6 +36,7 @@ from numpy.typing import NDArray
 
 from ..errors import ModelLoadError
 from .architecture import ARCHITECTURES, Architecture, RopeLayout, architecture
+from .kernels import FORMATS, Linear, Weight
 
 __all__ = [
     "GGUFContents",
@@ -45,6 +50,8 @@ __all__ = [
 F32 = NDArray[np.float32]
 
 _GGUF_MAGIC = b"GGUF"
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,49 +120,53 @@ class LlamaConfig:
 
 @dataclass(slots=True, kw_only=True)
 class LayerWeights:
-    """One transformer block's weights, float32, linear layers as ``(in, out)``. The optional
-    ones are None where the architecture has no such tensor."""
+    """One transformer block's weights: linear layers as (out, in) rows in their GGUF types,
+    vectors as float32. The optional ones are None where the architecture has no such tensor."""
 
     attn_norm: F32  # (dim,)
-    wqkv: F32  # (dim, (n_heads + 2 * n_kv_heads) * head_dim)
-    wo: F32  # (n_heads * head_dim, dim)
+    wqkv: Linear  # ((n_heads + 2 * n_kv_heads) * head_dim, dim): Q rows, then K, then V
+    wo: Linear  # (dim, n_heads * head_dim)
     ffn_norm: F32  # (dim,)
-    w_gate_up: F32  # (dim, 2 * ffn_dim): gate columns first, then up
-    w_down: F32  # (ffn_dim, dim)
+    w_gate_up: Linear  # (2 * ffn_dim, dim): gate rows first, then up
+    w_down: Linear  # (dim, ffn_dim)
     bqkv: F32 | None = None  # ((n_heads + 2 * n_kv_heads) * head_dim,): Q/K/V biases
     q_norm: F32 | None = None  # (head_dim,): per-head RMSNorm of queries
     k_norm: F32 | None = None  # (head_dim,): per-head RMSNorm of keys
     post_attn_norm: F32 | None = None  # (dim,): RMSNorm of the attention output
     post_ffn_norm: F32 | None = None  # (dim,): RMSNorm of the feed-forward output
 
-    def arrays(self) -> list[F32]:
-        """Every array this layer holds."""
-        optional = (self.bqkv, self.q_norm, self.k_norm, self.post_attn_norm, self.post_ffn_norm)
-        required = [self.attn_norm, self.wqkv, self.wo, self.ffn_norm, self.w_gate_up, self.w_down]
-        return required + [a for a in optional if a is not None]
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this layer."""
+        vectors = (
+            self.attn_norm,
+            self.ffn_norm,
+            self.bqkv,
+            self.q_norm,
+            self.k_norm,
+            self.post_attn_norm,
+            self.post_ffn_norm,
+        )
+        linears = (self.wqkv, self.wo, self.w_gate_up, self.w_down)
+        return sum(v.nbytes for v in vectors if v is not None) + sum(w.nbytes for w in linears)
 
 
 @dataclass(slots=True, kw_only=True)
 class LlamaWeights:
-    """All weights of a model, float32."""
+    """All weights of a model."""
 
-    embed: F32  # (vocab, dim): token embedding, one row per token
+    embed: Weight  # (vocab, dim): token embedding, one row per token
     layers: list[LayerWeights]
     output_norm: F32  # (dim,)
-    output: F32  # (dim, vocab): the output head, for steps of a few sequences (x @ W)
-    # (vocab, dim): the same head as rows (the same array as `embed` when tied), for steps of
-    # many sequences: BLAS multiplies it 20-30% faster than `output` there, and `output` makes
-    # the few-sequence products (matrix-vector) faster. Both layouts cost one more copy.
-    output_rows: F32
+    output: Linear  # (vocab, dim): the output head (the embedding's values when tied)
     rope_freqs: F32 | None = None  # (head_dim // 2,): Llama 3.1 frequency factors, when present
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the weights (an array shared by two fields counted once)."""
-        arrays: list[F32] = [self.embed, self.output_norm, self.output, self.output_rows]
-        for layer in self.layers:
-            arrays += layer.arrays()
-        return sum({id(a): a.nbytes for a in arrays}.values())
+        """Bytes held by the weights (a tied head's two layouts both counted)."""
+        extra = self.rope_freqs.nbytes if self.rope_freqs is not None else 0
+        layers = sum(layer.nbytes for layer in self.layers)
+        return self.embed.nbytes + self.output.nbytes + layers + self.output_norm.nbytes + extra
 
 
 @dataclass(slots=True, kw_only=True)
@@ -169,19 +180,31 @@ class GGUFContents:
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
-    """Read a GGUF file of a supported architecture and dequantize its weights to float32.
+    """Read a GGUF file of a supported architecture: its hyperparameters, and its weights in
+    their block types (float32 for the types the kernels do not read).
 
     Raises:
         ModelLoadError: the file is missing, is not GGUF, is of an architecture not in
             :data:`~zigllama_batch.engine.architecture.ARCHITECTURES` (the message names it and
             lists those supported), lacks a tensor or metadata key, or has a tensor of the wrong
-            shape or of a type ``gguf`` cannot dequantize.
+            shape, cut short, or of a type that cannot be read; the message names the tensor.
     """
     path = Path(path)
     reader, metadata = _open(path)
     tensors = {t.name: t for t in reader.tensors}
     config = _config_from_metadata(metadata, tensors, path)
-    weights = _load_weights(config, tensors, path)
+    as_float: dict[str, int] = {}  # type name -> float32 bytes, for types read as float32
+    weights = _load_weights(config, tensors, path, as_float)
+    del reader, tensors  # unmaps the file: the weights are copies
+    if as_float:
+        listed = ", ".join(f"{name} ({n / 2**20:.0f} MiB)" for name, n in sorted(as_float.items()))
+        _log.warning(
+            "%s: tensors of type %s are held as float32 (no kernel reads them in place), "
+            "%.0f MiB in all",
+            path.name,
+            listed,
+            sum(as_float.values()) / 2**20,
+        )
     return GGUFContents(path=path, config=config, weights=weights, metadata=metadata)
 
 
@@ -344,70 +367,72 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], path: P
     )
 
 
-def _load_weights(config: LlamaConfig, tensors: dict[str, Any], path: Path) -> LlamaWeights:
+def _load_weights(
+    config: LlamaConfig, tensors: dict[str, Any], path: Path, as_float: dict[str, int]
+) -> LlamaWeights:
     arch, d, hd = config.architecture, config.dim, config.head_dim
     q_out, kv_out = config.n_heads * hd, config.n_kv_heads * hd
-    # Within each head, column order that turns "halves" RoPE pairs (i, i + hd/2) into adjacent
+    # Within each head, the order that turns "halves" RoPE pairs (i, i + hd/2) into adjacent
     # ones (2i, 2i + 1); the identity for files already in adjacent order.
     if arch.rope_layout is RopeLayout.HALVES:
         in_head = np.stack([np.arange(hd // 2), np.arange(hd // 2) + hd // 2], axis=1).ravel()
     else:
-        in_head = np.arange(hd)
+        in_head = None
 
-    def matrix(name: str, n_in: int, n_out: int) -> F32:
-        """A linear layer as (in, out), from GGUF's (out rows of in values)."""
-        return _transposed(_dequantize(tensors, name, (n_out, n_in), path))
+    def order(n_heads: int) -> NDArray[np.int64]:
+        assert in_head is not None
+        return (np.arange(n_heads)[:, None] * hd + in_head).ravel()
 
-    def vector(name: str, n: int) -> F32:
-        return _dequantize(tensors, name, (n,), path)
+    def matrix(name: str, n_out: int, n_in: int, heads: int = 0) -> Weight:
+        """A linear layer's (out, in) rows; ``heads``: rows of that many heads to reorder."""
+        w = _weight(tensors, name, n_out, n_in, path, as_float)
+        return w.take(order(heads)) if heads and in_head is not None else w
 
-    def heads_reordered(a: F32, n_heads: int) -> F32:
-        """Columns (last axis) of ``n_heads`` heads put in adjacent-pair RoPE order."""
-        order = (np.arange(n_heads)[:, None] * hd + in_head).ravel()
-        return np.ascontiguousarray(a[..., order])
+    def vector(name: str, n: int, heads: int = 0) -> F32:
+        v = _vector(tensors, name, n, path)
+        return np.ascontiguousarray(v[order(heads)]) if heads and in_head is not None else v
 
     layers = []
     for i in range(config.n_layers):
         p = f"blk.{i}."
-        wq = heads_reordered(matrix(p + "attn_q.weight", d, q_out), config.n_heads)
-        wk = heads_reordered(matrix(p + "attn_k.weight", d, kv_out), config.n_kv_heads)
         layer = LayerWeights(
             attn_norm=vector(p + "attn_norm.weight", d),
-            wqkv=np.concatenate([wq, wk, matrix(p + "attn_v.weight", d, kv_out)], axis=1),
-            wo=matrix(p + "attn_output.weight", q_out, d),
-            ffn_norm=vector(p + "ffn_norm.weight", d),
-            w_gate_up=np.concatenate(
+            wqkv=Weight.concat(
                 [
-                    matrix(p + "ffn_gate.weight", d, config.ffn_dim),
-                    matrix(p + "ffn_up.weight", d, config.ffn_dim),
-                ],
-                axis=1,
+                    matrix(p + "attn_q.weight", q_out, d, config.n_heads),
+                    matrix(p + "attn_k.weight", kv_out, d, config.n_kv_heads),
+                    matrix(p + "attn_v.weight", kv_out, d),
+                ]
             ),
-            w_down=matrix(p + "ffn_down.weight", config.ffn_dim, d),
+            wo=Linear.of(matrix(p + "attn_output.weight", d, q_out)),
+            ffn_norm=vector(p + "ffn_norm.weight", d),
+            w_gate_up=Weight.concat(
+                [
+                    matrix(p + "ffn_gate.weight", config.ffn_dim, d),
+                    matrix(p + "ffn_up.weight", config.ffn_dim, d),
+                ]
+            ),
+            w_down=Linear.of(matrix(p + "ffn_down.weight", d, config.ffn_dim)),
         )
         if arch.qkv_bias:
             layer.bqkv = np.concatenate(
                 [
-                    heads_reordered(vector(p + "attn_q.bias", q_out), config.n_heads),
-                    heads_reordered(vector(p + "attn_k.bias", kv_out), config.n_kv_heads),
+                    vector(p + "attn_q.bias", q_out, config.n_heads),
+                    vector(p + "attn_k.bias", kv_out, config.n_kv_heads),
                     vector(p + "attn_v.bias", kv_out),
                 ]
             )
         if arch.qk_norm:
-            layer.q_norm = heads_reordered(vector(p + "attn_q_norm.weight", hd), 1)
-            layer.k_norm = heads_reordered(vector(p + "attn_k_norm.weight", hd), 1)
+            layer.q_norm = vector(p + "attn_q_norm.weight", hd, 1)
+            layer.k_norm = vector(p + "attn_k_norm.weight", hd, 1)
         if arch.sandwich_norms:
             layer.post_attn_norm = vector(p + "post_attention_norm.weight", d)
             layer.post_ffn_norm = vector(p + "post_ffw_norm.weight", d)
         layers.append(layer)
-    embed = _dequantize(tensors, "token_embd.weight", (config.vocab_size, d), path)
-    output_rows = (
-        embed
-        if config.tied_embeddings
-        else _dequantize(tensors, "output.weight", (config.vocab_size, d), path)
-    )
+    embed = matrix("token_embd.weight", config.vocab_size, d)
+    output = embed if config.tied_embeddings else matrix("output.weight", config.vocab_size, d)
     rope_freqs = (
-        _dequantize(tensors, "rope_freqs.weight", (hd // 2,), path)
+        _vector(tensors, "rope_freqs.weight", hd // 2, path)
         if "rope_freqs.weight" in tensors
         else None
     )
@@ -415,29 +440,56 @@ def _load_weights(config: LlamaConfig, tensors: dict[str, Any], path: Path) -> L
         embed=embed,
         layers=layers,
         output_norm=vector("output_norm.weight", d),
-        output=_transposed(output_rows),
-        output_rows=output_rows,
+        output=Linear.of(output),
         rope_freqs=rope_freqs,
     )
 
 
-_TRANSPOSE_ROWS = 512
-"""Rows transposed at a time: numpy's whole-array transposing copy walks memory in an order
-caches dislike (5.1 s for Gemma 3's 262144 x 640 embedding, against 0.7 s in blocks)."""
-
-
-def _transposed(a: F32) -> F32:
-    """A C-contiguous copy of ``a.T``, made block by block."""
-    out = np.empty((a.shape[1], a.shape[0]), np.float32)
-    for i in range(0, a.shape[0], _TRANSPOSE_ROWS):
-        out[:, i : i + _TRANSPOSE_ROWS] = a[i : i + _TRANSPOSE_ROWS].T
-    return out
-
-
-def _dequantize(tensors: dict[str, Any], name: str, shape: tuple[int, ...], path: Path) -> F32:
+def _tensor(tensors: dict[str, Any], name: str, shape: tuple[int, ...], path: Path) -> Any:
+    """The tensor ``name``, checked to hold ``shape`` (numpy order: rows first) whole."""
     tensor = tensors.get(name)
     if tensor is None:
         raise ModelLoadError(f"{path}: tensor {name!r} is missing")
+    if tuple(int(n) for n in reversed(tensor.shape)) != shape:
+        raise ModelLoadError(
+            f"{path}: tensor {name!r} has shape {tuple(int(n) for n in tensor.shape)}, "
+            f"expected {tuple(reversed(shape))} (GGUF order)"
+        )
+    return tensor
+
+
+def _weight(
+    tensors: dict[str, Any],
+    name: str,
+    rows: int,
+    cols: int,
+    path: Path,
+    as_float: dict[str, int],
+) -> Weight:
+    """A matrix tensor as a :class:`Weight`: in its blocks where a kernel reads the type, else
+    dequantized (its float32 bytes counted into ``as_float`` by type name)."""
+    tensor = _tensor(tensors, name, (rows, cols), path)
+    qtype = tensor.tensor_type
+    try:
+        if qtype in FORMATS or qtype == gguf.GGMLQuantizationType.F32:
+            return Weight.from_gguf(tensor.data, qtype, rows, cols)
+        values = _dequantize(tensor, name, (rows, cols), path)
+    except ValueError as exc:  # a tensor cut short, or holding too few blocks
+        raise ModelLoadError(f"{path}: tensor {name!r} cannot be read: {exc}") from exc
+    as_float[qtype.name] = as_float.get(qtype.name, 0) + values.nbytes
+    return Weight.from_float(values)
+
+
+def _vector(tensors: dict[str, Any], name: str, n: int, path: Path) -> F32:
+    """A vector tensor (norm weights, biases) as float32, a copy of the file's bytes."""
+    tensor = _tensor(tensors, name, (n,), path)
+    try:
+        return np.array(_dequantize(tensor, name, (n,), path), dtype=np.float32)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: tensor {name!r} cannot be read: {exc}") from exc
+
+
+def _dequantize(tensor: Any, name: str, shape: tuple[int, ...], path: Path) -> F32:
     try:
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as exc:
@@ -445,10 +497,4 @@ def _dequantize(tensors: dict[str, Any], name: str, shape: tuple[int, ...], path
             f"{path}: tensor {name!r} has type {tensor.tensor_type.name}, which cannot be "
             f"dequantized"
         ) from exc
-    array = np.asarray(array, dtype=np.float32)
-    if array.shape != shape:
-        raise ModelLoadError(
-            f"{path}: tensor {name!r} has shape {tuple(int(n) for n in tensor.shape)}, "
-            f"expected {tuple(reversed(shape))} (GGUF order)"
-        )
-    return array
+    return np.asarray(array, dtype=np.float32).reshape(shape)

@@ -9,9 +9,10 @@ feed a chunk of their prompt, others one decode token.
 - Attention runs against each sequence's KV-cache slot. Single-token (decode) items are batched
   into one masked attention over their slots; prompt chunks run one by one with a causal mask.
   A windowed layer (Gemma 3's local layers) attends only to its window's positions.
-- Only each item's last new token goes through the output head, which the weights hold in both
-  layouts: (D, vocab) for a few rows (matrix-vector products), (vocab, D) for many, taken in
-  blocks of vocabulary rows (20-30% faster at 32 rows for a 262k vocabulary).
+- Only each item's last new token goes through the output head.
+- Every product with a weight matrix goes through :func:`~zigllama_batch.engine.kernels.linear`,
+  whatever the weight's GGUF type: the weights stay quantized, and which kernel runs for how
+  many rows is the kernels module's business.
 
 One block, top to bottom, for every architecture: RMSNorm -> Q/K/V (+ biases) -> per-head q/k
 RMSNorm -> RoPE -> attention -> output projection (-> RMSNorm) -> residual add; RMSNorm -> gated
@@ -37,6 +38,7 @@ from numpy.typing import NDArray
 
 from .architecture import Activation
 from .gguf_loader import LayerWeights, LlamaConfig, LlamaWeights
+from .kernels import embedding_rows, linear
 from .kv_cache import KVCache
 from .step import SequenceStep
 
@@ -47,7 +49,8 @@ I64 = NDArray[np.int64]
 
 
 class LLaMAModel:
-    """A Llama-family decoder (Llama, Qwen2, Qwen3, Gemma 3) with float32 weights.
+    """A Llama-family decoder (Llama, Qwen2, Qwen3, Gemma 3) over weights kept in their GGUF
+    block types, computing in float32.
 
     The model holds no per-sequence state: keys and values live in a :class:`KVCache` passed to
     each :meth:`step`, so several caches (or several disjoint slot sets of one cache) can use the
@@ -117,14 +120,14 @@ class LLaMAModel:
             return np.zeros((0, self.vocab_size), np.float32)
         batch = _Batch.build(items, cache, self.vocab_size, self._rotations, self._window_set)
         w = self.weights
-        x = w.embed[batch.token_ids]  # (N, D), a copy
+        x = embedding_rows(w.embed, batch.token_ids)  # (N, D), a copy
         if self._embed_scale is not None:
             x *= self._embed_scale
         for i, layer in enumerate(w.layers):
             rotation = batch.rotations[self._table_of_layer[i]]
             self._layer(x, layer, cache.k[i], cache.v[i], batch, rotation, self._windows[i])
         last = _rms_norm(x[batch.last_rows], w.output_norm, self.config.rms_eps)  # (B, D)
-        return output_head(last, w)  # (B, vocab)
+        return linear(last, w.output)  # (B, vocab)
 
     def _layer(
         self,
@@ -144,7 +147,7 @@ class LLaMAModel:
         q_width, kv_width = c.n_heads * hd, c.n_kv_heads * hd
 
         h = _rms_norm(x, layer.attn_norm, c.rms_eps)
-        qkv = _matmul(h, layer.wqkv)  # (N, (H + 2 KVH) hd)
+        qkv = linear(h, layer.wqkv)  # (N, (H + 2 KVH) hd)
         if layer.bqkv is not None:
             qkv += layer.bqkv
         qk = qkv[:, : q_width + kv_width].reshape(n, c.n_heads + c.n_kv_heads, hd)
@@ -178,17 +181,17 @@ class LLaMAModel:
                 batch.starts[item_index],
                 window,
             )
-        out = _matmul(attn.reshape(n, q_width), layer.wo)  # (N, D)
+        out = linear(attn.reshape(n, q_width), layer.wo)  # (N, D)
         if layer.post_attn_norm is not None:
             out = _rms_norm(out, layer.post_attn_norm, c.rms_eps)
         x += out
 
         h = _rms_norm(x, layer.ffn_norm, c.rms_eps)
-        gate_up = _matmul(h, layer.w_gate_up)  # (N, 2F)
+        gate_up = linear(h, layer.w_gate_up)  # (N, 2F)
         gate, up = gate_up[:, : c.ffn_dim], gate_up[:, c.ffn_dim :]
         act = _gelu_tanh(gate) if self._gelu else _silu(gate)
         act *= up
-        out = _matmul(act, layer.w_down)
+        out = linear(act, layer.w_down)
         if layer.post_ffn_norm is not None:
             out = _rms_norm(out, layer.post_ffn_norm, c.rms_eps)
         x += out
@@ -355,64 +358,12 @@ class _Batch:
         )
 
 
-_GEMV_MAX_ROWS = 3
-"""Up to this many rows, a linear layer runs as one matrix-vector product per row: BLAS's
-matrix-matrix path packs the whole weight matrix on every call, which costs more than
-re-reading it (from cache, after the first row) two or three times."""
-_ROW_BLOCK = 8
-_MIN_PADDED_REMAINDER = 3
-"""OpenBLAS's single-precision kernels work on blocks of 8 rows: 6 rows cost about 1.7 times
-as much as 8, and 30 rows 1.3 times as much as 32 (measured on this project's 2-core AVX-512
-machine). Row counts that leave at least this many rows in a last block are padded to a
-whole block with zero rows."""
-
-
 _QUERY_BLOCK = 128
 """Prompt tokens whose attention is computed together: small enough that a causal chunk skips
 most masked products, large enough for BLAS (64 and 128 are equally fast; 512 is 2x slower
 at 512 positions)."""
 _CAUSAL = np.triu(np.full((_QUERY_BLOCK, _QUERY_BLOCK), -np.inf, np.float32), 1)
 """-inf above the diagonal: what a block of queries must not see among its own positions."""
-
-
-_HEAD_CHUNK = 2048
-"""Vocabulary rows per product in :func:`output_head`: a (2048, B) block of logits stays in
-the CPU's L2 cache while it is transposed into place."""
-
-
-def output_head(h: F32, weights: LlamaWeights) -> F32:
-    """Logits (B, vocab) of final hidden states h (B, D)."""
-    n = h.shape[0]
-    if n <= _GEMV_MAX_ROWS:
-        return _matmul(h, weights.output)
-    rows = weights.output_rows  # (vocab, D)
-    vocab = rows.shape[0]
-    h_t = np.ascontiguousarray(h.T)  # (D, B)
-    out = np.empty((n, vocab), np.float32)
-    block = np.empty((_HEAD_CHUNK, n), np.float32)
-    for start in range(0, vocab, _HEAD_CHUNK):
-        stop = min(vocab, start + _HEAD_CHUNK)
-        np.matmul(rows[start:stop], h_t, out=block[: stop - start])  # (chunk, B)
-        out[:, start:stop] = block[: stop - start].T
-    return out
-
-
-def _matmul(h: F32, w: F32) -> F32:
-    """``h @ w`` for activations h (N, in) and weights w (in, out), shaped for BLAS's speed."""
-    n = h.shape[0]
-    out: F32
-    if 1 < n <= _GEMV_MAX_ROWS:
-        out = np.empty((n, w.shape[1]), np.float32)
-        for i in range(n):
-            np.matmul(h[i], w, out=out[i])
-        return out
-    if n % _ROW_BLOCK >= _MIN_PADDED_REMAINDER:
-        padded = np.zeros((n + _ROW_BLOCK - n % _ROW_BLOCK, h.shape[1]), np.float32)
-        padded[:n] = h
-        out = (padded @ w)[:n]
-        return out
-    out = h @ w
-    return out
 
 
 def _rotation(

@@ -1,0 +1,243 @@
+"""Weights kept as GGUF stores them, and the one entry point the forward pass calls for a
+linear layer: :func:`linear`.
+
+Inside: :class:`Weight` (one matrix of one GGUF type: block planes, or float32 for the types
+read as float32), :class:`Linear` (the row-wise concatenation of weights that one product
+computes at once, e.g. Q, K and V), :func:`linear`, :func:`embedding_rows` and
+:func:`dequantize`.
+
+Which kernel runs is decided here, by the number of activation rows (measured on this
+project's 2-core machine; ``benchmarks/kernels.py`` reruns the measurement):
+
+- up to :data:`GEMV_MAX_ROWS` rows (decode, a few streams): :func:`~.matmul.gemv`, which reads
+  each weight byte once and decodes it in cache; at one row its time is the bytes read.
+- more rows (batched decode, prompt chunks): :func:`~.matmul.gemm`, L2-sized tiles of
+  decoded rows multiplied by BLAS.
+- float32 weights: numpy's BLAS.
+
+Threads: the numba kernels use numba's pool (as many threads as cores), numpy's BLAS its own;
+the two never run at once. The tiles' BLAS calls run inside numba's threads, so scipy's BLAS,
+which they call, is held to one thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from numpy.typing import NDArray
+from threadpoolctl import ThreadpoolController
+
+from .blocks import FORMATS, Planes, pack
+from .matmul import decode_rows, decode_tiles, gemm, gemv, gemv_fused
+from .tiles import TILE, Tiles
+
+__all__ = [
+    "FORMATS",
+    "GEMV_MAX_ROWS",
+    "Linear",
+    "Weight",
+    "dequantize",
+    "embedding_rows",
+    "linear",
+]
+
+F32 = NDArray[np.float32]
+I64 = NDArray[np.int64]
+
+GEMV_MAX_ROWS = 4
+"""Most activation rows multiplied by :func:`~.matmul.gemv`; more go to the tiled BLAS
+product. (placeholder: measured below)"""
+
+_WIDTH = 32  # see blocks.decode_row: the block width, passed as a value on purpose
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Weight:
+    """One weight matrix of ``rows`` rows of ``cols`` values, in one GGUF type.
+
+    Block types keep their blocks, laid out for what the weight is used for: row planes
+    (:class:`~.blocks.Planes`) to look rows up (an embedding), tiles (:class:`~.tiles.Tiles`)
+    to multiply (:meth:`for_products`). Float32 weights, and the types read as float32, are a
+    dense ``(rows, cols)`` array for both.
+    """
+
+    qtype: Q
+    rows: int
+    cols: int
+    planes: Planes | None = None
+    tiles: Tiles | None = None
+    dense: F32 | None = None
+
+    @staticmethod
+    def from_gguf(raw: NDArray[np.generic], qtype: Q, rows: int, cols: int) -> Weight:
+        """A weight (row planes) from a GGUF tensor's data: ``rows`` rows of ``cols`` values
+        of ``qtype``, a type in :data:`~.blocks.FORMATS` or F32.
+
+        Raises:
+            ValueError: the data does not hold that many values of that type.
+        """
+        if qtype == Q.F32:
+            values = np.asarray(raw, dtype=np.float32)
+            if values.size != rows * cols:
+                raise ValueError(f"{values.size} float32 values are not {rows} x {cols}")
+            return Weight.from_float(values.reshape(rows, cols))
+        planes = pack(np.asarray(raw).view(np.uint8), qtype, rows, cols)
+        return Weight(qtype, rows, cols, planes=planes)
+
+    @staticmethod
+    def from_float(values: F32) -> Weight:
+        """A float32 weight (rows, cols), copied."""
+        dense = np.array(values, dtype=np.float32, order="C")
+        return Weight(Q.F32, dense.shape[0], dense.shape[1], dense=dense)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        held = (self.dense, self.planes, self.tiles)
+        return sum(a.nbytes for a in held if a is not None)
+
+    def take(self, rows: I64) -> Weight:
+        """The weight made of ``rows`` (of a weight in row planes or dense), in that order."""
+        if self.dense is not None:
+            return Weight.from_float(self.dense[rows])
+        return Weight(self.qtype, len(rows), self.cols, planes=self._planes.take(rows))
+
+    def for_products(self) -> Weight:
+        """This weight laid out for :func:`linear` (tiles; a dense weight as it is)."""
+        if self.dense is not None or self.tiles is not None:
+            return self
+        tiles = Tiles.from_planes(self._planes, self.qtype, self.rows, self.cols)
+        return Weight(self.qtype, self.rows, self.cols, tiles=tiles)
+
+    @staticmethod
+    def concat(parts: Sequence[Weight]) -> Linear:
+        """A layer whose rows are those of ``parts`` one after another (weights in row planes
+        or dense): parts of one type are merged into one product."""
+        merged: list[Weight] = []
+        for part in parts:
+            last = merged[-1] if merged else None
+            if last is not None and last.qtype == part.qtype and last.cols == part.cols:
+                merged[-1] = last._append(part)
+            else:
+                merged.append(part)
+        return Linear(tuple(merged))
+
+    def _append(self, other: Weight) -> Weight:
+        rows = self.rows + other.rows
+        if self.dense is not None and other.dense is not None:
+            return Weight.from_float(np.concatenate([self.dense, other.dense]))
+        planes = Planes.concat([self._planes, other._planes])
+        return Weight(self.qtype, rows, self.cols, planes=planes)
+
+    @property
+    def _planes(self) -> Planes:
+        if self.planes is None:
+            raise ValueError("this weight is laid out for products only")
+        return self.planes
+
+    def __repr__(self) -> str:
+        return f"Weight({self.qtype.name}, {self.rows}x{self.cols})"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Linear:
+    """A linear layer's weight: the rows of ``parts`` one after another (one part unless
+    fused matrices are of different types), each laid out for products."""
+
+    parts: tuple[Weight, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", tuple(p.for_products() for p in self.parts))
+
+    @staticmethod
+    def of(weight: Weight) -> Linear:
+        """A layer of one weight (a copy laid out for products, when it is in row planes)."""
+        return Linear((weight,))
+
+    @property
+    def rows(self) -> int:
+        """Output features."""
+        return sum(p.rows for p in self.parts)
+
+    @property
+    def cols(self) -> int:
+        """Input features."""
+        return self.parts[0].cols
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(p.nbytes for p in self.parts)
+
+
+def linear(x: F32, w: Linear) -> F32:
+    """``x @ W.T``: activations x (N, in) times the layer's weight (out, in), as (N, out)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if len(w.parts) == 1:
+        return _product(x, w.parts[0], np.empty((x.shape[0], w.rows), np.float32))
+    out = np.empty((x.shape[0], w.rows), np.float32)
+    start = 0
+    for part in w.parts:
+        _product(x, part, out[:, start : start + part.rows])
+        start += part.rows
+    return out
+
+
+def _product(x: F32, w: Weight, out: F32) -> F32:
+    if w.dense is not None:
+        np.matmul(x, w.dense.T, out=out)
+        return out
+    assert w.tiles is not None
+    t = w.tiles
+    fmt = FORMATS[w.qtype]
+    args = (t.qs, t.qh, t.scale, t.offset, t.sub, x, out)
+    if x.shape[0] > GEMV_MAX_ROWS:
+        gemm(fmt.code, max(fmt.block_size, 32), *args)
+    elif w.qtype in (Q.F16, Q.BF16):
+        gemv(fmt.code, 32, *args)
+    else:
+        gemv_fused(fmt.code, *args, _WIDTH)
+    return out
+
+
+def embedding_rows(w: Weight, ids: I64) -> F32:
+    """Rows ``ids`` of ``w`` (in row planes, or dense) as float32 (len(ids), cols)."""
+    if w.dense is not None:
+        return w.dense[ids]
+    p = w._planes
+    out = np.empty((len(ids), w.cols), np.float32)
+    code = FORMATS[w.qtype].code
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    decode_rows(code, p.qs, p.qh, p.scale, p.offset, p.sub, ids, out, _WIDTH)
+    return out
+
+
+def dequantize(w: Weight | Linear) -> F32:
+    """The whole weight as float32 (rows, cols), whatever its layout."""
+    if isinstance(w, Linear):
+        return np.concatenate([dequantize(p) for p in w.parts])
+    if w.tiles is None:
+        return embedding_rows(w, np.arange(w.rows, dtype=np.int64))
+    t, fmt = w.tiles, FORMATS[w.qtype]
+    out = np.empty((w.cols, t.scale.shape[0] * TILE), np.float32)
+    code, block = fmt.code, max(fmt.block_size, 32)
+    decode_tiles(code, block, t.qs, t.qh, t.scale, t.offset, t.sub, out)
+    return np.ascontiguousarray(out[:, : w.rows].T)
+
+
+def _hold_scipy_blas_to_one_thread() -> None:
+    """scipy's BLAS, which numba's ``np.dot`` calls inside the tiled product's threads, runs on
+    one thread there (numpy's BLAS is another library and keeps its threads)."""
+    import scipy.linalg.cython_blas  # noqa: F401  (loads the library numba calls)
+
+    marker = f"{os.sep}scipy.libs{os.sep}"
+    for lib in ThreadpoolController().lib_controllers:
+        if marker in lib.filepath:
+            lib.set_num_threads(1)
+
+
+_hold_scipy_blas_to_one_thread()

@@ -1,0 +1,247 @@
+"""numba kernels: products of activation rows with tiled quantized weights, and decoding.
+
+A weight for products is :class:`~.tiles.Tiles`; every kernel decodes one input column of a
+tile at a time with :func:`~.tiles.decode_column` (the float32 values the ``gguf`` package
+gives) into a :data:`~.tiles.TILE`-float vector that stays in L1, and differs in what it does
+next. Threads take whole tiles (``prange``), so each reads one contiguous run of memory.
+
+- :func:`gemv` (a few activation rows): each decoded column is multiplied into every row's
+  accumulators. The weight bytes are read once; at one row, reading them is the whole cost.
+- :func:`gemm` (many rows): a tile is decoded whole into float32 (``in`` x TILE: 1 MiB for a
+  2048-wide matrix, in L2) and multiplied with all activation rows in one BLAS call (scipy's
+  BLAS, one thread inside each of numba's): BLAS's arithmetic speed, the weights still read as
+  blocks.
+- :func:`decode_tiles`: the whole weight as float32 (tests, float32 fallbacks).
+- :func:`decode_rows`: chosen rows of row-major planes as float32 (embedding look-ups).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .blocks import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0, decode_row
+from .tiles import decode_column
+
+__all__ = ["decode_rows", "decode_tiles", "gemm", "gemv", "gemv_fused"]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def gemv(
+    code: int,
+    block: int,
+    qs: np.ndarray,
+    qh: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    sub: np.ndarray,
+    x: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """``out[n, o] = sum_i x[n, i] * W[o, i]`` for the tiled weight whose planes are given, of
+    the type numbered ``code`` with ``block`` values a block; x: (N, in) float32 C-contiguous;
+    out: (N, out) float32, any strides."""
+    n_tiles, n_blocks, tile = scale.shape
+    n_rows, n_out = x.shape[0], out.shape[1]
+    for t in prange(n_tiles):
+        acc = np.zeros((n_rows, tile), np.float32)
+        column = np.empty((1, tile), np.float32)
+        for b in range(n_blocks):
+            for j in range(block):
+                decode_column(code, qs, qh, scale, offset, sub, t, b, j, column, 0)
+                k = b * block + j
+                for n in range(n_rows):
+                    xv = x[n, k]
+                    for o in range(tile):
+                        acc[n, o] += column[0, o] * xv
+        first = t * tile
+        last = min(n_out, first + tile)
+        for n in range(n_rows):
+            out[n, first:last] = acc[n, : last - first]
+
+
+@njit(parallel=True, cache=True)
+def gemm(
+    code: int,
+    block: int,
+    qs: np.ndarray,
+    qh: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    sub: np.ndarray,
+    x: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """As :func:`gemv`, a whole tile decoded then multiplied by BLAS: for many rows."""
+    n_tiles, n_blocks, tile = scale.shape
+    n_rows, n_in, n_out = x.shape[0], x.shape[1], out.shape[1]
+    for t in prange(n_tiles):
+        weights = np.empty((n_in, tile), np.float32)  # (in, TILE)
+        for b in range(n_blocks):
+            for j in range(block):
+                decode_column(code, qs, qh, scale, offset, sub, t, b, j, weights, b * block + j)
+        product = np.dot(x, weights)  # (N, TILE)
+        first = t * tile
+        last = min(n_out, first + tile)
+        for n in range(n_rows):
+            out[n, first:last] = product[n, : last - first]
+
+
+@njit(parallel=True, cache=True)
+def decode_tiles(
+    code: int,
+    block: int,
+    qs: np.ndarray,
+    qh: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    sub: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """The tiled weight as float32 into ``out`` (in, tiles * TILE): column-major rows."""
+    n_tiles, n_blocks, tile = scale.shape
+    for t in prange(n_tiles):
+        for b in range(n_blocks):
+            for j in range(block):
+                decode_column(
+                    code, qs, qh, scale, offset, sub, t, b, j, out[:, t * tile :], b * block + j
+                )
+
+
+@njit(cache=True)
+def decode_rows(
+    code: int,
+    qs: np.ndarray,
+    qh: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    sub: np.ndarray,
+    ids: np.ndarray,
+    out: np.ndarray,
+    width: int,
+) -> None:
+    """Rows ``ids`` of row-major planes as float32 into ``out`` (len(ids), in)."""
+    for r in range(ids.shape[0]):
+        o = ids[r]
+        decode_row(code, qs[o], qh[o], scale[o], offset[o], sub[o], out[r], width)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def gemv_fused(
+    code: int,
+    qs: np.ndarray,
+    qh: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    sub: np.ndarray,
+    x: np.ndarray,
+    out: np.ndarray,
+    width: int,
+) -> None:
+    """:func:`gemv` for the block types, with the scales factored out of each block's sum:
+    ``sum_j (d q_j + m) x_j = d sum_j q_j x_j + m sum_j x_j``, so the inner loop is one
+    integer-to-float conversion and one multiply-add a value. (The products differ from
+    :func:`gemv`'s in rounding only.) ``width`` must be 32; see :mod:`.blocks` for why it is
+    an argument."""
+    n_tiles, n_blocks, tile = scale.shape
+    n_rows, n_out = x.shape[0], out.shape[1]
+    half = width // 2
+    # Sums of x over every run of 16 inputs: the minimums' and the offsets' share.
+    sums = np.zeros((n_rows, x.shape[1] // half), np.float32)
+    for n in range(n_rows):
+        for g in range(sums.shape[1]):
+            for j in range(half):
+                sums[n, g] += x[n, g * half + j]
+    for t in prange(n_tiles):
+        acc = np.zeros((n_rows, tile), np.float32)
+        part = np.empty((n_rows, tile), np.float32)
+        if code in (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1):
+            for b in range(n_blocks):
+                part[:] = 0.0
+                k = b * width
+                if code == Q8_0:
+                    for j in range(width):
+                        for n in range(n_rows):
+                            xv = x[n, k + j]
+                            for o in range(tile):
+                                part[n, o] += np.float32(np.int8(qs[t, b, j, o])) * xv
+                elif code in (Q4_0, Q4_1):
+                    for j in range(half):
+                        for n in range(n_rows):
+                            x0, x1 = x[n, k + j], x[n, k + half + j]
+                            for o in range(tile):
+                                q = qs[t, b, j, o]
+                                part[n, o] += np.float32(q & 0x0F) * x0 + np.float32(q >> 4) * x1
+                else:
+                    for j in range(half):
+                        lo_byte, lo_bit = j >> 3, j & 7
+                        hi_byte, hi_bit = (j + half) >> 3, (j + half) & 7
+                        for n in range(n_rows):
+                            x0, x1 = x[n, k + j], x[n, k + half + j]
+                            for o in range(tile):
+                                q = qs[t, b, j, o]
+                                q0 = (q & 0x0F) | (((qh[t, b, lo_byte, o] >> lo_bit) & 1) << 4)
+                                q1 = (q >> 4) | (((qh[t, b, hi_byte, o] >> hi_bit) & 1) << 4)
+                                part[n, o] += np.float32(q0) * x0 + np.float32(q1) * x1
+                for n in range(n_rows):
+                    total = sums[n, 2 * b] + sums[n, 2 * b + 1]
+                    if code == Q8_0:
+                        for o in range(tile):
+                            acc[n, o] += scale[t, b, o] * part[n, o]
+                    elif code in (Q4_0, Q5_0):
+                        bias = total * np.float32(8 if code == Q4_0 else 16)
+                        for o in range(tile):
+                            acc[n, o] += scale[t, b, o] * (part[n, o] - bias)
+                    else:
+                        for o in range(tile):
+                            acc[n, o] += scale[t, b, o] * part[n, o] + offset[t, b, o] * total
+        elif code in (Q4_K, Q5_K):
+            for b in range(n_blocks):
+                for s in range(8):  # sub-blocks of 32: low nibbles of 32 bytes, then high ones
+                    part[:] = 0.0
+                    k, row, shift = b * 256 + s * width, (s // 2) * width, 4 * (s % 2)
+                    for i in range(width):
+                        for n in range(n_rows):
+                            xv = x[n, k + i]
+                            if code == Q4_K:
+                                for o in range(tile):
+                                    q = (qs[t, b, row + i, o] >> shift) & 0x0F
+                                    part[n, o] += np.float32(q) * xv
+                            else:
+                                for o in range(tile):
+                                    q = ((qs[t, b, row + i, o] >> shift) & 0x0F) | (
+                                        ((qh[t, b, i, o] >> s) & 1) << 4
+                                    )
+                                    part[n, o] += np.float32(q) * xv
+                    for n in range(n_rows):
+                        total = sums[n, (k // half)] + sums[n, (k // half) + 1]
+                        for o in range(tile):
+                            sc = scale[t, b, o] * np.float32(sub[t, b, s, o])
+                            low = offset[t, b, o] * np.float32(sub[t, b, 8 + s, o])
+                            acc[n, o] += sc * part[n, o] - low * total
+        else:  # Q6_K: 16 groups of 16 values, a signed scale each, q - 32
+            for b in range(n_blocks):
+                for g in range(16):
+                    part[:] = 0.0
+                    j0 = g * half
+                    kk, r0 = j0 // 128, j0 % 128
+                    lo_shift, hi_shift = 4 * (r0 // 64), 2 * (r0 // 32)
+                    low_row, high_row = kk * 64 + r0 % 64, kk * 32 + r0 % 32
+                    for i in range(half):
+                        for n in range(n_rows):
+                            xv = x[n, b * 256 + j0 + i]
+                            for o in range(tile):
+                                q = ((qs[t, b, low_row + i, o] >> lo_shift) & 0x0F) | (
+                                    ((qh[t, b, high_row + i, o] >> hi_shift) & 0x03) << 4
+                                )
+                                part[n, o] += np.float32(q) * xv
+                    for n in range(n_rows):
+                        bias = sums[n, (b * 256 + j0) // half] * np.float32(32)
+                        for o in range(tile):
+                            sc = scale[t, b, o] * np.float32(np.int8(sub[t, b, g, o]))
+                            acc[n, o] += sc * (part[n, o] - bias)
+        first = t * tile
+        last = min(n_out, first + tile)
+        for n in range(n_rows):
+            for o in range(last - first):
+                out[n, first + o] = acc[n, o]
