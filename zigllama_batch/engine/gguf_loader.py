@@ -158,15 +158,16 @@ class LlamaWeights:
     embed: Weight  # (vocab, dim): token embedding, one row per token
     layers: list[LayerWeights]
     output_norm: F32  # (dim,)
-    output: Linear  # (vocab, dim): the output head (the embedding's values when tied)
+    output: Linear  # (vocab, dim): the output head (holding `embed` itself when tied)
     rope_freqs: F32 | None = None  # (head_dim // 2,): Llama 3.1 frequency factors, when present
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the weights (a tied head's two layouts both counted)."""
+        """Bytes held by the weights (a tied head counted once)."""
+        head = 0 if self.output.parts == (self.embed,) else self.output.nbytes
         extra = self.rope_freqs.nbytes if self.rope_freqs is not None else 0
         layers = sum(layer.nbytes for layer in self.layers)
-        return self.embed.nbytes + self.output.nbytes + layers + self.output_norm.nbytes + extra
+        return self.embed.nbytes + head + layers + self.output_norm.nbytes + extra
 
 
 @dataclass(slots=True, kw_only=True)
@@ -430,7 +431,11 @@ def _load_weights(
             layer.post_ffn_norm = vector(p + "post_ffw_norm.weight", d)
         layers.append(layer)
     embed = matrix("token_embd.weight", config.vocab_size, d)
-    output = embed if config.tied_embeddings else matrix("output.weight", config.vocab_size, d)
+    if config.tied_embeddings:  # one copy, as tiles: the head multiplies it, look-ups decode it
+        output = Linear.of(embed)
+        embed = output.parts[0]
+    else:
+        output = Linear.of(matrix("output.weight", config.vocab_size, d))
     rope_freqs = (
         _vector(tensors, "rope_freqs.weight", hd // 2, path)
         if "rope_freqs.weight" in tensors
@@ -440,7 +445,7 @@ def _load_weights(
         embed=embed,
         layers=layers,
         output_norm=vector("output_norm.weight", d),
-        output=Linear.of(output),
+        output=output,
         rope_freqs=rope_freqs,
     )
 

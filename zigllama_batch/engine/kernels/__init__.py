@@ -9,8 +9,9 @@ computes at once, e.g. Q, K and V), :func:`linear`, :func:`embedding_rows` and
 Which kernel runs is decided here, by the number of activation rows (measured on this
 project's 2-core machine; ``benchmarks/kernels.py`` reruns the measurement):
 
-- up to :data:`GEMV_MAX_ROWS` rows (decode, a few streams): :func:`~.matmul.gemv`, which reads
-  each weight byte once and decodes it in cache; at one row its time is the bytes read.
+- up to :data:`GEMV_MAX_ROWS` rows (decode, a few streams; per type):
+  :func:`~.matmul.gemv_fused`, which reads each weight byte once and decodes it in cache; at
+  one row its time is the bytes read.
 - more rows (batched decode, prompt chunks): :func:`~.matmul.gemm`, L2-sized tiles of
   decoded rows multiplied by BLAS.
 - float32 weights: numpy's BLAS.
@@ -32,7 +33,7 @@ from numpy.typing import NDArray
 from threadpoolctl import ThreadpoolController
 
 from .blocks import FORMATS, Planes, pack
-from .matmul import decode_rows, decode_tiles, gemm, gemv, gemv_fused
+from .matmul import decode_rows, decode_tiles, gemm, gemv, gemv_fused, tile_rows
 from .tiles import TILE, Tiles
 
 __all__ = [
@@ -48,9 +49,23 @@ __all__ = [
 F32 = NDArray[np.float32]
 I64 = NDArray[np.int64]
 
-GEMV_MAX_ROWS = 4
-"""Most activation rows multiplied by :func:`~.matmul.gemv`; more go to the tiled BLAS
-product. (placeholder: measured below)"""
+GEMV_MAX_ROWS: dict[Q, int] = {
+    Q.Q8_0: 8,
+    Q.Q4_0: 2,
+    Q.Q4_1: 3,
+    Q.Q5_0: 2,
+    Q.Q5_1: 2,
+    Q.Q4_K: 2,
+    Q.Q5_K: 2,
+    Q.Q6_K: 1,
+    Q.F16: 2,
+    Q.BF16: 2,
+}
+"""Most activation rows multiplied by the matrix-vector kernels, per type; more go to the
+tiled BLAS product. Where the two cross over on a 4096 x 2048 matrix, 2 threads, AMD EPYC
+(Zen 4): a Q8_0 value costs the fused kernel one conversion and one multiply-add a row, cheap
+enough to win up to 8 rows (3.2 against 4.1 ms at 8); unpacking nibbles and high bits costs
+more per row, so Q4_0 and Q4_K hand over after 2 rows, Q6_K after 1."""
 
 _WIDTH = 32  # see blocks.decode_row: the block width, passed as a value on purpose
 
@@ -195,7 +210,7 @@ def _product(x: F32, w: Weight, out: F32) -> F32:
     t = w.tiles
     fmt = FORMATS[w.qtype]
     args = (t.qs, t.qh, t.scale, t.offset, t.sub, x, out)
-    if x.shape[0] > GEMV_MAX_ROWS:
+    if x.shape[0] > GEMV_MAX_ROWS[w.qtype]:
         gemm(fmt.code, max(fmt.block_size, 32), *args)
     elif w.qtype in (Q.F16, Q.BF16):
         gemv(fmt.code, 32, *args)
@@ -205,13 +220,19 @@ def _product(x: F32, w: Weight, out: F32) -> F32:
 
 
 def embedding_rows(w: Weight, ids: I64) -> F32:
-    """Rows ``ids`` of ``w`` (in row planes, or dense) as float32 (len(ids), cols)."""
+    """Rows ``ids`` of ``w`` as float32 (len(ids), cols): an embedding look-up."""
     if w.dense is not None:
         return w.dense[ids]
-    p = w._planes
     out = np.empty((len(ids), w.cols), np.float32)
     code = FORMATS[w.qtype].code
     ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if w.tiles is not None:  # a tied embedding, held once, as the output head's tiles
+        t = w.tiles
+        tiles = np.unique(ids // TILE)
+        block = max(FORMATS[w.qtype].block_size, 32)
+        tile_rows(code, block, t.qs, t.qh, t.scale, t.offset, t.sub, tiles, ids, out)
+        return out
+    p = w._planes
     decode_rows(code, p.qs, p.qh, p.scale, p.offset, p.sub, ids, out, _WIDTH)
     return out
 
@@ -222,7 +243,7 @@ def dequantize(w: Weight | Linear) -> F32:
         return np.concatenate([dequantize(p) for p in w.parts])
     if w.tiles is None:
         return embedding_rows(w, np.arange(w.rows, dtype=np.int64))
-    t, fmt = w.tiles, FORMATS[w.qtype]
+    t, fmt = w.tiles, FORMATS[w.qtype]  # every tile whole (embedding_rows would repeat them)
     out = np.empty((w.cols, t.scale.shape[0] * TILE), np.float32)
     code, block = fmt.code, max(fmt.block_size, 32)
     decode_tiles(code, block, t.qs, t.qh, t.scale, t.offset, t.sub, out)

@@ -40,7 +40,7 @@ class Tiles:
     qs: NDArray[np.uint8]  # (tiles, blocks, bytes, TILE); F16/BF16: (tiles, blocks, 32, 2 TILE)
     qh: NDArray[np.uint8]  # (tiles, blocks, bytes, TILE)
     scale: NDArray[np.float32]  # (tiles, blocks, TILE)
-    offset: NDArray[np.float32]  # (tiles, blocks, TILE)
+    offset: NDArray[np.float32]  # (tiles, blocks, TILE), or (tiles, blocks, 0) if absent
     sub: NDArray[np.uint8]  # (tiles, blocks, 16, TILE)
     rows: int
     """Rows of the matrix (the last tile holds fewer real ones when it does not divide)."""
@@ -68,11 +68,15 @@ class Tiles:
             else np.zeros((*shape, 0, TILE), np.uint8)
             for p in (planes.qh, planes.sub)
         )
-        scale, offset = (
-            _tiled(p, rows, n_blocks, 1).reshape(*shape, TILE)
-            if p.size
+        scale = (  # F16/BF16 have none: zeros the kernels read only for the tiles' shape
+            _tiled(planes.scale, rows, n_blocks, 1).reshape(*shape, TILE)
+            if planes.scale.size
             else np.zeros((*shape, TILE), np.float32)
-            for p in (planes.scale, planes.offset)
+        )
+        offset = (  # (tiles, blocks, 0) for a type without minimums
+            _tiled(planes.offset, rows, n_blocks, 1).reshape(*shape, TILE)
+            if planes.offset.size
+            else np.zeros((*shape, 0), np.float32)
         )
         return Tiles(qs=qs, qh=qh, scale=scale, offset=offset, sub=sub, rows=rows)
 
