@@ -3,6 +3,7 @@ a file can be unusable."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from zigllama_batch import ModelLoadError, load_model
 from zigllama_batch.engine import LlamaConfig, SequenceStep, read_gguf
 from zigllama_batch.engine.architecture import ARCHITECTURES
 from zigllama_batch.engine.gguf_loader import read_gguf_metadata
-from zigllama_batch.engine.kernels import FORMATS, dequantize
+from zigllama_batch.engine.kernels import FORMATS, Weight, dequantize
 
 
 def test_config_comes_from_metadata(write_gguf: Callable[..., Path]) -> None:
@@ -164,6 +165,47 @@ def test_wrong_tensor_shape(write_gguf: Callable[..., Path], tmp_path: Path) -> 
     writer.close()
     with pytest.raises(ModelLoadError, match=r"'blk\.0\.ffn_gate\.weight' has shape"):
         load_model(tmp_path / "bad.gguf")
+
+
+def test_tensor_data_cut_short_is_named(write_gguf: Callable[..., Path], tmp_path: Path) -> None:
+    """A quantized file whose last tensor's blocks are cut short raises ModelLoadError naming a
+    tensor, and no weight of the half-read file stays alive."""
+    good = write_gguf(qtypes=dict.fromkeys(["attn_q.weight", "ffn_up.weight"], Q.Q8_0))
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(good.read_bytes()[:-100])
+    gc.collect()
+    before = sum(isinstance(o, Weight) for o in gc.get_objects())
+    with pytest.raises(ModelLoadError, match=r"tensor '[a-z0-9_.]+'"):
+        load_model(bad)
+    gc.collect()
+    assert sum(isinstance(o, Weight) for o in gc.get_objects()) == before
+
+
+def test_a_type_nothing_can_read_is_named(write_gguf: Callable[..., Path], tmp_path: Path) -> None:
+    """A tensor of a type neither the kernels nor gguf's dequantize read (Q8_1) raises
+    ModelLoadError naming the tensor and the type."""
+    path = write_gguf()
+    reader = gguf.GGUFReader(str(path))
+    writer = gguf.GGUFWriter(str(tmp_path / "q8_1.gguf"), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    for t in reader.tensors:
+        data = np.asarray(t.data)
+        if t.name == "blk.1.ffn_up.weight":  # (256, 64) values: 256 rows of 2 Q8_1 blocks
+            raw = np.zeros((data.shape[0], 2 * 40), np.uint8)
+            writer.add_tensor(t.name, raw, raw_dtype=Q.Q8_1)
+        else:
+            writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match=r"'blk\.1\.ffn_up\.weight' has type Q8_1"):
+        load_model(tmp_path / "q8_1.gguf")
 
 
 def test_metadata_arrays_read_whole_equal_what_gguf_reads(

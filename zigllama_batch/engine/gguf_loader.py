@@ -254,6 +254,20 @@ class _Reader(gguf.GGUFReader):
 
     _stock = False  # True while gguf reads an array of arrays, inner arrays included
 
+    def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+        # gguf cuts a tensor running past the end of the file short and fails reshaping it,
+        # with a message that names no tensor: check every tensor's extent first.
+        size = len(self.data)
+        for field in fields:
+            _, name, _, dims, raw_dtype, offset = field.parts
+            qtype = gguf.GGMLQuantizationType(int(raw_dtype[0]))
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            end = start_offs + int(offset[0]) + int(np.prod(dims)) * type_size // block
+            if end > size:
+                tensor = bytes(name).decode("utf-8", "replace")
+                raise ValueError(f"tensor {tensor!r} runs past the end of the file ({size} bytes)")
+        super()._build_tensors(start_offs, fields)
+
     def _get_field_parts(
         self, orig_offs: int, raw_type: int
     ) -> tuple[int, list[NDArray[Any]], list[int], list[gguf.GGUFValueType]]:

@@ -1,7 +1,7 @@
 """ModelReplica: the Ray Serve deployment that owns one BatchProcessor.
 
-Each replica loads the model, limits its BLAS threads to the CPUs Ray gave it (so replicas on one
-node do not oversubscribe the cores), and starts a :class:`~zigllama_batch.BatchProcessor` on
+Each replica loads the model, limits its BLAS and kernel threads to the CPUs Ray gave it (so
+replicas on one node do not oversubscribe the cores), and starts a :class:`~zigllama_batch.BatchProcessor` on
 the replica's own event loop. The ingress calls :meth:`ModelReplica.submit` and
 :meth:`ModelReplica.stream` with tokenized :class:`~zigllama_batch.BatchRequest` objects; a
 call Serve cancels (the client went away) cancels the request in the processor. When Serve
@@ -26,6 +26,7 @@ from ..batching.processor import BatchProcessor
 from ..batching.types import BatchConfig, BatchRequest, BatchResult, StreamChunk
 from ..engine.gguf_loader import read_gguf_metadata
 from ..engine.hub import model_path
+from ..engine.kernels import set_threads as set_kernel_threads
 from ..generator import load_model
 from ..structured import StructuredOutput
 from .metrics import RayMetrics
@@ -57,6 +58,7 @@ class ModelReplica:
         # tasks then live on the loop that serves its requests.
         self.settings = settings
         self._blas = threadpool_limits(limits=settings.threads, user_api="blas")
+        set_kernel_threads(settings.threads)  # numba's kernels too (after BLAS: see its doc)
         self.path = str(await asyncio.to_thread(model_path, settings.model, progress=False))
         model, tokenizer = await asyncio.to_thread(load_model, self.path, progress=False)
         self.processor = BatchProcessor(model, tokenizer, settings.config)

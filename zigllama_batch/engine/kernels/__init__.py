@@ -16,9 +16,9 @@ project's 2-core machine; ``benchmarks/kernels.py`` reruns the measurement):
   decoded rows multiplied by BLAS.
 - float32 weights: numpy's BLAS.
 
-Threads: the numba kernels use numba's pool (as many threads as cores), numpy's BLAS its own;
-the two never run at once. The tiles' BLAS calls run inside numba's threads, so scipy's BLAS,
-which they call, is held to one thread.
+Threads: the numba kernels use numba's pool (as many threads as cores, or
+:func:`set_threads`), numpy's BLAS its own; the two never run at once. The tiles' BLAS calls
+run inside numba's threads, so scipy's BLAS, which they call, is held to one thread.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 from numpy.typing import NDArray
@@ -44,6 +45,7 @@ __all__ = [
     "dequantize",
     "embedding_rows",
     "linear",
+    "set_threads",
 ]
 
 F32 = NDArray[np.float32]
@@ -207,6 +209,8 @@ def _product(x: F32, w: Weight, out: F32) -> F32:
         np.matmul(x, w.dense.T, out=out)
         return out
     assert w.tiles is not None
+    if _threads and numba.get_num_threads() != _threads:  # numba's setting is per thread
+        numba.set_num_threads(_threads)
     t = w.tiles
     fmt = FORMATS[w.qtype]
     args = (t.qs, t.qh, t.scale, t.offset, t.sub, x, out)
@@ -248,6 +252,24 @@ def dequantize(w: Weight | Linear) -> F32:
     code, block = fmt.code, max(fmt.block_size, 32)
     decode_tiles(code, block, t.qs, t.qh, t.scale, t.offset, t.sub, out)
     return np.ascontiguousarray(out[:, : w.rows].T)
+
+
+_threads = 0  # 0: numba's default (every core)
+
+
+def set_threads(n: int | None) -> None:
+    """Run the kernels on ``n`` threads (None, or more than the cores: every core), e.g. in a
+    process given fewer cores than the machine has. Applies to every thread that runs a
+    product from now on.
+
+    Raises:
+        ValueError: ``n`` is below 1.
+    """
+    global _threads
+    if n is not None and n < 1:
+        raise ValueError(f"threads: must be at least 1, got {n}")
+    _threads = min(n or 0, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+    _hold_scipy_blas_to_one_thread()
 
 
 def _hold_scipy_blas_to_one_thread() -> None:
