@@ -16,6 +16,11 @@ project's 2-core machine; ``benchmarks/kernels.py`` reruns the measurement):
   decoded rows multiplied by BLAS.
 - float32 weights: numpy's BLAS.
 
+Compiled kernels are cached on disk (numba's ``cache=True``, in ``__pycache__``): the first
+process compiles them (about 25 s), later ones load them. numba checks only the entry points'
+own file (``matmul.py``) for changes: after editing ``blocks.py``, ``tiles.py`` or
+``bytes8.py``, delete ``__pycache__/*.nbi`` and ``*.nbc`` here (or touch ``matmul.py``).
+
 Threads: the numba kernels use numba's pool (as many threads as cores, or
 :func:`set_threads`), numpy's BLAS its own; the two never run at once. The tiles' BLAS calls
 run inside numba's threads, so scipy's BLAS, which they call, is held to one thread.
@@ -53,21 +58,22 @@ I64 = NDArray[np.int64]
 
 GEMV_MAX_ROWS: dict[Q, int] = {
     Q.Q8_0: 8,
-    Q.Q4_0: 2,
-    Q.Q4_1: 3,
-    Q.Q5_0: 2,
-    Q.Q5_1: 2,
-    Q.Q4_K: 2,
-    Q.Q5_K: 2,
-    Q.Q6_K: 1,
+    Q.Q4_0: 12,
+    Q.Q4_1: 12,
+    Q.Q5_0: 6,
+    Q.Q5_1: 6,
+    Q.Q4_K: 8,
+    Q.Q5_K: 6,
+    Q.Q6_K: 6,
     Q.F16: 2,
     Q.BF16: 2,
 }
-"""Most activation rows multiplied by the matrix-vector kernels, per type; more go to the
-tiled BLAS product. Where the two cross over on a 4096 x 2048 matrix, 2 threads, AMD EPYC
-(Zen 4): a Q8_0 value costs the fused kernel one conversion and one multiply-add a row, cheap
-enough to win up to 8 rows (3.2 against 4.1 ms at 8); unpacking nibbles and high bits costs
-more per row, so Q4_0 and Q4_K hand over after 2 rows, Q6_K after 1."""
+"""Most activation rows multiplied by the matrix-vector kernel, per type; more go to the tiled
+BLAS product. Where the two cross over on a 4096 x 2048 matrix, 2 threads, AMD EPYC (Zen 4):
+the fused kernel costs a pass over the tile per row (Q4_0: 0.35 ms at 1 row, 1.9 at 8, 2.7 at
+12, 3.6 at 16); the BLAS product a decode of the tile and BLAS's packing of it, 2.3 to 3.4 ms
+from 4 to 16 rows (below 4 rows OpenBLAS skips the packing, but the fused kernel is faster
+there anyway). Types whose unpacking costs more per value hand over sooner."""
 
 _WIDTH = 32  # see blocks.decode_row: the block width, passed as a value on purpose
 

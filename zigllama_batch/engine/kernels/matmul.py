@@ -22,6 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .blocks import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0, decode_row
+from .bytes8 import field, join
 from .tiles import decode_column
 
 __all__ = ["decode_rows", "decode_tiles", "gemm", "gemv", "gemv_fused", "tile_rows"]
@@ -172,7 +173,8 @@ def gemv_fused(
                             x0, x1 = x[n, k + j], x[n, k + half + j]
                             for o in range(tile):
                                 q = qs[t, b, j, o]
-                                part[n, o] += np.float32(q & 0x0F) * x0 + np.float32(q >> 4) * x1
+                                lo, hi = field(q, 0, 15), field(q, 4, 15)
+                                part[n, o] += np.float32(lo) * x0 + np.float32(hi) * x1
                 else:
                     for j in range(half):
                         lo_byte, lo_bit = j >> 3, j & 7
@@ -181,8 +183,12 @@ def gemv_fused(
                             x0, x1 = x[n, k + j], x[n, k + half + j]
                             for o in range(tile):
                                 q = qs[t, b, j, o]
-                                q0 = (q & 0x0F) | (((qh[t, b, lo_byte, o] >> lo_bit) & 1) << 4)
-                                q1 = (q >> 4) | (((qh[t, b, hi_byte, o] >> hi_bit) & 1) << 4)
+                                q0 = join(
+                                    field(q, 0, 15), field(qh[t, b, lo_byte, o], lo_bit, 1), 4
+                                )
+                                q1 = join(
+                                    field(q, 4, 15), field(qh[t, b, hi_byte, o], hi_bit, 1), 4
+                                )
                                 part[n, o] += np.float32(q0) * x0 + np.float32(q1) * x1
                 for n in range(n_rows):
                     total = sums[n, 2 * b] + sums[n, 2 * b + 1]
@@ -206,13 +212,12 @@ def gemv_fused(
                             xv = x[n, k + i]
                             if code == Q4_K:
                                 for o in range(tile):
-                                    q = (qs[t, b, row + i, o] >> shift) & 0x0F
+                                    q = field(qs[t, b, row + i, o], shift, 15)
                                     part[n, o] += np.float32(q) * xv
                             else:
                                 for o in range(tile):
-                                    q = ((qs[t, b, row + i, o] >> shift) & 0x0F) | (
-                                        ((qh[t, b, i, o] >> s) & 1) << 4
-                                    )
+                                    low = field(qs[t, b, row + i, o], shift, 15)
+                                    q = join(low, field(qh[t, b, i, o], s, 1), 4)
                                     part[n, o] += np.float32(q) * xv
                     for n in range(n_rows):
                         total = sums[n, (k // half)] + sums[n, (k // half) + 1]
@@ -232,9 +237,8 @@ def gemv_fused(
                         for n in range(n_rows):
                             xv = x[n, b * 256 + j0 + i]
                             for o in range(tile):
-                                q = ((qs[t, b, low_row + i, o] >> lo_shift) & 0x0F) | (
-                                    ((qh[t, b, high_row + i, o] >> hi_shift) & 0x03) << 4
-                                )
+                                low = field(qs[t, b, low_row + i, o], lo_shift, 15)
+                                q = join(low, field(qh[t, b, high_row + i, o], hi_shift, 3), 4)
                                 part[n, o] += np.float32(q) * xv
                     for n in range(n_rows):
                         bias = sums[n, (b * 256 + j0) // half] * np.float32(32)

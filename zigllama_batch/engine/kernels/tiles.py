@@ -24,6 +24,7 @@ from numba import njit
 from numpy.typing import NDArray
 
 from .blocks import BF16, F16, FORMATS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Planes
+from .bytes8 import field, join
 
 __all__ = ["TILE", "Tiles", "decode_column"]
 
@@ -118,29 +119,29 @@ def decode_column(
         i, shift = j % 16, 4 * (j // 16)
         if code == Q4_0:
             for o in range(n):
-                q = np.int32((qs[t, b, i, o] >> shift) & 0x0F)
-                out[at, o] = scale[t, b, o] * np.float32(q - 8)
+                q = np.float32(field(qs[t, b, i, o], shift, 15))
+                out[at, o] = scale[t, b, o] * (q - np.float32(8))
         elif code == Q4_1:
             for o in range(n):
-                q = (qs[t, b, i, o] >> shift) & 0x0F
+                q = field(qs[t, b, i, o], shift, 15)
                 out[at, o] = scale[t, b, o] * np.float32(q) + offset[t, b, o]
         else:
             byte, bit = j >> 3, j & 7
             for o in range(n):
-                q = np.int32((qs[t, b, i, o] >> shift) & 0x0F) | np.int32(
-                    ((qh[t, b, byte, o] >> bit) & 1) << 4
+                q = np.float32(
+                    join(field(qs[t, b, i, o], shift, 15), field(qh[t, b, byte, o], bit, 1), 4)
                 )
                 if code == Q5_0:
-                    out[at, o] = scale[t, b, o] * np.float32(q - 16)
+                    out[at, o] = scale[t, b, o] * (q - np.float32(16))
                 else:
-                    out[at, o] = scale[t, b, o] * np.float32(q) + offset[t, b, o]
+                    out[at, o] = scale[t, b, o] * q + offset[t, b, o]
     elif code in (Q4_K, Q5_K):
         s, i = j // 32, j % 32
         row, shift = (s // 2) * 32 + i, 4 * (s % 2)
         for o in range(n):
-            q = (qs[t, b, row, o] >> shift) & 0x0F
+            q = field(qs[t, b, row, o], shift, 15)
             if code == Q5_K:
-                q |= ((qh[t, b, i, o] >> s) & 1) << 4
+                q = join(q, field(qh[t, b, i, o], s, 1), 4)
             sc = scale[t, b, o] * np.float32(sub[t, b, s, o])
             out[at, o] = sc * np.float32(q) - offset[t, b, o] * np.float32(sub[t, b, 8 + s, o])
     elif code == Q6_K:
@@ -148,21 +149,29 @@ def decode_column(
         low_row, high_row = k * 64 + r % 64, k * 32 + r % 32
         lo_shift, hi_shift, g = 4 * (r // 64), 2 * (r // 32), j // 16
         for o in range(n):
-            q = ((qs[t, b, low_row, o] >> lo_shift) & 0x0F) | (
-                ((qh[t, b, high_row, o] >> hi_shift) & 0x03) << 4
-            )
+            low = field(qs[t, b, low_row, o], lo_shift, 15)
+            q = np.float32(join(low, field(qh[t, b, high_row, o], hi_shift, 3), 4))
             sc = scale[t, b, o] * np.float32(np.int8(sub[t, b, g, o]))
-            out[at, o] = sc * np.float32(np.int32(q) - 32)
+            out[at, o] = sc * (q - np.float32(32))
     elif code == BF16:  # bfloat16 is the top half of a float32
         bits = out[at].view(np.uint32)
         for o in range(n):
             hi = (np.uint32(qs[t, b, j, 2 * o]) << 16) | (np.uint32(qs[t, b, j, 2 * o + 1]) << 24)
             bits[o] = hi
-    elif code == F16:
+    elif code == F16:  # the exponent rebiased in the bits; then the rare special values
+        bits = out[at].view(np.uint32)
+        rare = False
         for o in range(n):
-            out[at, o] = _f16_value(
-                np.uint32(qs[t, b, j, 2 * o]) | (np.uint32(qs[t, b, j, 2 * o + 1]) << 8)
-            )
+            h = np.uint32(qs[t, b, j, 2 * o]) | (np.uint32(qs[t, b, j, 2 * o + 1]) << 8)
+            em = h & np.uint32(0x7FFF)
+            bits[o] = ((h & 0x8000) << 16) | ((em << 13) + np.uint32(0x38000000))
+            if em < 0x0400 or em >= 0x7C00:
+                rare = True
+        if rare:
+            for o in range(n):
+                h = np.uint32(qs[t, b, j, 2 * o]) | (np.uint32(qs[t, b, j, 2 * o + 1]) << 8)
+                if (h & 0x7FFF) < 0x0400 or (h & 0x7FFF) >= 0x7C00:
+                    out[at, o] = _f16_value(h)
 
 
 @njit(inline="always", cache=True)

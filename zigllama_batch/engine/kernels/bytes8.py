@@ -1,0 +1,56 @@
+"""Byte arithmetic that stays in bytes, for numba kernels.
+
+numba types ``byte & 15`` or ``byte >> 4`` on a uint8 as a 64-bit integer (Python's rules), so
+LLVM widens every quant to 64 bits and converts it to float with ``vcvtqq2ps``: four times the
+vector registers of the 8-bit path that int8 values take (``vpmovzxbd`` + ``vcvtdq2ps``), and
+half the speed of Q8_0 for Q4_0 (measured: 9 against 18 billion values a second on one core).
+These intrinsics compute in 8 bits and are typed uint8, so ``np.float32(field(...))`` converts
+from a byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+__all__ = ["field", "join"]
+
+_I8 = ir.IntType(8)
+
+
+def _byte(builder: Any, value: Any) -> Any:
+    """An LLVM integer value as 8 bits (truncated when wider)."""
+    width = value.type.width
+    return value if width == 8 else builder.trunc(value, _I8)
+
+
+def _field(typingctx: Any, byte: Any, shift: Any, mask: Any) -> Any:
+    signature = types.uint8(byte, shift, mask)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        b, s, m = (_byte(builder, a) for a in args)
+        return builder.and_(builder.lshr(b, s), m)
+
+    return signature, codegen
+
+
+def _join(typingctx: Any, low: Any, high: Any, shift: Any) -> Any:
+    signature = types.uint8(low, high, shift)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        lo, hi, s = (_byte(builder, a) for a in args)
+        return builder.or_(lo, builder.shl(hi, s))
+
+    return signature, codegen
+
+
+field = cast(Callable[[Any, Any, Any], Any], intrinsic(_field))
+"""``field(byte, shift, mask)``: ``(byte >> shift) & mask`` as a uint8; every argument an
+integer below 256."""
+
+join = cast(Callable[[Any, Any, Any], Any], intrinsic(_join))
+"""``join(low, high, shift)``: ``low | (high << shift)`` as a uint8."""
