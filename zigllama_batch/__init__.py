@@ -7,6 +7,7 @@ on the CPU; :class:`BatchProcessor` shares it between asyncio callers::
         result = await processor.submit(BatchRequest(prompt="Hello"))
 """
 
+from . import _blas_env  # noqa: F401  (first: before numpy loads OpenBLAS)
 from .batching import (
     BatchConfig,
     BatchingStrategy,

@@ -28,6 +28,7 @@ run inside numba's threads, so scipy's BLAS, which they call, is held to one thr
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from gguf import GGMLQuantizationType as Q
 from numpy.typing import NDArray
 from threadpoolctl import ThreadpoolController
 
+from ... import _blas_env
 from .blocks import FORMATS, Planes, pack
 from .matmul import decode_rows, decode_tiles, gemm, gemv, gemv_fused, tile_rows
 from .tiles import TILE, Tiles
@@ -256,7 +258,7 @@ def dequantize(w: Weight | Linear) -> F32:
     t, fmt = w.tiles, FORMATS[w.qtype]  # every tile whole (embedding_rows would repeat them)
     out = np.empty((w.cols, t.scale.shape[0] * TILE), np.float32)
     code, block = fmt.code, max(fmt.block_size, 32)
-    decode_tiles(code, block, t.qs, t.qh, t.scale, t.offset, t.sub, out)
+    decode_tiles(code, block, t.qs, t.qh, t.scale, t.offset, t.sub, 0, out)
     return np.ascontiguousarray(out[:, : w.rows].T)
 
 
@@ -289,4 +291,25 @@ def _hold_scipy_blas_to_one_thread() -> None:
             lib.set_num_threads(1)
 
 
+def _quiet_numpy_blas() -> None:
+    """numpy's OpenBLAS workers go to sleep at once after a call instead of spinning (see
+    :mod:`zigllama_batch._blas_env`). When numpy was imported before this package, OpenBLAS
+    has read its environment already: it is told to read it again and to restart its
+    threads, which then take the new timeout. Skipped for an OpenBLAS without those entry
+    points, and when the user set the variable."""
+    if os.environ.get("OPENBLAS_THREAD_TIMEOUT") != _blas_env.THREAD_TIMEOUT:
+        return
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.internal_api != "openblas" or f"{os.sep}scipy.libs{os.sep}" in lib.filepath:
+            continue
+        try:
+            openblas = ctypes.CDLL(lib.filepath)
+            read_env, restart = openblas.openblas_read_env, openblas.blas_thread_shutdown_
+        except (OSError, AttributeError):
+            continue
+        read_env()
+        restart()
+
+
 _hold_scipy_blas_to_one_thread()
+_quiet_numpy_blas()

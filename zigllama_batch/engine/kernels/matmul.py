@@ -98,16 +98,20 @@ def decode_tiles(
     scale: np.ndarray,
     offset: np.ndarray,
     sub: np.ndarray,
+    first: int,
     out: np.ndarray,
 ) -> None:
-    """The tiled weight as float32 into ``out`` (in, tiles * TILE): column-major rows."""
-    n_tiles, n_blocks, tile = scale.shape
-    for t in prange(n_tiles):
+    """Tiles ``first`` onwards of the weight as float32 into ``out`` (in, k * TILE), as many
+    tiles as it holds: the weight's rows as columns."""
+    tile = scale.shape[2]
+    n_blocks = scale.shape[1]
+    n_tiles = out.shape[1] // tile
+    for u in prange(n_tiles):
+        t = first + u
         for b in range(n_blocks):
             for j in range(block):
-                decode_column(
-                    code, qs, qh, scale, offset, sub, t, b, j, out[:, t * tile :], b * block + j
-                )
+                columns = out[:, u * tile :]
+                decode_column(code, qs, qh, scale, offset, sub, t, b, j, columns, b * block + j)
 
 
 @njit(cache=True)
