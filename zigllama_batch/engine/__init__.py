@@ -2,7 +2,8 @@
 
 Nothing here knows about asyncio. The pieces, in the order data flows through them:
 ``architecture`` (the table of what differs between Llama, Qwen2, Qwen3 and Gemma 3),
-``gguf_loader`` (file -> config + float32 weights), ``tokenizer`` (text <-> ids), ``step``
+``gguf_loader`` (file -> config + weights kept in their GGUF types), ``kernels`` (the one seam
+for a product with a weight, whatever its type), ``tokenizer`` (text <-> ids), ``step``
 (``SequenceStep``: what a step takes per sequence; ``SequenceState``: a sequence's progress),
 ``slots`` (which cache slot holds whom), ``model`` (``LLaMAModel.step``: one ragged forward
 pass), ``kv_cache`` (the keys and values, storage only), ``sampler`` (next tokens, with a

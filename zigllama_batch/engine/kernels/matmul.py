@@ -165,15 +165,32 @@ def gemv_fused(
             for b in range(n_blocks):
                 part[:] = 0.0
                 k = b * width
+                # Rows two at a time where the decode is cheap: one conversion serves both.
                 if code == Q8_0:
                     for j in range(width):
-                        for n in range(n_rows):
-                            xv = x[n, k + j]
+                        for n in range(0, n_rows - 1, 2):
+                            xa, xb = x[n, k + j], x[n + 1, k + j]
                             for o in range(tile):
-                                part[n, o] += np.float32(np.int8(qs[t, b, j, o])) * xv
+                                v = np.float32(np.int8(qs[t, b, j, o]))
+                                part[n, o] += v * xa
+                                part[n + 1, o] += v * xb
+                        if n_rows % 2:
+                            xv = x[n_rows - 1, k + j]
+                            for o in range(tile):
+                                part[n_rows - 1, o] += np.float32(np.int8(qs[t, b, j, o])) * xv
                 elif code in (Q4_0, Q4_1):
                     for j in range(half):
-                        for n in range(n_rows):
+                        for n in range(0, n_rows - 1, 2):
+                            xa0, xa1 = x[n, k + j], x[n, k + half + j]
+                            xb0, xb1 = x[n + 1, k + j], x[n + 1, k + half + j]
+                            for o in range(tile):
+                                q = qs[t, b, j, o]
+                                lo = np.float32(field(q, 0, 15))
+                                hi = np.float32(field(q, 4, 15))
+                                part[n, o] += lo * xa0 + hi * xa1
+                                part[n + 1, o] += lo * xb0 + hi * xb1
+                        if n_rows % 2:
+                            n = n_rows - 1
                             x0, x1 = x[n, k + j], x[n, k + half + j]
                             for o in range(tile):
                                 q = qs[t, b, j, o]
