@@ -59,23 +59,24 @@ F32 = NDArray[np.float32]
 I64 = NDArray[np.int64]
 
 GEMV_MAX_ROWS: dict[Q, int] = {
-    Q.Q8_0: 8,
+    Q.Q8_0: 16,
     Q.Q4_0: 12,
     Q.Q4_1: 12,
     Q.Q5_0: 6,
     Q.Q5_1: 6,
     Q.Q4_K: 8,
     Q.Q5_K: 6,
-    Q.Q6_K: 6,
+    Q.Q6_K: 4,
     Q.F16: 2,
     Q.BF16: 2,
 }
 """Most activation rows multiplied by the matrix-vector kernel, per type; more go to the tiled
-BLAS product. Where the two cross over on a 4096 x 2048 matrix, 2 threads, AMD EPYC (Zen 4):
-the fused kernel costs a pass over the tile per row (Q4_0: 0.35 ms at 1 row, 1.9 at 8, 2.7 at
-12, 3.6 at 16); the BLAS product a decode of the tile and BLAS's packing of it, 2.3 to 3.4 ms
-from 4 to 16 rows (below 4 rows OpenBLAS skips the packing, but the fused kernel is faster
-there anyway). Types whose unpacking costs more per value hand over sooner."""
+BLAS product. Where the two cross over (``python benchmarks/kernels.py``: an 8192 x 2048 matrix
+read from memory, 2 threads, AMD EPYC Zen 4; ``benchmarks/results/kernels.json``): the fused
+kernel costs about a pass over the weights per row (Q8_0: 0.68 ms at 1 row, 2.9 at 8, 6.4 at
+16, 12.0 at 32); the BLAS product a decode of each tile plus BLAS's packing of it (Q8_0: 5.0 ms
+at 8 rows, 7.2 at 16, 10.1 at 32). Types whose unpacking costs more per value hand over sooner
+(Q6_K: 4.4 against 5.9 ms at 4 rows, 8.5 against 6.6 at 8)."""
 
 _WIDTH = 32  # see blocks.decode_row: the block width, passed as a value on purpose
 
