@@ -197,3 +197,23 @@ def test_kv_cache_refuses_more_context_than_the_model_has(
     model, _ = load_model(write_gguf())
     with pytest.raises(ValueError, match="max_context"):
         model.new_cache(1, 10_000)
+
+
+def test_rope_tables_grow_to_positions_past_their_first_length(
+    write_gguf: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step at positions past the RoPE tables' first length gives the logits of a model whose
+    tables covered them from the start."""
+    from zigllama_batch.engine import model as model_module
+
+    path = write_gguf(context_length=8192)
+    monkeypatch.setattr(model_module, "_ROPE_POSITIONS", 64)
+    grown, _ = load_model(path)
+    monkeypatch.setattr(model_module, "_ROPE_POSITIONS", 8192)
+    whole, _ = load_model(path)
+    outs = []
+    for m in (grown, whole):
+        cache = m.new_cache(1, 8192)
+        m.step([SequenceStep(0, [5, 6, 7], 0)], cache)
+        outs.append(m.step([SequenceStep(0, [9, 10], 5000)], cache))
+    np.testing.assert_array_equal(outs[0], outs[1])

@@ -64,13 +64,16 @@ class LLaMAModel:
         self._embed_scale = np.float32(np.sqrt(config.dim)) if arch.scale_embeddings else None
         self._gelu = arch.activation is Activation.GELU_TANH
         # RoPE tables: one for the file's base; windowed layers may have a base of their own.
-        self._rotations = [_rotation(config, config.rope_base, config.rope_scale, weights)]
+        self._rope: list[tuple[float, float, LlamaWeights | None]] = [
+            (config.rope_base, config.rope_scale, weights)
+        ]
         self._windows = [config.window(i) for i in range(config.n_layers)]
         self._window_set = set(self._windows)  # one decode plan per distinct window
         self._table_of_layer = [0] * config.n_layers
         if arch.local_rope_base is not None and any(self._windows):
-            self._rotations.append(_rotation(config, arch.local_rope_base, 1.0, None))
+            self._rope.append((arch.local_rope_base, 1.0, None))
             self._table_of_layer = [0 if w is None else 1 for w in self._windows]
+        self._rotations = self._rope_tables(min(config.context_length, _ROPE_POSITIONS))
 
     @property
     def vocab_size(self) -> int:
@@ -118,6 +121,10 @@ class LLaMAModel:
         """
         if not items:
             return np.zeros((0, self.vocab_size), np.float32)
+        end = max(item.start_pos + len(item.token_ids) for item in items)
+        if end > len(self._rotations[0]) and end <= self.config.context_length:
+            length = min(self.config.context_length, 1 << (end - 1).bit_length())
+            self._rotations = self._rope_tables(length)  # positions further than ever before
         batch = _Batch.build(items, cache, self.vocab_size, self._rotations, self._window_set)
         w = self.weights
         x = embedding_rows(w.embed, batch.token_ids)  # (N, D), a copy
@@ -195,6 +202,9 @@ class LLaMAModel:
         if layer.post_ffn_norm is not None:
             out = _rms_norm(out, layer.post_ffn_norm, c.rms_eps)
         x += out
+
+    def _rope_tables(self, length: int) -> list[NDArray[np.complex64]]:
+        return [_rotation(self.config, *params, length) for params in self._rope]
 
     def __repr__(self) -> str:
         c = self.config
@@ -366,16 +376,22 @@ _CAUSAL = np.triu(np.full((_QUERY_BLOCK, _QUERY_BLOCK), -np.inf, np.float32), 1)
 """-inf above the diagonal: what a block of queries must not see among its own positions."""
 
 
+_ROPE_POSITIONS = 4096
+"""Positions the RoPE tables cover at first; they grow (to a power of two) the first time a
+step goes further. Gemma 3's two tables over its whole 32,768-position context took 64 MiB."""
+
+
 def _rotation(
-    config: LlamaConfig, base: float, scale: float, weights: LlamaWeights | None
+    config: LlamaConfig, base: float, scale: float, weights: LlamaWeights | None, length: int
 ) -> NDArray[np.complex64]:
-    """RoPE factors of every position, (context, hd/2), computed in float64 then rounded once.
-    ``e^(i angle)``: rotating the pair (x[2j], x[2j+1]) is multiplying x[2j] + i x[2j+1] by it."""
+    """RoPE factors of the first ``length`` positions, (length, hd/2), computed in float64 then
+    rounded once (the same values whatever ``length``). ``e^(i angle)``: rotating the pair
+    (x[2j], x[2j+1]) is multiplying x[2j] + i x[2j+1] by it."""
     hd = config.head_dim
     inv_freq = 1.0 / (base ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     if weights is not None and weights.rope_freqs is not None:  # Llama 3.1's per-pair factors
         inv_freq = inv_freq / weights.rope_freqs.astype(np.float64)
-    positions = np.arange(config.context_length, dtype=np.float64) / scale
+    positions = np.arange(length, dtype=np.float64) / scale
     angles = np.outer(positions, inv_freq)  # (context, hd/2)
     table: NDArray[np.complex64] = np.exp(1j * angles).astype(np.complex64)
     return table
