@@ -37,6 +37,8 @@ from zigllama_batch.engine.kernels import linear
 
 BATCHES = (1, 8, 32, 64)
 PREFILL_LENGTHS = (16, 256, 1000)
+ALONE_SLOT = 40
+"""The batch-1 sequence's slot in the alternated batching-gain measure: apart from the 32."""
 
 
 def bare_matmuls(model: LLaMAModel, batch: int, scratch: dict[int, Any]) -> None:
@@ -139,8 +141,7 @@ def bench_batching_gain(engine: Engine, steps: int, rng: np.random.Generator) ->
     """Tokens/s at batch 32 over tokens/s at batch 1, from decode steps of the two sizes timed
     alternately (each round one of each, the order swapped every round), so that the machine's
     drift between the two sections of :func:`bench_decode` does not enter the ratio."""
-    # Slot 40: apart from the batch of 32.
-    groups = {1: _Decoding(engine, [40], rng), 32: _Decoding(engine, list(range(32)), rng)}
+    groups = {1: _Decoding(engine, [ALONE_SLOT], rng), 32: _Decoding(engine, list(range(32)), rng)}
     times: dict[int, list[float]] = {1: [], 32: []}
     for i in range(steps):
         for size in (1, 32) if i % 2 else (32, 1):
@@ -233,7 +234,7 @@ def main() -> None:
     peak_during_load = _peak_rss_kib() / 1024
     file_mib = Path(model_path(args.model, progress=False)).stat().st_size / 2**20
     rng = np.random.default_rng(0)
-    engine = Engine(model, tokenizer, n_slots=max(max(batches), 41), max_context=1024)
+    engine = Engine(model, tokenizer, n_slots=max(*batches, ALONE_SLOT + 1), max_context=1024)
 
     prefill = [bench_prefill(engine, int(n), 5, rng) for n in args.prefill.split(",")]
     decode = [bench_decode(engine, model, b, args.steps, rng) for b in batches]

@@ -34,6 +34,8 @@ from typing import Any
 
 import psutil
 
+from zigllama_batch.testing import cpu_name
+
 ENGINE = Path(__file__).parent / "engine.py"
 PREFILL = (256, 1000)
 
@@ -106,6 +108,7 @@ def run_engine(
             *("--model", str(model), "--steps", str(steps), "--skip-memory"),
             *("--out", str(out)),
         ]
+        # An older tree's engine.py may predate --batches/--prefill: it then runs its own set.
         if (
             "--batches"
             in subprocess.run(
@@ -192,7 +195,11 @@ def main() -> None:
     result = {
         "model": args.model.name,
         "file_mib": file_mib,
-        "machine": {"cpu": _cpu(), "threads": args.threads, "python": platform.python_version()},
+        "machine": {
+            "cpu": cpu_name(),
+            "threads": args.threads,
+            "python": platform.python_version(),
+        },
         "rounds": runs,
         "medians": medians,
         "ours_over_llama_cpp": ratios,
@@ -201,16 +208,6 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
     _plot(medians, columns, args.out / f"engine_vs_llama_cpp-{name}.png", args.model.name)
     print(f"wrote {path}")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _plot(medians: dict[str, dict[str, float]], columns: list[str], path: Path, title: str) -> None:

@@ -28,6 +28,7 @@ from gguf import GGMLQuantizationType as Q
 from zigllama_batch.engine.kernels import GEMV_MAX_ROWS, Linear, Weight
 from zigllama_batch.engine.kernels.blocks import FORMATS
 from zigllama_batch.engine.kernels.matmul import gemm, gemv_fused
+from zigllama_batch.testing import cpu_name
 
 ROWS = (1, 2, 4, 8, 12, 16, 32, 256)
 SHAPE = (8192, 2048)
@@ -49,7 +50,6 @@ def measure(qtype: Q, repeats: int) -> list[dict[str, float]]:
     rows, cols = SHAPE
     rng = np.random.default_rng(0)
     weights = [random_weight(qtype, rows, cols, rng) for _ in range(COPIES)]
-    code, block = FORMATS[qtype].code, max(FORMATS[qtype].block_size, 32)
     nbytes = weights[0].nbytes
     results = []
     for n in ROWS:
@@ -59,12 +59,12 @@ def measure(qtype: Q, repeats: int) -> list[dict[str, float]]:
         def fused(w: Weight, x: np.ndarray, out: np.ndarray) -> None:
             t = w.tiles
             assert t is not None
-            gemv_fused(code, t.qs, t.qh, t.scale, t.offset, t.sub, x, out, 32)
+            gemv_fused(t.code, *t.arrays, x, out, 32)
 
         def tiled(w: Weight, x: np.ndarray, out: np.ndarray) -> None:
             t = w.tiles
             assert t is not None
-            gemm(code, block, t.qs, t.qh, t.scale, t.offset, t.sub, x, out)
+            gemm(t.code, t.block, *t.arrays, x, out)
 
         times: dict[str, list[float]] = {"fused": [], "tiled": []}
         fused(weights[0], x, out)
@@ -108,21 +108,11 @@ def main() -> None:
             f"GEMV_MAX_ROWS = {GEMV_MAX_ROWS[qtype]}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpu": _cpu(), "python": platform.python_version(), "numpy": np.__version__}
+    machine = {"cpu": cpu_name(), "python": platform.python_version(), "numpy": np.__version__}
     args.out.write_text(
         json.dumps({"machine": machine, "shape": SHAPE, "types": report}, indent=2) + "\n"
     )
     print(f"wrote {args.out}")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

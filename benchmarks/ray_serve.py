@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import psutil
 
 from zigllama_batch.ray_serve.local import LocalServe
-from zigllama_batch.testing import ServerProcess, chat_stream_load
+from zigllama_batch.testing import ServerProcess, chat_stream_load, cpu_name
 
 OUTPUT_TOKENS = 64
 CLIENTS = 32
@@ -177,13 +176,6 @@ async def main() -> None:
             "measured_at": time.strftime("%Y-%m-%d"),
         },
     )
-
-
-def cpu_name() -> str:
-    """lscpu's model name (the CPU changes between sessions of this project's machine)."""
-    text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    names = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Model name")]
-    return names[0] if names else platform.processor()
 
 
 def write(out: Path, payload: dict[str, Any]) -> None:

@@ -4,8 +4,8 @@ Inside: :class:`ServerProcess` (``zigllama-batch serve`` in a subprocess on a fr
 port: it waits until ``/health`` answers, reads the served model's id, and stops the server
 with SIGTERM, returning its exit status) and :class:`LoopLagProbe` (how late the event loop
 wakes a task that sleeps a millisecond: what a host application's other tasks feel while the
-processor works), and a closed-loop streaming load for an OpenAI-compatible server
-(:func:`chat_stream_load`). The project's own end-to-end tests and benchmarks use them; nothing
+processor works), a closed-loop streaming load for an OpenAI-compatible server
+(:func:`chat_stream_load`), and :func:`cpu_name` for benchmark reports. The project's own end-to-end tests and benchmarks use them; nothing
 else in the package imports this module.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
 import signal
 import socket
 import subprocess
@@ -26,7 +27,7 @@ from typing import Any, Self
 
 import numpy as np
 
-__all__ = ["LoopLagProbe", "ServerProcess", "chat_stream_load", "load_summary"]
+__all__ = ["LoopLagProbe", "ServerProcess", "chat_stream_load", "cpu_name", "load_summary"]
 
 
 class ServerProcess:
@@ -276,6 +277,13 @@ def load_summary(
         "ttft_p50_ms": float(np.percentile(ttfts, 50) * 1000),
         "ttft_p99_ms": float(np.percentile(ttfts, 99) * 1000),
     }
+
+
+def cpu_name() -> str:
+    """lscpu's model name (the CPU changes between sessions of this project's machine)."""
+    text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    names = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Model name")]
+    return names[0] if names else platform.processor()
 
 
 def _free_port() -> int:

@@ -142,29 +142,36 @@ def test_missing_metadata_key(write_gguf: Callable[..., Path]) -> None:
         load_model(write_gguf(drop_keys=["block_count"]))
 
 
-def test_wrong_tensor_shape(write_gguf: Callable[..., Path], tmp_path: Path) -> None:
-    """A tensor whose shape disagrees with the metadata raises ModelLoadError naming it."""
-    good = write_gguf()
-    reader = gguf.GGUFReader(str(good))
-    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+def rewrite_tensor(source: Path, target: Path, name: str, data: np.ndarray, qtype: Q) -> Path:
+    """Copy the GGUF file ``source`` to ``target`` with tensor ``name``'s data replaced."""
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(target), "llama")
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue
-        value = field.contents()
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, value, vtype, sub_type=sub)
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
     for t in reader.tensors:
-        data = np.asarray(t.data)
-        if t.name == "blk.0.ffn_gate.weight":
-            data = np.ascontiguousarray(data[:-1])  # one output row short
-        writer.add_tensor(t.name, data)
+        if t.name == name:
+            writer.add_tensor(t.name, data, raw_dtype=qtype)
+        else:
+            writer.add_tensor(t.name, np.asarray(t.data))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return target
+
+
+def test_wrong_tensor_shape(write_gguf: Callable[..., Path], tmp_path: Path) -> None:
+    """A tensor whose shape disagrees with the metadata raises ModelLoadError naming it."""
+    good = write_gguf()
+    gate = next(t for t in gguf.GGUFReader(str(good)).tensors if t.name == "blk.0.ffn_gate.weight")
+    short = np.ascontiguousarray(np.asarray(gate.data)[:-1])  # one output row short
+    bad = rewrite_tensor(good, tmp_path / "bad.gguf", gate.name, short, Q.F32)
     with pytest.raises(ModelLoadError, match=r"'blk\.0\.ffn_gate\.weight' has shape"):
-        load_model(tmp_path / "bad.gguf")
+        load_model(bad)
 
 
 def test_tensor_data_cut_short_is_named(write_gguf: Callable[..., Path], tmp_path: Path) -> None:
@@ -184,28 +191,10 @@ def test_tensor_data_cut_short_is_named(write_gguf: Callable[..., Path], tmp_pat
 def test_a_type_nothing_can_read_is_named(write_gguf: Callable[..., Path], tmp_path: Path) -> None:
     """A tensor of a type neither the kernels nor gguf's dequantize read (Q8_1) raises
     ModelLoadError naming the tensor and the type."""
-    path = write_gguf()
-    reader = gguf.GGUFReader(str(path))
-    writer = gguf.GGUFWriter(str(tmp_path / "q8_1.gguf"), "llama")
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-    for t in reader.tensors:
-        data = np.asarray(t.data)
-        if t.name == "blk.1.ffn_up.weight":  # (256, 64) values: 256 rows of 2 Q8_1 blocks
-            raw = np.zeros((data.shape[0], 2 * 40), np.uint8)
-            writer.add_tensor(t.name, raw, raw_dtype=Q.Q8_1)
-        else:
-            writer.add_tensor(t.name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    raw = np.zeros((256, 2 * 40), np.uint8)  # ffn_up (256, 64) values: 256 rows of 2 Q8_1 blocks
+    bad = rewrite_tensor(write_gguf(), tmp_path / "q8_1.gguf", "blk.1.ffn_up.weight", raw, Q.Q8_1)
     with pytest.raises(ModelLoadError, match=r"'blk\.1\.ffn_up\.weight' has type Q8_1"):
-        load_model(tmp_path / "q8_1.gguf")
+        load_model(bad)
 
 
 def test_metadata_arrays_read_whole_equal_what_gguf_reads(

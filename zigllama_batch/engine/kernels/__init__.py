@@ -221,14 +221,12 @@ def _product(x: F32, w: Weight, out: F32) -> F32:
     if _threads and numba.get_num_threads() != _threads:  # numba's setting is per thread
         numba.set_num_threads(_threads)
     t = w.tiles
-    fmt = FORMATS[w.qtype]
-    args = (t.qs, t.qh, t.scale, t.offset, t.sub, x, out)
     if x.shape[0] > GEMV_MAX_ROWS[w.qtype]:
-        gemm(fmt.code, max(fmt.block_size, 32), *args)
+        gemm(t.code, t.block, *t.arrays, x, out)
     elif w.qtype in (Q.F16, Q.BF16):
-        gemv(fmt.code, 32, *args)
+        gemv(t.code, t.block, *t.arrays, x, out)
     else:
-        gemv_fused(fmt.code, *args, _WIDTH)
+        gemv_fused(t.code, *t.arrays, x, out, _WIDTH)
     return out
 
 
@@ -237,16 +235,13 @@ def embedding_rows(w: Weight, ids: I64) -> F32:
     if w.dense is not None:
         return w.dense[ids]
     out = np.empty((len(ids), w.cols), np.float32)
-    code = FORMATS[w.qtype].code
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     if w.tiles is not None:  # a tied embedding, held once, as the output head's tiles
         t = w.tiles
-        tiles = np.unique(ids // TILE)
-        block = max(FORMATS[w.qtype].block_size, 32)
-        tile_rows(code, block, t.qs, t.qh, t.scale, t.offset, t.sub, tiles, ids, out)
+        tile_rows(t.code, t.block, *t.arrays, np.unique(ids // TILE), ids, out)
         return out
     p = w._planes
-    decode_rows(code, p.qs, p.qh, p.scale, p.offset, p.sub, ids, out, _WIDTH)
+    decode_rows(FORMATS[w.qtype].code, p.qs, p.qh, p.scale, p.offset, p.sub, ids, out, _WIDTH)
     return out
 
 
@@ -256,10 +251,9 @@ def dequantize(w: Weight | Linear) -> F32:
         return np.concatenate([dequantize(p) for p in w.parts])
     if w.tiles is None:
         return embedding_rows(w, np.arange(w.rows, dtype=np.int64))
-    t, fmt = w.tiles, FORMATS[w.qtype]  # every tile whole (embedding_rows would repeat them)
+    t = w.tiles  # every tile whole (embedding_rows would repeat them)
     out = np.empty((w.cols, t.scale.shape[0] * TILE), np.float32)
-    code, block = fmt.code, max(fmt.block_size, 32)
-    decode_tiles(code, block, t.qs, t.qh, t.scale, t.offset, t.sub, 0, out)
+    decode_tiles(t.code, t.block, *t.arrays, out)
     return np.ascontiguousarray(out[:, : w.rows].T)
 
 

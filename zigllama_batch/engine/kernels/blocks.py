@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as Q
 from numba import njit
 from numpy.typing import NDArray
 
-__all__ = ["FORMATS", "BlockFormat", "Planes", "decode_row", "pack"]
+__all__ = ["FORMATS", "BlockFormat", "Planes", "bf16_pairs", "decode_row", "f16_pairs", "pack"]
 
 U8 = NDArray[np.uint8]
 F32 = NDArray[np.float32]
@@ -238,24 +238,39 @@ def decode_row(
                     )
                     out[o + j] = sc * np.float32(np.int32(q) - 32)
     elif code == BF16:
-        bits = out.view(np.uint32)  # bfloat16 is the top half of a float32
+        bf16_pairs(qs, out)
+    else:
+        f16_pairs(qs, out)
+
+
+@njit(inline="always", cache=True)
+def bf16_pairs(pairs: np.ndarray, out: np.ndarray) -> None:
+    """Little-endian bfloat16 values, two bytes each in ``pairs``, as float32 into ``out``:
+    a bfloat16 is the top half of a float32."""
+    bits = out.view(np.uint32)
+    for i in range(out.shape[0]):
+        bits[i] = (np.uint32(pairs[2 * i]) << 16) | (np.uint32(pairs[2 * i + 1]) << 24)
+
+
+@njit(inline="always", cache=True)
+def f16_pairs(pairs: np.ndarray, out: np.ndarray) -> None:
+    """Little-endian float16 values, two bytes each in ``pairs``, as float32 into ``out``
+    (exact): the exponent rebiased in the bits, then zeros, subnormals, infinities and NaNs
+    fixed in a second pass that only runs where one occurs."""
+    bits = out.view(np.uint32)
+    rare = False
+    for i in range(out.shape[0]):
+        h = np.uint32(pairs[2 * i]) | (np.uint32(pairs[2 * i + 1]) << 8)
+        em = h & np.uint32(0x7FFF)
+        bits[i] = ((h & 0x8000) << 16) | ((em << 13) + np.uint32(0x38000000))
+        if em < 0x0400 or em >= 0x7C00:
+            rare = True
+    if rare:
         for i in range(out.shape[0]):
-            bits[i] = (np.uint32(qs[2 * i]) << 16) | (np.uint32(qs[2 * i + 1]) << 24)
-    else:  # F16: the exponent rebiased in the bits; then zeros, subnormals, infinities, NaNs
-        bits = out.view(np.uint32)
-        rare = False
-        for i in range(out.shape[0]):
-            h = np.uint32(qs[2 * i]) | (np.uint32(qs[2 * i + 1]) << 8)
-            em = h & np.uint32(0x7FFF)
-            bits[i] = ((h & 0x8000) << 16) | ((em << 13) + np.uint32(0x38000000))
-            if em < 0x0400 or em >= 0x7C00:
-                rare = True
-        if rare:
-            for i in range(out.shape[0]):
-                h = np.uint32(qs[2 * i]) | (np.uint32(qs[2 * i + 1]) << 8)
-                em, sign = h & np.uint32(0x7FFF), (h & 0x8000) << 16
-                if em < 0x0400:  # zero or subnormal: em * 2^-24, exact
-                    v = np.float32(em) * np.float32(2.0**-24)
-                    out[i] = -v if sign else v
-                elif em >= 0x7C00:
-                    bits[i] = sign | np.uint32(0x7F800000) | ((em & 0x3FF) << 13)
+            h = np.uint32(pairs[2 * i]) | (np.uint32(pairs[2 * i + 1]) << 8)
+            em, sign = h & np.uint32(0x7FFF), (h & 0x8000) << 16
+            if em < 0x0400:  # zero or subnormal: em * 2^-24, exact
+                v = np.float32(em) * np.float32(2.0**-24)
+                out[i] = -v if sign else v
+            elif em >= 0x7C00:
+                bits[i] = sign | np.uint32(0x7F800000) | ((em & 0x3FF) << 13)

@@ -75,18 +75,34 @@ def gemm(
     out: np.ndarray,
 ) -> None:
     """As :func:`gemv`, a whole tile decoded then multiplied by BLAS: for many rows."""
-    n_tiles, n_blocks, tile = scale.shape
+    n_tiles, tile = scale.shape[0], scale.shape[2]
     n_rows, n_in, n_out = x.shape[0], x.shape[1], out.shape[1]
     for t in prange(n_tiles):
         weights = np.empty((n_in, tile), np.float32)  # (in, TILE)
-        for b in range(n_blocks):
-            for j in range(block):
-                decode_column(code, qs, qh, scale, offset, sub, t, b, j, weights, b * block + j)
+        _decode_tile(code, block, qs, qh, scale, offset, sub, t, weights)
         product = np.dot(x, weights)  # (N, TILE)
         first = t * tile
         last = min(n_out, first + tile)
         for n in range(n_rows):
             out[n, first:last] = product[n, : last - first]
+
+
+@njit(inline="always", cache=True)
+def _decode_tile(
+    code: int,
+    block: int,
+    qs: np.ndarray,
+    qh: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    sub: np.ndarray,
+    t: int,
+    out: np.ndarray,
+) -> None:
+    """Tile ``t`` as float32 into ``out`` (in, TILE): each input column of its rows."""
+    for b in range(scale.shape[1]):
+        for j in range(block):
+            decode_column(code, qs, qh, scale, offset, sub, t, b, j, out, b * block + j)
 
 
 @njit(parallel=True, cache=True)
@@ -98,20 +114,12 @@ def decode_tiles(
     scale: np.ndarray,
     offset: np.ndarray,
     sub: np.ndarray,
-    first: int,
     out: np.ndarray,
 ) -> None:
-    """Tiles ``first`` onwards of the weight as float32 into ``out`` (in, k * TILE), as many
-    tiles as it holds: the weight's rows as columns."""
-    tile = scale.shape[2]
-    n_blocks = scale.shape[1]
-    n_tiles = out.shape[1] // tile
-    for u in prange(n_tiles):
-        t = first + u
-        for b in range(n_blocks):
-            for j in range(block):
-                columns = out[:, u * tile :]
-                decode_column(code, qs, qh, scale, offset, sub, t, b, j, columns, b * block + j)
+    """The tiled weight as float32 into ``out`` (in, tiles * TILE): its rows as columns."""
+    n_tiles, tile = scale.shape[0], scale.shape[2]
+    for t in prange(n_tiles):
+        _decode_tile(code, block, qs, qh, scale, offset, sub, t, out[:, t * tile : (t + 1) * tile])
 
 
 @njit(cache=True)
@@ -293,9 +301,7 @@ def tile_rows(
     for u in prange(tiles.shape[0]):
         t = tiles[u]
         values = np.empty((block * n_blocks, tile), np.float32)  # (in, TILE)
-        for b in range(n_blocks):
-            for j in range(block):
-                decode_column(code, qs, qh, scale, offset, sub, t, b, j, values, b * block + j)
+        _decode_tile(code, block, qs, qh, scale, offset, sub, t, values)
         for r in range(ids.shape[0]):
             if ids[r] // tile == t:
                 out[r] = values[:, ids[r] % tile]

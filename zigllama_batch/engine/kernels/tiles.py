@@ -23,10 +23,27 @@ from gguf import GGMLQuantizationType as Q
 from numba import njit
 from numpy.typing import NDArray
 
-from .blocks import BF16, F16, FORMATS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Planes
+from .blocks import (
+    BF16,
+    F16,
+    FORMATS,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    Planes,
+    bf16_pairs,
+    f16_pairs,
+)
 from .bytes8 import field, join
 
 __all__ = ["TILE", "Tiles", "decode_column"]
+
+U8 = NDArray[np.uint8]
 
 TILE = 128
 """Output rows per tile: 8 vectors of 16 float32 per column, and a Q8_0 tile of a 2048-wide
@@ -45,17 +62,27 @@ class Tiles:
     sub: NDArray[np.uint8]  # (tiles, blocks, 16, TILE)
     rows: int
     """Rows of the matrix (the last tile holds fewer real ones when it does not divide)."""
+    code: int
+    """The type's number in the decoders (:data:`~.blocks.FORMATS`)."""
+    block: int
+    """Values a block holds in this layout (32 for F16 and BF16, which have no blocks)."""
+
+    @property
+    def arrays(self) -> tuple[U8, U8, NDArray[np.float32], NDArray[np.float32], U8]:
+        """The planes, in the order the kernels take them: qs, qh, scale, offset, sub."""
+        return (self.qs, self.qh, self.scale, self.offset, self.sub)
 
     @property
     def nbytes(self) -> int:
         """Bytes held."""
-        return sum(a.nbytes for a in (self.qs, self.qh, self.scale, self.offset, self.sub))
+        return sum(a.nbytes for a in self.arrays)
 
     @staticmethod
     def from_planes(planes: Planes, qtype: Q, rows: int, cols: int) -> Tiles:
         """``rows`` x ``cols`` values of type ``qtype`` held as row planes, as tiles."""
         fmt = FORMATS[qtype]
-        n_blocks = cols // max(fmt.block_size, 32)  # F16/BF16: 32 values a "block" here
+        block = max(fmt.block_size, 32)  # F16/BF16: 32 values a "block" here
+        n_blocks = cols // block
         padded = -(-rows // TILE) * TILE
         shape = (padded // TILE, n_blocks)
         if qtype in (Q.F16, Q.BF16):  # a value's two bytes stay side by side
@@ -79,7 +106,9 @@ class Tiles:
             if planes.offset.size
             else np.zeros((*shape, 0), np.float32)
         )
-        return Tiles(qs=qs, qh=qh, scale=scale, offset=offset, sub=sub, rows=rows)
+        return Tiles(
+            qs=qs, qh=qh, scale=scale, offset=offset, sub=sub, rows=rows, code=fmt.code, block=block
+        )
 
 
 def _tiled(a: NDArray[Any], rows: int, n_blocks: int, width: int, pair: int = 0) -> NDArray[Any]:
@@ -153,35 +182,7 @@ def decode_column(
             q = np.float32(join(low, field(qh[t, b, high_row, o], hi_shift, 3), 4))
             sc = scale[t, b, o] * np.float32(np.int8(sub[t, b, g, o]))
             out[at, o] = sc * (q - np.float32(32))
-    elif code == BF16:  # bfloat16 is the top half of a float32
-        bits = out[at].view(np.uint32)
-        for o in range(n):
-            hi = (np.uint32(qs[t, b, j, 2 * o]) << 16) | (np.uint32(qs[t, b, j, 2 * o + 1]) << 24)
-            bits[o] = hi
-    elif code == F16:  # the exponent rebiased in the bits; then the rare special values
-        bits = out[at].view(np.uint32)
-        rare = False
-        for o in range(n):
-            h = np.uint32(qs[t, b, j, 2 * o]) | (np.uint32(qs[t, b, j, 2 * o + 1]) << 8)
-            em = h & np.uint32(0x7FFF)
-            bits[o] = ((h & 0x8000) << 16) | ((em << 13) + np.uint32(0x38000000))
-            if em < 0x0400 or em >= 0x7C00:
-                rare = True
-        if rare:
-            for o in range(n):
-                h = np.uint32(qs[t, b, j, 2 * o]) | (np.uint32(qs[t, b, j, 2 * o + 1]) << 8)
-                if (h & 0x7FFF) < 0x0400 or (h & 0x7FFF) >= 0x7C00:
-                    out[at, o] = _f16_value(h)
-
-
-@njit(inline="always", cache=True)
-def _f16_value(h: np.uint32) -> np.float32:
-    """The float16 with bits ``h`` as float32 (exact)."""
-    em, negative = h & np.uint32(0x7FFF), (h & 0x8000) != 0
-    if em < 0x0400:  # zero or subnormal: em * 2^-24
-        v = np.float32(em) * np.float32(2.0**-24)
-    elif em >= 0x7C00:
-        v = np.float32(np.inf) if em == 0x7C00 else np.float32(np.nan)
-    else:  # 1.mantissa * 2^(exponent - 15)
-        v = np.float32(0x0400 | (em & 0x3FF)) * np.float32(2.0 ** ((em >> 10) - 25))
-    return -v if negative else v
+    elif code == BF16:
+        bf16_pairs(qs[t, b, j], out[at])
+    elif code == F16:
+        f16_pairs(qs[t, b, j], out[at])
