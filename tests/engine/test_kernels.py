@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import gguf
+import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -23,6 +24,7 @@ from zigllama_batch.engine.kernels import (
     dequantize,
     embedding_rows,
     linear,
+    set_threads,
 )
 
 LEGACY = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.F16, Q.BF16]
@@ -162,3 +164,21 @@ def test_a_quantized_model_matches_its_float32_twin(
         scale = max(1.0, float(np.abs(want).max()))  # random K-quant blocks give large logits
         np.testing.assert_allclose(together[i], alone[0], atol=1e-4 * scale, rtol=0)
         np.testing.assert_allclose(alone[0], want, atol=1e-4 * scale, rtol=0)
+
+
+def test_set_threads_limits_the_kernels_threads_and_refuses_zero() -> None:
+    """After set_threads(1) a product runs numba on one thread in the calling thread, with the
+    same result; set_threads(None) gives every core back; fewer than one thread is refused."""
+    weight = Linear.of(Weight.from_gguf(quantized(Q.Q8_0, 256, 64), Q.Q8_0, 256, 64))
+    x = np.random.default_rng(6).standard_normal((2, 64)).astype(np.float32)
+    want = linear(x, weight)
+    try:
+        set_threads(1)
+        np.testing.assert_array_equal(linear(x, weight), want)
+        assert numba.get_num_threads() == 1
+    finally:
+        set_threads(None)
+    linear(x, weight)
+    assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+    with pytest.raises(ValueError, match="at least 1"):
+        set_threads(0)

@@ -218,7 +218,7 @@ def _product(x: F32, w: Weight, out: F32) -> F32:
         np.matmul(x, w.dense.T, out=out)
         return out
     assert w.tiles is not None
-    if _threads and numba.get_num_threads() != _threads:  # numba's setting is per thread
+    if numba.get_num_threads() != _threads:  # numba's setting is per calling thread
         numba.set_num_threads(_threads)
     t = w.tiles
     if x.shape[0] > GEMV_MAX_ROWS[w.qtype]:
@@ -257,7 +257,8 @@ def dequantize(w: Weight | Linear) -> F32:
     return np.ascontiguousarray(out[:, : w.rows].T)
 
 
-_threads = 0  # 0: numba's default (every core)
+_CORES: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+_threads = _CORES  # what set_threads asked for
 
 
 def set_threads(n: int | None) -> None:
@@ -271,7 +272,7 @@ def set_threads(n: int | None) -> None:
     global _threads
     if n is not None and n < 1:
         raise ValueError(f"threads: must be at least 1, got {n}")
-    _threads = min(n or 0, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+    _threads = min(n or _CORES, _CORES)
     _hold_scipy_blas_to_one_thread()
 
 
