@@ -191,7 +191,8 @@ async def rotation(model: LLaMAModel, tokenizer: Tokenizer, on: bool) -> dict[st
                     for r, n in zip(results, system_tokens, strict=True)
                 )
                 later_total += sum(system_tokens)
-        pool_bytes, evictions = p.prefix_pool
+        kv = p.kv_stats()
+        pool_bytes, evictions = kv.pool_bytes, kv.pool_evictions
         rss_after = psutil.Process().memory_info().rss
     return {
         "system_tokens_hit_share_after_round_1": later_hits / later_total,

@@ -85,6 +85,9 @@ class ZeroCostEngine:
     def reserve_pool(self, n_blocks: int, block_tokens: int) -> None:
         pass
 
+    def release_kv(self, slot: int, keep: int) -> None:
+        pass
+
     @property
     def kv_bytes_per_token(self) -> int:
         return 46_080

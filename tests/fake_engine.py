@@ -60,6 +60,9 @@ class FakeEngine:
         self.pool: dict[int, list[int]] = {}
         """Pool blocks: the token ids saved in each."""
         self.block_tokens = 0
+        self._running: Sequence[SequenceStep] = ()  # the step in progress
+        self.most_held = 0
+        """The most positions all slots held together after a step."""
 
     # -- the engine signature -----------------------------------------------------------------
     @property
@@ -78,6 +81,13 @@ class FakeEngine:
         return config
 
     def step(self, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
+        self._running = items
+        try:
+            return self._step(items)
+        finally:
+            self._running = ()
+
+    def _step(self, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
         self.waiting_at_gate.set()
         self._gate.wait()
         self.waiting_at_gate.clear()
@@ -94,7 +104,7 @@ class FakeEngine:
             error, self.fail_with = self.fail_with, None
             raise error
         for it in items:  # saves to the pool first, then copies, as the real engine does
-            if (save := it.save_to_pool) is not None:
+            if it.transfer is not None and (save := it.transfer.save) is not None:
                 held, b = self.held[it.slot], self.block_tokens
                 assert len(held) >= save.end, "saving positions a slot does not hold"
                 assert len(save.blocks) == -(-(save.end - save.start) // b), save
@@ -102,17 +112,19 @@ class FakeEngine:
                     start = save.start + i * b
                     self.pool[block] = held[start : min(start + b, save.end)]
         for it in items:
-            if it.prefix_from_pool is not None:
-                saved = [t for block in it.prefix_from_pool for t in self.pool[block]]
+            if it.transfer is None:
+                continue
+            if (from_pool := it.transfer.from_pool) is not None:
+                saved = [t for block in from_pool for t in self.pool[block]]
                 assert len(saved) >= it.start_pos, (
                     f"copy of {it.start_pos} positions from pool blocks holding {len(saved)}"
                 )
                 self.held[it.slot] = saved[: it.start_pos]
-            if it.prefix_from is not None:
-                source = self.held[it.prefix_from]
-                assert it.prefix_from != it.slot, f"copy of slot {it.slot} onto itself"
+            if (from_slot := it.transfer.from_slot) is not None:
+                source = self.held[from_slot]
+                assert from_slot != it.slot, f"copy of slot {it.slot} onto itself"
                 assert len(source) >= it.start_pos, (
-                    f"copy of {it.start_pos} positions from slot {it.prefix_from}, which holds "
+                    f"copy of {it.start_pos} positions from slot {from_slot}, which holds "
                     f"{len(source)}"
                 )
                 self.held[it.slot] = source[: it.start_pos]
@@ -122,6 +134,7 @@ class FakeEngine:
                 f"step at position {it.start_pos} in slot {it.slot}, which holds {len(held)}"
             )
             self.held[it.slot] = [*held[: it.start_pos], *it.token_ids]
+        self.most_held = max(self.most_held, sum(map(len, self.held)))
         if self.clock is not None and self.step_cost is not None:
             self.clock.advance(self.step_cost(items))
         return [
@@ -144,6 +157,10 @@ class FakeEngine:
     @property
     def kv_bytes_per_token(self) -> int:
         return 1024  # a pool bound in MiB holds 1,024 positions per MiB
+
+    def release_kv(self, slot: int, keep: int) -> None:
+        assert not any(it.slot == slot for it in self._running), f"slot {slot} is in a step"
+        del self.held[slot][keep:]
 
     # -- test controls ------------------------------------------------------------------------
     def token_at(self, position: int) -> int:

@@ -20,7 +20,8 @@ from zigllama_batch import (
     TextGenerator,
     Tokenizer,
 )
-from zigllama_batch.engine import KVCache, Model, SequenceStep
+from zigllama_batch.engine import Model, SequenceStep
+from zigllama_batch.kv import KVCache
 
 Tiny = tuple[LLaMAModel, Tokenizer]
 

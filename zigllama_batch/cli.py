@@ -38,6 +38,7 @@ _BATCH_FLAGS = {
     "max_batch_size": "--max-batch-size",
     "max_queue_size": "--max-queue-size",
     "max_context": "--max-context",
+    "kv_cache_mb": "--kv-cache-mb",
 }
 """BatchConfig fields that `demo` and `serve` flags set."""
 
@@ -174,7 +175,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         type=int,
         default=None,
-        help="positions per sequence, prompt included (default: min(2048, model context))",
+        help="positions per sequence, prompt included (default: the model's context)",
+    )
+    srv.add_argument(
+        "--kv-cache-mb",
+        metavar="MB",
+        type=float,
+        default=None,
+        help="key/value memory for all sequences and cached prefixes; beyond it, requests wait "
+        "or are preempted (default: half the memory available after loading)",
     )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     srv.add_argument(
@@ -394,6 +403,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch_size,
             max_queue_size=args.max_queue_size,
             max_context=args.max_context,
+            kv_cache_mb=args.kv_cache_mb,
             # Any batch size the flags allow can run: each sequence feeds >= 1 token a step.
             max_step_tokens=max(BatchConfig().max_step_tokens, args.max_batch_size),
         )
@@ -434,6 +444,7 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
                 "max_batch_size": args.max_batch_size,
                 "max_queue_size": args.max_queue_size,
                 "max_context": args.max_context,
+                "kv_cache_mb": args.kv_cache_mb,
                 "api_key": args.api_key,
                 "drain_timeout": args.drain_timeout,
             },

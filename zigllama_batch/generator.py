@@ -21,11 +21,11 @@ from .engine.hub import model_path
 from .engine.model import LLaMAModel
 from .engine.output import OutputDecoder
 from .engine.runner import DEFAULT_PREFILL_CHUNK, Engine, Model
-from .engine.slots import SlotTable
 from .engine.step import SequenceState
 from .engine.tokenizer import Tokenizer
 from .errors import ConstraintFailed, PromptTooLong
 from .generation import GenerationConfig, GenerationResult, Prompt, StreamCallback
+from .kv.slots import SlotTable
 
 __all__ = ["TextGenerator", "load_model"]
 

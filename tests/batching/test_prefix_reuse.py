@@ -320,7 +320,7 @@ async def test_prompts_rotating_over_fewer_slots_hit_the_pool(
             else:  # ~150 positions: one prompt at a time
                 assert stats.prefix_pool_evictions > 0
             # Whole blocks of 16 positions at 1,024 bytes each, every one of them written.
-            pool_bytes, _ = p.prefix_pool
+            pool_bytes = p.kv_stats().pool_bytes
             assert pool_bytes % (16 * 1024) == 0
             assert len(engine.pool) * 16 * 1024 >= pool_bytes
         await p.aclose()
@@ -449,7 +449,7 @@ async def test_pool_blocks_being_restored_survive_the_save_that_makes_room(
     expected = [(await q.submit(req(3, prompt=prompt))).result for prompt in (a, b, a)]
     assert [r.token_ids for r in results] == [r.token_ids for r in expected]
     assert results[2].cached_tokens > 0  # restored from the pool
-    assert p.prefix_pool[0] <= 0.07 * 2**20
+    assert p.kv_stats().pool_bytes <= 0.07 * 2**20
     assert idle(p)
 
 
@@ -520,13 +520,5 @@ async def test_random_traffic_over_a_small_pool_keeps_tokens_and_pool_consistent
     want = await submit_all(q, prompts, lengths, random.Random(seed), cancel=False)
     assert all(g == w for g, w in zip(got, want, strict=True) if g is not None)
     assert any(g is not None for g in got)
-    pool = p._scheduler.placement.prefixes.pool  # type: ignore[attr-defined]
-    nodes = pool._nodes
-    assert len(nodes) + len(pool._free) == pool.n_blocks
-    assert not set(pool._free) & set(nodes)
-    for block, node in nodes.items():
-        assert node.block == block
-        assert node.written
-        assert node.pins == 0
-        assert node.parent.children.get(node.tokens) is node
+    p.check_kv()  # the pool's tree is whole: every block written, none pinned, none lost
     assert idle(p)

@@ -25,6 +25,7 @@ from ..engine.runner import Engine, Model
 from ..engine.tokenizer import Tokenizer
 from ..errors import InvalidRequest, ProcessorStopped, QueueFull, RequestCancelled
 from ..generation import Prompt
+from ..kv import KVStats, default_budget_bytes
 from ..structured import StructuredOutput
 from .clock import Clock, MonotonicClock, wait_until
 from .deadlines import DeadlineWatcher
@@ -113,8 +114,15 @@ class BatchProcessor:
         self._lifecycle = Lifecycle()
         self._stats = StatsRecorder(self.clock.now)
         self._scheduler = Scheduler(
-            engine, config, clock=self.clock, stats=self._stats, lifecycle=self._lifecycle
+            engine,
+            config,
+            clock=self.clock,
+            stats=self._stats,
+            lifecycle=self._lifecycle,
+            kv_budget=_kv_budget(engine, config),
         )
+        # A sequence never holds more positions than its slot, nor than the budget.
+        self._max_context = min(engine.max_context, self._scheduler.kv.budget_tokens)
         self._deadlines = DeadlineWatcher(self.clock, self._scheduler.abort)
         self._tasks: list[asyncio.Task[None]] = []
         self._workers_running: set[int] = set()
@@ -381,14 +389,23 @@ class BatchProcessor:
         return self._stats.snapshot(
             queue_depth=len(self._scheduler.queue),
             running=self._scheduler.running,
-            pool=self._scheduler.placement.pool,
+            kv=self._scheduler.kv.stats(),
         )
 
-    @property
-    def prefix_pool(self) -> tuple[int, int]:
-        """Bytes in the pool of evicted prefixes, and blocks evicted from it so far (cheaper
-        than a full :attr:`stats` snapshot)."""
-        return self._scheduler.placement.pool
+    def check_kv(self) -> None:
+        """Assert the key/value bookkeeping's invariants (tests, debugging): memory within
+        the budget, the pool's index whole; when nothing runs, nothing held or pinned.
+
+        Raises:
+            AssertionError: an invariant is broken (a bug).
+        """
+        idle = not self._scheduler.running
+        self._scheduler.kv.check(idle=idle)
+
+    def kv_stats(self) -> KVStats:
+        """Key/value memory now: the budget, positions held, the pool (cheaper than a full
+        :attr:`stats` snapshot)."""
+        return self._scheduler.kv.stats()
 
     @property
     def queue_depth(self) -> int:
@@ -409,7 +426,7 @@ class BatchProcessor:
     @property
     def max_context(self) -> int:
         """Positions one sequence may occupy, prompt included."""
-        return self.engine.max_context
+        return self._max_context
 
     @property
     def model_name(self) -> str:
@@ -422,12 +439,12 @@ class BatchProcessor:
         return Bookkeeping(
             queued=len(self._scheduler.queue),
             running=self._scheduler.running,
-            slots_in_use=self._scheduler.slots.n_used,
+            slots_in_use=self._scheduler.kv.slots.n_used,
             live=len(self._live),
             callbacks=len(self._scheduler.deliveries),
             deadlines=len(self._deadlines),
             idle_workers=self._scheduler.idle_workers,
-            prefix_pins=self._scheduler.placement.pins,
+            prefix_pins=self._scheduler.kv.pins,
         )
 
     def encode_prompt(
@@ -441,7 +458,7 @@ class BatchProcessor:
             PromptTooLong: the prompt leaves no room in the context for a generated token.
             InvalidRequest: the prompt is malformed.
         """
-        return encode_prompt(self.tokenizer, self.engine.max_context, prompt, tools=tools)
+        return encode_prompt(self.tokenizer, self._max_context, prompt, tools=tools)
 
     async def check_structured(self, structured: StructuredOutput) -> None:
         """Compile an output constraint in a worker thread (cached by its text), as
@@ -464,7 +481,7 @@ class BatchProcessor:
             PromptTooLong: the prompt cannot fit, whatever its tokens turn out to be.
             InvalidRequest: more chat messages than the context has positions.
         """
-        check_prompt_length(self.tokenizer, self.engine.max_context, prompt)
+        check_prompt_length(self.tokenizer, self._max_context, prompt)
 
     def _accept(self, request: BatchRequest, *, streamed: bool = False) -> TrackedRequest:
         if not isinstance(request, BatchRequest):
@@ -479,7 +496,7 @@ class BatchProcessor:
                 request_id = next(self._ids)
         elif request_id in self._live or request_id in self._detached:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        max_context = self.engine.max_context
+        max_context = self._max_context
         prompt_ids = self.encode_prompt(request.prompt)
         if request.config.structured is not None:  # compiled once per distinct constraint
             self.engine.check_structured(request.config.structured)
@@ -548,3 +565,16 @@ def _mark_retrieved(future: asyncio.Future[BatchResult]) -> None:
     """Mark an error as seen, so an outcome nobody reads (a stream's) logs no warning."""
     if not future.cancelled():
         future.exception()
+
+
+def _kv_budget(engine: EngineLike, config: BatchConfig) -> tuple[int, int]:
+    """Bytes of all key/value memory, and of the pool's share: ``kv_cache_mb`` (the pool at
+    most a quarter of it), or by default a share of the memory available now, no more than
+    every slot full beside the whole pool."""
+    pool = int(config.prefix_cache_mb * 2**20) if config.prefix_cache else 0
+    if config.kv_cache_mb is not None:
+        budget = int(config.kv_cache_mb * 2**20)
+        return budget, min(pool, budget // 4)
+    slots = engine.n_slots * engine.max_context * engine.kv_bytes_per_token
+    budget = min(default_budget_bytes(), slots + pool)
+    return budget, min(pool, budget // 2)

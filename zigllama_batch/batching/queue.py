@@ -57,6 +57,16 @@ class RequestQueue:
         self._arrivals.append(request)
         self._live += 1
 
+    def requeue(self, request: TrackedRequest) -> None:
+        """Queue a request that had started (its slot was taken back) ahead of its priority
+        level's waiting requests, whatever the bound."""
+        key = float(request.priority) - 0.5  # ahead of its level's requests of the same age
+        if self._aging_s is not None:
+            key += request.submitted / self._aging_s
+        heapq.heappush(self._heap, (key, next(self._order), request))
+        self._arrivals.appendleft(request)
+        self._live += 1
+
     def pop(self, now: float) -> TrackedRequest | None:
         """Remove and return the request to serve next, or None when none waits."""
         while self._heap:

@@ -105,6 +105,11 @@ class TrackedRequest:
         # Where streamed chunks go (a RequestStream's buffer), when someone streams it.
         self.stream: asyncio.Queue[StreamChunk | None] | None = None
 
+    @property
+    def cache_salt(self) -> str | None:
+        """Prefixes are shared only between requests of the same salt."""
+        return self.request.cache_salt
+
     def accept(self, sample: TokenSample, now: float) -> StreamChunk:
         """Take a token a step gave this request (sampled, or forced by its constraint: one of
         :meth:`TokenSample.each`); the chunk of text it adds."""

@@ -2,17 +2,21 @@
 
 Algorithm, per worker: reap (free the slots of sequences that ended: finished, cancelled, timed
 out); plan (ask the strategy how many waiting requests join the worker's batch now); admit
-(each gets a KV-cache slot, and the prompt tokens it may skip, from the placement policy, and
-its sampling state); if the batch is empty, sleep until a request arrives, the strategy's wake-up time passes or the processor closes; otherwise build one step
-(every decoding sequence feeds its last token, then prefilling sequences feed prompt chunks of
-at most ``prefill_chunk`` tokens, in admission order, until ``max_step_tokens`` is spent), run it
-in the executor, and apply the outputs on the event loop: each sampled token goes to its
-request (text and stop rules), its stream and its callback, and a request whose text is done
-completes. A running step is never abandoned: cancellations, deadlines and a non-draining close
-take effect between steps, and only the worker that owns a slot frees it.
+(in queue order, while the KV manager finds each a slot and room for its prompt, with the
+prompt tokens it may skip; then its sampling state); if the batch is empty, sleep until a
+request arrives, the strategy's wake-up time passes or the processor closes; otherwise build
+one step (every decoding sequence feeds its last token, then prefilling sequences feed prompt
+chunks of at most ``prefill_chunk`` tokens, in admission order, until ``max_step_tokens`` is
+spent), preempt what the KV manager says no longer fits (back to the queue, ahead of its
+priority level, to be recomputed), run the step in the executor, and apply the outputs on the
+event loop: each sampled token goes to its request (text and stop rules), its stream and its
+callback, and a request whose text is done completes. A running step is never abandoned:
+cancellations, deadlines and a non-draining close take effect between steps, and only the
+worker that owns a slot frees it.
 
 Inside: :func:`build_step` (pure) and :class:`Scheduler`. Elsewhere, each in its own module: what
-the scheduler needs of an engine (``types.EngineLike``), slot placement and prefix reuse,
+the scheduler needs of an engine (``types.EngineLike``), who is admitted in what order
+(``admission``), key/value memory (``kv.KVManager``),
 deadlines, callback delivery, result assembly, the executor, and the lifecycle the scheduler
 reads.
 """
@@ -24,23 +28,20 @@ from dataclasses import dataclass, field
 
 from ..engine.step import SequenceStep, TokenSample
 from ..errors import ConstraintFailed, GenerationError, ProcessorStopped, ZigllamaBatchError
+from ..kv import KVManager
+from .admission import Admission
 from .clock import Clock, Wakeup
 from .delivery import CallbackDelivery
 from .executor import StepExecutor
 from .lifecycle import Lifecycle
-from .placement import Placement, PlainPlacement, PrefixPlacement
 from .queue import RequestQueue
 from .request import RequestState, TrackedRequest, error_state
 from .results import batch_result
 from .stats import StatsRecorder
-from .strategies import Plan, WaitingView, make_strategy
+from .strategies import Plan, make_strategy
 from .types import BatchConfig, BatchResult, EngineLike
 
-__all__ = ["PREFERENCE_WINDOW", "Scheduler", "build_step"]
-
-PREFERENCE_WINDOW = 32
-"""Waiting requests looked at for cached prefixes when admitting (each lookup compares the
-prompt with every slot: tens of microseconds)."""
+__all__ = ["Scheduler", "build_step"]
 
 
 def build_step(
@@ -82,6 +83,7 @@ class Scheduler:
         clock: Clock,
         stats: StatsRecorder,
         lifecycle: Lifecycle,
+        kv_budget: tuple[int, int],
     ) -> None:
         self.engine = engine
         self.config = config
@@ -92,20 +94,17 @@ class Scheduler:
             config.max_queue_size, aging_s=config.priority_aging_ms / 1000 or None
         )
         self.strategy = make_strategy(config)
-        self.placement: Placement = PlainPlacement(engine.n_slots)
-        if config.prefix_cache:
-            prefix = PrefixPlacement(
-                engine.n_slots,
-                engine.max_context,
-                stats,
-                pool_bytes=int(config.prefix_cache_mb * 2**20),
-                bytes_per_token=engine.kv_bytes_per_token,
-            )
-            pool = prefix.prefixes.pool
-            if pool.n_blocks:
-                engine.reserve_pool(pool.n_blocks, pool.block_tokens)
-            self.placement = prefix
-        self.slots = self.placement.slots
+        # All key/value memory, and the pool's share of it (bytes).
+        self.kv = KVManager(
+            engine,
+            budget_bytes=kv_budget[0],
+            prefix_cache=config.prefix_cache,
+            pool_bytes=kv_budget[1],
+            on_lookup=stats.on_prefix_lookup,
+        )
+        self.admission = Admission(
+            self.queue, self.kv, self.strategy, engine, config, clock, lifecycle, self.end
+        )
         self.deliveries = CallbackDelivery(self.end)
         self.workers = [_Worker(i) for i in range(config.num_workers)]
         self._executor = StepExecutor(engine.step, config.num_workers)
@@ -189,7 +188,7 @@ class Scheduler:
             self._reap(worker)
             plan = Plan()
             if self.lifecycle.admitting:
-                plan = self._admit(worker)
+                plan = self.admission.admit(worker.running)
                 self._reap(worker)  # admissions that could not start
             if not worker.running:
                 if not self.lifecycle.admitting or (
@@ -211,74 +210,12 @@ class Scheduler:
             self.abort(rec, ProcessorStopped("the processor stopped before this request finished"))
         self._reap(worker)
 
-    def _admit(self, worker: _Worker) -> Plan:
-        """Plan, and give the requests the plan admits a slot and a sampling state."""
-        now = self.clock.now()
-        head: list[tuple[int, int]] = []
-        if self.strategy.needs_head:
-            peeked = self.queue.peek(self.config.max_batch_size)
-            head = [(len(r.prompt_ids), r.config.max_tokens) for r in peeked]
-        waiting = WaitingView(len(self.queue), self.queue.oldest_submitted(), head)
-        plan = self.strategy.plan(
-            waiting, len(worker.running), now, draining=self.lifecycle.draining
-        )
-        room = min(self.config.max_batch_size - len(worker.running), self.placement.capacity())
-        preferred = self._preferred(min(plan.admit, room))
-        for _ in range(min(plan.admit, room)):
-            rec = self._next(preferred, now)
-            if rec is None:
-                break
-            rec.state = RequestState.RUNNING  # popped from the queue: no longer counted there
-            rec.admitted = now
-            try:
-                self.placement.place(rec, worker.running)
-            except Exception as exc:  # a placement bug: this request fails, not the processor
-                if rec.seq.slot >= 0:
-                    self.placement.release(rec)
-                error = GenerationError(f"could not place request {rec.id!r}: {exc!r}")
-                error.__cause__ = exc
-                self.end(rec, RequestState.FAILED, error=error)
-                continue
-            worker.running.append(rec)  # from here on, _reap frees the slot whatever happens
-            try:
-                rec.seq.sampling = self.engine.new_sampling(rec.config, rec.prompt_ids)
-            except Exception as exc:
-                error = GenerationError(f"could not start request {rec.id!r}: {exc!r}")
-                error.__cause__ = exc
-                self.end(rec, RequestState.FAILED, error=error)
-        return plan
-
-    def _preferred(self, n: int) -> list[TrackedRequest]:
-        """Requests to admit ahead of their turn, best first: within the first waiting
-        request's aged priority level, those whose prompts have the longest cached prefixes
-        (they cost least to start). Ageing bounds what this can cost anyone: a request that
-        arrives an ageing interval later is a level behind, so the first one waits at most
-        about one interval more."""
-        if n <= 0 or not self.placement.prefers:
-            return []
-        level = self.queue.peek_level(PREFERENCE_WINDOW)
-        if len(level) < 2:
-            return []
-        cached = {id(r): self.placement.preference(r) for r in level}
-        if not any(cached.values()):
-            return []
-        return sorted(level, key=lambda r: -cached[id(r)])  # stable: ties keep their turn
-
-    def _next(self, preferred: list[TrackedRequest], now: float) -> TrackedRequest | None:
-        """The next request to admit: the best preferred one still waiting, else the queue's."""
-        while preferred:
-            rec = preferred.pop(0)
-            if rec.state is RequestState.QUEUED:
-                self.queue.take(rec, now)
-                return rec
-        return self.queue.pop(now)
-
     def _reap(self, worker: _Worker) -> None:
         """Free the slots of sequences that are done generating or have ended."""
         keep = []
         for rec in worker.running:
             if rec.finished or rec.decoder.finished:
-                self.placement.release(rec)
+                self.kv.free(rec)
             else:
                 keep.append(rec)
         freed = len(worker.running) > len(keep)
@@ -288,8 +225,14 @@ class Scheduler:
 
     async def _step(self, worker: _Worker) -> None:
         """Build one step from the worker's batch, run it, and apply its outputs."""
-        self.placement.before_step(worker.running)
+        self.kv.before_step(worker.running)
         parts = build_step(worker.running, self.config.max_step_tokens, self.config.prefill_chunk)
+        while victims := self.kv.fit_step(worker.running, parts):  # memory is short
+            for rec in victims:
+                self._preempt(worker, rec)
+            parts = build_step(
+                worker.running, self.config.max_step_tokens, self.config.prefill_chunk
+            )
         items = [step for _, step in parts]
         started = self.clock.now()
         try:
@@ -297,7 +240,7 @@ class Scheduler:
         except Exception as exc:
             error = GenerationError(f"the engine step failed: {exc!r}")
             error.__cause__ = exc
-            self.placement.step_failed(parts)
+            self.kv.step_failed(parts)
             for rec, _ in parts:
                 self.end(rec, RequestState.FAILED, error=error)
             return
@@ -305,9 +248,9 @@ class Scheduler:
         n_tokens = sum(len(step.token_ids) for step in items)
         self.stats.on_step(len(parts), n_tokens, now - started)
         self.strategy.observe_step(n_tokens, now - started)
-        pins = self.placement.pins
-        self.placement.after_step(parts)
-        if self.placement.pins < pins and self._parked:  # pinned free slots may be free now
+        pins = self.kv.pins
+        self.kv.after_step(parts)
+        if self.kv.pins < pins and self._parked:  # pinned free slots may be free now
             self._notify()
         for (rec, step), out in zip(parts, outputs, strict=True):
             if rec.finished:
@@ -317,6 +260,16 @@ class Scheduler:
             rec.batch_sizes.append(len(parts))
             if out is not None:
                 self._apply(rec, out, now)
+
+    def _preempt(self, worker: _Worker, rec: TrackedRequest) -> None:
+        """Take ``rec``'s slot back and queue it again, ahead of its priority level; it is
+        recomputed when admitted (its stream pauses meanwhile)."""
+        worker.running.remove(rec)
+        self.kv.preempt(rec)
+        rec.state = RequestState.QUEUED
+        self.queue.requeue(rec)
+        self.stats.on_preempt()
+        self._notify()
 
     def _apply(self, rec: TrackedRequest, out: TokenSample, now: float) -> None:
         """Hand a sampled token to its request, its stream and its callback."""
@@ -335,11 +288,9 @@ class Scheduler:
                 return
 
     def close(self) -> None:
-        """Release the executor (every worker has returned)."""
+        """Release the executor and all key/value memory (every worker has returned)."""
         self._executor.close()
+        self.kv.close()
 
     def __repr__(self) -> str:
-        return (
-            f"<Scheduler queued={len(self.queue)} running={self.running} "
-            f"slots={self.slots.n_used}/{self.slots.n_slots}>"
-        )
+        return f"<Scheduler queued={len(self.queue)} running={self.running} kv={self.kv!r}>"

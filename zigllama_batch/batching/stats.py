@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..kv import KVStats
 from .request import RequestState
 from .types import BatchResult, BatchStats, Percentiles
 
@@ -77,6 +78,9 @@ class StatsObserver:
         """An admitted request looked up its ``queried`` prompt tokens in the prefix cache and
         reused ``hit`` of them."""
 
+    def on_preempt(self) -> None:
+        """A running sequence was preempted to make room in key/value memory."""
+
 
 @dataclass(slots=True)
 class _Series:
@@ -118,6 +122,7 @@ class StatsRecorder:
         self.batch_sizes: Counter[int] = Counter()
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.preemptions = 0
         self.latency = _Series(window)
         self.queue_time = _Series(window)
         self.ttft = _Series(window)
@@ -160,6 +165,11 @@ class StatsRecorder:
         self.prefix_hits += hit
         self._notify("on_prefix_lookup", queried, hit)
 
+    def on_preempt(self) -> None:
+        """A running sequence was preempted (memory ran short); it runs again later."""
+        self.preemptions += 1
+        self._notify("on_preempt")
+
     def _notify(self, event: str, *args: object) -> None:
         for observer in self.observers:  # an observer's bug must not stop the scheduler
             try:
@@ -167,11 +177,9 @@ class StatsRecorder:
             except (Exception, asyncio.CancelledError):
                 logger.exception("stats observer %r failed on %s", observer, event)
 
-    def snapshot(
-        self, *, queue_depth: int, running: int, pool: tuple[int, int] = (0, 0)
-    ) -> BatchStats:
-        """A frozen copy of everything, with the current queue depth, running count and prefix
-        pool (bytes, evictions)."""
+    def snapshot(self, *, queue_depth: int, running: int, kv: KVStats | None = None) -> BatchStats:
+        """A frozen copy of everything, with the current queue depth, running count and key/
+        value memory."""
         completed = self.ended[RequestState.COMPLETED]
         end = self.last_finish if (queue_depth == 0 and running == 0) else self._now()
         span = (end or 0.0) - (self.first_submit or 0.0)
@@ -196,6 +204,10 @@ class StatsRecorder:
             batch_size_histogram=dict(sorted(self.batch_sizes.items())),
             prefix_cache_queries=self.prefix_queries,
             prefix_cache_hits=self.prefix_hits,
-            prefix_pool_bytes=pool[0],
-            prefix_pool_evictions=pool[1],
+            prefix_pool_bytes=0 if kv is None else kv.pool_bytes,
+            prefix_pool_evictions=0 if kv is None else kv.pool_evictions,
+            preemptions=self.preemptions,
+            kv_cache_tokens=0 if kv is None else kv.used_tokens,
+            kv_cache_budget_tokens=0 if kv is None else kv.budget_tokens,
+            kv_cache_usage=0.0 if kv is None else kv.usage,
         )

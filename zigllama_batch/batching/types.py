@@ -18,6 +18,7 @@ from ..engine.step import SequenceStep, TokenSample
 from ..engine.tokenizer import Tokenizer
 from ..errors import InvalidRequest
 from ..generation import FinishReason, GenerationConfig, GenerationResult, Prompt
+from ..kv import KVEngine
 from ..structured import StructuredOutput
 
 __all__ = [
@@ -101,7 +102,14 @@ class BatchConfig:
     CPU recomputing a prompt costs far more than copying its rows."""
     prefix_cache_mb: float = 256.0
     """Host memory for prefixes evicted from the cache slots, kept for later requests (least
-    recently used ones go first); 256 MiB holds ~5,800 tokens of SmolLM2-135M. 0: no pool."""
+    recently used ones go first); 256 MiB holds ~5,800 tokens of SmolLM2-135M. 0: no pool.
+    Taken from ``kv_cache_mb``, of which it gets at most a quarter."""
+    kv_cache_mb: float | None = None
+    """All key/value memory: running sequences, prefixes kept for reuse and the pool together.
+    A request is admitted when its prompt fits; when running sequences outgrow it, the lowest
+    priority, most recently admitted one is preempted and recomputed later. None: half the
+    memory available when the processor is made (after the weights), as
+    :func:`~zigllama_batch.kv.default_budget_bytes` says."""
 
     def __post_init__(self) -> None:
         try:
@@ -115,6 +123,8 @@ class BatchConfig:
         _positive_int("max_step_tokens", self.max_step_tokens)
         _positive_int("prefill_chunk", self.prefill_chunk)
         _non_negative("prefix_cache_mb", self.prefix_cache_mb)
+        if self.kv_cache_mb is not None:
+            _non_negative("kv_cache_mb", self.kv_cache_mb, strict=True)
         _non_negative("timeout_ms", self.timeout_ms)
         _non_negative("priority_aging_ms", self.priority_aging_ms)
         _non_negative("latency_target_ms", self.latency_target_ms, strict=True)
@@ -322,6 +332,15 @@ class BatchStats:
     prefix_pool_evictions: int = 0
     """Pool blocks of 16 positions dropped (least recently used leaves first) to make room under
     ``prefix_cache_mb``."""
+    preemptions: int = 0
+    """Running sequences preempted (their slot taken back when memory ran short; recomputed
+    when admitted again)."""
+    kv_cache_tokens: int = 0
+    """Positions of keys and values held now: running sequences, and prefixes kept for reuse."""
+    kv_cache_budget_tokens: int = 0
+    """Positions ``kv_cache_mb`` holds in cache slots (the pool's share apart)."""
+    kv_cache_usage: float = 0.0
+    """Share of ``kv_cache_mb`` in use now (slots and pool), 0 to 1."""
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -416,20 +435,11 @@ def _ms(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
 
 
-class EngineLike(Protocol):
-    """What the scheduler needs from an engine (:class:`~zigllama_batch.engine.Engine` has it)."""
+class EngineLike(KVEngine, Protocol):
+    """What the scheduler needs from an engine (:class:`~zigllama_batch.engine.Engine` has it):
+    what the KV manager needs (slots, the pool's storage, pages given back), and the step."""
 
     tokenizer: Tokenizer
-
-    @property
-    def n_slots(self) -> int:
-        """KV-cache slots: the most sequences one step can hold."""
-        ...
-
-    @property
-    def max_context(self) -> int:
-        """Positions one sequence may occupy, prompt included."""
-        ...
 
     @property
     def model_name(self) -> str:
@@ -447,16 +457,6 @@ class EngineLike(Protocol):
     def check_structured(self, structured: StructuredOutput) -> None:
         """Compile an output constraint (may take milliseconds: called off the event loop);
         raises InvalidRequest when it does not compile."""
-        ...
-
-    def reserve_pool(self, n_blocks: int, block_tokens: int) -> None:
-        """Reserve host memory for ``n_blocks`` blocks of ``block_tokens`` positions of evicted
-        prefixes, which steps save to and restore from (see ``SequenceStep``)."""
-        ...
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of keys and values one position takes (sizes the prefix pool)."""
         ...
 
 

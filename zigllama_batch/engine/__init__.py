@@ -5,20 +5,18 @@ Nothing here knows about asyncio. The pieces, in the order data flows through th
 ``gguf_loader`` (file -> config + weights kept in their GGUF types), ``kernels`` (the one seam
 for a product with a weight, whatever its type), ``tokenizer`` (text <-> ids), ``step``
 (``SequenceStep``: what a step takes per sequence; ``SequenceState``: a sequence's progress),
-``slots`` (which cache slot holds whom), ``model`` (``LLaMAModel.step``: one ragged forward
-pass), ``kv_cache`` (the keys and values, storage only), ``sampler`` (next tokens, with a
+``model`` (``LLaMAModel.step``: one ragged forward pass, writing keys and values into
+:mod:`zigllama_batch.kv`'s storage), ``sampler`` (next tokens, with a
 per-sequence logits hook), ``runner`` (``Engine.step``: forward + sampling, typed against the
 ``Model`` protocol), ``output`` (ids -> text with stop rules, and the finished result) and ``hub``
 (packaged models by name: download, verification, cache).
 """
 
 from .gguf_loader import LlamaConfig, read_gguf
-from .kv_cache import KVCache
 from .model import LLaMAModel
 from .output import OutputDecoder
 from .runner import DEFAULT_PREFILL_CHUNK, Engine, Model, ModelConfig
 from .sampler import LogitsHook, SamplingState
-from .slots import SlotTable
 from .step import SequenceState, SequenceStep, TokenSample
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -26,7 +24,6 @@ __all__ = [
     "DEFAULT_PREFILL_CHUNK",
     "Engine",
     "IncrementalDetokenizer",
-    "KVCache",
     "LLaMAModel",
     "LlamaConfig",
     "LogitsHook",
@@ -36,7 +33,6 @@ __all__ = [
     "SamplingState",
     "SequenceState",
     "SequenceStep",
-    "SlotTable",
     "TokenSample",
     "Tokenizer",
     "read_gguf",

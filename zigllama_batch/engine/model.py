@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from ..kv.storage import KVCache
 from .architecture import Activation
 from .gguf_loader import LayerWeights, LlamaConfig, LlamaWeights
 from .kernels import embedding_rows, linear
-from .kv_cache import KVCache
 from .step import SequenceStep
 
 __all__ = ["LLaMAModel"]

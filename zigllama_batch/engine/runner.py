@@ -6,8 +6,8 @@ plugs in by being one too) and :class:`Engine`, which owns a model, its tokenize
 storage of a KV cache. ``Engine.step`` takes plain data (a list of
 :class:`~zigllama_batch.engine.step.SequenceStep`) and returns plain data, runs in a worker
 thread, and is the signature the batch processor is written against (its tests use a fake with
-the same one). Which slot a sequence takes is decided by the engine's owner, with a
-:class:`~zigllama_batch.engine.slots.SlotTable`.
+the same one). Which slot a sequence takes is decided by the engine's owner (the batch
+processor's :class:`~zigllama_batch.kv.KVManager`, or a generator's slot table).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..generation import GenerationConfig
+from ..kv.storage import KVBlocks, KVCache
 from ..structured import StructuredOutput
 from .grammar import GrammarCompiler
-from .kv_cache import KVBlocks, KVCache
 from .sampler import SamplingState, sample
 from .step import SequenceStep, TokenSample
 from .tokenizer import Tokenizer
@@ -144,6 +144,11 @@ class Engine:
         prefixes, which steps then save to and restore from (see ``SequenceStep``)."""
         self.pool = KVBlocks(self.cache, n_blocks, block_tokens)
 
+    def release_kv(self, slot: int, keep: int) -> None:
+        """Give the memory of ``slot``'s positions from ``keep`` on back to the OS (no step may
+        be using the slot)."""
+        self.cache.release(slot, keep)
+
     def new_sampling(self, config: GenerationConfig, prompt_ids: Sequence[int]) -> SamplingState:
         """Sampling state (random stream, penalty counts, output constraint) for a new
         sequence.
@@ -172,16 +177,9 @@ class Engine:
         Returns:
             One entry per item: the sampled token, or None for items without a sampling state.
         """
-        # Prefix reuse before the forward pass: first what slots are about to lose goes to the
-        # pool, then prefixes are copied in, so no item reads a half-written slot.
-        for it in items:
-            if it.save_to_pool is not None:
-                self._pool().save(self.cache, it.slot, it.save_to_pool)
-        for it in items:
-            if it.prefix_from is not None:
-                self.cache.copy_prefix(it.prefix_from, it.slot, it.start_pos)
-            elif it.prefix_from_pool is not None:
-                self._pool().restore(self.cache, it.slot, it.prefix_from_pool, it.start_pos)
+        moves = [(it.slot, it.start_pos, it.transfer) for it in items if it.transfer is not None]
+        if moves:  # prefix reuse, before the forward pass
+            self.cache.prepare(moves, self.pool)
         logits = self.model.step(items, self.cache)
         rows = [i for i, it in enumerate(items) if it.sampling is not None]
         out: list[TokenSample | None] = [None] * len(items)
@@ -200,11 +198,6 @@ class Engine:
                     constraint_error=None if hook is None else hook.error,
                 )
         return out
-
-    def _pool(self) -> KVBlocks:
-        if self.pool is None:
-            raise ValueError("a step saves to or restores from a pool that was not reserved")
-        return self.pool
 
     def __repr__(self) -> str:
         return f"Engine({self.model!r}, {self.cache!r})"

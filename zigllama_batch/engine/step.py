@@ -1,7 +1,8 @@
 """What one engine step takes in and gives back, and the per-sequence progress that builds it.
 
 Inside: :class:`SequenceStep` (one sequence's share of a step: its cache slot, its new tokens,
-the position of the first, and the sampling state when a token is to be sampled),
+the position of the first, the sampling state when a token is to be sampled, and what its slot
+takes in before the step),
 :class:`TokenSample` (the token sampled for it) and :class:`SequenceState` (how far a sequence
 has got: how many of its tokens are in its cache slot, and what it feeds next). The batch
 processor and :class:`~zigllama_batch.generator.TextGenerator` both build their steps from a
@@ -14,20 +15,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..kv.storage import Transfer
 from .sampler import SamplingState
 
-__all__ = ["PoolSave", "SequenceState", "SequenceStep", "TokenSample"]
-
-
-@dataclass(frozen=True, slots=True)
-class PoolSave:
-    """Positions ``[start, end)`` of a slot to save in the host-memory pool of evicted
-    prefixes, block by block: ``blocks[i]`` takes the ``i``-th run of the pool's block size
-    from ``start`` (the last one possibly partial)."""
-
-    start: int
-    end: int
-    blocks: tuple[int, ...]
+__all__ = ["SequenceState", "SequenceStep", "TokenSample"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,15 +34,9 @@ class SequenceStep:
     sampling: SamplingState | None = None
     """Sample the next token with this state; None for a prompt chunk that is not the last
     (the model step itself never reads it)."""
-    prefix_from: int | None = None
-    """Before the step, copy positions ``[0, start_pos)`` from this slot into ``slot`` (a
-    prefix computed for another sequence); None when ``slot`` already holds them."""
-    prefix_from_pool: tuple[int, ...] | None = None
-    """Before the step, copy positions ``[0, start_pos)`` into ``slot`` from these blocks of
-    the host-memory pool of evicted prefixes, in order."""
-    save_to_pool: PoolSave | None = None
-    """Before anything else, save these positions of ``slot`` (what an earlier sequence left
-    there) to the pool."""
+    transfer: Transfer | None = None
+    """What the storage moves into and out of ``slot`` before the step (the KV manager's
+    business); None when ``slot`` already holds positions ``[0, start_pos)``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,13 +77,13 @@ class SequenceState:
 
     __slots__ = (
         "num_computed",
+        "outputs",
         "pending",
-        "prefix_from",
-        "prefix_from_pool",
         "prompt_ids",
+        "restarts",
         "sampling",
-        "save_to_pool",
         "slot",
+        "transfer",
     )
 
     def __init__(
@@ -120,27 +105,42 @@ class SequenceState:
         """Tokens (prompt, then output) whose keys and values are in the slot."""
         self.pending: list[int] = []
         """The token sampled last and any forced after it: what the next decode step feeds."""
-        self.prefix_from: int | None = None
-        """A slot whose first ``num_computed`` positions the first step copies (prefix reuse)."""
-        self.prefix_from_pool: tuple[int, ...] | None = None
-        """Pool blocks holding the first ``num_computed`` positions, which the first step
-        copies."""
-        self.save_to_pool: PoolSave | None = None
-        """What the first step saves to the pool (left in the slot by an earlier sequence)
-        before overwriting it."""
+        self.transfer: Transfer | None = None
+        """What the next step moves into and out of the slot first (set by the KV manager)."""
+        self.outputs: list[int] = []
+        """Output tokens fed to the model (their keys and values follow the prompt's)."""
+        self.restarts = 0
+        """Times the sequence lost its slot and started over (preemption)."""
 
-    def reuse_prefix(
-        self, n: int, *, copy_from: int | None = None, from_pool: tuple[int, ...] | None = None
-    ) -> None:
-        """Start after the first ``n`` prompt tokens, whose keys and values are already in the
-        slot, or in slot ``copy_from`` or pool blocks ``from_pool`` (copied by the first step).
-        At least the last prompt token is always computed, so its logits give the first
-        sampled token."""
+    def restart(self) -> None:
+        """Start over without a slot: the prompt, the output fed so far and the tokens
+        pending become the prompt to compute, whose last step samples the next token (the
+        sampling state goes on where it was, so the output is the same)."""
+        self.prompt_ids = [*self.prompt_ids, *self.outputs, *self.pending]
+        self.outputs, self.pending = [], []
+        self.num_computed = 0
+        self.slot, self.transfer = -1, None
+        self.restarts += 1
+
+    def rollback(self, n: int) -> None:
+        """Forget the last ``n`` output positions computed.
+
+        Raises:
+            ValueError: fewer than ``n`` output tokens were fed.
+        """
+        if not 0 <= n <= len(self.outputs):
+            raise ValueError(f"cannot roll back {n} of {len(self.outputs)} output positions")
+        if n:
+            del self.outputs[-n:]
+            self.num_computed -= n
+
+    def reuse_prefix(self, n: int) -> None:
+        """Start after the first ``n`` prompt tokens, whose keys and values the slot holds by
+        the first step (in place, or moved in by its transfer). At least the last prompt token
+        is always computed, so its logits give the first sampled token."""
         if not 0 <= n < len(self.prompt_ids) or self.num_computed:
             raise ValueError(f"cannot reuse {n} of {len(self.prompt_ids)} prompt tokens now")
         self.num_computed = n
-        self.prefix_from = copy_from if n else None
-        self.prefix_from_pool = from_pool if n else None
 
     @property
     def prefilling(self) -> bool:
@@ -155,22 +155,16 @@ class SequenceState:
             chunk = self.prompt_ids[start : start + budget]
             completes = start + len(chunk) == len(self.prompt_ids)
             sampling = self.sampling if completes else None
-            return SequenceStep(
-                self.slot,
-                chunk,
-                start,
-                sampling,
-                self.prefix_from,
-                self.prefix_from_pool,
-                self.save_to_pool,
-            )
+            return SequenceStep(self.slot, chunk, start, sampling, self.transfer)
         assert self.pending, "a decode step needs a sampled token"
         return SequenceStep(self.slot, self.pending, start, self.sampling)
 
     def advance(self, step: SequenceStep, sample: TokenSample | None) -> None:
         """Account for a step of this sequence that ran, and the token it sampled (if any)."""
+        if not self.prefilling:
+            self.outputs.extend(step.token_ids)
         self.num_computed += len(step.token_ids)
-        self.prefix_from = self.prefix_from_pool = self.save_to_pool = None  # done, if due
+        self.transfer = None  # made, if due
         if sample is not None:
             self.pending = [sample.token_id, *sample.forced]
 

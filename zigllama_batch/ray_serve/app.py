@@ -63,6 +63,8 @@ class RayAppArgs(BaseModel):
     max_batch_size: int = Field(default=32, ge=1)
     max_queue_size: int = Field(default=256, ge=0)
     max_context: int | None = None
+    kv_cache_mb: float | None = Field(default=None, gt=0)
+    """Key/value memory of each replica (None: half the memory available after loading)."""
     max_queued_requests: int | None = Field(default=None, ge=-1)
     """Requests that may wait at the ingress when every replica is full (None:
     ``max_queue_size``; -1: no bound)."""
@@ -145,6 +147,7 @@ def build_app(args: RayAppArgs | dict[str, Any]) -> Application:
         max_batch_size=args.max_batch_size,
         max_queue_size=args.max_queue_size,
         max_context=args.max_context,
+        kv_cache_mb=args.kv_cache_mb,
         # Any batch size can run: each sequence feeds at least one token a step.
         max_step_tokens=max(BatchConfig().max_step_tokens, args.max_batch_size),
     )

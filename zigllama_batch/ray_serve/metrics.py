@@ -65,7 +65,23 @@ class RayMetrics(StatsObserver):
             "zigllama_prefix_cache_pool_bytes",
             "Host memory held by prefixes evicted from the cache slots",
         )
+        self.evictions = Gauge(
+            "zigllama_prefix_cache_pool_evictions",
+            "Pool blocks (16 positions each) dropped to make room, since start",
+        )
+        self.kv_usage = Gauge(
+            "zigllama_kv_cache_usage_ratio",
+            "Share of the key/value memory budget in use (slots and pool)",
+        )
+        self.preemptions = Counter(
+            "zigllama_preemptions",
+            "Running sequences preempted when key/value memory ran short (recomputed later)",
+        )
         self.update_gauges()
+
+    def on_preempt(self) -> None:
+        """Count a preemption."""
+        self.preemptions.inc()
 
     def on_reject(self) -> None:
         """Count a request the processor refused."""
@@ -98,4 +114,7 @@ class RayMetrics(StatsObserver):
         """Set the gauges to the processor's state now."""
         self.queue_depth.set(self.processor.queue_depth)
         self.running.set(self.processor.running)
-        self.pool.set(self.processor.prefix_pool[0])
+        kv = self.processor.kv_stats()
+        self.pool.set(0 if kv is None else kv.pool_bytes)
+        self.evictions.set(0 if kv is None else kv.pool_evictions)
+        self.kv_usage.set(0.0 if kv is None else kv.usage)

@@ -46,6 +46,7 @@ from ..errors import (
     ZigllamaBatchError,
 )
 from ..generation import Prompt
+from ..kv import KVStats
 from ..structured import StructuredOutput
 
 __all__ = ["ModelInfo", "RemoteProcessor", "RemoteStream"]
@@ -115,10 +116,9 @@ class RemoteProcessor:
         """Requests this ingress has in flight."""
         return self._inflight
 
-    @property
-    def prefix_pool(self) -> tuple[int, int]:
-        """(0, 0): each replica exports its own pool through Ray's metrics."""
-        return (0, 0)
+    def kv_stats(self) -> KVStats | None:
+        """None: each replica exports its own key/value memory through Ray's metrics."""
+        return None
 
     @property
     def stats_recorder(self) -> StatsRecorder:

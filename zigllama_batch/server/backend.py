@@ -16,6 +16,7 @@ from ..batching.stats import StatsRecorder
 from ..batching.types import BatchRequest, BatchResult, StreamChunk
 from ..engine.tokenizer import Tokenizer
 from ..generation import Prompt
+from ..kv import KVStats
 from ..structured import StructuredOutput
 
 __all__ = ["Backend", "ChunkStream"]
@@ -59,8 +60,7 @@ class Backend(Protocol):
     @property
     def running(self) -> int: ...
 
-    @property
-    def prefix_pool(self) -> tuple[int, int]: ...
+    def kv_stats(self) -> KVStats | None: ...
 
     @property
     def stats_recorder(self) -> StatsRecorder: ...

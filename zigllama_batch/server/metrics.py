@@ -20,6 +20,7 @@ from prometheus_client import (
 from ..batching.request import RequestState
 from ..batching.stats import StatsObserver
 from ..batching.types import BatchResult
+from ..kv import KVStats
 from .backend import Backend
 
 __all__ = [
@@ -106,19 +107,34 @@ class ProcessorMetrics(StatsObserver):
             "Host memory held by prefixes evicted from the cache slots",
             registry=r,
         )
-        pool.set_function(lambda: processor.prefix_pool[0])
+        pool.set_function(lambda: _kv(processor).pool_bytes)
         evictions = Gauge(
             "zigllama_prefix_cache_pool_evictions",
             "Pool blocks (16 positions each) dropped to make room, since start",
             registry=r,
         )
-        evictions.set_function(lambda: processor.prefix_pool[1])
+        evictions.set_function(lambda: _kv(processor).pool_evictions)
+        usage = Gauge(
+            "zigllama_kv_cache_usage_ratio",
+            "Share of the key/value memory budget in use (slots and pool)",
+            registry=r,
+        )
+        usage.set_function(lambda: _kv(processor).usage)
+        self.preemptions = Counter(
+            "zigllama_preemptions",
+            "Running sequences preempted when key/value memory ran short (recomputed later)",
+            registry=r,
+        )
         queue = Gauge("zigllama_queue_depth", "Requests waiting", registry=r)
         queue.set_function(lambda: processor.queue_depth)
         running = Gauge("zigllama_running_sequences", "Sequences holding a cache slot", registry=r)
         running.set_function(lambda: processor.running)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)  # export zeros before the first event
+
+    def on_preempt(self) -> None:
+        """Count a preemption."""
+        self.preemptions.inc()
 
     def on_reject(self) -> None:
         """Count a request the processor refused (queue full, not running)."""
@@ -161,3 +177,11 @@ class ProcessorMetrics(StatsObserver):
     def render(self) -> bytes:
         """The metrics in the Prometheus text format."""
         return bytes(generate_latest(self.registry))
+
+
+_NO_KV = KVStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)
+
+
+def _kv(processor: Backend) -> KVStats:
+    """The backend's key/value memory now (zeros for a backend without its own)."""
+    return processor.kv_stats() or _NO_KV

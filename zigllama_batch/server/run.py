@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ from ..batching.processor import BatchProcessor
 from ..batching.types import BatchConfig
 from ..engine.hub import model_path
 from ..generator import load_model
+from ..kv import KVStats
 from .app import create_app
 
 __all__ = ["API_KEY_ENV", "serve"]
@@ -121,6 +123,8 @@ def serve(
         path = model_path(model or None)
         print(f"loading {path}", file=sys.stderr, flush=True)
         llama, tokenizer = load_model(path)
+        if config.max_context is None:  # memory is bounded by kv_cache_mb, not by slot sizes
+            config = dataclasses.replace(config, max_context=llama.config.context_length)
         processor = BatchProcessor(llama, tokenizer, config)
         name = model_name or processor.model_name
         api_key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -148,6 +152,7 @@ def serve(
             f"http://{_address(host, sock.getsockname()[1])}",
             config,
             context=processor.max_context,
+            kv=processor.kv_stats(),
             api_key=api_key is not None,
             drain_timeout=drain_timeout,
         )
@@ -166,6 +171,7 @@ def _banner(
     config: BatchConfig,
     *,
     context: int,
+    kv: KVStats,
     api_key: bool,
     drain_timeout: float,
 ) -> str:
@@ -177,11 +183,22 @@ def _banner(
         ("max batch size", str(config.max_batch_size)),
         ("queue size", str(config.max_queue_size)),
         ("context", f"{context} tokens per sequence"),
+        ("KV memory", _kv_budget(kv, context)),
         ("API key", "on" if api_key else "off (no authentication)"),
         ("drain timeout", f"{drain_timeout:g} s"),
     ]
     lines = [f"  {key:<15} {value}" for key, value in settings]
     return "\n".join([f"serving {name} on {url} (Ctrl+C to stop)", *lines])
+
+
+def _kv_budget(kv: KVStats, context: int) -> str:
+    """The key/value budget, and what it holds in tokens."""
+    pool = kv.budget_bytes - kv.budget_tokens * kv.bytes_per_token
+    return (
+        f"{kv.budget_bytes / 2**20:.0f} MiB: {kv.budget_tokens} tokens at once "
+        f"({kv.budget_tokens / context:.1f} full contexts), a {pool / 2**20:.0f} MiB prefix "
+        "pool included (--kv-cache-mb)"
+    )
 
 
 def _bind(host: str, port: int) -> socket.socket:

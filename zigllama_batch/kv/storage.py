@@ -1,12 +1,15 @@
-"""The preallocated key/value cache: storage only.
+"""Key/value storage: the arrays steps write, and the transfers a step makes before it runs.
 
 A slot holds one sequence's keys and values for every layer, up to ``max_context`` positions.
 Memory is reserved once and written in place by :meth:`LLaMAModel.step`; no step copies the
 cache. The reservation is virtual: pages are mapped as positions are written, so a cache sized
-for long contexts costs only what its sequences use. :class:`KVBlocks` is the prefix pool's
-storage, reserved the same way and kept mapped once written (on a virtual machine, the first
-write to a page costs several times a later one). Which slot a sequence takes is bookkeeping
-kept apart, in :class:`~zigllama_batch.engine.slots.SlotTable`.
+for long contexts costs only what its sequences use, and :meth:`KVCache.release` hands a slot's
+pages past a position back to the OS (``MADV_DONTNEED``). :class:`KVBlocks` is the prefix
+pool's storage, reserved the same way and kept mapped once written (on a virtual machine, the
+first write to a page costs several times a later one). :class:`Transfer` is what one step
+moves before its forward pass (a prefix copied in from another slot or the pool; what the slot
+held, saved to the pool); which slot holds what is :class:`~zigllama_batch.kv.KVManager`'s
+bookkeeping.
 
 Layout: one array per layer and per K/V, shaped ``(slots, kv_heads, max_context, head_dim)``.
 Keeping layers apart (rather than one ``slots x layers x ...`` block) lets a step take a layer's
@@ -18,20 +21,42 @@ from __future__ import annotations
 import math
 import mmap
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-from .step import PoolSave
+__all__ = ["KVBlocks", "KVCache", "PoolSave", "Transfer"]
 
-__all__ = ["KVBlocks", "KVCache"]
+
+@dataclass(frozen=True, slots=True)
+class PoolSave:
+    """Positions ``[start, end)`` of a slot to save in the host-memory pool of evicted
+    prefixes, block by block: ``blocks[i]`` takes the ``i``-th run of the pool's block size
+    from ``start`` (the last one possibly partial)."""
+
+    start: int
+    end: int
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """What a sequence's first step moves into (and out of) its slot before the forward pass:
+    first ``save`` (what an earlier sequence left in the slot goes to the pool), then positions
+    ``[0, start_pos)`` from slot ``from_slot`` or from pool blocks ``from_pool`` (a prefix
+    computed before)."""
+
+    save: PoolSave | None = None
+    from_slot: int | None = None
+    from_pool: tuple[int, ...] | None = None
 
 
 class KVCache:
     """Keys and values of up to ``n_slots`` sequences of up to ``max_context`` tokens.
 
     A step writes only the slots its items name, so steps over disjoint slots may run while
-    the owner of the :class:`~zigllama_batch.engine.slots.SlotTable` hands out others.
+    the KV manager hands out others.
     """
 
     def __init__(
@@ -51,8 +76,51 @@ class KVCache:
         self.n_slots = n_slots
         self.max_context = max_context
         shape = (n_slots, n_kv_heads, max_context, head_dim)
-        self.k: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(n_layers)]
-        self.v: list[NDArray[np.float32]] = [_lazy_zeros(shape) for _ in range(n_layers)]
+        self._buffers: list[mmap.mmap] = []
+        self.k: list[NDArray[np.float32]] = [self._lazy(shape) for _ in range(n_layers)]
+        self.v: list[NDArray[np.float32]] = [self._lazy(shape) for _ in range(n_layers)]
+
+    def _lazy(self, shape: tuple[int, ...]) -> NDArray[np.float32]:
+        array, buffer = _lazy_zeros(shape)
+        self._buffers.append(buffer)
+        return array
+
+    def release(self, slot: int, keep: int) -> None:
+        """Give the memory of ``slot``'s positions from ``keep`` on back to the OS (they read
+        as zeros until written again). Whole pages only: a page that also holds a kept
+        position stays."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, heads, context, width = self.k[0].shape
+        row = width * 4  # bytes of one position of one head
+        for buffer in self._buffers:
+            for h in range(heads):
+                head = (slot * heads + h) * context * row  # where this head's positions start
+                first = -(-(head + keep * row) // mmap.PAGESIZE) * mmap.PAGESIZE
+                end = (head + context * row) // mmap.PAGESIZE * mmap.PAGESIZE
+                if end > first:
+                    buffer.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+    def prepare(self, moves: Sequence[tuple[int, int, Transfer]], pool: KVBlocks | None) -> None:
+        """Make the transfers of one step's items, ``(slot, positions copied in, transfer)``
+        each: first every save to the pool, then every copy in, so no item reads a slot that
+        another is about to overwrite.
+
+        Raises:
+            ValueError: a transfer reads or writes a pool that was not reserved.
+        """
+        if pool is None and any(t.save or t.from_pool for _, _, t in moves):
+            raise ValueError("a step saves to or restores from a pool that was not reserved")
+        for slot, _, t in moves:
+            if t.save is not None:
+                assert pool is not None
+                pool.save(self, slot, t.save)
+        for slot, n, t in moves:
+            if t.from_slot is not None:
+                self.copy_prefix(t.from_slot, slot, n)
+            elif t.from_pool is not None:
+                assert pool is not None
+                pool.restore(self, slot, t.from_pool, n)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Copy the keys and values of positions ``[0, n)`` from slot ``src`` into slot ``dst``
@@ -76,7 +144,7 @@ class KVCache:
 class KVBlocks:
     """Keys and values of evicted prefixes in host memory, in ``n_blocks`` blocks of
     ``block_tokens`` positions (which block holds what is
-    :class:`~zigllama_batch.engine.prefix_pool.PrefixPool`'s bookkeeping)."""
+    :class:`~zigllama_batch.kv.prefix_pool.PrefixPool`'s bookkeeping)."""
 
     def __init__(self, cache: KVCache, n_blocks: int, block_tokens: int) -> None:
         """Args:
@@ -87,8 +155,8 @@ class KVBlocks:
         _, self.n_kv_heads, _, self.head_dim = cache.k[0].shape
         self.block_tokens = block_tokens
         shape = (max(1, n_blocks), self.n_kv_heads, block_tokens, self.head_dim)
-        self.k = [_lazy_zeros(shape) for _ in cache.k]
-        self.v = [_lazy_zeros(shape) for _ in cache.v]
+        self.k = [_lazy_zeros(shape)[0] for _ in cache.k]
+        self.v = [_lazy_zeros(shape)[0] for _ in cache.v]
 
     def save(self, cache: KVCache, slot: int, save: PoolSave) -> None:
         """Copy positions ``[save.start, save.end)`` of ``slot`` into ``save.blocks``."""
@@ -121,14 +189,17 @@ class KVBlocks:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
 
-def _lazy_zeros(shape: tuple[int, ...]) -> NDArray[np.float32]:
+def _lazy_zeros(shape: tuple[int, ...]) -> tuple[NDArray[np.float32], mmap.mmap]:
     """Zeroed float32 memory that the OS maps 4 KiB page by page as it is written.
 
     An anonymous mmap rather than ``np.zeros``: numpy asks Linux for transparent huge pages on
     large allocations, and then the first write anywhere in a 2 MiB stretch commits all of it,
     so touching one position of every slot would commit most of the cache.
     """
-    buffer = mmap.mmap(-1, max(1, math.prod(shape) * 4))  # anonymous: zero-filled
+    # Private and anonymous: zero-filled, and MADV_DONTNEED frees its pages (a shared mapping
+    # would keep them in shared memory).
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    buffer = mmap.mmap(-1, max(1, math.prod(shape) * 4), flags=flags)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buffer.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buffer, np.float32).reshape(shape)
+    return np.frombuffer(buffer, np.float32).reshape(shape), buffer

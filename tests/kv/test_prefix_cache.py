@@ -9,10 +9,9 @@ import pytest
 
 from zigllama_batch import LLaMAModel, Tokenizer
 from zigllama_batch.engine import SequenceStep
-from zigllama_batch.engine.kv_cache import KVBlocks
-from zigllama_batch.engine.prefix_cache import PrefixCache, PrefixMatch
-from zigllama_batch.engine.prefix_pool import BLOCK_TOKENS, PrefixPool
-from zigllama_batch.engine.step import PoolSave
+from zigllama_batch.kv.prefix_cache import PrefixCache, PrefixMatch
+from zigllama_batch.kv.prefix_pool import BLOCK_TOKENS, PrefixPool
+from zigllama_batch.kv.storage import KVBlocks, PoolSave
 
 
 def cache_holding(*contents: list[int], salts: list[str | None] | None = None) -> PrefixCache:

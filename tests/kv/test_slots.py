@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zigllama_batch.engine import SlotTable
+from zigllama_batch.kv.slots import SlotTable
 
 
 def test_slot_table_hands_out_lowest_free_slot() -> None:

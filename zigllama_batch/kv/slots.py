@@ -1,11 +1,9 @@
 """Which KV-cache slots hold a sequence: pure bookkeeping, apart from the cache's storage.
 
-Inside: :class:`SlotTable`. The storage (:class:`~zigllama_batch.engine.kv_cache.KVCache`) is
+Inside: :class:`SlotTable`. The storage (:class:`~zigllama_batch.kv.storage.KVCache`) is
 arrays that steps write in place; who may use which slot is decided here, without touching
-them, by one owner (the scheduler on the event loop, or a
-:class:`~zigllama_batch.generator.TextGenerator`). Keeping the two apart leaves room for a
-policy that also knows what a slot already holds (prefix reuse) without changing the storage or
-the step.
+them, by one owner (the :class:`~zigllama_batch.kv.KVManager` on the event loop, or a
+:class:`~zigllama_batch.generator.TextGenerator`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ arriving together with one long shared prefix wait for the first to compute it a
 instead of all computing it at once.
 
 And it owns the index of a bounded host-memory pool
-(:class:`~zigllama_batch.engine.prefix_pool.PrefixPool`, a radix tree of blocks): when a slot
+(:class:`~zigllama_batch.kv.prefix_pool.PrefixPool`, a radix tree of blocks): when a slot
 is about to be overwritten, what it held is saved to the pool (:meth:`PrefixCache.plan_save`),
 only the blocks the pool lacks, and later prompts match the pool as they match slots. A prefix
 another slot already holds whole is not saved.
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .prefix_pool import BLOCK_TOKENS, PrefixPool
-from .step import PoolSave
+from .storage import PoolSave
 
 __all__ = ["PrefixCache", "PrefixMatch"]
 
@@ -189,6 +189,18 @@ class PrefixCache:
     def unpin_pool(self, blocks: Sequence[int]) -> None:
         """The copy from pool ``blocks`` ran (or will never run)."""
         self.pool.unpin(blocks)
+
+    def truncate(self, slot: int, n: int) -> None:
+        """``slot`` holds only its first ``n`` positions now (the rest was given back, or
+        rolled back)."""
+        n = min(n, int(self._held[slot]))
+        self._held[slot] = n
+        self._planned[slot] = min(int(self._planned[slot]), n)
+        self._ids[slot, n:] = -1
+
+    def by_age(self, slots: Iterable[int]) -> list[int]:
+        """``slots`` ordered from the least recently used."""
+        return sorted(slots, key=lambda s: (self._used_at[s], s))
 
     def release(self, slot: int) -> None:
         """``slot``'s sequence left it: what it planned but never computed is not coming."""

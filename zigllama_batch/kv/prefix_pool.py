@@ -1,7 +1,7 @@
 """Which evicted prefixes the host-memory pool holds: a radix tree of fixed-size blocks.
 
 Inside: :class:`PrefixPool`, bookkeeping only (the rows live in
-:class:`~zigllama_batch.engine.kv_cache.KVBlocks`, block by block). Each node of the tree is
+:class:`~zigllama_batch.kv.storage.KVBlocks`, block by block). Each node of the tree is
 one block of up to :data:`BLOCK_TOKENS` consecutive token ids, under the node holding the ids
 before them, so prefixes that share a head share its blocks: the head is stored once, however
 many prompts continue it. Full blocks are found by their ids (a dict lookup per block); the
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .step import PoolSave
+from .storage import PoolSave
 
 __all__ = ["BLOCK_TOKENS", "PrefixPool"]
 
@@ -171,6 +171,19 @@ class PrefixPool:
             assert node.pins > 0, f"pool block {block} is not pinned"
             node.pins -= 1
             self._pinned -= 1
+
+    def check(self, *, idle: bool = False) -> None:
+        """Assert the tree's invariants: every block free or in the tree, once; each node
+        under its parent. With ``idle`` (no step pending): every block written, none pinned."""
+        assert len(self._nodes) + len(self._free) == self.n_blocks
+        assert not set(self._free) & set(self._nodes)
+        for block, node in self._nodes.items():
+            assert node.block == block
+            assert node.parent is not None
+            assert node.parent.children.get(node.tokens) is node
+            if idle:
+                assert node.written, node
+                assert node.pins == 0, node
 
     def _touch(self, nodes: list[_Node]) -> None:
         self._clock += 1
