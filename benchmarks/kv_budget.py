@@ -2,10 +2,12 @@
 memory stays under the weights plus the budget plus a fixed margin, and falls back after.
 
 One process loads the model, measures its resident memory after load (the weights) and after
-one short warm-up request (the fixed margin: compiled kernels, buffers, logits), then streams
+one warm-up request of the same length (the fixed margin, beyond its own keys and values:
+compiled kernels, the prefill's scratch buffers, logits), then streams
 ``--requests`` requests of ``--prompt-tokens`` random token ids each (no shared prefixes) at
 once into a processor with ``kv_cache_mb=--kv-cache-mb``, sampling resident memory every 0.2 s.
-Reported: completions, preemptions, peak and final resident memory against the bound, time.
+Reported: completions, preemptions, peak and final resident memory against the bound (and the
+final one against the weights, the margin and the keys and values still kept), time.
 Then the first ``--check`` prompts run again, one at a time, without a budget: their greedy
 tokens must be the ones the flood gave.
 
@@ -13,14 +15,18 @@ tokens must be the ones the flood gave.
         --kv-cache-mb 2048
     python benchmarks/kv_budget.py --model smollm2-135m --requests 32 --prompt-tokens 3000 \\
         --kv-cache-mb 512
+    python benchmarks/kv_budget.py --requests 16 --prompt-tokens 400 --max-tokens 300 \\
+        --kv-cache-mb 64 --unbounded-too   # long outputs: preemptions, and what they cost
 
-Writes ``benchmarks/results/kv_budget-NAME.json`` and ``.png`` (resident memory over time).
+Writes ``benchmarks/results/kv_budget-NAME-REQUESTSxTOKENS.json`` and ``.png`` (resident memory
+over time).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -39,6 +45,7 @@ from zigllama_batch import (
     GenerationConfig,
     load_model,
 )
+from zigllama_batch.kv import KVStats
 from zigllama_batch.testing import cpu_name
 
 SAMPLE_S = 0.2
@@ -106,8 +113,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         kv_cache_mb=args.kv_cache_mb,
     )
     async with BatchProcessor(model, tokenizer, config) as p:
-        await flood(p, [prompts[0][:64]], 4)  # warm-up: kernels compiled, buffers made
-        margin = rss_mib() - weights
+        # Warm-up on a prompt as long as the others (kernels compiled, the prefill's scratch
+        # buffers made once): what it adds beyond its own keys and values is the margin.
+        warm = [int(t) for t in rng.integers(1000, 20000, args.prompt_tokens)]
+        await flood(p, [warm], 4)
+        held = p.kv_stats()
+        margin = rss_mib() - weights - _kv_mib(held)
         began = sampler.mark()
         outputs = await flood(p, prompts, args.max_tokens)
         ended = sampler.mark()
@@ -119,6 +130,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     peak = max(flood_samples, default=after)
     sampler.stop()
     failures = [repr(o) for o in outputs if isinstance(o, BaseException)]
+    unbounded_s = None
+    if args.unbounded_too:  # the same flood without a budget: what the bound costs in time
+        free_flood = dataclasses.replace(config, kv_cache_mb=None)
+        async with BatchProcessor(model, tokenizer, free_flood) as q:
+            began_free = time.perf_counter()
+            await flood(q, prompts, args.max_tokens)
+            unbounded_s = time.perf_counter() - began_free
     # The same prompts alone, without a budget: the greedy tokens must not change.
     same = []
     free = BatchConfig(strategy=BatchingStrategy.CONTINUOUS, max_batch_size=1, max_context=context)
@@ -127,7 +145,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             alone = (await flood(q, [prompts[i]], args.max_tokens))[0]
             same.append(alone == outputs[i])
     bound = weights + args.kv_cache_mb + margin
-    retained = kv.used_tokens * kv.bytes_per_token / 2**20 + kv.pool_bytes / 2**20
+    retained = _kv_mib(kv)
     return {
         "machine": {"cpu": cpu_name(), "python": platform.python_version()},
         "model": model.config.name,
@@ -135,10 +153,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens,
         "kv_cache_mb": args.kv_cache_mb,
-        "completed": stats.completed,
+        "completed": sum(not isinstance(o, BaseException) for o in outputs),
         "failed": failures,
         "preemptions": stats.preemptions,
         "flood_s": ended - began,
+        "unbounded_flood_s": unbounded_s,
         "rss_weights_mib": weights,
         "fixed_margin_mib": margin,
         "rss_bound_mib": bound,
@@ -149,6 +168,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "samples": sampler.samples,
         "flood_window_s": [began, ended],
     }
+
+
+def _kv_mib(kv: KVStats) -> float:
+    """Key/value memory held (slots and pool), MiB."""
+    return (kv.used_tokens * kv.bytes_per_token + kv.pool_bytes) / 2**20
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -181,6 +205,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=3000)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--kv-cache-mb", type=float, default=512)
+    ap.add_argument(
+        "--unbounded-too", action="store_true", help="time the same flood without a budget"
+    )
     ap.add_argument("--check", type=int, default=3, help="prompts rerun alone, unbounded")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
@@ -190,19 +217,30 @@ def main() -> None:
         ("failed", str(len(result["failed"]))),
         ("preemptions", str(result["preemptions"])),
         ("flood", f"{result['flood_s']:.0f} s"),
+        (
+            "same flood without a budget",
+            "-"
+            if result["unbounded_flood_s"] is None
+            else f"{result['unbounded_flood_s']:.0f} s (goodput under the budget: "
+            f"{result['unbounded_flood_s'] / result['flood_s']:.0%})",
+        ),
         ("weights (RSS after load)", f"{result['rss_weights_mib']:.0f} MiB"),
         ("fixed margin (after warm-up)", f"{result['fixed_margin_mib']:.0f} MiB"),
         ("bound: weights + budget + margin", f"{result['rss_bound_mib']:.0f} MiB"),
         ("peak RSS during the flood", f"{result['rss_peak_mib']:.0f} MiB"),
         ("RSS 1 s after", f"{result['rss_after_mib']:.0f} MiB"),
         ("KV retained after (prefixes, pool)", f"{result['retained_kv_mib']:.0f} MiB"),
+        (
+            "weights + margin + retained",
+            f"{result['rss_weights_mib'] + result['fixed_margin_mib'] + result['retained_kv_mib']:.0f} MiB",
+        ),
         ("greedy tokens as alone, unbounded", str(result["outputs_identical_alone"])),
     ]
     print(f"{result['model']} on {result['machine']['cpu']}")
     for name, value in rows:
         print(f"  {name:<36} {value}")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"kv_budget-{result['model']}"
+    stem = f"kv_budget-{result['model']}-{result['requests']}x{result['prompt_tokens']}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out / f"{stem}.png")
     print(f"wrote {args.out / stem}.json and .png")

@@ -89,3 +89,23 @@ def test_releasing_a_slot_gives_its_pages_back() -> None:
         assert (a[1, :, :100] == 1.0).all()
         assert (a[1, :, 112:] == 0.0).all()
         assert (a[[0, 2], :, :400] == 1.0).all()
+
+
+async def test_slots_cost_nothing_until_written(tiny: tuple[LLaMAModel, Tokenizer]) -> None:
+    """256 slots of the full context take no memory until a sequence writes to them, and only
+    the pages it writes; ending it (without prefix caching) gives them back."""
+    config = BatchConfig(max_batch_size=256, max_context=256, prefix_cache=False)
+    async with BatchProcessor(*tiny, config) as p:
+        arrays = p.engine.cache.k + p.engine.cache.v  # type: ignore[attr-defined]
+        assert sum(_resident_pages(a) for a in arrays) == 0
+        request = BatchRequest(prompt="a cat " * 50, config=GenerationConfig.greedy(max_tokens=8))
+        stream = p.stream(request)
+        async for _ in stream:
+            if sum(_resident_pages(a) for a in arrays):
+                break
+        written = sum(_resident_pages(a) for a in arrays)
+        assert 0 < written < 64 * len(arrays)  # one slot's first positions, a page or a few
+        await stream.aclose()
+        await asyncio.sleep(0.05)
+        assert p.running == 0
+        assert sum(_resident_pages(a) for a in arrays) == 0
