@@ -65,8 +65,8 @@ class Admission:
         room = min(self.config.max_batch_size - len(running), self.kv.capacity())
         admit = min(plan.admit, room)
         preferred = self._preferred(admit)
-        first = self.queue.peek(1)
-        if first and first[0].seq.restarts and room:  # preempted: it rejoins whatever the plan
+        first = self.queue.first()
+        if first is not None and first.seq.restarts and room:  # preempted: rejoins whatever
             admit = max(admit, 1)
         for _ in range(admit):
             rec = self._next(preferred)
@@ -121,5 +121,4 @@ class Admission:
             rec = preferred.pop(0)
             if rec.state is RequestState.QUEUED:
                 return rec
-        head = self.queue.peek(1)
-        return head[0] if head else None
+        return self.queue.first()

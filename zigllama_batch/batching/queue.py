@@ -106,6 +106,12 @@ class RequestQueue:
         if not self._admitted_at or self._admitted_at[-1] != now:
             self._admitted_at.append(now)
 
+    def first(self) -> TrackedRequest | None:
+        """The request to serve next, without removing it (dead entries on top are dropped)."""
+        while self._heap and self._heap[0][2].state is not RequestState.QUEUED:
+            heapq.heappop(self._heap)
+        return self._heap[0][2] if self._heap else None
+
     def peek(self, n: int) -> list[TrackedRequest]:
         """The next ``n`` requests to be served, in order, without removing them."""
         if n <= 0:

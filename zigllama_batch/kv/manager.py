@@ -220,12 +220,17 @@ class KVManager:
         preempt (then :meth:`preempt` each and rebuild the step) when that is not enough: the
         lowest priority, then the most recently admitted, until the rest fit (one is always
         left to run); empty when the step fits."""
+        held = self._held
         for _, step in parts:
             end = step.start_pos + len(step.token_ids)
-            self._held[step.slot] = max(self._held[step.slot], end)
+            if end > held[step.slot]:
+                held[step.slot] = end
+        running = sum(held)
+        if running <= self.budget_tokens and self._prefix is None:
+            return []  # (the common case: no cached prefixes to weigh)
         self._trim()
         # Left after the trim: prefixes a pending copy reads (a preempted copier frees them).
-        over = self._running_tokens() + self._cached_tokens() - self.budget_tokens
+        over = running + self._cached_tokens() - self.budget_tokens
         if over <= 0:
             return []
         victims: list[Occ] = []
