@@ -106,7 +106,7 @@ class Scheduler:
                 engine.reserve_pool(pool.n_blocks, pool.block_tokens)
             self.placement = prefix
         self.slots = self.placement.slots
-        self.deliveries = CallbackDelivery(self.end)
+        self.deliveries = CallbackDelivery(self.end, stats.on_slow_callback)
         self.workers = [_Worker(i) for i in range(config.num_workers)]
         self._executor = StepExecutor(engine.step, config.num_workers)
         self._changed = Wakeup()

@@ -118,6 +118,7 @@ class StatsRecorder:
         self.batch_sizes: Counter[int] = Counter()
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.slow_callbacks = 0
         self.latency = _Series(window)
         self.queue_time = _Series(window)
         self.ttft = _Series(window)
@@ -160,6 +161,10 @@ class StatsRecorder:
         self.prefix_hits += hit
         self._notify("on_prefix_lookup", queried, hit)
 
+    def on_slow_callback(self) -> None:
+        """A plain token callback held the event loop too long (see ``SLOW_CALLBACK_S``)."""
+        self.slow_callbacks += 1
+
     def _notify(self, event: str, *args: object) -> None:
         for observer in self.observers:  # an observer's bug must not stop the scheduler
             try:
@@ -198,4 +203,5 @@ class StatsRecorder:
             prefix_cache_hits=self.prefix_hits,
             prefix_pool_bytes=pool[0],
             prefix_pool_evictions=pool[1],
+            slow_callbacks=self.slow_callbacks,
         )

@@ -322,6 +322,9 @@ class BatchStats:
     prefix_pool_evictions: int = 0
     """Pool blocks of 16 positions dropped (least recently used leaves first) to make room under
     ``prefix_cache_mb``."""
+    slow_callbacks: int = 0
+    """Calls of plain (not ``async def``) token callbacks that held the event loop for more
+    than 100 ms: every stream of the processor waited for each of them."""
 
     @property
     def prefix_cache_hit_rate(self) -> float:
