@@ -7,7 +7,9 @@ with ``stream()``. It owns the background tasks (one scheduler loop per worker a
 watcher) and supervises them: one that dies of a bug fails the processor and ends every pending
 request. It alone moves the :class:`~zigllama_batch.batching.lifecycle.Lifecycle`: NEW ->
 RUNNING -> DRAINING or STOPPING (or FAILED) -> CLOSED. Every accepted request ends exactly once;
-``submit`` after close raises :class:`ProcessorStopped` at once.
+``submit`` after close raises :class:`ProcessorStopped` at once. Its state belongs to the event
+loop it was started on; a call from another thread or loop hops there
+(:class:`~zigllama_batch.batching.home.HomeLoop`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..generation import Prompt
 from ..structured import StructuredOutput
 from .clock import Clock, MonotonicClock, wait_until
 from .deadlines import DeadlineWatcher
+from .home import HomeLoop
 from .lifecycle import Lifecycle, ProcessorState
 from .prompts import check_prompt_length, encode_prompt
 from .request import TrackedRequest
@@ -56,10 +59,18 @@ class BatchProcessor:
     """Serves one model to many concurrent callers by batching their requests.
 
     Use as ``async with BatchProcessor(model, tokenizer, config) as processor:``; leaving the
-    block drains (queued and running requests finish). All methods are called from the event
-    loop the processor was started on; model steps run in a worker thread, so the loop stays
-    free for the host application. Token callbacks run on the loop: a plain function must be
-    quick; slow work belongs in an ``async def`` callback (awaited in order, off the step path).
+    block drains (queued and running requests finish). Model steps run in a worker thread, so
+    the loop stays free for the host application. Token callbacks run on the loop: a plain
+    function must be quick (one that takes over 100 ms is counted and logged); slow work belongs
+    in an ``async def`` callback (awaited in order, off the step path).
+
+    The processor lives on the event loop it was started on (its home loop), but every method
+    may be called from any thread or event loop: coroutines (``submit``, ``result``,
+    ``aclose``, a stream's iteration) run at home and are awaited from the caller's loop
+    without blocking it; the plain methods (``submit_async``, ``poll``, ``cancel``,
+    ``stream``) run at home while the calling thread waits, normally well under a millisecond.
+    Callbacks always run on the home loop. Once the home loop has stopped, such calls raise
+    :class:`ProcessorStopped`.
     """
 
     def __init__(
@@ -110,6 +121,7 @@ class BatchProcessor:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.clock: Clock = clock or MonotonicClock()
+        self._home = HomeLoop()
         self._lifecycle = Lifecycle()
         self._stats = StatsRecorder(self.clock.now)
         self._scheduler = Scheduler(
@@ -136,12 +148,14 @@ class BatchProcessor:
         return self._lifecycle.failure
 
     async def start(self) -> None:
-        """Start the scheduler loops (one per worker) and the deadline watcher.
+        """Start the scheduler loops (one per worker) and the deadline watcher on the running
+        event loop, which becomes the processor's home loop.
 
         Raises:
             RuntimeError: the processor was already started or closed.
         """
         self._lifecycle.move(ProcessorState.RUNNING)
+        self._home.bind()
         for i in range(self.config.num_workers):
             self._workers_running.add(i)
             self._tasks.append(
@@ -160,6 +174,8 @@ class BatchProcessor:
             ValueError: there is no such worker.
             RuntimeError: that worker already runs (each worker's slots have one owner).
         """
+        if self._home.away:
+            return await self._home.run(self.process_queue(worker))
         if isinstance(worker, bool) or not isinstance(worker, int):
             raise ValueError(f"worker: must be an int, got {worker!r}")
         if not 0 <= worker < self.config.num_workers:
@@ -237,6 +253,8 @@ class BatchProcessor:
             RuntimeError: awaited from one of this processor's own callbacks (it would wait for
                 itself); schedule it with ``asyncio.create_task`` there instead.
         """
+        if self.state is not ProcessorState.NEW and self._home.away:
+            return await self._home.run(self.aclose(drain, drain_timeout=drain_timeout))
         if self.state is ProcessorState.NEW:
             self._lifecycle.move(ProcessorState.CLOSED)
             self._scheduler.close()
@@ -302,6 +320,8 @@ class BatchProcessor:
             RequestTimeout: its deadline passed.
             GenerationError: the engine failed on a step it was part of.
         """
+        if self._home.away:
+            return await self._home.run(self.submit(request))
         structured = request.config.structured if isinstance(request, BatchRequest) else None
         if structured is not None:  # compiled off the event loop; _accept then finds it cached
             await self.check_structured(structured)
@@ -320,6 +340,8 @@ class BatchProcessor:
         Raises:
             QueueFull, ProcessorStopped, PromptTooLong, InvalidRequest: as :meth:`submit`.
         """
+        if self._home.away:
+            return self._home.call(lambda: self.submit_async(request))
         rec = self._accept(request)
         self._detached[rec.id] = rec
         rec.future.add_done_callback(lambda _: self._trim_detached())
@@ -334,6 +356,8 @@ class BatchProcessor:
         Raises:
             InvalidRequest: the id is unknown or its outcome was already read.
         """
+        if self._home.away:
+            return self._home.call(lambda: self.poll(request_id))
         rec = self._lookup(request_id)
         if not rec.future.done():
             return None
@@ -345,6 +369,8 @@ class BatchProcessor:
 
         Cancelling the wait does not cancel the request; use :meth:`cancel` for that.
         """
+        if self._home.away:
+            return await self._home.run(self.result(request_id))
         rec = self._lookup(request_id)
         await asyncio.wait([rec.future])
         self._detached.pop(request_id, None)
@@ -352,6 +378,8 @@ class BatchProcessor:
 
     def cancel(self, request_id: RequestId) -> bool:
         """Cancel a live request by id; returns False if it is not live (unknown or ended)."""
+        if self._home.away:
+            return self._home.call(lambda: self.cancel(request_id))
         if not is_request_id(request_id):
             raise InvalidRequest(f"a request id is an int or a str, got {request_id!r}")
         rec = self._live.get(request_id)
@@ -365,13 +393,16 @@ class BatchProcessor:
 
         ``async for chunk in processor.stream(request)``; leaving the loop early (and dropping
         the stream) or calling ``aclose()`` cancels the request. After the last chunk the
-        stream's ``result`` holds the :class:`BatchResult`.
+        stream's ``result`` holds the :class:`BatchResult`. The stream may be iterated from any
+        event loop.
 
         Raises:
             QueueFull, ProcessorStopped, PromptTooLong, InvalidRequest: as :meth:`submit`.
         """
+        if self._home.away:
+            return self._home.call(lambda: self.stream(request))
         rec = self._accept(request, streamed=True)
-        return RequestStream(rec, self._scheduler.abort)
+        return RequestStream(rec, self._scheduler.abort, self._home)
 
     # -- what an operator reads ----------------------------------------------------------------
 
