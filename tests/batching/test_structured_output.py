@@ -90,8 +90,9 @@ async def test_a_bad_constraint_is_refused_at_submit_by_every_entry_point(tiny: 
 async def test_a_failing_constraint_ends_only_its_own_request(
     tiny: Tiny, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A matcher that errs mid-generation fails its request with ConstraintFailed (saying
-    why); the others in its steps finish normally, and nothing is left behind."""
+    """A matcher that errs mid-generation ends its request with ConstraintFailed (saying
+    why), an invalid request (counted invalid, not failed); the others in its steps finish
+    normally, and nothing is left behind."""
     doomed = StructuredOutput.regex("[a-z]{5,9}")
     failing: set[int] = set()
     real_hook, real_accept = GrammarCompiler.hook, GrammarHook.accept
@@ -118,9 +119,10 @@ async def test_a_failing_constraint_ends_only_its_own_request(
             return_exceptions=True,
         )
         assert isinstance(outcomes[0], ConstraintFailed)
+        assert isinstance(outcomes[0], InvalidRequest)
         assert "parser limit" in str(outcomes[0])
         assert all(not isinstance(o, BaseException) for o in outcomes[1:]), outcomes
-        assert p.stats.failed == 1
+        assert (p.stats.invalid, p.stats.failed, p.stats.completed) == (1, 0, 2)
         assert idle(p)
 
 

@@ -321,8 +321,8 @@ class Scheduler:
     def _apply(self, rec: TrackedRequest, out: TokenSample, now: float) -> None:
         """Hand a sampled token to its request, its stream and its callback."""
         if (why := out.constraint_error) is not None:  # only this request ends
-            error = ConstraintFailed(f"request {rec.id!r}: its output constraint failed: {why}")
-            self.end(rec, RequestState.FAILED, error=error)
+            error = ConstraintFailed(f"the output constraint could not be continued: {why}")
+            self.end(rec, RequestState.INVALID, error=error)
             return
         for sample in out.each():  # the sampled token, then any its constraint forced
             chunk = rec.accept(sample, now)

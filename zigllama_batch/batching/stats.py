@@ -187,6 +187,7 @@ class StatsRecorder:
             avg_throughput_tps=self.tokens / span if span > 0 else 0.0,
             completed=completed,
             failed=self.ended[RequestState.FAILED],
+            invalid=self.ended[RequestState.INVALID],
             cancelled=self.ended[RequestState.CANCELLED],
             timed_out=self.ended[RequestState.TIMED_OUT],
             rejected=self.rejected,
