@@ -285,6 +285,7 @@ class BatchProcessor:
             await asyncio.wait(late)
         self._deadlines.close()
         await asyncio.wait(self._tasks)
+        await self._scheduler.settle_preparations()
         self._scheduler.close()
         for task in self._tasks:  # a crash was logged and ended the requests
             if not task.cancelled():
@@ -323,7 +324,7 @@ class BatchProcessor:
         if self._home.away:
             return await self._home.run(self.submit(request))
         structured = request.config.structured if isinstance(request, BatchRequest) else None
-        if structured is not None:  # compiled off the event loop; _accept then finds it cached
+        if structured is not None:  # refused before it is accepted, if it is refused
             await self.check_structured(structured)
         rec = self._accept(request)
         try:
@@ -335,7 +336,9 @@ class BatchProcessor:
     def submit_async(self, request: BatchRequest) -> RequestId:
         """Queue a request and return its id at once; read the outcome with :meth:`poll` or
         :meth:`result`. Unread outcomes are kept (up to ``result_retention`` finished ones),
-        also after close.
+        also after close. An output constraint is compiled after the request is accepted (in a
+        worker thread: this cannot wait), so one that is refused is the request's outcome, an
+        :class:`InvalidRequest`; :meth:`check_structured` first refuses it up front.
 
         Raises:
             QueueFull, ProcessorStopped, PromptTooLong, InvalidRequest: as :meth:`submit`.
@@ -394,7 +397,8 @@ class BatchProcessor:
         ``async for chunk in processor.stream(request)``; leaving the loop early (and dropping
         the stream) or calling ``aclose()`` cancels the request. After the last chunk the
         stream's ``result`` holds the :class:`BatchResult`. The stream may be iterated from any
-        event loop.
+        event loop. An output constraint that is refused is raised by the iteration, as with
+        :meth:`submit_async`.
 
         Raises:
             QueueFull, ProcessorStopped, PromptTooLong, InvalidRequest: as :meth:`submit`.
@@ -459,6 +463,7 @@ class BatchProcessor:
             deadlines=len(self._deadlines),
             idle_workers=self._scheduler.idle_workers,
             prefix_pins=self._scheduler.placement.pins,
+            preparing=len(self._scheduler.preparing),
         )
 
     def encode_prompt(
@@ -476,13 +481,17 @@ class BatchProcessor:
 
     async def check_structured(self, structured: StructuredOutput) -> None:
         """Compile an output constraint in a worker thread (cached by its text), as
-        :meth:`submit` does first; :meth:`submit_async` and :meth:`stream`, which cannot wait,
-        compile on the event loop (~1 ms for a typical schema) unless this ran before.
+        :meth:`submit` does first; :meth:`submit_async` and :meth:`stream` compile it in a
+        worker thread after accepting the request. Compiling never runs on the event loop.
 
         Raises:
-            InvalidRequest: the constraint does not compile (the message says why).
+            InvalidRequest: the constraint is refused (the message says why: it does not
+                compile, is too large or too slow to compile, or cannot be followed).
+            ProcessorStopped: the processor is closed.
         """
-        await asyncio.to_thread(self.engine.check_structured, structured)
+        if self.state is ProcessorState.CLOSED:
+            raise self._lifecycle.refusal()
+        await self._scheduler.check_structured(structured)
 
     def check_prompt_length(self, prompt: object) -> None:
         """Refuse, without rendering or tokenizing it, a prompt certainly too long for the
@@ -512,8 +521,6 @@ class BatchProcessor:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         max_context = self.engine.max_context
         prompt_ids = self.encode_prompt(request.prompt)
-        if request.config.structured is not None:  # compiled once per distinct constraint
-            self.engine.check_structured(request.config.structured)
         now = self.clock.now()
         timeout_ms = request.timeout_ms or self.config.request_timeout_ms
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
@@ -535,7 +542,10 @@ class BatchProcessor:
         if streamed:
             rec.stream = asyncio.Queue()
         try:
-            self._scheduler.enqueue(rec)
+            if request.config.structured is None:
+                self._scheduler.enqueue(rec)
+            else:  # its constraint is compiled (or copied) in a worker thread, then it queues
+                self._scheduler.prepare(rec)
         except QueueFull:
             self._stats.on_reject()
             raise

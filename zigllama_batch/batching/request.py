@@ -27,6 +27,9 @@ __all__ = ["FINISHED", "RequestState", "TrackedRequest", "error_state"]
 class RequestState(enum.Enum):
     """Where a request is in its life."""
 
+    PREPARING = "preparing"
+    """Accepted; its sampling state is being built in a worker thread (its output constraint
+    compiled, or copied from the cache); it queues next."""
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"

@@ -46,6 +46,8 @@ class Bookkeeping(NamedTuple):
     moving a manual clock)."""
     prefix_pins: int = 0
     """Slots a pending prefix copy reads from."""
+    preparing: int = 0
+    """Accepted requests whose sampling state is being built in a worker thread."""
 
     @property
     def idle(self) -> bool:
@@ -57,6 +59,7 @@ class Bookkeeping(NamedTuple):
             or self.live
             or self.callbacks
             or self.prefix_pins
+            or self.preparing
         )
 
 
