@@ -7,13 +7,13 @@ can catch the whole family at once. Other libraries' exceptions are translated a
     ZigllamaBatchError
     ├── ModelLoadError            the model file is missing, malformed or unsupported
     ├── InvalidRequest            a request or setting a caller passed is not usable (also a ValueError)
-    │   └── PromptTooLong         the prompt does not fit the context window
+    │   ├── PromptTooLong         the prompt does not fit the context window
+    │   └── ConstraintFailed      the request's output constraint could not be continued
     ├── QueueFull                 the processor's waiting queue is at its bound (retry later)
     ├── ProcessorStopped          the processor is closed, closed without draining, or its drain timed out
     ├── RequestCancelled          the request was cancelled before it finished
     ├── RequestTimeout            the request's deadline passed
     ├── GenerationError           the engine failed while running the request's step
-    ├── ConstraintFailed          the request's output constraint could not be continued
     └── CallbackFailed            the request's token callback raised (the cause is chained)
 """
 
@@ -103,9 +103,11 @@ class GenerationError(ZigllamaBatchError):
     """The engine raised while running a step that included this request."""
 
 
-class ConstraintFailed(ZigllamaBatchError):
-    """The request's output constraint could not go on (a parser limit was hit, or no token
-    could continue it); only this request ends."""
+class ConstraintFailed(InvalidRequest):
+    """The request's output constraint could not go on mid-generation (the text so far broke one
+    of llguidance's parser limits, or no token could continue it); only this request ends. The
+    constraint is the caller's, so this is an invalid request found late, not an engine
+    failure."""
 
 
 class CallbackFailed(ZigllamaBatchError):

@@ -149,7 +149,9 @@ class TextGenerator:
                 if run.first_token is None:
                     run.first_token = time.perf_counter()
                 if out.constraint_error is not None:
-                    raise ConstraintFailed(f"the output constraint failed: {out.constraint_error}")
+                    raise ConstraintFailed(
+                        f"the output constraint could not be continued: {out.constraint_error}"
+                    )
                 for piece in out.each():  # the sampled token, then any its constraint forced
                     logprob = None if math.isnan(piece.logprob) else piece.logprob
                     text = run.decoder.add(piece.token_id, logprob, completes=piece.completes)

@@ -6,8 +6,9 @@ expression, one of fixed choices, or a context-free grammar.
 It only records and checks what was asked; the engine compiles it with llguidance (the library
 behind Guidance, also used by llama.cpp, vLLM and SGLang) and masks every token the constraint
 does not allow, so the text can only be one the constraint accepts. Compile errors (an invalid
-schema, an unsupported keyword, a grammar that does not parse) are raised when the request is
-submitted, as :class:`~zigllama_batch.InvalidRequest`.
+schema, an unsupported keyword, a grammar that does not parse, one too large or too slow to
+compile, or one llguidance's parser cannot follow past its first tokens) are
+:class:`~zigllama_batch.InvalidRequest` s, raised before the request runs.
 
 Left out: JSON schema ``format`` values llguidance does not know, and ``%llguidance``-specific
 grammar features beyond its Lark syntax.
@@ -27,8 +28,8 @@ __all__ = ["StructuredOutput"]
 StructuredKind = Literal["json_schema", "regex", "choice", "grammar"]
 
 MAX_SPEC_CHARS = 256 * 1024
-"""Longest schema, pattern or grammar text accepted: far beyond any real schema, small enough
-that compiling it cannot hold a worker for long (llguidance's own limits bound the rest)."""
+"""Longest schema, pattern or grammar text accepted: far beyond any real schema. What it
+compiles to is bounded apart, in size and in time (``engine.grammar``)."""
 
 
 @dataclass(frozen=True, slots=True)

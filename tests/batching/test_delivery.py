@@ -4,11 +4,13 @@ request completes after its pending callbacks, and a failing callback ends only 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
 import pytest
 from async_helpers import eventually, settle
-from batch_helpers import tracked
+from batch_helpers import req, tracked
 
 from zigllama_batch import (
     BatchResult,
@@ -21,7 +23,7 @@ from zigllama_batch import (
     StreamChunk,
     Tokenizer,
 )
-from zigllama_batch.batching.delivery import CallbackDelivery
+from zigllama_batch.batching.delivery import SLOW_CALLBACK_S, CallbackDelivery
 from zigllama_batch.batching.request import RequestState, TrackedRequest
 
 Tiny = tuple[LLaMAModel, Tokenizer]
@@ -208,3 +210,30 @@ async def test_a_callback_that_ends_its_own_request_is_not_awaited(tiny: Tiny, k
     await settle()
     assert ran == []
     assert len(ends.delivery) == 0
+
+
+async def test_a_slow_plain_callback_is_counted_and_warned_about_once(
+    make_processor: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each call of a plain callback that holds the loop past SLOW_CALLBACK_S counts in
+    BatchStats.slow_callbacks; one warning names the first, quick callbacks count nothing."""
+    p, _, _ = await make_processor(strategy="continuous", max_batch_size=4)
+    slow_calls = 0
+
+    def slow(c: StreamChunk, rid: object) -> None:
+        nonlocal slow_calls
+        if slow_calls < 2:  # the first two chunks block the loop
+            slow_calls += 1
+            time.sleep(SLOW_CALLBACK_S * 1.3)
+
+    with caplog.at_level(logging.WARNING, logger="zigllama_batch.batching.delivery"):
+        await asyncio.gather(
+            p.submit(req(4, callback=slow, id="slow")),
+            p.submit(req(4, callback=lambda c, rid: None, id="quick")),
+            p.submit(req(4, callback=slow, id="slow-again")),
+        )
+    assert p.stats.slow_callbacks == 2
+    assert p.stats.as_dict()["slow_callbacks"] == 2
+    warnings = [r for r in caplog.records if "held the event loop" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "'slow'" in warnings[0].getMessage()

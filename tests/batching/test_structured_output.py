@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 from typing import Any
 
 import jsonschema
 import pytest
+from async_helpers import settle
 from batch_helpers import idle
 
 from zigllama_batch import (
@@ -22,6 +24,9 @@ from zigllama_batch import (
     GenerationConfig,
     InvalidRequest,
     LLaMAModel,
+    ProcessorStopped,
+    QueueFull,
+    RequestTimeout,
     StructuredOutput,
     Tokenizer,
 )
@@ -70,28 +75,36 @@ async def test_free_requests_give_the_same_tokens_beside_constrained_ones(
         assert idle(p)
 
 
-async def test_a_bad_constraint_is_refused_at_submit_by_every_entry_point(tiny: Tiny) -> None:
-    """submit, submit_async and stream raise InvalidRequest before queueing; the processor
-    goes on serving."""
+async def test_a_bad_constraint_is_refused_by_every_entry_point(tiny: Tiny) -> None:
+    """check_structured and submit raise InvalidRequest before accepting; submit_async and
+    stream, which cannot wait for a compile, accept the request and end it with that error
+    (counted invalid); the processor goes on serving."""
     bad = GenerationConfig(structured=StructuredOutput.json_schema({"type": "object", "if": {}}))
+    assert bad.structured is not None
     async with BatchProcessor(*tiny, BatchConfig(strategy="continuous")) as p:
         with pytest.raises(InvalidRequest, match="json_schema"):
+            await p.check_structured(bad.structured)
+        with pytest.raises(InvalidRequest, match="json_schema"):
             await p.submit(BatchRequest(prompt="x", config=bad))
+        assert p.stats.total_requests == 0
+        rid = p.submit_async(BatchRequest(prompt="x", config=bad))
         with pytest.raises(InvalidRequest, match="json_schema"):
-            p.submit_async(BatchRequest(prompt="x", config=bad))
+            await p.result(rid)
         with pytest.raises(InvalidRequest, match="json_schema"):
-            p.stream(BatchRequest(prompt="x", config=bad))
+            async for _ in p.stream(BatchRequest(prompt="x", config=bad)):
+                pass
         ok = await p.submit(BatchRequest(prompt="x", config=constrained(0)))
         jsonschema.validate(json.loads(ok.result.text), SCHEMA)
-        assert p.stats.total_requests == 1
+        assert (p.stats.total_requests, p.stats.invalid, p.stats.completed) == (3, 2, 1)
         assert idle(p)
 
 
 async def test_a_failing_constraint_ends_only_its_own_request(
     tiny: Tiny, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A matcher that errs mid-generation fails its request with ConstraintFailed (saying
-    why); the others in its steps finish normally, and nothing is left behind."""
+    """A matcher that errs mid-generation ends its request with ConstraintFailed (saying
+    why), an invalid request (counted invalid, not failed); the others in its steps finish
+    normally, and nothing is left behind."""
     doomed = StructuredOutput.regex("[a-z]{5,9}")
     failing: set[int] = set()
     real_hook, real_accept = GrammarCompiler.hook, GrammarHook.accept
@@ -118,9 +131,10 @@ async def test_a_failing_constraint_ends_only_its_own_request(
             return_exceptions=True,
         )
         assert isinstance(outcomes[0], ConstraintFailed)
+        assert isinstance(outcomes[0], InvalidRequest)
         assert "parser limit" in str(outcomes[0])
         assert all(not isinstance(o, BaseException) for o in outcomes[1:]), outcomes
-        assert p.stats.failed == 1
+        assert (p.stats.invalid, p.stats.failed, p.stats.completed) == (1, 0, 2)
         assert idle(p)
 
 
@@ -198,3 +212,75 @@ async def test_forced_tokens_with_the_prefix_cache_and_two_workers_change_nothin
             ]
             assert idle(p)
     assert outcomes[True] == outcomes[False]
+
+
+async def test_no_constraint_is_compiled_or_copied_on_the_event_loop(
+    tiny: Tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whichever entry point brings it, new or cached, a constraint is compiled (and copied for
+    its sequence) in a worker thread: a slow compile never stalls the loop."""
+    loop_thread = threading.get_ident()
+    calls: list[bool] = []  # per call into the compiler: was it on the loop's thread?
+    real_prototype = GrammarCompiler._prototype
+
+    def prototype(self: GrammarCompiler, structured: StructuredOutput) -> Any:
+        calls.append(threading.get_ident() == loop_thread)
+        return real_prototype(self, structured)
+
+    monkeypatch.setattr(GrammarCompiler, "_prototype", prototype)
+    async with BatchProcessor(*tiny, BatchConfig(strategy="continuous")) as p:
+        for options in (["a", "b"], ["c", "d"], ["a", "b"]):  # new, new, cached
+            config = free(1).with_(structured=StructuredOutput.choice(options))
+            await p.submit(BatchRequest(prompt="x", config=config))
+            await p.result(p.submit_async(BatchRequest(prompt="x", config=config)))
+            assert [c.text async for c in p.stream(BatchRequest(prompt="x", config=config))]
+        assert p.stats.completed == 9
+    assert len(calls) >= 9
+    assert not any(calls)
+
+
+async def test_a_request_waiting_for_its_compile_holds_its_place_and_ends_cleanly(
+    tiny: Tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While its constraint compiles, a request counts against the queue's bound, can be
+    cancelled or time out, keeps a draining close waiting, and a close without drain ends it;
+    nothing is left behind."""
+    gate = threading.Event()
+    real_build = GrammarCompiler._build
+
+    def build(self: GrammarCompiler, structured: StructuredOutput) -> Any:
+        gate.wait(10)
+        return real_build(self, structured)
+
+    monkeypatch.setattr(GrammarCompiler, "_build", build)
+
+    def slow(n: int) -> GenerationConfig:  # a new constraint each time: each waits at the gate
+        return free(n).with_(structured=StructuredOutput.choice([f"option {n}", "other"]))
+
+    config = BatchConfig(strategy="continuous", max_queue_size=2)
+    async with BatchProcessor(*tiny, config) as p:
+        cancelled = p.stream(BatchRequest(prompt="x", config=slow(1)))
+        timed_out = p.submit_async(BatchRequest(prompt="x", config=slow(2), timeout_ms=50))
+        with pytest.raises(QueueFull):
+            p.submit_async(BatchRequest(prompt="x", config=free(3)))
+        assert p.bookkeeping().preparing == 2
+        await cancelled.aclose()
+        with pytest.raises(RequestTimeout):
+            await p.result(timed_out)
+        assert p.bookkeeping().idle
+        drained = p.submit_async(BatchRequest(prompt="x", config=slow(4)))
+        closing = asyncio.ensure_future(p.aclose())
+        await settle()
+        assert not closing.done()  # the drain waits for the compile, then serves the request
+        gate.set()
+        await closing
+        assert p.poll(drained) is not None
+        assert (p.stats.cancelled, p.stats.timed_out, p.stats.completed) == (1, 1, 1)
+    gate.clear()
+    async with BatchProcessor(*tiny, config) as p:
+        stopped = p.submit_async(BatchRequest(prompt="x", config=slow(5)))
+        await p.aclose(drain=False)
+        with pytest.raises(ProcessorStopped):
+            await p.result(stopped)
+        assert p.bookkeeping().idle
+    gate.set()  # the compile still running in its thread finishes, unheeded

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jsonschema
@@ -21,7 +22,7 @@ from zigllama_batch import (
     TextGenerator,
     Tokenizer,
 )
-from zigllama_batch.engine.grammar import GrammarCompiler
+from zigllama_batch.engine.grammar import MAX_ERROR_CHARS, GrammarCompiler
 
 Tiny = tuple[LLaMAModel, Tokenizer]
 
@@ -125,6 +126,132 @@ def test_a_constraint_that_does_not_compile_is_an_invalid_request(
         GrammarCompiler(tok, model.config.vocab_size).check(structured)
     with pytest.raises(InvalidRequest, match=message):
         TextGenerator(model, tok).generate("x", GenerationConfig(structured=structured))
+
+
+PARSER_LIMITS = {
+    "8000_optional_properties": (
+        StructuredOutput.json_schema(
+            {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(8000)}}
+        ),
+        "grammar size",
+    ),
+    "3000_enum_properties": (
+        StructuredOutput.json_schema(
+            {"type": "object", "properties": {f"p{i}": {"enum": ["a", "b"]} for i in range(3000)}}
+        ),
+        "grammar size",
+    ),
+    "500_pattern_properties": (
+        StructuredOutput.json_schema(
+            {
+                "type": "object",
+                "properties": {
+                    f"p{i}": {"type": "string", "pattern": "^[a-z]{3}[0-9]+$"} for i in range(500)
+                },
+            }
+        ),
+        "2007 alternatives at one point",
+    ),
+    "20000_choices": (StructuredOutput.choice([f"opt{i}" for i in range(20_000)]), "grammar size"),
+    "nested_repeats": (StructuredOutput.regex("((a{100}){100}){100}"), "too many expressions"),
+    "lark_without_end": (StructuredOutput.grammar('start: "a" start'), "Too many items"),
+    "gbnf_without_end": (StructuredOutput.grammar('root ::= "a" root'), "Too many items"),
+    "regex_of_nothing": (StructuredOutput.regex("[^\\x00-\\U0010FFFF]"), "cannot be followed"),
+}
+"""Constraints llguidance accepts but cannot follow: each broke a parser limit on its first
+tokens, and the reason each is refused for."""
+
+
+@pytest.mark.parametrize("name", PARSER_LIMITS)
+def test_a_constraint_that_breaks_a_parser_limit_is_refused_when_it_compiles(
+    tiny: Tiny, name: str
+) -> None:
+    """A constraint that llguidance compiles but cannot follow past its first tokens is an
+    InvalidRequest at compile time, with a one-line reason and none of llguidance's parser
+    state or the grammar; the TextGenerator refuses it before generating."""
+    model, tok = tiny
+    structured, reason = PARSER_LIMITS[name]
+    with pytest.raises(InvalidRequest, match=reason) as refused:
+        GrammarCompiler(tok, model.config.vocab_size).check(structured)
+    message = str(refused.value)
+    assert message.startswith(f"{structured.kind}: ")
+    assert "\n" not in message
+    assert len(message) <= len(structured.kind) + 2 + MAX_ERROR_CHARS + len("cannot be followed: ")
+    assert "<state>" not in message
+    assert "non-verbose" not in message
+    with pytest.raises(InvalidRequest, match=reason):
+        TextGenerator(model, tok).generate("x", GenerationConfig(structured=structured))
+
+
+def counted_builds(monkeypatch: pytest.MonkeyPatch) -> list[StructuredOutput]:
+    """Record every constraint a GrammarCompiler really compiles (cache misses)."""
+    built: list[StructuredOutput] = []
+    real_build = GrammarCompiler._build
+
+    def build(self: GrammarCompiler, structured: StructuredOutput) -> Any:
+        built.append(structured)
+        return real_build(self, structured)
+
+    monkeypatch.setattr(GrammarCompiler, "_build", build)
+    return built
+
+
+SLOW = StructuredOutput.json_schema(
+    {
+        "type": "object",
+        "patternProperties": {f"^p{i}_[a-z]+$": {"type": "integer"} for i in range(200)},
+    }
+)
+"""Small, but ~1 s to compile (the overlaps of 200 key patterns)."""
+
+
+def test_a_compile_past_its_time_is_refused_and_the_refusal_remembered(
+    tiny: Tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A constraint that takes longer than timeout_s to compile is refused when the time is up,
+    saying so; sent again, it is refused at once without compiling again."""
+    model, tok = tiny
+    built = counted_builds(monkeypatch)
+    compiler = GrammarCompiler(tok, model.config.vocab_size, timeout_s=0.05)
+    compiler.check(StructuredOutput.json_object())  # the tokenizer is built outside the limit
+    for _ in range(2):
+        with pytest.raises(InvalidRequest, match=r"json_schema: did not compile within 0.05 s"):
+            compiler.check(SLOW)
+    assert built.count(SLOW) == 1
+
+
+def test_a_refused_constraint_is_not_compiled_again(
+    tiny: Tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A constraint refused once (it does not compile, or cannot be followed) is refused again
+    from the cache: the same bad schema sent many times costs one compile."""
+    model, tok = tiny
+    built = counted_builds(monkeypatch)
+    compiler = GrammarCompiler(tok, model.config.vocab_size)
+    for structured, reason in [PARSER_LIMITS["lark_without_end"], (BAD_IF, "if")] * 3:
+        with pytest.raises(InvalidRequest, match=reason):
+            compiler.check(structured)
+    assert len(built) == 2
+
+
+BAD_IF = StructuredOutput.json_schema({"type": "object", "if": {}})
+
+
+def test_concurrent_requests_for_one_new_constraint_share_one_compile(
+    tiny: Tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many threads checking the same new constraint at once wait for one compile, and all get
+    its outcome."""
+    model, tok = tiny
+    built = counted_builds(monkeypatch)
+    compiler = GrammarCompiler(tok, model.config.vocab_size)
+    compiler.check(StructuredOutput.json_object())  # the tokenizer first, then the race
+    wide = StructuredOutput.json_schema(
+        {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(300)}}
+    )
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: compiler.check(wide), range(8)))
+    assert built.count(wide) == 1
 
 
 def test_each_distinct_constraint_compiles_once(tiny: Tiny) -> None:

@@ -235,6 +235,22 @@ async def test_denormal_repetition_penalty_is_refused_by_name(client: httpx.Asyn
     assert_error(r, 400, param="repetition_penalty")
 
 
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty"])
+async def test_nan_and_infinity_are_refused_as_not_numbers(
+    client: httpx.AsyncClient, field: str, literal: str
+) -> None:
+    """A NaN or Infinity literal in a number field is refused as not a finite number, naming
+    the field, never as out of range."""
+    raw = json.dumps(chat(max_tokens=2))[:-1] + f', "{field}": {literal}}}'
+    r = await client.post(
+        "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"}
+    )
+    message = assert_error(r, 400, param=field)["message"]
+    assert "finite number" in message, message
+    assert "than" not in message, message  # not "less than or equal to 2"
+
+
 async def test_whole_number_floats_are_integers(client: httpx.AsyncClient) -> None:
     """JSON Schema counts 1.0 as an integer: integer fields take whole-number floats (and
     still refuse 1.5 and "1")."""

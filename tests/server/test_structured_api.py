@@ -5,6 +5,7 @@ for every constraint that cannot be served."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -405,3 +406,106 @@ def test_a_streamed_auto_answer_holds_back_what_may_be_a_tag() -> None:
     plain = TaggedCallStream(plan)
     assert plain.feed("a <tool") == "a "
     assert plain.finish() == ("<tool", [])
+
+
+def wide(n: int, value: dict[str, Any]) -> dict[str, Any]:
+    """An object schema of ``n`` optional properties, each ``value``."""
+    return {"type": "object", "properties": {f"p{i}": value for i in range(n)}}
+
+
+NESTED = {
+    "type": "object",
+    "properties": {"code": {"type": "string", "pattern": "^((a{100}){100}){100}$"}},
+    "required": ["code"],
+}
+"""Tool parameters short enough to list in the prompt, whose pattern the lexer cannot build."""
+
+UNFOLLOWABLE = [
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": wide(8000, {"type": "integer"})}}}, "response_format"),
+    ({"structured_outputs": {"json": wide(3000, {"enum": ["a", "b"]})}}, "structured_outputs.json"),
+    ({"json_schema": wide(500, {"type": "string", "pattern": "^[a-z]{3}[0-9]+$"})}, "json_schema"),
+    (
+        {
+            "tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": NESTED}}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+        },
+        "tools[1].function.parameters",
+    ),
+    ({"structured_outputs": {"choice": [f"opt{i}" for i in range(20_000)]}}, "structured_outputs.choice"),
+    ({"structured_outputs": {"regex": "((a{100}){100}){100}"}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"grammar": 'start: "a" start'}}, "structured_outputs.grammar"),
+    ({"grammar": 'root ::= "a" root'}, "grammar"),
+    ({"structured_outputs": {"regex": "[^\\x00-\\U0010FFFF]"}}, "structured_outputs.regex"),
+]  # fmt: skip
+"""Constraints llguidance compiles but cannot follow, each in a field that can carry it."""
+
+
+@pytest.mark.parametrize(("fields", "param"), UNFOLLOWABLE)
+async def test_a_constraint_the_parser_cannot_follow_is_a_400_naming_its_field(
+    client: httpx.AsyncClient, fields: dict[str, Any], param: str
+) -> None:
+    """Schemas, choices, patterns and grammars that break a parser limit are refused before
+    they run: 400 invalid_request_error naming the field, one line of reason and none of the
+    parser's state; counted invalid; the server stays healthy and serves the next request."""
+    for stream in (False, True):
+        r = await client.post("/v1/chat/completions", json=body(True, stream=stream, **fields))
+        error = assert_error(r, 400, param=param)
+        assert error["type"] == "invalid_request_error"
+        assert error["message"].startswith(f"{param}: ")
+        assert "\n" not in error["message"]
+        assert len(error["message"]) < 400
+        assert "<state>" not in error["message"]
+    assert (await client.get("/health")).status_code == 200
+    ok = await client.post("/v1/chat/completions", json=body(True, max_tokens=2))
+    assert ok.status_code == 200
+    metrics = (await client.get("/metrics")).text
+    assert 'zigllama_requests_total{outcome="invalid"} 2.0' in metrics
+    assert 'zigllama_requests_total{outcome="error"} 0.0' in metrics
+
+
+LATE_FAILURE = {
+    "type": "object",
+    "properties": {
+        "x": {"type": "string", "minLength": 20, "maxLength": 20},
+        "big": wide(600, {"type": "integer"}),
+    },
+    "required": ["x", "big"],
+    "additionalProperties": False,
+}
+"""Followable for its first tokens (a string of 20 characters), then an object of 600 optional
+properties, past the parser's limit of alternatives: it fails only mid-generation."""
+
+
+async def test_a_constraint_failing_mid_generation_is_a_400_and_spares_the_others(
+    client: httpx.AsyncClient,
+) -> None:
+    """A constraint that breaks a parser limit only as the text grows ends its request with a
+    400 constraint_failed naming the field (as the answer, or as the stream's error event),
+    counted invalid, not failed; free and constrained requests running beside it finish."""
+    late = {"response_format": {"type": "json_schema", "json_schema": {"schema": LATE_FAILURE}}}
+    fine = {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}}
+    answers = await asyncio.gather(
+        client.post("/v1/chat/completions", json=body(True, **late)),
+        client.post("/v1/chat/completions", json=body(True, stream=True, **late)),
+        client.post("/v1/chat/completions", json=body(True, stream=True, **fine)),
+        client.post("/v1/completions", json=body(False, stream=True, max_tokens=12)),
+        client.post("/v1/completions", json=body(False, max_tokens=12, seed=5)),
+    )
+    error = assert_error(answers[0], 400, param="response_format", code="constraint_failed")
+    assert error["message"].startswith("response_format: the output constraint could not be")
+    assert "2407 alternatives" in error["message"]
+    events = sse(answers[1].text)
+    assert answers[1].status_code == 200  # the headers went out before the failure
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"] == error | {"message": events[-2]["error"]["message"]}
+    assert events[-2]["error"]["message"] == error["message"]
+    for r in answers[2:4]:
+        chunks = sse(r.text)
+        assert chunks[-1] == "[DONE]"
+        assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert answers[4].status_code == 200
+    metrics = (await client.get("/metrics")).text
+    assert 'zigllama_requests_total{outcome="invalid"} 2.0' in metrics
+    assert 'zigllama_requests_total{outcome="failed"} 0.0' in metrics
+    assert 'zigllama_requests_total{outcome="completed"} 3.0' in metrics
+    assert (await client.get("/health")).status_code == 200

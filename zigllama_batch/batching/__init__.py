@@ -5,9 +5,10 @@ in a worker thread and gets plain data back. The pieces, in the order a request 
 ``types`` (what callers pass and get), ``processor`` (the facade), ``lifecycle`` (the
 processor's states), ``request`` (one request's state and outcome), ``queue`` (waiting
 requests), ``deadlines`` (ending requests at their deadline), ``strategies`` (who runs when),
-``scheduler`` (the loop), ``executor`` (steps in a thread), ``delivery`` (token callbacks),
-``results`` (a finished request's result), ``stream`` (tokens as they come), ``stats`` (what
-operators read) and ``clock`` (time, replaceable in tests).
+``scheduler`` (the loop), ``executor`` (steps and request preparation in threads),
+``delivery`` (token callbacks), ``results`` (a finished request's result), ``stream`` (tokens
+as they come), ``stats`` (what operators read), ``home`` (calls from other event loops) and
+``clock`` (time, replaceable in tests).
 """
 
 from ..errors import CallbackFailed

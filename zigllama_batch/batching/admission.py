@@ -89,7 +89,7 @@ class Admission:
             rec.admitted = rec.admitted or now
             running.append(rec)  # from here on, _reap frees the slot whatever happens
             if rec.seq.sampling is not None:
-                continue  # preempted before: its sampling state goes on
+                continue  # prepared in a worker thread, or preempted (its state goes on)
             try:
                 rec.seq.sampling = self.engine.new_sampling(rec.config, rec.prompt_ids)
             except Exception as exc:

@@ -6,14 +6,18 @@ the event loop, right after the step that produced it. A plain function runs the
 queue, and one task per request awaits them in order, so a slow callback delays only its own
 request. A request whose callbacks are still pending when it finishes generating completes once
 they have run. A callback that raises (or is cancelled) ends only its own request, with
-:class:`~zigllama_batch.errors.CallbackFailed`.
+:class:`~zigllama_batch.errors.CallbackFailed`. A plain function holds the loop while it runs,
+so every stream waits: one that takes longer than :data:`SLOW_CALLBACK_S` is counted, and the
+first is logged as a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from ..errors import CallbackFailed
@@ -21,7 +25,13 @@ from .clock import Clock, wait_until
 from .request import RequestState, TrackedRequest
 from .types import BatchResult, StreamChunk
 
-__all__ = ["CallbackDelivery"]
+__all__ = ["SLOW_CALLBACK_S", "CallbackDelivery"]
+
+logger = logging.getLogger(__name__)
+
+SLOW_CALLBACK_S = 0.1
+"""A plain callback that runs longer than this (seconds, real time) held up every stream of the
+processor by as much: a step's worth of tokens for a small model."""
 
 
 class _End(Protocol):
@@ -74,11 +84,14 @@ class CallbackDelivery:
     """Calls token callbacks and completes requests once their callbacks have run (event loop
     only)."""
 
-    def __init__(self, end: _End) -> None:
+    def __init__(self, end: _End, on_slow: Callable[[], None] = lambda: None) -> None:
         """Args:
         end: gives a request its one outcome (the scheduler's ``end``).
+        on_slow: told of each plain callback slower than :data:`SLOW_CALLBACK_S`.
         """
         self.end = end
+        self._on_slow = on_slow
+        self._warned = False  # the first slow callback is logged, the rest only counted
         self._pending: dict[TrackedRequest, _Pending] = {}
 
     def __len__(self) -> int:
@@ -94,11 +107,14 @@ class CallbackDelivery:
         """
         callback = rec.request.callback
         assert callback is not None, "only requests with a callback are delivered to"
+        started = time.perf_counter()
         try:
             ret = callback(chunk, rec.id)
         except (Exception, asyncio.CancelledError) as exc:
+            self._timed(rec, time.perf_counter() - started)
             self.fail(rec, exc)
             return False
+        self._timed(rec, time.perf_counter() - started)
         if rec.finished:
             if inspect.iscoroutine(ret):
                 ret.close()
@@ -108,6 +124,22 @@ class CallbackDelivery:
                 self._pending[rec] = _Pending(self, rec)
             self._pending[rec].queue.put_nowait(ret)
         return True
+
+    def _timed(self, rec: TrackedRequest, held_s: float) -> None:
+        """Count a callback call that held the loop too long; log the first one."""
+        if held_s <= SLOW_CALLBACK_S:
+            return
+        self._on_slow()
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "the token callback of request %r held the event loop for %.0f ms, and every "
+                "stream of this processor waited for it; make it quick, or an `async def` "
+                "callback (slow callbacks are counted in BatchStats.slow_callbacks; this is "
+                "logged once)",
+                rec.id,
+                held_s * 1000,
+            )
 
     def complete(self, rec: TrackedRequest, result: BatchResult) -> None:
         """Complete a request that finished generating: at once, or after its pending

@@ -1,10 +1,13 @@
-"""The one place blocking work leaves the event loop: engine steps, in worker threads.
+"""The one place blocking work leaves the event loop: engine steps, and the preparation of
+requests, in worker threads.
 
 Inside: :class:`StepExecutor`. A step, once started, always runs to its end: cancelling the task
 that awaits it takes effect only after the step returns, so no slot is freed (and no request
 ended) while a thread may still be writing its keys and values. An engine error comes back as
 the exception the step raised (a ``StopIteration``, which a future cannot carry, as a
-``RuntimeError``).
+``RuntimeError``). Preparing a request (building its sampling state, which compiles its output
+constraint) runs in threads of its own, :data:`PREPARE_THREADS` of them: a compile never holds
+up a step, and slow compiles cannot take the host application's default executor.
 
 Not used here: ``anyio.to_thread.run_sync``. It abandons the thread when the awaiting task
 receives a plain ``Task.cancel()`` (measured: a 0.3 s step "cancelled" after 0.05 s), which is
@@ -16,17 +19,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from ..engine.step import SequenceStep, TokenSample
 
-__all__ = ["StepExecutor"]
+__all__ = ["PREPARE_THREADS", "StepExecutor"]
 
 Step = Callable[[Sequence[SequenceStep]], list[TokenSample | None]]
 
+_T = TypeVar("_T")
+
+PREPARE_THREADS = 4
+"""Requests prepared at once. Most preparations take microseconds (a cached constraint is
+copied); a new constraint compiles in milliseconds, at most ``COMPILE_TIMEOUT_S``."""
+
 
 class StepExecutor:
-    """Runs engine steps in ``threads`` worker threads, never abandoning one."""
+    """Runs engine steps in ``threads`` worker threads, never abandoning one, and preparations
+    of requests in threads of their own."""
 
     def __init__(self, step: Step, threads: int) -> None:
         """Args:
@@ -35,6 +45,16 @@ class StepExecutor:
         """
         self._step = step
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="zigllama-step")
+        self._aside = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="zigllama-prepare")
+
+    async def prepare(self, work: Callable[[], _T]) -> _T:
+        """Run ``work`` (preparing a request) in a thread and return what it returns.
+        Cancelling the wait leaves the work to finish in its thread, its result dropped.
+
+        Raises:
+            Exception: whatever ``work`` raised.
+        """
+        return await asyncio.get_running_loop().run_in_executor(self._aside, work)
 
     async def run(self, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
         """Run one step in a thread and return its outputs.
@@ -59,6 +79,7 @@ class StepExecutor:
     def close(self) -> None:
         """Release the threads (no step may be running)."""
         self._pool.shutdown(wait=False)
+        self._aside.shutdown(wait=False)
 
 
 def _call(step: Step, items: Sequence[SequenceStep]) -> Any:

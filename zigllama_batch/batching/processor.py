@@ -7,7 +7,9 @@ with ``stream()``. It owns the background tasks (one scheduler loop per worker a
 watcher) and supervises them: one that dies of a bug fails the processor and ends every pending
 request. It alone moves the :class:`~zigllama_batch.batching.lifecycle.Lifecycle`: NEW ->
 RUNNING -> DRAINING or STOPPING (or FAILED) -> CLOSED. Every accepted request ends exactly once;
-``submit`` after close raises :class:`ProcessorStopped` at once.
+``submit`` after close raises :class:`ProcessorStopped` at once. Its state belongs to the event
+loop it was started on; a call from another thread or loop hops there
+(:class:`~zigllama_batch.batching.home.HomeLoop`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..kv import KVStats, default_budget_bytes
 from ..structured import StructuredOutput
 from .clock import Clock, MonotonicClock, wait_until
 from .deadlines import DeadlineWatcher
+from .home import HomeLoop
 from .lifecycle import Lifecycle, ProcessorState
 from .prompts import check_prompt_length, encode_prompt
 from .request import TrackedRequest
@@ -57,10 +60,18 @@ class BatchProcessor:
     """Serves one model to many concurrent callers by batching their requests.
 
     Use as ``async with BatchProcessor(model, tokenizer, config) as processor:``; leaving the
-    block drains (queued and running requests finish). All methods are called from the event
-    loop the processor was started on; model steps run in a worker thread, so the loop stays
-    free for the host application. Token callbacks run on the loop: a plain function must be
-    quick; slow work belongs in an ``async def`` callback (awaited in order, off the step path).
+    block drains (queued and running requests finish). Model steps run in a worker thread, so
+    the loop stays free for the host application. Token callbacks run on the loop: a plain
+    function must be quick (one that takes over 100 ms is counted and logged); slow work belongs
+    in an ``async def`` callback (awaited in order, off the step path).
+
+    The processor lives on the event loop it was started on (its home loop), but every method
+    may be called from any thread or event loop: coroutines (``submit``, ``result``,
+    ``aclose``, a stream's iteration) run at home and are awaited from the caller's loop
+    without blocking it; the plain methods (``submit_async``, ``poll``, ``cancel``,
+    ``stream``) run at home while the calling thread waits, normally well under a millisecond.
+    Callbacks always run on the home loop. Once the home loop has stopped, such calls raise
+    :class:`ProcessorStopped`.
     """
 
     def __init__(
@@ -111,6 +122,7 @@ class BatchProcessor:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.clock: Clock = clock or MonotonicClock()
+        self._home = HomeLoop()
         self._lifecycle = Lifecycle()
         self._stats = StatsRecorder(self.clock.now)
         self._scheduler = Scheduler(
@@ -144,12 +156,14 @@ class BatchProcessor:
         return self._lifecycle.failure
 
     async def start(self) -> None:
-        """Start the scheduler loops (one per worker) and the deadline watcher.
+        """Start the scheduler loops (one per worker) and the deadline watcher on the running
+        event loop, which becomes the processor's home loop.
 
         Raises:
             RuntimeError: the processor was already started or closed.
         """
         self._lifecycle.move(ProcessorState.RUNNING)
+        self._home.bind()
         for i in range(self.config.num_workers):
             self._workers_running.add(i)
             self._tasks.append(
@@ -168,6 +182,8 @@ class BatchProcessor:
             ValueError: there is no such worker.
             RuntimeError: that worker already runs (each worker's slots have one owner).
         """
+        if self._home.away:
+            return await self._home.run(self.process_queue(worker))
         if isinstance(worker, bool) or not isinstance(worker, int):
             raise ValueError(f"worker: must be an int, got {worker!r}")
         if not 0 <= worker < self.config.num_workers:
@@ -245,6 +261,8 @@ class BatchProcessor:
             RuntimeError: awaited from one of this processor's own callbacks (it would wait for
                 itself); schedule it with ``asyncio.create_task`` there instead.
         """
+        if self.state is not ProcessorState.NEW and self._home.away:
+            return await self._home.run(self.aclose(drain, drain_timeout=drain_timeout))
         if self.state is ProcessorState.NEW:
             self._lifecycle.move(ProcessorState.CLOSED)
             self._scheduler.close()
@@ -275,6 +293,7 @@ class BatchProcessor:
             await asyncio.wait(late)
         self._deadlines.close()
         await asyncio.wait(self._tasks)
+        await self._scheduler.settle_preparations()
         self._scheduler.close()
         for task in self._tasks:  # a crash was logged and ended the requests
             if not task.cancelled():
@@ -310,8 +329,10 @@ class BatchProcessor:
             RequestTimeout: its deadline passed.
             GenerationError: the engine failed on a step it was part of.
         """
+        if self._home.away:
+            return await self._home.run(self.submit(request))
         structured = request.config.structured if isinstance(request, BatchRequest) else None
-        if structured is not None:  # compiled off the event loop; _accept then finds it cached
+        if structured is not None:  # refused before it is accepted, if it is refused
             await self.check_structured(structured)
         rec = self._accept(request)
         try:
@@ -323,11 +344,15 @@ class BatchProcessor:
     def submit_async(self, request: BatchRequest) -> RequestId:
         """Queue a request and return its id at once; read the outcome with :meth:`poll` or
         :meth:`result`. Unread outcomes are kept (up to ``result_retention`` finished ones),
-        also after close.
+        also after close. An output constraint is compiled after the request is accepted (in a
+        worker thread: this cannot wait), so one that is refused is the request's outcome, an
+        :class:`InvalidRequest`; :meth:`check_structured` first refuses it up front.
 
         Raises:
             QueueFull, ProcessorStopped, PromptTooLong, InvalidRequest: as :meth:`submit`.
         """
+        if self._home.away:
+            return self._home.call(lambda: self.submit_async(request))
         rec = self._accept(request)
         self._detached[rec.id] = rec
         rec.future.add_done_callback(lambda _: self._trim_detached())
@@ -342,6 +367,8 @@ class BatchProcessor:
         Raises:
             InvalidRequest: the id is unknown or its outcome was already read.
         """
+        if self._home.away:
+            return self._home.call(lambda: self.poll(request_id))
         rec = self._lookup(request_id)
         if not rec.future.done():
             return None
@@ -353,6 +380,8 @@ class BatchProcessor:
 
         Cancelling the wait does not cancel the request; use :meth:`cancel` for that.
         """
+        if self._home.away:
+            return await self._home.run(self.result(request_id))
         rec = self._lookup(request_id)
         await asyncio.wait([rec.future])
         self._detached.pop(request_id, None)
@@ -360,6 +389,8 @@ class BatchProcessor:
 
     def cancel(self, request_id: RequestId) -> bool:
         """Cancel a live request by id; returns False if it is not live (unknown or ended)."""
+        if self._home.away:
+            return self._home.call(lambda: self.cancel(request_id))
         if not is_request_id(request_id):
             raise InvalidRequest(f"a request id is an int or a str, got {request_id!r}")
         rec = self._live.get(request_id)
@@ -373,13 +404,17 @@ class BatchProcessor:
 
         ``async for chunk in processor.stream(request)``; leaving the loop early (and dropping
         the stream) or calling ``aclose()`` cancels the request. After the last chunk the
-        stream's ``result`` holds the :class:`BatchResult`.
+        stream's ``result`` holds the :class:`BatchResult`. The stream may be iterated from any
+        event loop. An output constraint that is refused is raised by the iteration, as with
+        :meth:`submit_async`.
 
         Raises:
             QueueFull, ProcessorStopped, PromptTooLong, InvalidRequest: as :meth:`submit`.
         """
+        if self._home.away:
+            return self._home.call(lambda: self.stream(request))
         rec = self._accept(request, streamed=True)
-        return RequestStream(rec, self._scheduler.abort)
+        return RequestStream(rec, self._scheduler.abort, self._home)
 
     # -- what an operator reads ----------------------------------------------------------------
 
@@ -445,6 +480,7 @@ class BatchProcessor:
             deadlines=len(self._deadlines),
             idle_workers=self._scheduler.idle_workers,
             prefix_pins=self._scheduler.kv.pins,
+            preparing=len(self._scheduler.preparing),
         )
 
     def encode_prompt(
@@ -462,13 +498,17 @@ class BatchProcessor:
 
     async def check_structured(self, structured: StructuredOutput) -> None:
         """Compile an output constraint in a worker thread (cached by its text), as
-        :meth:`submit` does first; :meth:`submit_async` and :meth:`stream`, which cannot wait,
-        compile on the event loop (~1 ms for a typical schema) unless this ran before.
+        :meth:`submit` does first; :meth:`submit_async` and :meth:`stream` compile it in a
+        worker thread after accepting the request. Compiling never runs on the event loop.
 
         Raises:
-            InvalidRequest: the constraint does not compile (the message says why).
+            InvalidRequest: the constraint is refused (the message says why: it does not
+                compile, is too large or too slow to compile, or cannot be followed).
+            ProcessorStopped: the processor is closed.
         """
-        await asyncio.to_thread(self.engine.check_structured, structured)
+        if self.state is ProcessorState.CLOSED:
+            raise self._lifecycle.refusal()
+        await self._scheduler.check_structured(structured)
 
     def check_prompt_length(self, prompt: object) -> None:
         """Refuse, without rendering or tokenizing it, a prompt certainly too long for the
@@ -498,8 +538,6 @@ class BatchProcessor:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         max_context = self._max_context
         prompt_ids = self.encode_prompt(request.prompt)
-        if request.config.structured is not None:  # compiled once per distinct constraint
-            self.engine.check_structured(request.config.structured)
         now = self.clock.now()
         timeout_ms = request.timeout_ms or self.config.request_timeout_ms
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
@@ -521,7 +559,10 @@ class BatchProcessor:
         if streamed:
             rec.stream = asyncio.Queue()
         try:
-            self._scheduler.enqueue(rec)
+            if request.config.structured is None:
+                self._scheduler.enqueue(rec)
+            else:  # its constraint is compiled (or copied) in a worker thread, then it queues
+                self._scheduler.prepare(rec)
         except QueueFull:
             self._stats.on_reject()
             raise

@@ -8,7 +8,9 @@ seconds is served before any ``p_high`` request arriving after it: low prioritie
 
 Cancellation is lazy: a cancelled request stays in the heap until popped (and is skipped), but
 leaves the live count at once. The queue is bounded and refuses past its bound with
-:class:`~zigllama_batch.errors.QueueFull`, carrying a retry hint from recent admissions.
+:class:`~zigllama_batch.errors.QueueFull`, carrying a retry hint from recent admissions. A
+request that is accepted now but queued later (once it is prepared) reserves its place, so
+whether it fits is decided when it is accepted.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class RequestQueue:
         self._arrivals: deque[TrackedRequest] = deque()  # arrival order, for the oldest waiter
         self._order = itertools.count()
         self._live = 0
+        self._reserved = 0  # places held for requests accepted but not pushed yet
         # Times at which requests were admitted, one entry per instant (a static strategy
         # admits a whole batch at once).
         self._admitted_at: deque[float] = deque(maxlen=_RATE_WINDOW)
@@ -42,14 +45,16 @@ class RequestQueue:
     def __len__(self) -> int:
         return self._live
 
-    def push(self, request: TrackedRequest) -> None:
-        """Queue a request.
+    def push(self, request: TrackedRequest, *, reserved: bool = False) -> None:
+        """Queue a request (``reserved``: into the place :meth:`reserve` held for it).
 
         Raises:
-            QueueFull: ``max_size`` requests are already waiting.
+            QueueFull: ``max_size`` requests are already waiting or have places reserved.
         """
-        if self._live >= self.max_size:
-            raise QueueFull(self.max_size, self.retry_after_s(request.submitted))
+        if reserved:
+            self.unreserve()
+        else:
+            self._check_room(request.submitted)
         key = float(request.priority)
         if self._aging_s is not None:
             key += request.submitted / self._aging_s
@@ -66,6 +71,25 @@ class RequestQueue:
         heapq.heappush(self._heap, (key, next(self._order), request))
         self._arrivals.appendleft(request)
         self._live += 1
+
+    def reserve(self, now: float) -> None:
+        """Hold a place for a request to be pushed later (``push(..., reserved=True)``), or
+        given back with :meth:`unreserve` if it ends first.
+
+        Raises:
+            QueueFull: no place is free.
+        """
+        self._check_room(now)
+        self._reserved += 1
+
+    def unreserve(self) -> None:
+        """Give back a place :meth:`reserve` held."""
+        assert self._reserved > 0, "no place is reserved"
+        self._reserved -= 1
+
+    def _check_room(self, now: float) -> None:
+        if self._live + self._reserved >= self.max_size:
+            raise QueueFull(self.max_size, self.retry_after_s(now))
 
     def pop(self, now: float) -> TrackedRequest | None:
         """Remove and return the request to serve next, or None when none waits."""

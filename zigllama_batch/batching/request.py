@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from ..engine.output import OutputDecoder
 from ..engine.step import SequenceState, TokenSample
-from ..errors import RequestCancelled, RequestTimeout, ZigllamaBatchError
+from ..errors import InvalidRequest, RequestCancelled, RequestTimeout, ZigllamaBatchError
 from ..generation import GenerationConfig
 from .types import BatchRequest, BatchResult, RequestId, StreamChunk
 
@@ -27,16 +27,28 @@ __all__ = ["FINISHED", "RequestState", "TrackedRequest", "error_state"]
 class RequestState(enum.Enum):
     """Where a request is in its life."""
 
+    PREPARING = "preparing"
+    """Accepted; its sampling state is being built in a worker thread (its output constraint
+    compiled, or copied from the cache); it queues next."""
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+    INVALID = "invalid"
+    """Ended by its own input, found only once accepted: an output constraint that could not be
+    continued mid-generation."""
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
 
 
 FINISHED = frozenset(
-    {RequestState.COMPLETED, RequestState.FAILED, RequestState.CANCELLED, RequestState.TIMED_OUT}
+    {
+        RequestState.COMPLETED,
+        RequestState.FAILED,
+        RequestState.INVALID,
+        RequestState.CANCELLED,
+        RequestState.TIMED_OUT,
+    }
 )
 """States a request never leaves."""
 
@@ -160,5 +172,7 @@ def error_state(error: BaseException) -> RequestState:
         return RequestState.TIMED_OUT
     if isinstance(error, RequestCancelled):
         return RequestState.CANCELLED
+    if isinstance(error, InvalidRequest):
+        return RequestState.INVALID
     assert isinstance(error, ZigllamaBatchError)
     return RequestState.FAILED

@@ -47,6 +47,8 @@ class Bookkeeping(NamedTuple):
     moving a manual clock)."""
     prefix_pins: int = 0
     """Slots a pending prefix copy reads from."""
+    preparing: int = 0
+    """Accepted requests whose sampling state is being built in a worker thread."""
 
     @property
     def idle(self) -> bool:
@@ -58,6 +60,7 @@ class Bookkeeping(NamedTuple):
             or self.live
             or self.callbacks
             or self.prefix_pins
+            or self.preparing
         )
 
 
@@ -123,6 +126,7 @@ class StatsRecorder:
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.preemptions = 0
+        self.slow_callbacks = 0
         self.latency = _Series(window)
         self.queue_time = _Series(window)
         self.ttft = _Series(window)
@@ -170,6 +174,10 @@ class StatsRecorder:
         self.preemptions += 1
         self._notify("on_preempt")
 
+    def on_slow_callback(self) -> None:
+        """A plain token callback held the event loop too long (see ``SLOW_CALLBACK_S``)."""
+        self.slow_callbacks += 1
+
     def _notify(self, event: str, *args: object) -> None:
         for observer in self.observers:  # an observer's bug must not stop the scheduler
             try:
@@ -190,6 +198,7 @@ class StatsRecorder:
             avg_throughput_tps=self.tokens / span if span > 0 else 0.0,
             completed=completed,
             failed=self.ended[RequestState.FAILED],
+            invalid=self.ended[RequestState.INVALID],
             cancelled=self.ended[RequestState.CANCELLED],
             timed_out=self.ended[RequestState.TIMED_OUT],
             rejected=self.rejected,
@@ -210,4 +219,5 @@ class StatsRecorder:
             kv_cache_tokens=0 if kv is None else kv.used_tokens,
             kv_cache_budget_tokens=0 if kv is None else kv.budget_tokens,
             kv_cache_usage=0.0 if kv is None else kv.usage,
+            slow_callbacks=self.slow_callbacks,
         )

@@ -3,7 +3,9 @@
 Each stream has its own unbounded buffer (a request produces at most ``max_tokens`` chunks), so a
 consumer that reads slowly or stops reading never holds up anyone else. Closing the stream before
 the request is done cancels the request: explicitly with ``aclose()`` or ``async with``, and
-also when a stream abandoned by ``break`` is garbage-collected.
+also when a stream abandoned by ``break`` is garbage-collected. Iterated from an event loop
+other than the processor's, each step hops to the processor's loop
+(:class:`~zigllama_batch.batching.home.HomeLoop`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from types import TracebackType
 from typing import NoReturn
 
 from ..errors import RequestCancelled
+from .home import HomeLoop
 from .request import TrackedRequest
 from .types import BatchResult, RequestId, StreamChunk
 
@@ -28,9 +31,13 @@ class RequestStream:
     """
 
     def __init__(
-        self, rec: TrackedRequest, cancel: Callable[[TrackedRequest, RequestCancelled], None]
+        self,
+        rec: TrackedRequest,
+        cancel: Callable[[TrackedRequest, RequestCancelled], None],
+        home: HomeLoop,
     ) -> None:
         assert rec.stream is not None
+        self._home = home
         self._rec = rec
         self._buffer = rec.stream
         self._cancel = cancel
@@ -49,6 +56,8 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> StreamChunk:
+        if self._home.away:
+            return await self._home.run(self.__anext__())
         if self._closed:
             raise StopAsyncIteration
         if not self._ended:
@@ -71,6 +80,8 @@ class RequestStream:
     async def aclose(self) -> None:
         """Stop streaming (later iteration ends at once); cancels the request if it is not
         finished. Idempotent."""
+        if self._home.away:
+            return await self._home.run(self.aclose())
         self._closed = True
         if not self._rec.finished:
             self._cancel(self._rec, RequestCancelled(f"stream of request {self._rec.id!r} closed"))

@@ -341,6 +341,12 @@ class BatchStats:
     """Positions ``kv_cache_mb`` holds in cache slots (the pool's share apart)."""
     kv_cache_usage: float = 0.0
     """Share of ``kv_cache_mb`` in use now (slots and pool), 0 to 1."""
+    invalid: int = 0
+    """Ended by their own input, found only as they ran: an output constraint that could not be
+    continued (:class:`~zigllama_batch.ConstraintFailed`)."""
+    slow_callbacks: int = 0
+    """Calls of plain (not ``async def``) token callbacks that held the event loop for more
+    than 100 ms: every stream of the processor waited for each of them."""
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -352,7 +358,7 @@ class BatchStats:
     @property
     def finished(self) -> int:
         """Requests that have ended, by any outcome."""
-        return self.completed + self.failed + self.cancelled + self.timed_out
+        return self.completed + self.failed + self.invalid + self.cancelled + self.timed_out
 
     def as_dict(self) -> dict[str, Any]:
         """Every field and ``finished`` as plain data that ``json.dumps`` takes and gives back
@@ -380,8 +386,8 @@ class BatchStats:
             (
                 "requests",
                 f"{self.total_requests} accepted: {self.completed} completed, {self.failed} "
-                f"failed, {self.cancelled} cancelled, {self.timed_out} timed out; "
-                f"{self.rejected} rejected",
+                f"failed, {self.invalid} invalid, {self.cancelled} cancelled, {self.timed_out} "
+                f"timed out; {self.rejected} rejected",
             ),
             ("now", f"{self.queue_depth} queued, {self.running} running"),
             (
@@ -410,7 +416,8 @@ class BatchStats:
     def __repr__(self) -> str:
         return (
             f"<BatchStats requests={self.total_requests} completed={self.completed} "
-            f"failed={self.failed} cancelled={self.cancelled} timed_out={self.timed_out} "
+            f"failed={self.failed} invalid={self.invalid} cancelled={self.cancelled} "
+            f"timed_out={self.timed_out} "
             f"rejected={self.rejected} queued={self.queue_depth} running={self.running} "
             f"tokens={self.total_tokens} steps={self.steps} "
             f"latency_p50_ms={self.latency_ms.p50:.0f}>"

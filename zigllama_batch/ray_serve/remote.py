@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from ..batching.lifecycle import ProcessorState
 from ..batching.prompts import check_prompt_length, encode_prompt
-from ..batching.request import RequestState
+from ..batching.request import RequestState, error_state
 from ..batching.stats import StatsRecorder
 from ..batching.types import BatchRequest, BatchResult, StreamChunk
 from ..engine.tokenizer import Tokenizer
@@ -42,7 +42,6 @@ from ..errors import (
     ProcessorStopped,
     QueueFull,
     RequestCancelled,
-    RequestTimeout,
     ZigllamaBatchError,
 )
 from ..generation import Prompt
@@ -253,10 +252,10 @@ class RemoteStream:
 def _state_of(exc: BaseException | None) -> RequestState:
     if exc is None:
         return RequestState.COMPLETED
-    if isinstance(exc, RequestCancelled | asyncio.CancelledError):
+    if isinstance(exc, asyncio.CancelledError):
         return RequestState.CANCELLED
-    if isinstance(exc, RequestTimeout):
-        return RequestState.TIMED_OUT
+    if isinstance(exc, ZigllamaBatchError):
+        return error_state(exc)  # as a local processor counts it
     return RequestState.FAILED
 
 

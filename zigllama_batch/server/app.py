@@ -32,6 +32,7 @@ from ..batching.lifecycle import ProcessorState
 from ..batching.types import BatchRequest, BatchResult, StreamChunk
 from ..engine.tokenizer import Tokenizer
 from ..errors import (
+    ConstraintFailed,
     InvalidRequest,
     ProcessorStopped,
     PromptTooLong,
@@ -349,6 +350,7 @@ class _Api:
     # -- the shared path -----------------------------------------------------------------------
 
     async def _handle(self, request: Request, schema: type[Any], *, chat: bool) -> Response:
+        constraint: str | None = None  # the field that constrains the output, if one does
         try:
             body = await self._parse(request, schema)
             if body.model != self.model_name:
@@ -381,12 +383,11 @@ class _Api:
             if plan is not None and plan.structured is not None:
                 config = config.with_(structured=plan.structured)
             if config.structured is not None:  # compiled off the loop, errors named by field
+                constraint = _constraint_field(body, plan)
                 try:
                     await self.processor.check_structured(config.structured)
                 except InvalidRequest as exc:
-                    asked = body.structured()
-                    field = "tools" if plan is not None else asked[0] if asked else None
-                    raise ApiError(400, f"{field}: {exc}", param=field) from exc
+                    raise ApiError(400, f"{constraint}: {exc}", param=constraint) from exc
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             batch_request = BatchRequest(
                 prompt=prompt_ids,
@@ -408,6 +409,7 @@ class _Api:
                     include_usage=bool(options and options.include_usage),
                     continuous_usage=bool(options and options.continuous_usage_stats),
                     tools=plan,
+                    constraint=constraint,
                 )
                 return _EventStream(
                     events,
@@ -423,7 +425,7 @@ class _Api:
         except ApiError as exc:
             return exc.response()
         except ZigllamaBatchError as exc:
-            return _api_error(exc, chat=chat).response()
+            return _api_error(exc, chat=chat, constraint=constraint).response()
 
     async def _parse(self, request: Request, schema: type[Any]) -> Any:
         declared = request.headers.get("content-length")
@@ -481,6 +483,7 @@ class _Api:
         include_usage: bool,
         continuous_usage: bool,
         tools: ToolPlan | None = None,
+        constraint: str | None = None,
     ) -> AsyncIterator[bytes]:
         created = int(time.time())
         calls = ToolCallDeltas(tools) if tools is not None and not tools.auto else None
@@ -551,7 +554,8 @@ class _Api:
                 yield event([], _usage(result))
             yield b"data: [DONE]\n\n"
         except ZigllamaBatchError as exc:  # ended mid-stream: timeout, stop, engine failure
-            yield b"data: " + json.dumps(_api_error(exc, chat=chat).body()).encode() + b"\n\n"
+            error = _api_error(exc, chat=chat, constraint=constraint)
+            yield b"data: " + json.dumps(error.body()).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
         finally:
             await stream.aclose()  # a disconnected client cancels its request here
@@ -690,8 +694,28 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
 
 
-def _api_error(exc: ZigllamaBatchError, *, chat: bool) -> ApiError:
-    """The HTTP form of a library error."""
+def _constraint_field(body: Any, plan: ToolPlan | None) -> str | None:
+    """The request field whose constraint the output follows: the named function's parameters
+    of a tool call (``tools`` when any tool may be called), else the field that asked."""
+    if plan is not None:
+        names = [t.function.name if t.function else None for t in body.tools or ()]
+        if plan.named is not None and plan.named in names:
+            return f"tools[{names.index(plan.named)}].function.parameters"
+        return "tools"
+    asked = body.structured()
+    return str(asked[0]) if asked else None
+
+
+def _api_error(exc: ZigllamaBatchError, *, chat: bool, constraint: str | None = None) -> ApiError:
+    """The HTTP form of a library error (``constraint``: the field that constrained the output,
+    named by a ConstraintFailed)."""
+    if isinstance(exc, ConstraintFailed):  # the client's constraint, found unusable late
+        return ApiError(
+            400,
+            f"{constraint}: {exc}" if constraint else str(exc),
+            param=constraint,
+            code="constraint_failed",
+        )
     if isinstance(exc, PromptTooLong):
         return ApiError(
             400, str(exc), param="messages" if chat else "prompt", code="context_length_exceeded"

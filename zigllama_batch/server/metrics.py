@@ -37,7 +37,7 @@ OUTCOMES = (
     "cancelled",  # the client went away
     "timed_out",
     "rejected",  # queue full, or the processor not running (429, 503)
-    "invalid",  # bad input: 400, 404, 405, 413
+    "invalid",  # bad input: 400, 404, 405, 413, or an output constraint that could not go on
     "unauthorized",  # 401
     "error",  # a bug: 500
 )

@@ -61,9 +61,11 @@ _UNSUPPORTED: dict[str, tuple[object, ...]] = {
 
 
 class _Body(BaseModel):
-    """A JSON object of the API: strict types, ``null`` for an optional field is its default."""
+    """A JSON object of the API: strict types, ``null`` for an optional field is its default,
+    and a number field refuses ``NaN`` and ``Infinity`` (Python's JSON parser reads them) as not
+    numbers, before any range check could call ``NaN`` out of range."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
