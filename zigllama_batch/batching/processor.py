@@ -293,7 +293,7 @@ class BatchProcessor:
             await asyncio.wait(late)
         self._deadlines.close()
         await asyncio.wait(self._tasks)
-        await self._scheduler.settle_preparations()
+        await self._scheduler.preparation.settle()
         self._scheduler.close()
         for task in self._tasks:  # a crash was logged and ended the requests
             if not task.cancelled():
@@ -480,7 +480,7 @@ class BatchProcessor:
             deadlines=len(self._deadlines),
             idle_workers=self._scheduler.idle_workers,
             prefix_pins=self._scheduler.kv.pins,
-            preparing=len(self._scheduler.preparing),
+            preparing=len(self._scheduler.preparation.preparing),
         )
 
     def encode_prompt(
@@ -508,7 +508,7 @@ class BatchProcessor:
         """
         if self.state is ProcessorState.CLOSED:
             raise self._lifecycle.refusal()
-        await self._scheduler.check_structured(structured)
+        await self._scheduler.preparation.check_structured(structured)
 
     def check_prompt_length(self, prompt: object) -> None:
         """Refuse, without rendering or tokenizing it, a prompt certainly too long for the
@@ -562,7 +562,7 @@ class BatchProcessor:
             if request.config.structured is None:
                 self._scheduler.enqueue(rec)
             else:  # its constraint is compiled (or copied) in a worker thread, then it queues
-                self._scheduler.prepare(rec)
+                self._scheduler.preparation.prepare(rec)
         except QueueFull:
             self._stats.on_reject()
             raise

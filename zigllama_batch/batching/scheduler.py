@@ -1,7 +1,7 @@
 """The scheduler: the one loop that turns queued requests into engine steps and tokens.
 
-A request with an output constraint is prepared first: its sampling state (the constraint
-compiled, or copied from the cache) is built in a worker thread, and it queues once that is done.
+A request with an output constraint is prepared first (``preparation``): its sampling state is
+built in a worker thread, and it queues once that is done.
 
 Algorithm, per worker: reap (free the slots of sequences that ended: finished, cancelled, timed
 out); plan (ask the strategy how many waiting requests join the worker's batch now); admit
@@ -19,26 +19,24 @@ worker that owns a slot frees it.
 
 Inside: :func:`build_step` (pure) and :class:`Scheduler`. Elsewhere, each in its own module: what
 the scheduler needs of an engine (``types.EngineLike``), who is admitted in what order
-(``admission``), key/value memory (``kv.KVManager``),
-deadlines, callback delivery, result assembly, the executor, and the lifecycle the scheduler
-reads.
+(``admission``), key/value memory (``kv.KVManager``), preparation, deadlines, callback
+delivery, result assembly, the executor, and the lifecycle the scheduler reads.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..engine.step import SequenceStep, TokenSample
 from ..errors import ConstraintFailed, GenerationError, ProcessorStopped, ZigllamaBatchError
 from ..kv import KVManager
-from ..structured import StructuredOutput
 from .admission import Admission
 from .clock import Clock, Wakeup
 from .delivery import CallbackDelivery
 from .executor import StepExecutor
 from .lifecycle import Lifecycle
+from .preparation import Preparation
 from .queue import RequestQueue
 from .request import RequestState, TrackedRequest, error_state
 from .results import batch_result
@@ -113,9 +111,9 @@ class Scheduler:
         self.deliveries = CallbackDelivery(self.end, stats.on_slow_callback)
         self.workers = [_Worker(i) for i in range(config.num_workers)]
         self._executor = StepExecutor(engine.step, config.num_workers)
-        self.preparing: set[TrackedRequest] = set()
-        """Accepted requests whose sampling state is being built (see :meth:`prepare`)."""
-        self._preparations: set[asyncio.Task[None]] = set()
+        self.preparation = Preparation(
+            self._executor, engine, self.queue, self.end, self.abort, self._notify
+        )
         self._changed = Wakeup()
         self._parked: dict[int, float | None] = {}  # idle worker -> when it wakes by itself
 
@@ -143,47 +141,6 @@ class Scheduler:
         self.queue.push(rec)
         self._notify()
 
-    def prepare(self, rec: TrackedRequest) -> None:
-        """Accept a request whose sampling state needs a worker thread (its output constraint
-        compiles there, or is copied from the cache): it holds its place in the queue's bound
-        now (QueueFull propagates) and queues once the state is built; a constraint that is
-        refused ends it with that InvalidRequest."""
-        self.queue.reserve(rec.submitted)
-        rec.state = RequestState.PREPARING
-        self.preparing.add(rec)
-        task = asyncio.ensure_future(self._prepare(rec))
-        self._preparations.add(task)
-        task.add_done_callback(self._preparations.discard)
-
-    async def _prepare(self, rec: TrackedRequest) -> None:
-        try:
-            sampling = await self._executor.prepare(
-                lambda: self.engine.new_sampling(rec.config, rec.prompt_ids)
-            )
-        except asyncio.CancelledError:
-            self.abort(rec, ProcessorStopped("the processor closed before this request started"))
-            raise
-        except ZigllamaBatchError as exc:  # the constraint was refused
-            self.end(rec, error_state(exc), error=exc)
-            return
-        except Exception as exc:
-            error = GenerationError(f"could not start request {rec.id!r}: {exc!r}")
-            error.__cause__ = exc
-            self.end(rec, RequestState.FAILED, error=error)
-            return
-        if rec.finished:  # cancelled, timed out or stopped meanwhile
-            return
-        self.preparing.discard(rec)
-        rec.seq.sampling = sampling
-        rec.state = RequestState.QUEUED
-        self.queue.push(rec, reserved=True)
-        self._notify()
-
-    async def check_structured(self, structured: StructuredOutput) -> None:
-        """Compile an output constraint in a preparation thread (InvalidRequest says why it is
-        refused)."""
-        await self._executor.prepare(lambda: self.engine.check_structured(structured))
-
     def end(
         self,
         rec: TrackedRequest,
@@ -199,7 +156,7 @@ class Scheduler:
         if was is RequestState.QUEUED:
             self.queue.discard(rec)
         elif was is RequestState.PREPARING:
-            self.preparing.discard(rec)
+            self.preparation.preparing.discard(rec)
             self.queue.unreserve()
         self.deliveries.discard(rec)
         self.stats.on_finish(state, len(rec.decoder.token_ids), result)
@@ -217,7 +174,7 @@ class Scheduler:
         pending)."""
         admitted = [r for w in self.workers for r in w.running if not r.finished]
         admitted += [r for r in self.deliveries.requests() if r not in admitted]
-        return [*self.queue.waiting(), *self.preparing], admitted
+        return [*self.queue.waiting(), *self.preparation.preparing], admitted
 
     def stop(self, reason: str) -> None:
         """End every queued, running and callback-pending request with ProcessorStopped;
@@ -245,7 +202,9 @@ class Scheduler:
                 self._reap(worker)  # admissions that could not start
             if not worker.running:
                 if not self.lifecycle.admitting or (
-                    self.lifecycle.draining and not len(self.queue) and not self.preparing
+                    self.lifecycle.draining
+                    and not len(self.queue)
+                    and not self.preparation.preparing
                 ):
                     return
                 self._parked[index] = plan.wake_at
@@ -339,13 +298,6 @@ class Scheduler:
             if rec.decoder.finished:
                 self.deliveries.complete(rec, batch_result(rec, now))
                 return
-
-    async def settle_preparations(self) -> None:
-        """Stop waiting for preparations still running (their requests have ended: every
-        worker has returned); a compile under way finishes in its thread, unheeded."""
-        for task in self._preparations:
-            task.cancel()
-        await asyncio.gather(*self._preparations, return_exceptions=True)
 
     def close(self) -> None:
         """Release the executor and all key/value memory (every worker has returned, no
