@@ -19,12 +19,15 @@ feeds them all in its next step as one chunk instead of sampling them one step e
 have). The forced tokens are llguidance's tokenization of the forced text, which may split it
 differently from how the model would have.
 
+JSON schemas are read with objects closed to unlisted keys by default (:mod:`.json_schema`).
+
 Left out: masks of many rows computed in parallel (llguidance's executor): at ~20 us a row the
 mask is not where a step's time goes.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -35,6 +38,7 @@ from numpy.typing import NDArray
 
 from ..errors import InvalidRequest
 from ..structured import StructuredOutput
+from .json_schema import close_objects
 from .tokenizer import Tokenizer
 
 __all__ = ["GrammarCompiler", "GrammarHook"]
@@ -114,10 +118,12 @@ class GrammarCompiler:
 
 
 def _grammar(structured: StructuredOutput) -> str:
-    """llguidance's grammar text for ``structured``."""
+    """llguidance's grammar text for ``structured`` (a JSON schema's objects closed by default:
+    see :mod:`~zigllama_batch.engine.json_schema`)."""
     try:
         if structured.kind == "json_schema":
-            return str(llg.LLMatcher.grammar_from_json_schema(structured.spec, _JSON_OPTIONS))
+            schema = close_objects(json.loads(structured.spec))
+            return str(llg.LLMatcher.grammar_from_json_schema(schema, _JSON_OPTIONS))
         if structured.kind == "regex":
             return str(llg.LLMatcher.grammar_from_regex(structured.spec))
         if structured.kind == "choice":
