@@ -100,7 +100,9 @@ class GenerationConfig:
     structured: StructuredOutput | None = None
     """A shape the text must have (JSON schema, regex, choice, grammar): every token the
     constraint does not allow is masked, and the generation ends with ``stop`` once the
-    constraint is complete (``length`` if ``max_tokens`` comes first). None: free text."""
+    constraint is complete. Near the end of ``max_tokens`` (or of the context) only tokens
+    after which it can still be completed in the tokens left are allowed; where it cannot be,
+    the generation ends with ``length``. None: free text."""
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples, so the config stays hashable.

@@ -107,6 +107,24 @@ def test_max_tokens_and_context_limit(tiny: Tiny) -> None:
         d.add(x)
 
 
+@pytest.mark.parametrize(("max_tokens", "max_context"), [(2, 100), (50, 3)])
+def test_a_constraint_completed_by_the_last_allowed_token_ends_with_stop(
+    tiny: Tiny, max_tokens: int, max_context: int
+) -> None:
+    """Output that a constraint's last token completes is whole: stop, even when that token
+    is the last max_tokens or the context allows."""
+    _, tok = tiny
+    x = tok.encode("x")[0]
+    d = OutputDecoder(
+        tok, GenerationConfig.greedy(max_tokens=max_tokens), prompt_tokens=1,
+        max_context=max_context,
+    )  # fmt: skip
+    d.add(x)
+    d.add(x, completes=True)
+    assert d.finish_reason == FinishReason.STOP
+    assert d.text == "xx"
+
+
 def test_the_result_is_the_finished_output(tiny: Tiny) -> None:
     """result() gives text, tokens, reason, counts and logprobs of the finished sequence with
     the timings passed in, and refuses an unfinished one."""

@@ -33,12 +33,18 @@ feeds them all in its next step as one chunk instead of sampling them one step e
 have). The forced tokens are llguidance's tokenization of the forced text, which may split it
 differently from how the model would have.
 
+Budget-aware closing: near the end of a sequence's budget (``max_tokens``, or the end of the
+context), the hook also masks the tokens after which the constraint could no longer be
+completed in the tokens left (:mod:`.closing`), so that output that can be whole is. JSON
+schemas are read with objects closed to unlisted keys by default (:mod:`.json_schema`).
+
 Left out: masks of many rows computed in parallel (llguidance's executor): at ~20 us a row the
 mask is not where a step's time goes.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections import OrderedDict
@@ -51,6 +57,8 @@ from numpy.typing import NDArray
 
 from ..errors import InvalidRequest
 from ..structured import StructuredOutput
+from .closing import BudgetCloser, ClosingTables
+from .json_schema import close_objects
 from .tokenizer import Tokenizer
 
 __all__ = ["GrammarCompiler", "GrammarHook"]
@@ -104,18 +112,23 @@ class GrammarCompiler:
         *,
         jump_forward: bool = True,
         timeout_s: float = COMPILE_TIMEOUT_S,
+        close_within_budget: bool = True,
     ) -> None:
         """Args:
         tokenizer: the model's tokenizer (its vocabulary is what the masks cover).
         vocab_size: rows of the model's logits (may exceed the tokenizer's vocabulary).
         jump_forward: feed the tokens a constraint forces without sampling them.
         timeout_s: longest a constraint may take to compile before it is refused.
+        close_within_budget: near the end of a sequence's budget, allow only tokens after
+            which its constraint can still be completed (see :mod:`.closing`).
         """
         self._source = tokenizer
         self.vocab_size = vocab_size
         self.jump_forward = jump_forward
         self.timeout_s = timeout_s
+        self.close_within_budget = close_within_budget
         self._tokenizer: llg.LLTokenizer | None = None
+        self._closing: ClosingTables | None = None
         # A compiled matcher, or why the constraint was refused.
         self._compiled: OrderedDict[StructuredOutput, llg.LLMatcher | str] = OrderedDict()
         self._compiling: dict[StructuredOutput, Future[llg.LLMatcher | str]] = {}
@@ -131,15 +144,24 @@ class GrammarCompiler:
         """
         self._prototype(structured)
 
-    def hook(self, structured: StructuredOutput, *, jump_forward: bool = True) -> GrammarHook:
+    def hook(
+        self, structured: StructuredOutput, *, jump_forward: bool = True, budget: int | None = None
+    ) -> GrammarHook:
         """A fresh hook for one sequence under ``structured`` (compiled on first use); it
-        forces tokens when both ``jump_forward`` and the compiler's setting allow it.
+        forces tokens when both ``jump_forward`` and the compiler's setting allow it, and
+        completes the constraint within ``budget`` tokens (the most the sequence may generate)
+        where it can, unless the compiler's ``close_within_budget`` is off.
 
         Raises:
             InvalidRequest: as :meth:`check`.
         """
         matcher = self._prototype(structured).deep_copy()
-        return GrammarHook(matcher, self.vocab_size, jump_forward and self.jump_forward)
+        closer = (
+            BudgetCloser(self.closing_tables, budget)
+            if budget is not None and self.close_within_budget
+            else None
+        )
+        return GrammarHook(matcher, self.vocab_size, jump_forward and self.jump_forward, closer)
 
     def _prototype(self, structured: StructuredOutput) -> llg.LLMatcher:
         """The compiled matcher at its start state: cached, or compiled now (sharing a compile
@@ -246,6 +268,15 @@ class GrammarCompiler:
         while len(self._compiled) > MAX_CACHED_GRAMMARS:
             self._compiled.popitem(last=False)
 
+    def closing_tables(self) -> ClosingTables:
+        """The tokens closing paths are made of, for this tokenizer (built on first use, in
+        the executor: ~20 ms for a 49k vocabulary)."""
+        tokenizer = self._llg_tokenizer()
+        with self._lock:
+            if self._closing is None:
+                self._closing = ClosingTables(tokenizer)
+            return self._closing
+
     def _llg_tokenizer(self) -> llg.LLTokenizer:
         # Built on first use (~0.25 s for a 49k vocabulary), from the same tokenizers JSON the
         # model's Tokenizer runs on, so both agree on every token's bytes.
@@ -277,10 +308,12 @@ _ROW_LIMIT = re.compile(r"row has (\d+) items; max is (\d+)")
 
 
 def _grammar(structured: StructuredOutput) -> str:
-    """llguidance's grammar text for ``structured``."""
+    """llguidance's grammar text for ``structured`` (a JSON schema's objects closed by default:
+    see :mod:`~zigllama_batch.engine.json_schema`)."""
     try:
         if structured.kind == "json_schema":
-            return str(llg.LLMatcher.grammar_from_json_schema(structured.spec, _JSON_OPTIONS))
+            schema = close_objects(json.loads(structured.spec))
+            return str(llg.LLMatcher.grammar_from_json_schema(schema, _JSON_OPTIONS))
         if structured.kind == "regex":
             return str(llg.LLMatcher.grammar_from_regex(structured.spec))
         if structured.kind == "choice":
@@ -293,12 +326,19 @@ def _grammar(structured: StructuredOutput) -> str:
 class GrammarHook:
     """One sequence's constraint: masks its logits row, follows its chosen tokens."""
 
-    __slots__ = ("_jump", "_mask", "_vocab", "error", "matcher")
+    __slots__ = ("_closer", "_jump", "_mask", "_vocab", "error", "matcher")
 
-    def __init__(self, matcher: llg.LLMatcher, vocab_size: int, jump_forward: bool = True) -> None:
+    def __init__(
+        self,
+        matcher: llg.LLMatcher,
+        vocab_size: int,
+        jump_forward: bool = True,
+        closer: BudgetCloser | None = None,
+    ) -> None:
         self.matcher = matcher
         self._vocab = vocab_size
         self._jump = jump_forward
+        self._closer = closer
         self._mask: NDArray[np.int32] = np.zeros((vocab_size + 31) // 32, np.int32)
         self.error: str | None = None
         """Why the constraint cannot go on (then the request ends with an error), or None."""
@@ -316,6 +356,8 @@ class GrammarHook:
             self.error = "the constraint allows no token here"
             return
         logits[allowed == 0] = -np.inf
+        if self._closer is not None:
+            self._closer.steer(self.matcher, logits)
 
     def accept(self, token_id: int) -> tuple[int, ...]:
         """Advance the matcher past the chosen token, and past the tokens the constraint then
@@ -325,12 +367,16 @@ class GrammarHook:
         if not self.matcher.consume_token(token_id):
             self.error = _brief(self.matcher.get_error() or f"token {token_id} breaks it")
             return ()
-        if not self._jump or self.matcher.is_stopped():
-            return ()
-        forced = tuple(self.matcher.compute_ff_tokens()[:MAX_FORCED])
-        if self.matcher.is_error() or (forced and not self.matcher.consume_tokens(list(forced))):
-            self.error = _brief(self.matcher.get_error() or "the forced tokens break it")
-            return ()
+        forced: tuple[int, ...] = ()
+        if self._jump and not self.matcher.is_stopped():
+            forced = tuple(self.matcher.compute_ff_tokens()[:MAX_FORCED])
+            if self.matcher.is_error() or (
+                forced and not self.matcher.consume_tokens(list(forced))
+            ):
+                self.error = _brief(self.matcher.get_error() or "the forced tokens break it")
+                return ()
+        if self._closer is not None:
+            self._closer.advance(token_id, forced)
         return forced
 
     @property

@@ -73,7 +73,8 @@ class OutputDecoder:
     def add(self, token_id: int, logprob: float | None = None, *, completes: bool = False) -> str:
         """Take the next generated token; return the text that may be shown now (maybe empty).
         ``completes``: the output constraint is complete with this token, so the sequence ends
-        with ``stop`` unless a stop rule or the length ended it first."""
+        with ``stop`` unless a stop rule ended it first (even if this is the last token
+        ``max_tokens`` allows: the text is whole)."""
         if self.finish_reason is not None:
             raise RuntimeError("the sequence is already finished")
         self.token_ids.append(token_id)
@@ -86,13 +87,13 @@ class OutputDecoder:
             cut = min((i for s in self._config.stop if (i := pending.find(s)) >= 0), default=-1)
             if cut >= 0:
                 return self._finish(FinishReason.STOP, pending[:cut])
+        if completes:  # before the length check: text completed by the last token is whole
+            return self._finish(FinishReason.STOP, pending + self._detok.flush())
         if (
             len(self.token_ids) >= self._config.max_tokens
             or self._prompt_tokens + len(self.token_ids) >= self._max_context
         ):
             return self._finish(FinishReason.LENGTH, pending + self._detok.flush())
-        if completes:
-            return self._finish(FinishReason.STOP, pending + self._detok.flush())
         hold = self._holdback(pending)
         self._held = pending[len(pending) - hold :]
         chunk = pending[: len(pending) - hold]

@@ -156,10 +156,14 @@ class Engine:
         Raises:
             InvalidRequest: the config's output constraint does not compile.
         """
+        # The most tokens the sequence may generate: what ends it with `length` (output.py).
+        budget = max(1, min(config.max_tokens, self.max_context - len(prompt_ids)))
         hook = (
             None
             if config.structured is None
-            else self.grammars.hook(config.structured, jump_forward=not config.logprobs)
+            else self.grammars.hook(
+                config.structured, jump_forward=not config.logprobs, budget=budget
+            )
         )
         return SamplingState(config, prompt_ids, self.model.config.vocab_size, hook=hook)
 
