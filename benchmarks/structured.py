@@ -1,24 +1,37 @@
-"""Structured output's cost on the default model: the decode step at batch 32 with every
-sequence under a JSON schema against the same batch unconstrained, and compile times.
+"""Structured output on the default model: its cost in the decode step, compile times,
+jump-forward, and how often an answer on a small budget is whole.
 
 1. ``step``: 32 sequences of one chat prompt decode ``--steps`` tokens (seeded sampling), the
    batch free and the batch constrained alternating, ``--rounds`` times. Reported: median step
    time of each and their ratio (the mask is computed and applied per constrained row between
    the logits and the choice, inside the step).
-3. ``jump_forward``: one greedy answer under a form schema with 13 fixed keys, with and
-   without feeding the tokens the schema forces in one step: decode steps, tokens, wall time.
 2. ``compile``: each schema of the test suite and a few larger ones compiled from scratch
    (a new compiler each time, so nothing is cached) ``--compiles`` times; p50 and p99. And the
    cost of a cached constraint (a copy of the compiled matcher).
+3. ``jump``: one greedy answer under a form schema with 13 fixed keys, with and without
+   feeding the tokens the schema forces in one step: decode steps, tokens, wall time.
+4. ``budget``: JSON mode (4 asks) and 13 schemas (tool arguments, records, lists, patterns,
+   the 13-key form; most do not mention ``additionalProperties``), each answered greedily and
+   with three seeded samples, at ``max_tokens`` 32, 48, 64 and 128, in one batch per budget.
+   Reported: the share of answers that parse and validate against the schema as written,
+   three ways: *before* (objects read as written, i.e. open, and no budget-aware closing: the
+   library before both), *closed* (objects closed by default, no closing) and *after* (both);
+   and which schemas can be completed within each budget at all (the shortest closing path
+   from the start), with the share of whole answers among those.
+5. ``steer``: the steering's own time per generated token (thread CPU time), beside the
+   constraint hook's whole time, for greedy answers far from their budget and reaching it.
 
-    python benchmarks/structured.py [--rounds 5] [--steps 24] [--compiles 20]
+    python benchmarks/structured.py [--sections step,compile,jump,budget,steer]
+        [--rounds 5] [--steps 24] [--compiles 20]
 
-Writes ``structured.json`` into ``--out``.
+Writes ``structured.json`` (step, compile, jump) and ``structured_budget.json`` (budget,
+steer) into ``--out``, for the sections run.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
 import statistics
@@ -27,11 +40,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema  # type: ignore[import-untyped]
 import numpy as np
+from numpy.typing import NDArray
 
-from zigllama_batch import GenerationConfig, StructuredOutput, load_model
+from zigllama_batch import (
+    BatchConfig,
+    BatchingStrategy,
+    BatchProcessor,
+    BatchRequest,
+    FinishReason,
+    GenerationConfig,
+    GenerationResult,
+    StructuredOutput,
+    TextGenerator,
+    load_model,
+)
 from zigllama_batch.engine import Engine, SequenceStep
-from zigllama_batch.engine.grammar import GrammarCompiler
+from zigllama_batch.engine.closing import BudgetCloser, closing_path
+from zigllama_batch.engine.grammar import GrammarCompiler, GrammarHook
 
 BATCH = 32
 
@@ -219,43 +246,328 @@ def bench_jump(model: Any, tokenizer: Any, repeats: int) -> dict[str, Any]:
     }
 
 
+def _object(properties: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """An object schema requiring every property, silent on other keys (as most are written)."""
+    return {"type": "object", "properties": properties, "required": list(properties), **more}
+
+
+_TEXT = {"type": "string"}
+BUDGET_SCHEMAS: list[tuple[str, str, Any]] = [
+    *((f"test schema {i + 1}", ask, schema) for i, (ask, schema) in enumerate(SCHEMAS)),
+    (
+        "get_weather arguments",
+        "Call get_weather(city, unit) for: what's the weather in Paris, in celsius? As JSON.",
+        _object({"city": _TEXT, "unit": {"enum": ["c", "f"]}}),
+    ),
+    (
+        "search arguments",
+        "Call search(query, max_results) for: find me 3 articles about black holes. As JSON.",
+        _object({"query": _TEXT, "max_results": {"type": "integer"}}),
+    ),
+    (
+        "create_event arguments",
+        "Call create_event(title, date, attendees) for: lunch with Ana and Bo on 2025-06-01.",
+        _object({"title": _TEXT, "date": _TEXT, "attendees": {"type": "array", "items": _TEXT}}),
+    ),
+    (
+        "person",
+        "Describe a made-up person as JSON.",
+        _object({"name": _TEXT, "age": {"type": "integer", "minimum": 0}, "email": _TEXT}),
+    ),
+    (
+        "recipe",
+        "Give a pancake recipe as JSON.",
+        _object(
+            {
+                "name": _TEXT,
+                "ingredients": {"type": "array", "items": _TEXT, "minItems": 2},
+                "minutes": {"type": "integer"},
+            }
+        ),
+    ),
+    (
+        "sentiment",
+        "Classify the sentiment of 'I loved this film' as JSON.",
+        _object(
+            {
+                "label": {"enum": ["positive", "negative", "neutral"]},
+                "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+            }
+        ),
+    ),
+    (
+        "address",
+        "Give the address of a made-up shop as JSON.",
+        _object(
+            {
+                "street": _TEXT,
+                "city": _TEXT,
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                "country": {"enum": ["US", "FR", "DE"]},
+            }
+        ),
+    ),
+    (
+        "order",
+        "Write a small shop order as JSON.",
+        _object(
+            {
+                "id": {"type": "integer"},
+                "items": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "sku": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"},
+                            "qty": {"type": "integer", "minimum": 1, "maximum": 9},
+                        }
+                    ),
+                    "minItems": 1,
+                },
+                "paid": {"type": "boolean"},
+            }
+        ),
+    ),
+    (
+        "summary",
+        "Summarise the plot of Hamlet as JSON.",
+        _object({"title": _TEXT, "summary": _TEXT}),
+    ),
+    ("contact form", "Fill in a contact form for a made-up person, as JSON.", FORM),
+]
+JSON_ASKS = [
+    "Give me JSON.",
+    "Describe a cat as JSON.",
+    "List three fruits as JSON.",
+    "Tell me about the weather today, in JSON.",
+]
+BUDGETS = (32, 48, 64, 128)
+SAMPLES = 4  # per ask: greedy, then seeded samples
+WAYS = {  # name: (objects closed by default, budget-aware closing)
+    "before": (False, False),
+    "closed": (True, False),
+    "after": (True, True),
+}
+
+
+def _opened(schema: Any) -> Any:
+    """``schema`` read as JSON Schema does (and the library did): every object that lists its
+    keys but is silent on others given ``additionalProperties: true``."""
+    if isinstance(schema, list):
+        return [_opened(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _opened(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = True
+    return out
+
+
+def _valid(result: GenerationResult, schema: Any) -> bool:
+    """Whether the answer is whole: it parses and validates against ``schema``."""
+    try:
+        jsonschema.validate(json.loads(result.text), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def _config(sample: int, budget: int, structured: StructuredOutput) -> GenerationConfig:
+    base = GenerationConfig.greedy() if sample == 0 else GenerationConfig.balanced(seed=sample)
+    return base.with_(max_tokens=budget, structured=structured)
+
+
+async def _answers(
+    model: Any, tokenizer: Any, requests: list[BatchRequest], closing: bool
+) -> list[GenerationResult]:
+    """Every request's result, all in one batch."""
+    config = BatchConfig(
+        strategy=BatchingStrategy.CONTINUOUS, max_batch_size=len(requests), max_context=512
+    )
+    async with BatchProcessor(model, tokenizer, config) as processor:
+        assert isinstance(processor.engine, Engine)
+        processor.engine.grammars.close_within_budget = closing
+        done = await asyncio.gather(*(processor.submit(r) for r in requests))
+    return [d.result for d in done]
+
+
+def bench_budget(model: Any, tokenizer: Any) -> dict[str, Any]:
+    """Share of whole answers per budget, before and after; which schemas can fit."""
+    asks = [(f"json mode: {a}", a, {"type": "object"}) for a in JSON_ASKS] + BUDGET_SCHEMAS
+    compiler = GrammarCompiler(tokenizer, model.config.vocab_size)
+    needed = {}  # tokens the shortest closing path from the start takes, per schema
+    for name, _, schema in asks:
+        hook = compiler.hook(StructuredOutput.json_schema(schema))
+        path = closing_path(hook.matcher, compiler.closing_tables(), -1, 512)
+        needed[name] = len(path) if path is not None else None
+    rows: dict[str, dict[str, Any]] = {}
+    for budget in BUDGETS:
+        row: dict[str, Any] = {"fits": [n for n, k in needed.items() if k and k <= budget]}
+        for way, (closed, closing) in WAYS.items():
+            requests = [
+                BatchRequest(
+                    prompt=[{"role": "user", "content": ask}],
+                    config=_config(
+                        i,
+                        budget,
+                        StructuredOutput.json_schema(schema if closed else _opened(schema)),
+                    ),
+                )
+                for _, ask, schema in asks
+                for i in range(SAMPLES)
+            ]
+            started = time.perf_counter()
+            results = asyncio.run(_answers(model, tokenizer, requests, closing))
+            valid: dict[str, int] = {}
+            for (name, _, schema), group in zip(asks, _chunks(results, SAMPLES), strict=True):
+                valid[name] = sum(_valid(r, schema) for r in group)
+            row[way] = {
+                "valid": valid,
+                "stop": sum(r.finish_reason == FinishReason.STOP for r in results),
+                "tokens": sum(r.completion_tokens for r in results),
+                "wall_s": time.perf_counter() - started,
+            }
+            print(f"  budget {budget} {way}: {sum(valid.values())}/{len(results)} whole")
+        rows[str(budget)] = row
+    return {
+        "samples_per_ask": SAMPLES,
+        "needed_tokens": needed,
+        "budgets": rows,
+    }
+
+
+def _chunks(items: list[GenerationResult], n: int) -> list[list[GenerationResult]]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+def bench_steer_cost(model: Any, tokenizer: Any) -> dict[str, Any]:
+    """The steering's own time per generated token, against the constraint hook's whole time
+    (its mask, and the steering), in thread CPU time (a shared machine's load does not count):
+    greedy, one answer per schema, far from the budget (512 tokens: most answers end long
+    before) and reaching it (32 tokens)."""
+    spent = {"hook": 0.0, "steer": 0.0}
+    real_adjust, real_steer = GrammarHook.adjust, BudgetCloser.steer
+
+    def adjust(hook: GrammarHook, logits: NDArray[np.float32]) -> None:
+        started = time.thread_time()
+        real_adjust(hook, logits)
+        spent["hook"] += time.thread_time() - started
+
+    def steer(closer: BudgetCloser, matcher: Any, logits: NDArray[np.float32]) -> None:
+        started = time.thread_time()
+        real_steer(closer, matcher, logits)
+        spent["steer"] += time.thread_time() - started
+
+    GrammarHook.adjust = adjust  # type: ignore[method-assign,assignment]
+    BudgetCloser.steer = steer  # type: ignore[method-assign,assignment]
+    out: dict[str, Any] = {}
+    try:
+        for budget in (512, 32):
+            gen = TextGenerator(model, tokenizer)
+            gen.engine.grammars.closing_tables()  # built once, outside the timing
+            spent.update(hook=0.0, steer=0.0)
+            tokens = 0
+            for _, ask, schema in BUDGET_SCHEMAS:
+                config = GenerationConfig.greedy(
+                    max_tokens=budget, structured=StructuredOutput.json_schema(schema)
+                )
+                tokens += gen.generate([{"role": "user", "content": ask}], config).completion_tokens
+            out[f"budget {budget}"] = {
+                "tokens": tokens,
+                "hook_us_per_token": spent["hook"] / tokens * 1e6,
+                "steer_us_per_token": spent["steer"] / tokens * 1e6,
+            }
+    finally:
+        GrammarHook.adjust = real_adjust  # type: ignore[method-assign]
+        BudgetCloser.steer = real_steer  # type: ignore[method-assign]
+    return out
+
+
+def print_budget(budget: dict[str, Any]) -> None:
+    n_json = len(JSON_ASKS) * SAMPLES
+    n_schemas = len(BUDGET_SCHEMAS) * SAMPLES
+    print(
+        f"\nwhole answers (parse + validate), {SAMPLES} per ask (greedy + seeded); JSON mode: "
+        f"{len(JSON_ASKS)} asks, schemas: {len(BUDGET_SCHEMAS)}"
+    )
+    print(f"{'max_tokens':>10} | {'JSON mode before / closed / after':>34} | "
+          f"{'schemas before / closed / after':>32} | schemas that fit: after")  # fmt: skip
+    for b, row in budget["budgets"].items():
+        cells = []
+        for prefix, total in (("json mode", n_json), ("", n_schemas)):
+            shares = []
+            for way in WAYS:
+                v = row[way]["valid"]
+                ok = sum(c for k, c in v.items() if k.startswith("json mode") == bool(prefix))
+                shares.append(f"{ok / total:4.0%}")
+            cells.append(" / ".join(shares))
+        fits = [n for n in row["fits"] if not n.startswith("json mode")]
+        after_fit = sum(row["after"]["valid"][n] for n in fits) / max(1, len(fits) * SAMPLES)
+        print(f"{b:>10} | {cells[0]:>34} | {cells[1]:>32} | "
+              f"{len(fits):>2} of {len(BUDGET_SCHEMAS)}: {after_fit:4.0%}")  # fmt: skip
+    print("\nshortest completion from the start (tokens):")
+    print(", ".join(f"{k}: {v}" for k, v in budget["needed_tokens"].items()))
+
+
+def print_steer_cost(cost: dict[str, Any]) -> None:
+    print("\nper generated token, thread CPU time (greedy, one answer per schema):")
+    print(f"{'':12} {'hook (mask + steering) us':>26} {'steering us':>12} {'tokens':>7}")
+    for name, row in cost.items():
+        print(f"{name:12} {row['hook_us_per_token']:>26.1f} {row['steer_us_per_token']:>12.1f} "
+              f"{row['tokens']:>7}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", default="step,compile,jump,budget,steer")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--compiles", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     model, tokenizer = load_model()
-    engine = Engine(model, tokenizer, n_slots=BATCH, max_context=512)
-    compile_ = bench_compile(engine, args.compiles)
-    step = bench_step(engine, args.rounds, args.steps)
-    jump = bench_jump(model, tokenizer, 3)
-    print(f"decode step at batch {BATCH}, every sequence under a JSON schema vs free")
-    print(f"{'':14} {'step ms (median)':>17}")
-    print(f"{'free':14} {step['free_step_ms_median']:>17.1f}")
-    print(f"{'constrained':14} {step['constrained_step_ms_median']:>17.1f}")
-    print(f"ratio {step['ratio']:.3f} ({args.rounds} rounds x {args.steps} steps, alternating)")
-    print("\ncompile from scratch        p50 ms   p99 ms")
-    for name, c in compile_["per_schema"].items():
-        print(f"{name:<26} {c['p50_ms']:>7.2f} {c['p99_ms']:>8.2f}")
-    print(f"all schemas p99: {compile_['p99_ms_all']:.2f} ms; a cached constraint's hook: "
-          f"{compile_['cached_hook_us']:.1f} us")  # fmt: skip
-    on, off = jump["on"], jump["off"]
-    print("\njump-forward, one greedy answer under a 13-key form schema (median of 3)")
-    print(f"{'':6} {'steps':>6} {'tokens':>7} {'wall s':>7}")
-    for name, row in (("off", off), ("on", on)):
-        print(f"{name:6} {row['steps']:>6.0f} {row['tokens']:>7.0f} {row['wall_s']:>7.2f}")
-    print(f"steps cut by {jump['steps_cut']:.0%}; wall time x{jump['wall_ratio']:.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    out = {
-        "machine": {"cpu": platform.processor() or platform.machine()},
-        "step": step,
-        "compile": compile_,
-        "jump_forward": jump,
-    }
-    (args.out / "structured.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nwrote {args.out / 'structured.json'}")
+    machine = {"cpu": platform.processor() or platform.machine()}
+    if sections & {"step", "compile", "jump"}:
+        engine = Engine(model, tokenizer, n_slots=BATCH, max_context=512)
+        out: dict[str, Any] = {"machine": machine}
+        if "compile" in sections:
+            out["compile"] = compile_ = bench_compile(engine, args.compiles)
+            print("\ncompile from scratch        p50 ms   p99 ms")
+            for name, c in compile_["per_schema"].items():
+                print(f"{name:<26} {c['p50_ms']:>7.2f} {c['p99_ms']:>8.2f}")
+            print(f"all schemas p99: {compile_['p99_ms_all']:.2f} ms; a cached constraint's hook: "
+                  f"{compile_['cached_hook_us']:.1f} us")  # fmt: skip
+        if "step" in sections:
+            out["step"] = step = bench_step(engine, args.rounds, args.steps)
+            print(f"\ndecode step at batch {BATCH}, every sequence under a JSON schema vs free")
+            print(f"{'':14} {'step ms (median)':>17}")
+            print(f"{'free':14} {step['free_step_ms_median']:>17.1f}")
+            print(f"{'constrained':14} {step['constrained_step_ms_median']:>17.1f}")
+            print(
+                f"ratio {step['ratio']:.3f} ({args.rounds} rounds x {args.steps} steps, alternating)"
+            )
+        if "jump" in sections:
+            out["jump_forward"] = jump = bench_jump(model, tokenizer, 3)
+            on, off = jump["on"], jump["off"]
+            print("\njump-forward, one greedy answer under a 13-key form schema (median of 3)")
+            print(f"{'':6} {'steps':>6} {'tokens':>7} {'wall s':>7}")
+            for name, row in (("off", off), ("on", on)):
+                print(f"{name:6} {row['steps']:>6.0f} {row['tokens']:>7.0f} {row['wall_s']:>7.2f}")
+            print(f"steps cut by {jump['steps_cut']:.0%}; wall time x{jump['wall_ratio']:.2f}")
+        (args.out / "structured.json").write_text(json.dumps(out, indent=2) + "\n")
+        print(f"\nwrote {args.out / 'structured.json'}")
+    if sections & {"budget", "steer"}:
+        path = args.out / "structured_budget.json"
+        found = json.loads(path.read_text()) if path.exists() else {}
+        if "budget" in sections:
+            found.update(bench_budget(model, tokenizer))
+            print_budget(found)
+        if "steer" in sections:
+            found["steer_cost"] = bench_steer_cost(model, tokenizer)
+            print_steer_cost(found["steer_cost"])
+        path.write_text(json.dumps({**found, "machine": machine}, indent=2) + "\n")
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ for a product with a weight, whatever its type), ``tokenizer`` (text <-> ids), `
 (``SequenceStep``: what a step takes per sequence; ``SequenceState``: a sequence's progress),
 ``model`` (``LLaMAModel.step``: one ragged forward pass, writing keys and values into
 :mod:`zigllama_batch.kv`'s storage), ``sampler`` (next tokens, with a
-per-sequence logits hook), ``runner`` (``Engine.step``: forward + sampling, typed against the
+per-sequence logits hook), ``grammar`` (that hook for an output constraint, with
+``json_schema`` and ``closing``: objects closed by default, completion within the budget),
+``runner`` (``Engine.step``: forward + sampling, typed against the
 ``Model`` protocol), ``output`` (ids -> text with stop rules, and the finished result) and ``hub``
 (packaged models by name: download, verification, cache).
 """
