@@ -16,20 +16,21 @@ first allowed single-byte token; and once the constraint may end but does not en
 the end-of-sequence token. Its length bounds the tokens the constraint still needs.
 
 The steering: the bound is first computed at the start, or once :data:`MAX_PATH` +
-:data:`MARGIN` tokens are left. While the tokens left exceed it by more than :data:`MARGIN` plus
-the longest bound seen (at most :data:`MAX_WATCH`), nothing changes, and it is computed again
-when half of the difference is spent (a handful of paths per sequence, none per token). Within
-that, each step checks the model's :data:`CANDIDATES` best allowed tokens: a token fits if the
-current path still completes the constraint after it (a token of string content, say; checked
-with llguidance's ``validate_tokens``, a few microseconds) while there is a token to spare, or
-if a new path, walked on a copy of the matcher, fits the tokens left after it. Those that do
-not fit are masked: a single token can open a structure (an item of an array of objects) that
-then has to be completed. Within :data:`MARGIN`, every token is masked except those known to
-fit and the first token of the current path; the path that goes with the chosen token is the
-next step's current path, so the sequence always has one that fits. Greedy decoding thus keeps
-the model's own choice while it fits, and closes at the last moment. When no path fits from
-the start, or the constraint grows past the budget between two checks, the sequence runs as it
-would have and ends with ``length``.
+:data:`MARGIN` + :data:`MAX_WATCH` tokens are left (earlier, nothing is done). While the tokens
+left exceed it by more than :data:`MARGIN` plus the longest bound seen (at most
+:data:`MAX_WATCH`), nothing changes, and it is computed again when half of the difference is
+spent (a handful of paths per sequence, none per token). Within that, each step checks the
+model's :data:`CANDIDATES` best allowed tokens: a token fits if the current path still completes
+the constraint after it (a token of string content, say; checked with llguidance's
+``validate_tokens``, a few microseconds) while there is a token to spare, or if a new path,
+walked on a copy of the matcher, fits the tokens left after it. Those that do not fit are
+masked: a single token can open a structure (an item of an array of objects) that then has to be
+completed. Within :data:`MARGIN`, every token is masked except those known to fit and the first
+token of the current path; the path that goes with the chosen token is the next step's current
+path, so the sequence always has one that fits. Greedy decoding thus keeps the model's own
+choice while it fits, and closes at the last moment. When no path fits from the start, or the
+constraint grows past the budget between two checks, the sequence runs as it would have and ends
+with ``length``.
 
 Left out: a search for the truly shortest path (the greedy path is an upper bound, usually a
 token or two above it), paths through multi-byte tokens other than the closing ones, and a
@@ -71,9 +72,10 @@ closing path seen, up to this): one token can open a structure that then has to 
 (a new item of an array of objects), rarely longer than the shortest completion of the
 whole."""
 
-MAX_PATH = 512
-"""Longest closing path looked for: a constraint needing more is not steered (the walk's cost
-grows with the path, ~20 us a token)."""
+MAX_PATH = 256
+"""Longest closing path looked for: a constraint needing more is not steered. Paths are first
+looked for when this plus the margins are left, so a request that ends further from its budget
+than that pays nothing (a walk costs ~20 us a token of the path)."""
 
 END = -1
 """Stands for the end-of-sequence token in a closing path."""
@@ -195,9 +197,9 @@ class BudgetCloser:
         """Tokens generated so far, forced ones included."""
         self.gave_up = False
         """No closing path fitted: the sequence is no longer steered."""
-        # Tokens left at which the closing path is computed next. Not before MAX_PATH + MARGIN
-        # are left: a longer path is not steered, a shorter one leaves room enough till then.
-        self._check_at = min(budget, MAX_PATH + MARGIN)
+        # Tokens left at which the closing path is computed next. Not before a path as long as
+        # any steered one would need watching: a longer path is not steered.
+        self._check_at = min(budget, MAX_PATH + MARGIN + MAX_WATCH)
         self._plan: list[int] | None = None  # a closing path known to fit, from the last step
         self._options: dict[int, list[int]] | None = None  # allowed token -> a path after it
         self._watch = MARGIN  # spare tokens below which candidates are checked
