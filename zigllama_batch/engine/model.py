@@ -6,8 +6,9 @@ feed a chunk of their prompt, others one decode token.
 
 - Embedding, RMSNorm, the fused Q/K/V projection, the output projection and the gated MLP run
   once over all new tokens concatenated: one matrix multiply per weight per step.
-- Attention runs against each sequence's KV-cache slot. Single-token (decode) items are batched
-  into one masked attention over their slots; prompt chunks run one by one with a causal mask.
+- Attention runs against each sequence's KV-cache slot. Single-token (decode) items go to one
+  compiled kernel per layer (:func:`~zigllama_batch.engine.kernels.attend_decode`), each item
+  over its own positions; prompt chunks run one by one with a causal mask.
   A windowed layer (Gemma 3's local layers) attends only to its window's positions.
 - Only each item's last new token goes through the output head.
 - Every product with a weight matrix goes through :func:`~zigllama_batch.engine.kernels.linear`,
@@ -29,7 +30,6 @@ G = H // KVH, D = model width, hd = head width, L = attended positions.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,7 +39,7 @@ from numpy.typing import NDArray
 from ..kv.storage import KVCache
 from .architecture import Activation
 from .gguf_loader import LayerWeights, LlamaConfig, LlamaWeights
-from .kernels import embedding_rows, linear
+from .kernels import attend_decode, embedding_rows, linear
 from .step import SequenceStep
 
 __all__ = ["LLaMAModel"]
@@ -175,8 +175,13 @@ class LLaMAModel:
         q *= np.float32(c.query_scale)
         attn = np.empty((n, c.n_heads, hd), np.float32)  # (N, H, hd)
         if batch.decode_rows.size:
-            attn[batch.decode_rows] = _decode_attention(
-                q[batch.decode_rows], k_cache, v_cache, batch.decode_groups[window]
+            attn[batch.decode_rows] = attend_decode(
+                q[batch.decode_rows],
+                k_cache,
+                v_cache,
+                batch.decode_slots,
+                batch.decode_starts[window],
+                batch.decode_ends,
             )
         for item_index in batch.prefill_items:
             rows = batch.rows[item_index]
@@ -215,83 +220,6 @@ class LLaMAModel:
         )
 
 
-_MAX_SLOT_GAP = 2
-"""Decode slots at most this far apart share one view of the cache (the gap's slots are
-computed and thrown away: cheaper than copying the cache rows out)."""
-_MAX_DECODE_GROUPS = 4
-"""Beyond this many runs of slots, the decode rows are gathered (copied) into one group."""
-
-
-@dataclass(slots=True)
-class _DecodeGroup:
-    """Decode items whose cache slots form one run, attended to through one view of the cache.
-
-    ``items`` are positions in the slot-ordered decode list; ``where`` indexes the cache (a
-    slice: a view; an array: a gather); ``local`` places each item within the run when the
-    run has unused slots (None when every slot of the run is an item); ``positions`` is the
-    range of cache positions read; ``mask`` is 0 where a position is attended and -inf
-    elsewhere, ``(run, 1, 1, L)`` over that range.
-    """
-
-    items: slice
-    where: slice | I64
-    local: I64 | None
-    positions: slice
-    mask: F32
-
-    @staticmethod
-    def plan(
-        slots: Sequence[int], lengths: Sequence[int], window: int | None
-    ) -> list[_DecodeGroup]:
-        """Group slot-ordered decode items into runs; ``lengths``: positions each has (its new
-        one included); ``window``: the last positions each attends to (None: all)."""
-        if not slots:
-            return []
-        bounds = [0]  # start of each run, as an index into slots
-        for i in range(1, len(slots)):
-            if slots[i] - slots[i - 1] - 1 > _MAX_SLOT_GAP:
-                bounds.append(i)
-        bounds.append(len(slots))
-        if len(bounds) - 1 > _MAX_DECODE_GROUPS:  # scattered: one gathered group
-            return [_DecodeGroup._make(slots, lengths, window, 0, len(slots), gather=True)]
-        return [
-            _DecodeGroup._make(slots, lengths, window, a, b, gather=False)
-            for a, b in itertools.pairwise(bounds)
-        ]
-
-    @staticmethod
-    def _make(
-        slots: Sequence[int],
-        lengths: Sequence[int],
-        window: int | None,
-        a: int,
-        b: int,
-        *,
-        gather: bool,
-    ) -> _DecodeGroup:
-        run_slots = np.asarray(slots[a:b], dtype=np.int64)
-        run_ends = np.asarray(lengths[a:b], dtype=np.int64)
-        run_starts = np.zeros_like(run_ends) if window is None else np.maximum(run_ends - window, 0)
-        lo, hi = int(run_starts.min()), int(run_ends.max())  # positions any item reads
-        if gather:
-            where: slice | I64 = run_slots
-            local = None
-            starts, ends = run_starts, run_ends
-        else:
-            first, last = int(run_slots[0]), int(run_slots[-1]) + 1
-            where = slice(first, last)
-            dense = last - first == b - a
-            local = None if dense else run_slots - first
-            # Unused slots of the run attend to one position only: finite, and thrown away.
-            starts = np.full(last - first, lo, dtype=np.int64)
-            ends = starts + 1
-            starts[run_slots - first], ends[run_slots - first] = run_starts, run_ends
-        pos = np.arange(lo, hi)[None, :]
-        seen = (pos >= starts[:, None]) & (pos < ends[:, None])
-        mask = np.where(seen, 0.0, -np.inf).astype(np.float32)[:, None, None, :]
-        return _DecodeGroup(slice(a, b), where, local, slice(lo, hi), mask)
-
-
 @dataclass(slots=True)
 class _Batch:
     """Index arrays that every layer of one step reuses."""
@@ -304,9 +232,11 @@ class _Batch:
     slots: list[int]
     starts: list[int]
     prefill_items: list[int]  # items with more than one new token
-    decode_rows: I64  # rows of single-token items, ordered by slot
-    # The decode items, in slot order, by runs of slots: one plan per attention window.
-    decode_groups: dict[int | None, list[_DecodeGroup]]
+    decode_rows: I64  # (Bd,) rows of single-token items
+    decode_slots: I64  # (Bd,) their cache slots
+    decode_ends: I64  # (Bd,) positions each holds, its new one included
+    # Per attention window: the first position each decode item attends to.
+    decode_starts: dict[int | None, I64]
     rotations: list[NDArray[np.complex64]]  # per RoPE table: (N, 1, hd/2) factor of each token
 
     @staticmethod
@@ -323,7 +253,7 @@ class _Batch:
         token_slots: list[np.ndarray] = []
         rows: list[slice] = []
         prefill_items: list[int] = []
-        decode: list[tuple[int, int, int]] = []  # (slot, row, start)
+        decode: list[tuple[int, int, int]] = []  # (row, slot, start)
         for i, item in enumerate(items):
             n = len(item.token_ids)
             if not 0 <= item.slot < cache.n_slots:
@@ -344,15 +274,15 @@ class _Batch:
             token_slots.append(np.full(n, item.slot))
             rows.append(slice(row0, row0 + n))
             if n == 1:
-                decode.append((item.slot, row0, item.start_pos))
+                decode.append((row0, item.slot, item.start_pos))
             else:
                 prefill_items.append(i)
         ids = np.asarray(token_ids, dtype=np.int64)
         if ids.min() < 0 or ids.max() >= vocab_size:
             raise ValueError(f"token ids must be in [0, {vocab_size})")
-        decode.sort()
         all_positions = np.concatenate(positions)
-        decode_slots, decode_lengths = [d[0] for d in decode], [d[2] + 1 for d in decode]
+        decode_rows, decode_slots, decode_starts = np.array(decode, np.int64).reshape(-1, 3).T
+        decode_ends = decode_starts + 1
         return _Batch(
             token_ids=ids,
             positions=all_positions,
@@ -362,8 +292,13 @@ class _Batch:
             slots=[item.slot for item in items],
             starts=[item.start_pos for item in items],
             prefill_items=prefill_items,
-            decode_rows=np.array([d[1] for d in decode], dtype=np.int64),
-            decode_groups={w: _DecodeGroup.plan(decode_slots, decode_lengths, w) for w in windows},
+            decode_rows=decode_rows,
+            decode_slots=decode_slots,
+            decode_ends=decode_ends,
+            decode_starts={
+                w: np.zeros_like(decode_ends) if w is None else np.maximum(decode_ends - w, 0)
+                for w in windows
+            },
             rotations=[r[all_positions][:, None, :] for r in rotations],
         )
 
@@ -440,35 +375,6 @@ def _softmax_inplace(scores: F32) -> F32:
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
     return scores
-
-
-def _decode_attention(q: F32, k_cache: F32, v_cache: F32, groups: list[_DecodeGroup]) -> F32:
-    """Attention for single-token items, a run of cache slots at a time, each run over the
-    positions its items see.
-
-    q: (Bd, H, hd) already scaled, in slot order. Returns (Bd, H, hd).
-    """
-    _, n_heads, hd = q.shape
-    n_kv = k_cache.shape[1]
-    out = np.empty_like(q)
-    for group in groups:
-        keys = k_cache[group.where, :, group.positions]  # (R, KVH, L, hd): a view for a slice
-        values = v_cache[group.where, :, group.positions]
-        if group.local is None:
-            q_run = q[group.items]
-        else:  # slots of the run without an item get a zero query
-            q_run = np.zeros((keys.shape[0], n_heads, hd), np.float32)
-            q_run[group.local] = q[group.items]
-        qg = q_run.reshape(-1, n_kv, n_heads // n_kv, hd)  # (R, KVH, G, hd)
-        # matvec rather than matmul: one (L, hd) x (hd,) product per query head is about twice
-        # as fast as a stack of tiny (G, hd) x (hd, L) GEMM calls at these sizes.
-        scores = np.matvec(keys[:, :, None], qg)  # (R, KVH, G, L)
-        scores += group.mask
-        probs = _softmax_inplace(scores)
-        run_out = np.matvec(values[:, :, None].transpose(0, 1, 2, 4, 3), probs)  # (R, KVH, G, hd)
-        run_out = run_out.reshape(-1, n_heads, hd)
-        out[group.items] = run_out if group.local is None else run_out[group.local]
-    return out
 
 
 def _prefill_attention(

@@ -15,8 +15,8 @@ __all__ = ["SlotTable"]
 
 class SlotTable:
     """Free and used slots of a cache of ``n_slots`` sequences; the lowest free slot goes first,
-    so running sequences sit in neighbouring slots (decode attention reads runs of slots as one
-    view of the cache)."""
+    so running sequences sit in neighbouring slots (the front of the cache stays the part in
+    use)."""
 
     def __init__(self, n_slots: int) -> None:
         if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:

@@ -12,8 +12,8 @@ held, saved to the pool); which slot holds what is :class:`~zigllama_batch.kv.KV
 bookkeeping.
 
 Layout: one array per layer and per K/V, shaped ``(slots, kv_heads, max_context, head_dim)``.
-Keeping layers apart (rather than one ``slots x layers x ...`` block) lets a step take a layer's
-slice for a run of neighbouring slots as a view.
+Keeping layers apart (rather than one ``slots x layers x ...`` block) gives each layer's
+attention one contiguous array to read its slots from.
 """
 
 from __future__ import annotations

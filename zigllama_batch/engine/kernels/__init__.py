@@ -1,5 +1,5 @@
 """Weights kept as GGUF stores them, and the one entry point the forward pass calls for a
-linear layer: :func:`linear`.
+linear layer: :func:`linear`; and the attention of decode tokens, :func:`attend_decode`.
 
 Inside: :class:`Weight` (one matrix of one GGUF type: block planes, or float32 for the types
 read as float32), :class:`Linear` (the row-wise concatenation of weights that one product
@@ -11,7 +11,8 @@ project's 2-core machine; ``benchmarks/kernels.py`` reruns the measurement):
 
 - up to :data:`GEMV_MAX_ROWS` rows (decode, a few streams; per type):
   :func:`~.matmul.gemv_fused`, which reads each weight byte once and decodes it in cache; at
-  one row its time is the bytes read.
+  one row its time is the bytes read (Q4_0 and Q4_1 at one row: :func:`~.matmul.gemv_nibbles`,
+  the same sums without the row loop).
 - more rows (batched decode, prompt chunks): :func:`~.matmul.gemm`, L2-sized tiles of
   decoded rows multiplied by BLAS.
 - float32 weights: numpy's BLAS.
@@ -40,8 +41,9 @@ from numpy.typing import NDArray
 from threadpoolctl import ThreadpoolController
 
 from ... import _blas_env
+from .attention import decode_attention
 from .blocks import FORMATS, Planes, pack
-from .matmul import decode_rows, decode_tiles, gemm, gemv, gemv_fused, tile_rows
+from .matmul import decode_rows, decode_tiles, gemm, gemv, gemv_fused, gemv_nibbles, tile_rows
 from .tiles import TILE, Tiles
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "GEMV_MAX_ROWS",
     "Linear",
     "Weight",
+    "attend_decode",
     "dequantize",
     "embedding_rows",
     "linear",
@@ -213,18 +216,35 @@ def linear(x: F32, w: Linear) -> F32:
     return out
 
 
+def attend_decode(q: F32, k_cache: F32, v_cache: F32, slots: I64, starts: I64, ends: I64) -> F32:
+    """Attention of single-token items: item i's query heads ``q[i]`` (H, hd), already
+    scaled, over positions ``starts[i]:ends[i]`` of slot ``slots[i]`` of a layer's caches
+    (slots, KVH, positions, hd). Returns (items, H, hd)."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    out = np.empty_like(q)
+    _use_threads()
+    decode_attention(q, k_cache, v_cache, slots, starts, ends, out)
+    return out
+
+
+def _use_threads() -> None:
+    if numba.get_num_threads() != _threads:  # numba's setting is per calling thread
+        numba.set_num_threads(_threads)
+
+
 def _product(x: F32, w: Weight, out: F32) -> F32:
     if w.dense is not None:
         np.matmul(x, w.dense.T, out=out)
         return out
     assert w.tiles is not None
-    if numba.get_num_threads() != _threads:  # numba's setting is per calling thread
-        numba.set_num_threads(_threads)
+    _use_threads()
     t = w.tiles
     if x.shape[0] > GEMV_MAX_ROWS[w.qtype]:
         gemm(t.code, t.block, *t.arrays, x, out)
     elif w.qtype in (Q.F16, Q.BF16):
         gemv(t.code, t.block, *t.arrays, x, out)
+    elif x.shape[0] == 1 and w.qtype in (Q.Q4_0, Q.Q4_1):
+        gemv_nibbles(t.code, t.qs, t.scale, t.offset, x, out, _WIDTH)
     else:
         gemv_fused(t.code, *t.arrays, x, out, _WIDTH)
     return out
