@@ -32,6 +32,8 @@ from .core import Adapter, Core
 from .errors import JSON, http_error_handler, server_error_handler
 from .metrics import CONTENT_TYPE_LATEST, ProcessorMetrics
 from .middleware import add_middleware
+from .responses import Responses
+from .store import DEFAULT_RESPONSE_STORE_SIZE, ResponseStore
 from .tokenization import Tokenization
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
@@ -49,6 +51,7 @@ def create_app(
     manage_processor: bool = False,
     drain_timeout: float | None = 30.0,
     cors_origins: Sequence[str] | None = None,
+    response_store_size: int = DEFAULT_RESPONSE_STORE_SIZE,
 ) -> Starlette:
     """Build the OpenAI-compatible app around a processor.
 
@@ -65,6 +68,9 @@ def create_app(
             rest is stopped.
         cors_origins: origins a browser may call the API from (``["*"]``: any); None or empty:
             no CORS headers, browsers on other origins are kept out.
+        response_store_size: how many ``/v1/responses`` answers are kept for
+            ``previous_response_id`` and ``GET /v1/responses/{id}`` (least recently used
+            dropped first; 0: none).
     """
     name = model_name or processor.model_name
     metrics = ProcessorMetrics(processor)
@@ -72,6 +78,8 @@ def create_app(
     core = Core(processor, name, max_body_bytes)
     info = _Info(core)
     tokenization = Tokenization(core)
+    store = ResponseStore(response_store_size)
+    responses = Responses(core, store)
 
     def endpoint(adapter: Adapter) -> Any:
         async def handle(request: Request) -> Response:
@@ -96,6 +104,9 @@ def create_app(
         routes=[
             Route("/v1/completions", endpoint(Completions(core)), methods=["POST"]),
             Route("/v1/chat/completions", endpoint(ChatCompletions(core)), methods=["POST"]),
+            Route("/v1/responses", endpoint(responses), methods=["POST"]),
+            Route("/v1/responses/{response_id}", responses.retrieve, methods=["GET"]),
+            Route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"]),
             Route("/v1/models", info.models, methods=["GET"]),
             Route("/v1/models/{model:path}", info.model, methods=["GET"]),
             Route("/tokenize", tokenization.tokenize, methods=["POST"]),
@@ -109,6 +120,7 @@ def create_app(
     add_middleware(app, metrics=metrics, api_key=api_key, cors_origins=cors_origins)
     app.state.processor = processor
     app.state.metrics = metrics
+    app.state.responses = store
     return app
 
 

@@ -176,7 +176,7 @@ def served_routes(routes: list[BaseRoute]) -> list[str]:
     for route in routes:
         if isinstance(route, Route):
             methods = sorted((route.methods or {"GET"}) - {"HEAD"})
-            out += [f"{method} {route.path}" for method in methods]
+            out += [f"{method} {route.path_format}" for method in methods]
     return out
 
 

@@ -48,7 +48,7 @@ def add_middleware(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(cors_origins),
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["*"],  # Authorization and the OpenAI clients' X-Stainless-* headers
             expose_headers=["Retry-After"],
             max_age=600,
