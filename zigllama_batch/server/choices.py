@@ -9,6 +9,7 @@ choice reads.
 
 from __future__ import annotations
 
+import abc
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -125,13 +126,13 @@ class ChoiceTurn(Turn):
             "usage": usage_body(Usage.of(result)),
         }
 
+    @abc.abstractmethod
     def choice(self, result: BatchResult) -> dict[str, Any]:
         """The one choice of a whole answer."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def deltas(self, chunks: ChunkStream) -> AsyncIterator[dict[str, Any]]:
         """The streamed choices (each chunk counted in :attr:`generated` as it arrives)."""
-        raise NotImplementedError
 
     async def events(self, chunks: ChunkStream) -> AsyncIterator[Event]:
         """Each choice delta in a chunk, the usage chunk when asked for, then ``[DONE]``."""
