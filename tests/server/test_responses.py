@@ -281,3 +281,30 @@ async def test_function_calls_and_their_outputs_are_read_as_a_conversation(
         json={"model": MODEL, "input": [{"type": "function_call", "call_id": "c"}]},
     )
     assert_error(r, 400, "input[0].name")
+
+
+async def test_a_stored_response_can_be_streamed_again(served: Served) -> None:
+    """GET with stream=true sends a stored response as the events of its stream (its text in
+    one delta), the last holding the response as stored; starting_after skips the events
+    already seen."""
+    client, _, _ = served
+    body = await create(client, input="the cat", max_output_tokens=3)
+    r = await client.get(f"/v1/responses/{body['id']}", params={"stream": "true"})
+    got = events(r.text)
+    assert [name for name, _ in got] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
+    assert got[-1][1]["response"] == body
+    assert got[2][1]["item"]["id"] == body["output"][0]["id"]
+    r = await client.get(
+        f"/v1/responses/{body['id']}", params={"stream": "true", "starting_after": "6"}
+    )
+    assert [p["sequence_number"] for _, p in events(r.text)] == [7, 8]

@@ -71,6 +71,12 @@ class Event:
     data: Mapping[str, Any] | str
     name: str | None = None
 
+    @property
+    def sequence_number(self) -> int:
+        """The event's place in its stream (-1 for an event that has none)."""
+        number = self.data.get("sequence_number", -1) if isinstance(self.data, Mapping) else -1
+        return int(number)
+
     def encode(self) -> bytes:
         """The event on the wire."""
         data = (

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from starlette.requests import Request
@@ -25,8 +25,9 @@ from starlette.responses import Response
 from ..batching.types import BatchRequest
 from ..errors import InvalidRequest, PromptTooLong
 from ..structured import StructuredOutput
-from .core import Core
+from .core import Core, Event, EventStream
 from .errors import JSON, ApiError
+from .responses_events import replay
 from .responses_output import ResponseTurn
 from .responses_schema import ResponsesRequest, items_to_messages
 from .store import ResponseStore
@@ -131,16 +132,22 @@ class Responses:
     # -- stored responses ----------------------------------------------------------------------
 
     async def retrieve(self, request: Request) -> Response:
-        """``GET /v1/responses/{id}``: a stored response as it was answered."""
+        """``GET /v1/responses/{id}``: a stored response as it was answered (with
+        ``stream=true``, as the events of its stream, after ``starting_after``)."""
         response_id = request.path_params["response_id"]
-        if request.query_params.get("stream", "false").lower() not in ("false", "0"):
-            return ApiError(
-                400, "stream: replaying a stored response is not served", param="stream"
-            ).response()
         stored = self.store.get(response_id)
         if stored is None:
             return _not_stored(response_id).response()
-        return JSON(stored.response)
+        query = request.query_params
+        if query.get("stream", "false").lower() in ("false", "0"):
+            return JSON(stored.response)
+        after = query.get("starting_after", "-1")
+        if not after.lstrip("-").isdigit():
+            return ApiError(
+                400, "starting_after: must be an integer", param="starting_after"
+            ).response()
+        events = [e for e in replay(stored.response) if e.sequence_number > int(after)]
+        return EventStream(_encoded(events), media_type="text/event-stream")
 
     async def delete(self, request: Request) -> Response:
         """``DELETE /v1/responses/{id}``: forget a stored response."""
@@ -148,6 +155,11 @@ class Responses:
         if not self.store.delete(response_id):
             return _not_stored(response_id).response()
         return JSON({"id": response_id, "object": "response", "deleted": True})
+
+
+async def _encoded(events: list[Event]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event.encode()
 
 
 def _not_stored(response_id: str) -> ApiError:

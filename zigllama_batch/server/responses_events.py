@@ -4,18 +4,53 @@ Inside: :class:`OutputWriter`: whole items for an answer that is not streamed (:
 :meth:`call`), or items opened, extended and closed as a stream goes, each step returning the
 events OpenAI sends for it (``response.output_item.added``, ``response.content_part.added``,
 ``response.output_text.delta``, ``response.function_call_arguments.delta``, their ``done``
-events), numbered by ``sequence_number`` across the whole stream. A message holds one
+events), numbered by ``sequence_number`` across the whole stream; and :func:`replay`, the
+events of a stored response, sent again. A message holds one
 ``output_text`` part; a function call is one ``function_call`` item.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from .core import Event
 
-__all__ = ["OutputWriter"]
+__all__ = ["OutputWriter", "replay"]
+
+_ENDS = {"completed": "response.completed", "incomplete": "response.incomplete"}
+"""The last event of a finished response, by status (any other: ``response.failed``)."""
+
+
+def replay(response: Mapping[str, Any]) -> list[Event]:
+    """The events a finished response's stream sends, each item's text or arguments in one
+    delta (``GET /v1/responses/{id}?stream=true``)."""
+    writer = OutputWriter()
+    snapshot = {
+        **{k: v for k, v in response.items() if k not in ("usage", "completed_at")},
+        "status": "in_progress",
+        "output": [],
+        "incomplete_details": None,
+    }
+    events = [
+        writer.event("response.created", response=snapshot),
+        writer.event("response.in_progress", response=snapshot),
+    ]
+    for item in response["output"]:
+        if item["type"] == "message":
+            part = item["content"][0]
+            events += writer.open_message(item["id"])
+            if part["text"]:
+                events.append(writer.text(part["text"], part["logprobs"]))
+            events += writer.close_message(item["status"])
+        else:
+            function = {"name": item["name"], "arguments": item["arguments"]}
+            events += writer.call_delta({"id": item["call_id"], "function": function}, item["id"])
+            events += writer.close_call(item["status"])
+    kind = _ENDS.get(response["status"], "response.failed")
+    events.append(writer.event(kind, response=dict(response)))
+    return events
 
 
 class OutputWriter:
@@ -46,10 +81,10 @@ class OutputWriter:
 
     # items written piece by piece, for a stream
 
-    def open_message(self) -> list[Event]:
-        """Start a message."""
+    def open_message(self, item_id: str | None = None) -> list[Event]:
+        """Start a message (``item_id``: its id, when it has one already)."""
         self.open_message_index = index = len(self.items)
-        item = _message("", "in_progress", [])
+        item = _message("", "in_progress", [], item_id)
         self.items.append(item)
         added = {**item, "content": []}
         return [
@@ -104,13 +139,14 @@ class OutputWriter:
             self.event("response.output_item.done", output_index=index, item=dict(item)),
         ]
 
-    def call_delta(self, delta: dict[str, Any]) -> list[Event]:
-        """A chat completions tool-call delta as the events of a function call item."""
+    def call_delta(self, delta: dict[str, Any], item_id: str | None = None) -> list[Event]:
+        """A chat completions tool-call delta as the events of a function call item
+        (``item_id``: the item's id, when it has one already)."""
         events = []
         function = delta.get("function", {})
         if "id" in delta:  # the call starts
             self.open_call_index = index = len(self.items)
-            item = _call(delta["id"], function.get("name", ""), "", "in_progress")
+            item = _call(delta["id"], function.get("name", ""), "", "in_progress", item_id)
             self.items.append(item)
             events.append(
                 self.event("response.output_item.added", output_index=index, item=dict(item))
@@ -154,9 +190,11 @@ def _text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def _message(text: str, status: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+def _message(
+    text: str, status: str, logprobs: list[dict[str, Any]], item_id: str | None = None
+) -> dict[str, Any]:
     return {
-        "id": f"msg_{uuid.uuid4().hex}",
+        "id": item_id or f"msg_{uuid.uuid4().hex}",
         "type": "message",
         "status": status,
         "role": "assistant",
@@ -164,9 +202,11 @@ def _message(text: str, status: str, logprobs: list[dict[str, Any]]) -> dict[str
     }
 
 
-def _call(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+def _call(
+    call_id: str, name: str, arguments: str, status: str, item_id: str | None = None
+) -> dict[str, Any]:
     return {
-        "id": f"fc_{uuid.uuid4().hex}",
+        "id": item_id or f"fc_{uuid.uuid4().hex}",
         "type": "function_call",
         "status": status,
         "call_id": call_id,

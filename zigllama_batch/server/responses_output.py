@@ -166,9 +166,9 @@ class ResponseTurn(Turn):
             "tools": tools,
             "top_p": b.top_p,
             "truncation": "disabled",
-            "user": b.user,
             "metadata": b.metadata or {},
             "background": False,
+            **({"user": b.user} if b.user is not None else {}),
         }
 
     def _logprobs(
