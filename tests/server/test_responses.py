@@ -308,3 +308,21 @@ async def test_a_stored_response_can_be_streamed_again(served: Served) -> None:
         f"/v1/responses/{body['id']}", params={"stream": "true", "starting_after": "6"}
     )
     assert [p["sequence_number"] for _, p in events(r.text)] == [7, 8]
+
+
+async def test_a_stream_cut_by_an_error_ends_with_error_and_failed(served: Served) -> None:
+    """An engine failure mid-stream ends the stream with an error event and response.failed
+    (status failed, the error in OpenAI's response error shape), still numbered in order."""
+    client, _, engine = served
+    engine.fail_with = RuntimeError("kernel exploded")
+    r = await client.post(
+        "/v1/responses",
+        json={"model": MODEL, "input": "x", "max_output_tokens": 5, "stream": True},
+    )
+    got = events(r.text)
+    assert [name for name, _ in got][-2:] == ["error", "response.failed"]
+    assert "kernel exploded" in got[-2][1]["message"]
+    failed = got[-1][1]["response"]
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "server_error"
+    assert [p["sequence_number"] for _, p in got] == list(range(len(got)))
