@@ -63,7 +63,7 @@ class ResponseTurn(Turn):
         constraint: str | None,
     ) -> None:
         super().__init__(request, stream=body.stream, prompt_param="input", constraint=constraint)
-        self.body_ = body
+        self.request_body = body
         self.model = model
         self.plan = plan
         self.tokenizer = tokenizer
@@ -121,7 +121,7 @@ class ResponseTurn(Turn):
 
     def snapshot(self, status: str, error: dict[str, Any] | None = None) -> dict[str, Any]:
         """The response object now (no usage until it is finished)."""
-        b = self.body_
+        b = self.request_body
         fmt = b.text.format if b.text is not None else None
         text_format: dict[str, Any] = {"type": "text"}
         if fmt is not None and fmt.type == "json_schema":
