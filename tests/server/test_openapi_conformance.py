@@ -486,6 +486,9 @@ def to_served_model(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
             case.path_parameters["model"] = MODEL
         if "response_id" in case.path_parameters:
             case.path_parameters["response_id"] = STORED_ID
+            # Stored again each time: schemathesis' coverage phase also tries other methods on
+            # the path, and DELETE forgets it.
+            STORED["store"].put(STORED_ID, STORED["entry"])
 
 
 # -- findings ---------------------------------------------------------------------------------
@@ -590,12 +593,14 @@ def served_app(tiny: Tiny) -> Any:
     processor = BatchProcessor(*tiny, BatchConfig(strategy="continuous", max_batch_size=4))
     SERVING["processor"] = processor
     app = create_app(processor, model_name=MODEL, manage_processor=True, drain_timeout=5)
-    app.state.responses.put(STORED_ID, stored_response(tiny))
+    STORED["store"], STORED["entry"] = app.state.responses, stored_response(tiny)
     return app
 
 
 STORED_ID = "resp_stored"
 """The id ``GET /responses/{response_id}`` asks for."""
+STORED: dict[str, Any] = {}
+"""The app's response store, and the response stored under :data:`STORED_ID`."""
 
 
 def stored_response(tiny: Tiny) -> StoredResponse:
