@@ -326,3 +326,17 @@ async def test_a_stream_cut_by_an_error_ends_with_error_and_failed(served: Serve
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "server_error"
     assert [p["sequence_number"] for _, p in got] == list(range(len(got)))
+
+
+async def test_responses_are_counted_like_the_other_endpoints(served: Served) -> None:
+    """A response is counted as completed by the processor, an unknown previous response as
+    invalid; reading a stored response back is not a generation request."""
+    client, _, _ = served
+    body = await create(client, input="x", max_output_tokens=2)
+    await client.get(f"/v1/responses/{body['id']}")
+    await client.post(
+        "/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": "resp_no"}
+    )
+    text = (await client.get("/metrics")).text
+    assert 'zigllama_requests_total{outcome="completed"} 1.0' in text
+    assert 'zigllama_requests_total{outcome="invalid"} 1.0' in text
