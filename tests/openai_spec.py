@@ -10,8 +10,9 @@ here: :func:`reduced_openai_description` reads the installed wheel and reduces i
 
 What is kept:
 
-- the operations ``POST /completions``, ``POST /chat/completions``, ``GET /models`` and
-  ``GET /models/{model}`` (every other path and method is dropped);
+- the operations ``POST /completions``, ``POST /chat/completions``, ``POST /responses``,
+  ``GET /responses/{response_id}``, ``GET /models`` and ``GET /models/{model}`` (every other
+  path and method is dropped);
 - the components those operations reach through ``$ref`` (and through discriminator
   ``mapping`` targets), transitively; every other component is dropped;
 - ``openapi``, ``info`` (title, version, licence) and ``servers``.
@@ -45,6 +46,8 @@ __all__ = ["reduce_spec", "reduced_openai_description"]
 OPERATIONS = {
     "/completions": ("post",),
     "/chat/completions": ("post",),
+    "/responses": ("post",),
+    "/responses/{response_id}": ("get",),
     "/models": ("get",),
     "/models/{model}": ("get",),
 }

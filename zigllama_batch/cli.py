@@ -196,6 +196,14 @@ def _parser() -> argparse.ArgumentParser:
         help="require `Authorization: Bearer KEY` (default: $ZIGLLAMA_BATCH_API_KEY, else none)",
     )
     srv.add_argument(
+        "--cors-origins",
+        metavar="ORIGINS",
+        type=lambda text: [o.strip() for o in text.split(",") if o.strip()],
+        default=None,
+        help="comma-separated origins a browser may call the API from, * for any "
+        "(default: none; not with --ray)",
+    )
+    srv.add_argument(
         "--drain-timeout",
         metavar="SECONDS",
         type=_non_negative_float,
@@ -414,6 +422,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             api_key=args.api_key,
             model_name=args.model_name,
+            cors_origins=args.cors_origins,
             drain_timeout=args.drain_timeout,
             log_level=args.log_level,
         )

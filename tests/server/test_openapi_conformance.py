@@ -10,7 +10,8 @@ model, and checks every answer:
 - ``stream_chunk_conformance`` (here): each event of a 2xx ``text/event-stream`` answer matches
   the chunk schema OpenAI documents, and the stream ends with ``data: [DONE]``;
 - ``accepted_unless_refused`` (here): schemathesis' ``positive_data_acceptance`` (a spec-valid
-  request gets a 2xx), except for the refusals this server documents (``DOCUMENTED_REFUSALS``).
+  request gets a 2xx), except for the refusals this server documents (``DOCUMENTED_REFUSALS``,
+  and ``RESPONSES_REFUSALS`` for ``POST /responses``).
 
 A ``before_call`` hook sends every request to the served model (the description's examples name
 OpenAI's models) and caps the completion length, so the run stays fast. The engine is driven
@@ -20,6 +21,7 @@ failure (grouped by check, status and error), not just the first one Hypothesis 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import json
@@ -28,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import jsonschema_rs  # schemathesis' own JSON Schema validator
 import pytest
 import schemathesis
@@ -40,14 +43,27 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from zigllama_batch import BatchConfig, BatchProcessor, LLaMAModel, PromptTooLong, Tokenizer
 from zigllama_batch.server import create_app
+from zigllama_batch.server.responses_schema import (
+    HONOURED_INCLUDES,
+    ResponsesRequest,
+    items_to_messages,
+)
 from zigllama_batch.server.schema import ChatCompletionRequest, CompletionRequest
+from zigllama_batch.server.store import StoredResponse
 
 Tiny = tuple[LLaMAModel, Tokenizer]
 MODEL = "tiny"
 MAX_TOKENS = 3
 """Requested ``max_tokens`` / ``max_completion_tokens`` above this are lowered to it."""
 
-OPERATIONS = ["POST /completions", "POST /chat/completions", "GET /models", "GET /models/{model}"]
+OPERATIONS = [
+    "POST /completions",
+    "POST /chat/completions",
+    "POST /responses",
+    "GET /responses/{response_id}",
+    "GET /models",
+    "GET /models/{model}",
+]
 
 CONFIG: dict[str, Any] = {
     # The same cases every run, so a failure in CI is the failure seen locally.
@@ -141,7 +157,9 @@ def _over_context(body: Mapping[str, Any]) -> bool:
     encoded = _encoded(body)
     if encoded is None:  # refused anyway (a non-text part, say): the bound alone may refuse it
         try:
-            processor.check_prompt_length(body.get("messages", body.get("prompt")))
+            processor.check_prompt_length(
+                body.get("messages", body.get("prompt", body.get("input")))
+            )
         except PromptTooLong:
             return True
         return False
@@ -155,6 +173,12 @@ def _encoded(body: Mapping[str, Any]) -> tuple[list[int], int | None] | None:
     body; None when the body is not a request the tokenizer takes."""
     tokenizer = SERVING["processor"].tokenizer
     try:
+        if "input" in body or "instructions" in body:
+            request = ResponsesRequest.model_validate(body)
+            messages = items_to_messages(request.input_items(), template_calls=False)
+            if request.instructions:
+                messages.insert(0, {"role": "system", "content": request.instructions})
+            return tokenizer.encode_prompt(messages), request.max_output_tokens
         if "messages" in body:
             chat = ChatCompletionRequest.model_validate(body)
             return tokenizer.encode_prompt(chat.message_dicts()), chat.requested_max_tokens()
@@ -164,11 +188,67 @@ def _encoded(body: Mapping[str, Any]) -> tuple[list[int], int | None] | None:
         return None
 
 
+def _responses_tools(body: Mapping[str, Any]) -> bool:
+    choice = body.get("tool_choice")
+    return bool(body.get("tools")) or choice not in (None, "none", "auto")
+
+
+_SERVED_ITEMS = frozenset({"message", "function_call", "function_call_output"})
+_TEXT_PARTS = frozenset({"input_text", "output_text", "refusal"})
+
+
+def _unserved_items(body: Mapping[str, Any]) -> bool:
+    """Input items other than messages of text parts, function calls and their outputs."""
+    items = body.get("input")
+    if not isinstance(items, list):
+        return False
+    for item in items:
+        if not isinstance(item, Mapping):
+            return True
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind not in _SERVED_ITEMS:
+            return True
+        content = item.get("content", item.get("output"))
+        if kind == "message" and item.get("role") not in (
+            "user",
+            "assistant",
+            "system",
+            "developer",
+        ):
+            return True
+        if isinstance(content, list) and any(
+            not isinstance(part, Mapping) or part.get("type") not in _TEXT_PARTS for part in content
+        ):
+            return True
+    return False
+
+
+def _includes_unserved(body: Mapping[str, Any]) -> bool:
+    include = body.get("include")
+    return isinstance(include, list) and any(v not in HONOURED_INCLUDES for v in include)
+
+
+def _reasoning(key: str, allowed: tuple[object, ...]) -> Callable[[Mapping[str, Any]], bool]:
+    def test(body: Mapping[str, Any]) -> bool:
+        reasoning = body.get("reasoning")
+        return isinstance(reasoning, Mapping) and reasoning.get(key) not in allowed
+
+    return test
+
+
+def _text(key: str, refused: Callable[[object], bool]) -> Callable[[Mapping[str, Any]], bool]:
+    def test(body: Mapping[str, Any]) -> bool:
+        text = body.get("text")
+        return isinstance(text, Mapping) and refused(text.get(key))
+
+    return test
+
+
 @dataclass(frozen=True)
 class Refusal:
     """A 400 the server answers on purpose: ``applies`` says the request asked for it, and the
-    error's ``param`` (with its ``code``, or its ``message`` matching a regex, where given) says
-    the answer is that refusal."""
+    error's ``param`` (matching ``param`` as a regex; with its ``code``, or its ``message``
+    matching a regex, where given) says the answer is that refusal."""
 
     param: str | None
     applies: Callable[[Mapping[str, Any]], bool]
@@ -217,7 +297,42 @@ DOCUMENTED_REFUSALS = [
 ]
 
 
-def documented_refusal(body: object, answer: object) -> Refusal | None:
+RESPONSES_REFUSALS = [
+    # /responses: an input to answer (or a stored conversation, which no fuzzed request names).
+    Refusal("input", lambda body: not body.get("input")),
+    # Input items other than messages of text, function calls and their outputs.
+    Refusal(r"input\[\d+\](\.\w+(\[\d+\]\.\w+)?)?", _unserved_items),
+    Refusal("input", _over_context, code="context_length_exceeded"),
+    Refusal("max_output_tokens", _over_context, code="context_length_exceeded"),
+    # Tools: function tools with tool_choice required or a named function (the tiny model's
+    # template renders no tools, so auto is refused); built-in tools are not served.
+    Refusal(r"tools(\[\d+\]\.(type|name|parameters))?|tool_choice", _responses_tools),
+    Refusal("text.format", lambda body: _responses_tools(body) and _set("text")(body)),
+    Refusal(
+        "max_tool_calls", lambda body: _responses_tools(body) and _below("max_tool_calls", 1)(body)
+    ),
+    # Structured output: a schema llguidance cannot compile.
+    Refusal(
+        "text.format",
+        _text("format", lambda f: isinstance(f, Mapping) and f.get("type") == "json_schema"),
+    ),
+    Refusal("text.verbosity", _text("verbosity", lambda v: v not in (None, "medium"))),
+    # What OpenAI runs on its side, or that this server does not implement.
+    Refusal("background", lambda body: body.get("background") is True),
+    Refusal("reasoning.effort", _reasoning("effort", (None, "none"))),
+    Refusal("reasoning.summary", _reasoning("summary", (None,))),
+    Refusal("reasoning.summary", _reasoning("generate_summary", (None,))),
+    Refusal(r"include\[\d+\]", _includes_unserved),
+    Refusal("conversation", _set("conversation")),
+    Refusal("prompt", _set("prompt")),  # a stored prompt template
+    Refusal("context_management", _set("context_management")),
+    Refusal("truncation", lambda body: body.get("truncation") == "auto"),
+    Refusal("top_logprobs", _above("top_logprobs", 0)),  # only the chosen token's logprob
+]
+"""The refusals of ``POST /responses``."""
+
+
+def documented_refusal(body: object, answer: object, path: str) -> Refusal | None:
     """The documented refusal a 400 answer (in OpenAI's error shape) is, if it is one."""
     if not isinstance(body, Mapping) or not isinstance(answer, Mapping):
         return None
@@ -226,8 +341,13 @@ def documented_refusal(body: object, answer: object) -> Refusal | None:
         return None
     if error["type"] != "invalid_request_error":
         return None
-    for refusal in DOCUMENTED_REFUSALS:
-        if refusal.param != error["param"] or not refusal.applies(body):
+    for refusal in RESPONSES_REFUSALS if path == "/responses" else DOCUMENTED_REFUSALS:
+        param = error["param"]
+        if refusal.param is None and param is not None:
+            continue
+        if refusal.param is not None and not re.fullmatch(refusal.param, str(param)):
+            continue
+        if not refusal.applies(body):
             continue
         if refusal.code is not None and refusal.code != error["code"]:
             continue
@@ -248,7 +368,7 @@ def accepted_unless_refused(ctx: Any, response: Any, case: Any) -> bool | None:
             answer = response.json()
         except ValueError:
             answer = None
-        if documented_refusal(case.body, answer) is not None:
+        if documented_refusal(case.body, answer, case.operation.path) is not None:
             return None
     return positive_data_acceptance(ctx, response, case)
 
@@ -265,8 +385,8 @@ def _nullable_to_json_schema(node: Any) -> Any:
 
 @functools.cache
 def chunk_validators() -> dict[str, jsonschema_rs.Draft202012Validator]:
-    """A validator of one streamed event per operation path. OpenAI documents a completion's
-    chunks as completion objects; like a chat chunk's (and like OpenAI's own streams), their
+    """A validator of one streamed event per operation path (a response's events are
+    ``ResponseStreamEvent``s). OpenAI documents a completion's chunks as completion objects; like a chat chunk's (and like OpenAI's own streams), their
     ``finish_reason`` is null until the last one."""
     components = _nullable_to_json_schema(copy.deepcopy(reduced_openai_description()["components"]))
     completion = components["schemas"]["CreateCompletionResponse"]
@@ -280,6 +400,7 @@ def chunk_validators() -> dict[str, jsonschema_rs.Draft202012Validator]:
     return {
         "/chat/completions": of("CreateChatCompletionStreamResponse"),
         "/completions": of("CreateCompletionResponse"),
+        "/responses": of("ResponseStreamEvent"),
     }
 
 
@@ -296,10 +417,13 @@ def without_event_streams(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
 @schemathesis.check
 def stream_chunk_conformance(ctx: Any, response: Any, case: Any) -> bool | None:
     """Each ``data:`` event of a 2xx event stream matches the chunk schema, and the stream ends
-    with ``data: [DONE]``."""
+    with ``data: [DONE]`` (a response's with its completed, incomplete or failed event)."""
     content_type = (response.headers.get("content-type") or [""])[0]
     validator = chunk_validators().get(case.operation.path)
     if not 200 <= response.status_code < 300 or validator is None:
@@ -312,7 +436,10 @@ def stream_chunk_conformance(ctx: Any, response: Any, case: Any) -> bool | None:
         if line.startswith("data:")
     ]
     problems = []
-    if not data or data[-1] != "[DONE]":
+    if case.operation.path == "/responses":  # no [DONE]: the last event is the response's
+        if not data or json.loads(data[-1]).get("type") not in RESPONSE_ENDS:
+            problems.append("the stream does not end with the response's last event")
+    elif not data or data[-1] != "[DONE]":
         problems.append("the stream does not end with `data: [DONE]`")
     for n, event in enumerate(d for d in data if d != "[DONE]"):
         try:
@@ -335,21 +462,33 @@ def stream_chunk_conformance(ctx: Any, response: Any, case: Any) -> bool | None:
 def to_served_model(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
     """Name the served model (in the body, and in the path of ``GET /models/{model}``) and cap
     the completion length, asking for ``MAX_TOKENS`` where the request leaves it open (the
-    default is the rest of the context). Values that are not what the description allows (a
-    negative case) are left alone."""
+    default is the rest of the context). A ``previous_response_id`` is left out, and
+    ``GET /responses/{response_id}`` asks for the one stored response. Values that are not what
+    the description allows (a negative case) are left alone."""
     body = case.body
     if isinstance(body, dict):
         if isinstance(body.get("model"), str):
             body["model"] = MODEL
-        keys = ("max_tokens", "max_completion_tokens")
+        keys = ("max_tokens", "max_completion_tokens", "max_output_tokens")
         for key in keys:
             value = body.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
                 body[key] = MAX_TOKENS
         if all(key not in body for key in keys):
-            body["max_completion_tokens" if "messages" in body else "max_tokens"] = MAX_TOKENS
-    if isinstance(case.path_parameters, dict) and "model" in case.path_parameters:
-        case.path_parameters["model"] = MODEL
+            key = "max_tokens" if "prompt" in body else "max_completion_tokens"
+            body[key if "prompt" in body or "messages" in body else "max_output_tokens"] = (
+                MAX_TOKENS
+            )
+        if isinstance(body.get("previous_response_id"), str):
+            body.pop("previous_response_id")  # no stored response has the id it makes up
+    if isinstance(case.path_parameters, dict):
+        if "model" in case.path_parameters:
+            case.path_parameters["model"] = MODEL
+        if "response_id" in case.path_parameters:
+            case.path_parameters["response_id"] = STORED_ID
+            # Stored again each time: schemathesis' coverage phase also tries other methods on
+            # the path, and DELETE forgets it.
+            STORED["store"].put(STORED_ID, STORED["entry"])
 
 
 # -- findings ---------------------------------------------------------------------------------
@@ -448,11 +587,38 @@ def collect(stream: Any) -> tuple[dict[tuple[str, ...], Finding], list[str], int
 
 
 def served_app(tiny: Tiny) -> Any:
-    """The app over the tiny model. Schemathesis' engine starts its lifespan, and so the
-    processor, on its own event-loop thread; continuous batching: no wait for a batch to fill."""
+    """The app over the tiny model, with one stored response. Schemathesis' engine starts its
+    lifespan, and so the processor, on its own event-loop thread; continuous batching: no wait
+    for a batch to fill."""
     processor = BatchProcessor(*tiny, BatchConfig(strategy="continuous", max_batch_size=4))
     SERVING["processor"] = processor
-    return create_app(processor, model_name=MODEL, manage_processor=True, drain_timeout=5)
+    app = create_app(processor, model_name=MODEL, manage_processor=True, drain_timeout=5)
+    STORED["store"], STORED["entry"] = app.state.responses, stored_response(tiny)
+    return app
+
+
+STORED_ID = "resp_stored"
+"""The id ``GET /responses/{response_id}`` asks for."""
+STORED: dict[str, Any] = {}
+"""The app's response store, and the response stored under :data:`STORED_ID`."""
+
+
+def stored_response(tiny: Tiny) -> StoredResponse:
+    """A response the server answered and stored (by another app: the one under test starts
+    its processor on schemathesis' thread), under :data:`STORED_ID`."""
+
+    async def answer() -> StoredResponse:
+        async with BatchProcessor(*tiny, BatchConfig(max_batch_size=1)) as processor:
+            app = create_app(processor, model_name=MODEL)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                body = {"model": MODEL, "input": "hi", "max_output_tokens": MAX_TOKENS}
+                r = await client.post("/v1/responses", json=body)
+            stored = app.state.responses.get(r.json()["id"])
+            assert stored is not None
+            return StoredResponse({**stored.response, "id": STORED_ID}, stored.items)
+
+    return asyncio.run(answer())
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)

@@ -7,6 +7,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from zigllama_batch.cli import main
@@ -24,7 +25,8 @@ def taken_port() -> Iterator[int]:
 
 def test_serve_says_what_it_serves_where_and_how(tiny_path: Path) -> None:
     """At start, stderr names the model file, the id clients pass, the address and every
-    setting; the API key shows as on, never its value."""
+    setting; the API key shows as on, never its value; --cors-origins answers a browser's
+    preflight from those origins."""
     server = ServerProcess(
         "--model",
         str(tiny_path),
@@ -38,10 +40,17 @@ def test_serve_says_what_it_serves_where_and_how(tiny_path: Path) -> None:
         "128",
         "--drain-timeout",
         "4.5",
+        "--cors-origins",
+        "http://a.example, http://b.example",
         api_key="s3cret-key",
     )
     with server:
         assert server.model == "tiny"
+        preflight = httpx.options(
+            f"{server.base_url}/v1/chat/completions",
+            headers={"Origin": "http://b.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert preflight.headers["access-control-allow-origin"] == "http://b.example"
     out = server.output
     assert f"serving tiny on {server.base_url} (Ctrl+C to stop)" in out
     for line in [
@@ -52,6 +61,7 @@ def test_serve_says_what_it_serves_where_and_how(tiny_path: Path) -> None:
         "queue size      7",
         "context         128 tokens per sequence",
         "API key         on",
+        "CORS origins    http://a.example, http://b.example",
         "drain timeout   4.5 s",
     ]:
         assert f"\n  {line}\n" in out, line

@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from pathlib import Path
 
 import uvicorn
@@ -100,6 +100,7 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     model_name: str | None = None,
+    cors_origins: Sequence[str] | None = None,
     drain_timeout: float = 30.0,
     log_level: str = "info",
 ) -> int:
@@ -134,6 +135,7 @@ def serve(
             api_key=api_key,
             manage_processor=True,
             drain_timeout=drain_timeout,
+            cors_origins=cors_origins,
         )
         uv_config = uvicorn.Config(
             app,
@@ -154,6 +156,7 @@ def serve(
             context=processor.max_context,
             kv=processor.kv_stats(),
             api_key=api_key is not None,
+            cors_origins=cors_origins,
             drain_timeout=drain_timeout,
         )
         server = _Server(uv_config, processor, drain_timeout, banner=banner)
@@ -173,6 +176,7 @@ def _banner(
     context: int,
     kv: KVStats,
     api_key: bool,
+    cors_origins: Sequence[str] | None = None,
     drain_timeout: float,
 ) -> str:
     """What the server serves, where, and with which settings (the key itself is not shown)."""
@@ -185,6 +189,7 @@ def _banner(
         ("context", f"{context} tokens per sequence"),
         ("KV memory", _kv_budget(kv, context)),
         ("API key", "on" if api_key else "off (no authentication)"),
+        ("CORS origins", ", ".join(cors_origins) if cors_origins else "none (--cors-origins)"),
         ("drain timeout", f"{drain_timeout:g} s"),
     ]
     lines = [f"  {key:<15} {value}" for key, value in settings]
