@@ -16,7 +16,8 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from .batching.types import BatchingStrategy
+from .batching.types import BatchConfig, BatchingStrategy
+from .demo import DEMO_REQUESTS
 from .engine.hub import DEFAULT_MODEL, MODELS
 from .errors import ZigllamaBatchError
 from .generation import GenerationConfig, Prompt
@@ -41,6 +42,8 @@ _BATCH_FLAGS = {
     "kv_cache_mb": "--kv-cache-mb",
 }
 """BatchConfig fields that `demo` and `serve` flags set."""
+_SERVING = BatchConfig.serving()
+"""What `demo` and `serve` run with unless a flag says otherwise (their flags' defaults)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,19 +127,23 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--strategy",
         metavar="STRATEGY",
-        default="continuous",
+        default=_SERVING.strategy.value,
         choices=[s.value for s in BatchingStrategy],
         help="how requests are grouped into batches: "
         + ", ".join(s.value for s in BatchingStrategy),
     )
     demo.add_argument(
-        "--requests", metavar="N", type=_positive_int, default=32, help="concurrent requests"
+        "--requests",
+        metavar="N",
+        type=_positive_int,
+        default=DEMO_REQUESTS,
+        help="concurrent requests",
     )
     demo.add_argument(
         "--max-batch-size",
         metavar="N",
         type=int,
-        default=32,
+        default=_SERVING.max_batch_size,
         help="most sequences in one model step",
     )
     demo.add_argument("--model", metavar="PATH|NAME", help=_MODEL_HELP)
@@ -152,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--strategy",
         metavar="STRATEGY",
-        default="continuous",
+        default=_SERVING.strategy.value,
         choices=[s.value for s in BatchingStrategy],
         help="how requests are grouped into batches: "
         + ", ".join(s.value for s in BatchingStrategy),
@@ -161,14 +168,14 @@ def _parser() -> argparse.ArgumentParser:
         "--max-batch-size",
         metavar="N",
         type=int,
-        default=32,
+        default=_SERVING.max_batch_size,
         help="most sequences in one model step",
     )
     srv.add_argument(
         "--max-queue-size",
         metavar="N",
         type=int,
-        default=1024,
+        default=_SERVING.max_queue_size,
         help="requests allowed to wait; more get 429 with Retry-After",
     )
     srv.add_argument(
@@ -396,17 +403,13 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from .batching.types import BatchConfig
-
     try:
-        config = BatchConfig(
-            strategy=BatchingStrategy(args.strategy),
+        config = BatchConfig.serving(
+            strategy=args.strategy,
             max_batch_size=args.max_batch_size,
             max_queue_size=args.max_queue_size,
             max_context=args.max_context,
             kv_cache_mb=args.kv_cache_mb,
-            # Any batch size the flags allow can run: each sequence feeds >= 1 token a step.
-            max_step_tokens=max(BatchConfig().max_step_tokens, args.max_batch_size),
         )
         return serve(
             model=args.model,

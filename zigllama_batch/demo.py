@@ -18,7 +18,10 @@ from .engine.model import LLaMAModel
 from .engine.tokenizer import Tokenizer
 from .generation import GenerationConfig
 
-__all__ = ["DemoSummary", "demo_config", "demo_requests", "run_demo"]
+__all__ = ["DEMO_REQUESTS", "DemoSummary", "demo_config", "demo_requests", "run_demo"]
+
+DEMO_REQUESTS = 32
+"""Requests the demo fires at once: enough to fill the default batch."""
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -55,21 +58,20 @@ def demo_requests(n: int, *, seed: int = 0) -> list[BatchRequest]:
 
 
 def demo_config(
-    strategy: BatchingStrategy | str = BatchingStrategy.CONTINUOUS, max_batch_size: int = 32
+    strategy: BatchingStrategy | str | None = None, max_batch_size: int | None = None
 ) -> BatchConfig:
-    """The demo's batching settings (``ValueError`` names a bad field, before any model loads).
+    """The demo's batching settings: those of ``zigllama-batch serve``
+    (:meth:`BatchConfig.serving`), with ``strategy`` and ``max_batch_size`` when given
+    (``ValueError`` names a bad field, before any model loads).
 
-    The static strategies wait at most 100 ms for a batch to fill, and ADAPTIVE aims at 10 s:
-    the demo's answers take seconds each on a CPU. The per-step token budget grows with the
-    batch size, so any batch size the config allows can run.
+    ADAPTIVE aims at 10 s: the demo's answers take seconds each on a CPU.
     """
-    return BatchConfig(
-        strategy=BatchingStrategy(strategy),
-        max_batch_size=max_batch_size,
-        max_step_tokens=max(BatchConfig().max_step_tokens, max_batch_size),
-        timeout_ms=100,
-        latency_target_ms=10_000,
-    )
+    changes: dict[str, object] = {}
+    if strategy is not None:
+        changes["strategy"] = strategy
+    if max_batch_size is not None:
+        changes["max_batch_size"] = max_batch_size
+    return BatchConfig.serving(latency_target_ms=10_000, **changes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +96,16 @@ async def run_demo(
     model: LLaMAModel,
     tokenizer: Tokenizer,
     *,
-    strategy: BatchingStrategy | str = BatchingStrategy.CONTINUOUS,
-    requests: int = 32,
-    max_batch_size: int = 32,
+    strategy: BatchingStrategy | str | None = None,
+    requests: int = DEMO_REQUESTS,
+    max_batch_size: int | None = None,
     out: TextIO | None = None,
 ) -> DemoSummary:
     """Run the demo and return its figures; progress goes to ``out`` (default: the
-    ``sys.stderr`` of the moment the demo runs, not of the moment this module was imported)."""
+    ``sys.stderr`` of the moment the demo runs, not of the moment this module was imported).
+
+    ``strategy`` and ``max_batch_size`` default to :meth:`BatchConfig.serving`'s.
+    """
     out = out or sys.stderr
     config = demo_config(strategy, max_batch_size)
     generated = 0
