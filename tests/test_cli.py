@@ -194,7 +194,8 @@ def test_a_directory_as_model_is_reported_as_one(
 def test_demo_runs_concurrent_requests_and_prints_a_summary(
     tiny_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`demo` pushes N requests through the processor and prints the summary table."""
+    """`demo` warms up, runs one request alone, pushes N requests through the processor, and
+    prints the summary table with what batching gained over one request at a time."""
     code = main(
         [
             "demo",
@@ -213,6 +214,14 @@ def test_demo_runs_concurrent_requests_and_prints_a_summary(
     assert "throughput" in out
     assert "mean batch size" in out
     assert "6 requests, strategy dynamic_timeout" in err
+    assert err.index("warming up") < err.index("one request alone: ") < err.index("batched: ")
+    assert re.search(r"^\s+one request alone\s+\d+\.\d tokens/s$", out, re.MULTILINE)
+    assert re.search(
+        r"^batching: \d+\.\dx the tokens/s of one request at a time \(these \d+ tokens: "
+        r"\d+\.\d s batched, about \d+\.\d s one at a time\)$",
+        out,
+        re.MULTILINE,
+    )
     assert re.search(r"^\s+model\s+tiny$", out, re.MULTILINE)  # the file's name, as served
     assert "tiny-test-llama" not in out + err  # not the file's internal general.name
 
