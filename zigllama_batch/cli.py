@@ -16,8 +16,9 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+from ._terminal import LoadLine, StatusLine
 from .batching.types import BatchConfig, BatchingStrategy
-from .demo import DEMO_REQUESTS
+from .demo import DEMO_REQUESTS, FIRST_RUN_NOTE
 from .engine.hub import DEFAULT_MODEL, MODELS
 from .errors import ZigllamaBatchError
 from .generation import GenerationConfig, Prompt
@@ -336,7 +337,7 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {_in_flag_terms(exc, _GENERATION_FLAGS)}", file=sys.stderr)
         return 2
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, on_progress=LoadLine())
     generator = TextGenerator(model, tokenizer)
     prompt: Prompt = args.prompt
     if args.chat:
@@ -344,13 +345,19 @@ def _generate(args: argparse.Namespace) -> int:
         if args.system:
             messages.insert(0, {"role": "system", "content": args.system})
         prompt = messages
+    status = StatusLine()  # until the first token: a first run compiles the kernels then
+    status.show(f"generating ({FIRST_RUN_NOTE}) ...")
     if args.no_stream:
         result = generator.generate(prompt, config)
+        status.clear()
         print(result.text)
     else:
-        result = generator.generate(
-            prompt, config, callback=lambda chunk, _: print(chunk, end="", flush=True)
-        )
+
+        def show(chunk: str, _: object) -> None:
+            status.clear()
+            print(chunk, end="", flush=True)
+
+        result = generator.generate(prompt, config, callback=show)
         print()
     print(
         f"[{generator.engine.model_name}: {result.completion_tokens} tokens, "
@@ -373,7 +380,7 @@ def _demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {_in_flag_terms(exc, _BATCH_FLAGS)}", file=sys.stderr)
         return 2
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, on_progress=LoadLine())
     print(
         f"{model!r}\n{args.requests} requests, strategy {args.strategy}, "
         f"max batch size {args.max_batch_size}",
@@ -420,6 +427,7 @@ def _serve(args: argparse.Namespace) -> int:
             model_name=args.model_name,
             drain_timeout=args.drain_timeout,
             log_level=args.log_level,
+            on_progress=LoadLine(),
         )
     except ValueError as exc:  # a setting the config, or the loaded model, cannot take
         print(f"error: {_in_flag_terms(exc, _BATCH_FLAGS)}", file=sys.stderr)

@@ -25,6 +25,9 @@ __all__ = ["DEMO_REQUESTS", "DemoSummary", "demo_config", "demo_requests", "run_
 DEMO_REQUESTS = 32
 """Requests the demo fires at once: enough to fill the default batch."""
 
+FIRST_RUN_NOTE = "on a machine's first run this compiles the kernels: about 30 s"
+"""Why the first steps may take long (they load the compiled kernels, or compile them)."""
+
 QUESTIONS = [
     "What is the capital of France?",
     "Explain in two sentences why the sky is blue.",
@@ -204,7 +207,7 @@ async def _one_at_a_time(
     question = [{"role": "user", "content": QUESTIONS[0]}]
     mean_tokens = round(sum(_MAX_TOKENS) / len(_MAX_TOKENS))
     async with BatchProcessor(model, tokenizer, config) as processor:
-        _say(out, "warming up (on a machine's first run this compiles the kernels: about 30 s) ...")
+        _say(out, f"warming up ({FIRST_RUN_NOTE}) ...")
         started = time.perf_counter()
         warm = GenerationConfig.greedy(max_tokens=2, ignore_eos=True)
         await processor.submit(BatchRequest(prompt=question, config=warm))

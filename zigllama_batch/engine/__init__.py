@@ -14,7 +14,7 @@ per-sequence logits hook), ``grammar`` (that hook for an output constraint, with
 (packaged models by name: download, verification, cache).
 """
 
-from .gguf_loader import LlamaConfig, read_gguf
+from .gguf_loader import LlamaConfig, LoadProgress, LoadProgressCallback, read_gguf
 from .model import LLaMAModel
 from .output import OutputDecoder
 from .runner import DEFAULT_PREFILL_CHUNK, Engine, Model, ModelConfig
@@ -28,6 +28,8 @@ __all__ = [
     "IncrementalDetokenizer",
     "LLaMAModel",
     "LlamaConfig",
+    "LoadProgress",
+    "LoadProgressCallback",
     "LogitsHook",
     "Model",
     "ModelConfig",
