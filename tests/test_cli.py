@@ -162,6 +162,44 @@ def test_help_describes_every_option_with_its_default(
             assert f"(default: {action.default})" in text, action.dest
 
 
+@pytest.mark.parametrize("argv", [["--version"], ["--version", "demo"]])
+def test_version_names_the_installed_distribution(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`zigllama-batch --version` prints the installed version, which the package reports too,
+    and exits 0."""
+    from importlib.metadata import version
+
+    import zigllama_batch
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"zigllama-batch {version('zigllama-batch')}\n"
+    assert zigllama_batch.__version__ == version("zigllama-batch")
+
+
+def test_tokenizer_export_help_describes_its_arguments(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`tokenizer export --help` says what it writes and which tools read it."""
+    with pytest.raises(SystemExit) as info:
+        main(["tokenizer", "export", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "usage: zigllama-batch tokenizer export [-h] [--model PATH|NAME] DIR" in text
+    for words in ("tokenizer.json", "chat template", "AutoTokenizer", "guidellm", "--model"):
+        assert words in text
+
+
+def test_tokenizer_without_an_action_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """`zigllama-batch tokenizer` alone exits 2 naming the action it needs."""
+    with pytest.raises(SystemExit) as info:
+        main(["tokenizer"])
+    assert info.value.code == 2
+    assert "ACTION" in capsys.readouterr().err
+
+
 def test_missing_model_file_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
     """A model path that does not exist exits 1 with a one-line error."""
     assert main(["generate", "x", "--model", "/nonexistent.gguf"]) == 1

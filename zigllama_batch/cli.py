@@ -2,7 +2,9 @@
 
 ``zigllama-batch generate "PROMPT"`` streams a completion from the model to the terminal;
 ``zigllama-batch demo`` runs many concurrent requests through the batch processor;
-``zigllama-batch serve`` serves the OpenAI-compatible HTTP API.
+``zigllama-batch serve`` serves the OpenAI-compatible HTTP API;
+``zigllama-batch tokenizer export DIR`` writes the model's tokenizer as Hugging Face files;
+``zigllama-batch --version`` names the installed version.
 Each sub-command parses its own flags and calls the library; nothing here is needed to use
 zigllama_batch from Python.
 """
@@ -25,7 +27,7 @@ from .generation import GenerationConfig, Prompt
 
 __all__ = ["main"]
 
-_COMMANDS = ("generate", "demo", "serve")
+_COMMANDS = ("generate", "demo", "serve", "tokenizer")
 
 _GENERATION_FLAGS = {
     "max_tokens": "--max-tokens",
@@ -66,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _refuse_options_before_the_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """`zigllama-batch` has no options of its own but --help; name any given before the command.
+    """`zigllama-batch` has no options of its own but --help and --version; name any other
+    given before the command.
 
     Left to argparse, `zigllama-batch --model m.gguf demo` says "invalid choice: 'm.gguf'" and
     `zigllama-batch --foo` says a COMMAND is required, neither naming the flag.
@@ -74,7 +77,7 @@ def _refuse_options_before_the_command(parser: argparse.ArgumentParser, argv: li
     commands = set(_COMMANDS)
     misplaced = []
     for arg in argv:
-        if arg in commands or arg in ("-h", "--help", "--"):
+        if arg in commands or arg in ("-h", "--help", "--version", "--"):
             break
         if arg.startswith("-"):
             misplaced.append(arg)
@@ -108,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Batched LLaMA-family inference on the CPU (pure numpy, GGUF models).",
         epilog="Each command's options: zigllama-batch COMMAND --help",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -238,7 +242,34 @@ def _parser() -> argparse.ArgumentParser:
         help="with --ray: CPUs each replica reserves and uses (default: the cores / replicas)",
     )
     srv.set_defaults(run=_serve)
+
+    tok = command("tokenizer", "the model's tokenizer, as files other tools read")
+    actions = tok.add_subparsers(required=True, metavar="ACTION")
+    export_help = (
+        "write the model's tokenizer as Hugging Face files (tokenizer.json, "
+        "tokenizer_config.json with the chat template, special_tokens_map.json), which "
+        "transformers' AutoTokenizer, the tokenizers library and guidellm's --processor read"
+    )
+    export = actions.add_parser(
+        "export", help=export_help, description=export_help, formatter_class=_HelpFormatter
+    )
+    export.add_argument("directory", metavar="DIR", help="where to write (created if missing)")
+    export.add_argument("--model", metavar="PATH|NAME", help=_MODEL_HELP)
+    export.set_defaults(run=_export_tokenizer, command_parser=export)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (the package's own, when run from a source tree
+    that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("zigllama-batch")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def _positive_int(text: str) -> int:
@@ -396,6 +427,28 @@ def _demo(args: argparse.Namespace) -> int:
         )
     )
     print(format_summary(summary, args.strategy))
+    return 0
+
+
+def _export_tokenizer(args: argparse.Namespace) -> int:
+    from .engine.gguf_loader import read_gguf_metadata
+    from .engine.hub import model_path
+    from .engine.tokenizer import Tokenizer
+    from .engine.tokenizer_files import save_tokenizer_files
+
+    path = model_path(args.model)
+    metadata = read_gguf_metadata(path)  # the tokenizer needs no tensor
+    context = metadata.get(f"{metadata['general.architecture']}.context_length")
+    tokenizer = Tokenizer(metadata)
+    written = save_tokenizer_files(
+        tokenizer, args.directory, model_max_length=None if context is None else int(context)
+    )
+    print(
+        f"wrote {', '.join(str(p) for p in written)}\n"
+        f"({path.name}: {tokenizer.vocab_size} tokens; load with "
+        f"transformers.AutoTokenizer.from_pretrained({str(args.directory)!r}), "
+        f"or guidellm --processor {args.directory})"
+    )
     return 0
 
 
