@@ -149,17 +149,34 @@ def test_real_tokenizers_export_exactly(name: str, reference: str, tmp_path: Pat
         assert theirs.encode(case["text"], add_special_tokens=False).ids == case["ids"]
 
 
+@pytest.mark.parametrize("vocab", ["gpt2", "spm"])
+def test_transformers_reads_a_tiny_export_as_we_tokenize(
+    write_gguf: Callable[..., Path], tmp_path: Path, vocab: str
+) -> None:
+    """Where transformers is installed: its AutoTokenizer reads the tiny vocabularies' export
+    as we tokenize."""
+    ours = Tokenizer(read_gguf_metadata(write_gguf(vocab=vocab)))
+    _assert_transformers_agrees(ours, 256, tmp_path)
+
+
 @pytest.mark.real_model
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma-3-270m"])
 def test_transformers_reads_the_export_as_we_tokenize(name: str, tmp_path: Path) -> None:
-    """transformers' AutoTokenizer, given the directory, encodes text and renders and encodes
-    chats to our ids."""
+    """Where transformers is installed: its AutoTokenizer reads SmolLM2's and Gemma 3's
+    export as we tokenize."""
+    _assert_transformers_agrees(*_real_tokenizer(name), tmp_path)
+
+
+def _assert_transformers_agrees(ours: Tokenizer, context: int, directory: Path) -> None:
+    """transformers' AutoTokenizer, given the exported directory, encodes text and renders and
+    encodes chats to our ids, and knows the special tokens and the context length."""
     transformers = pytest.importorskip("transformers")
-    ours, context = _real_tokenizer(name)
-    save_tokenizer_files(ours, tmp_path, model_max_length=context)
-    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    save_tokenizer_files(ours, directory, model_max_length=context)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
     for text in TEXTS:
         assert theirs(text)["input_ids"] == ours.encode(text), text
+        ids = ours.encode(text)
+        assert theirs.decode(ids, skip_special_tokens=True) == ours.decode(ids), text
     for messages in CHATS:
         rendered = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert rendered == ours.apply_chat_template(messages)
