@@ -229,8 +229,9 @@ def test_a_directory_as_model_is_reported_as_one(
     assert "GGUF model file (.gguf) is expected" in err
 
 
+@pytest.mark.parametrize("strategy", ["fixed_size", "dynamic_timeout", "adaptive", "continuous"])
 def test_demo_runs_concurrent_requests_and_prints_a_summary(
-    tiny_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_path: Path, capsys: pytest.CaptureFixture[str], strategy: str
 ) -> None:
     """`demo` warms up, runs one request alone, pushes N requests through the processor, and
     prints the summary table with what batching gained over one request at a time."""
@@ -242,7 +243,7 @@ def test_demo_runs_concurrent_requests_and_prints_a_summary(
             "--max-batch-size",
             "4",
             "--strategy",
-            "dynamic_timeout",
+            strategy,
             "--model",
             str(tiny_path),
         ]
@@ -251,7 +252,7 @@ def test_demo_runs_concurrent_requests_and_prints_a_summary(
     assert code == 0
     assert "throughput" in out
     assert "mean batch size" in out
-    assert "6 requests, strategy dynamic_timeout" in err
+    assert f"6 requests, strategy {strategy}" in err
     assert err.index("warming up") < err.index("one request alone: ") < err.index("batched: ")
     assert re.search(r"^\s+one request alone\s+\d+\.\d tokens/s$", out, re.MULTILINE)
     assert re.search(

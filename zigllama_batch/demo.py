@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TextIO
 
 from .batching import BatchConfig, BatchingStrategy, BatchProcessor, BatchRequest, StreamChunk
@@ -148,6 +148,10 @@ async def run_demo(
     started = time.perf_counter()
     async with BatchProcessor(model, tokenizer, config) as processor:
         tasks = [asyncio.create_task(processor.submit(r)) for r in batch]
+        await asyncio.sleep(0)  # each task queues its request before it first waits
+        # Nothing more comes: drain, which also runs the last, partial batch of FIXED_SIZE
+        # (it would wait for a full one forever).
+        closing = asyncio.create_task(processor.aclose())
         last_line = 0.0
         while not all(t.done() for t in tasks):
             await asyncio.sleep(0.25)
@@ -168,6 +172,7 @@ async def run_demo(
             )
             print(f"\r{line:<72}" if live else line, end="" if live else "\n", file=out, flush=True)
         results = [await t for t in tasks]  # surfaces any request's error
+        await closing
         stats = processor.stats
     if live:
         print(file=out)
@@ -201,12 +206,15 @@ async def _one_at_a_time(
     processor of its own (the batched run's statistics stay the workload's); returns the
     warm-up's seconds and the lone request's tokens/s.
 
-    The warm-up's prompt chunk and its single-token steps run both kinds of product kernel, so
-    neither measurement after it pays for a compilation.
+    The processor batches nothing (one sequence, continuous: a request starts at once, where
+    FIXED_SIZE would wait for a full batch and the others for a timeout). The warm-up's prompt
+    chunk and its single-token steps run both kinds of product kernel, so neither measurement
+    after it pays for a compilation.
     """
     question = [{"role": "user", "content": QUESTIONS[0]}]
     mean_tokens = round(sum(_MAX_TOKENS) / len(_MAX_TOKENS))
-    async with BatchProcessor(model, tokenizer, config) as processor:
+    alone_config = replace(config, strategy=BatchingStrategy.CONTINUOUS, max_batch_size=1)
+    async with BatchProcessor(model, tokenizer, alone_config) as processor:
         _say(out, f"warming up ({FIRST_RUN_NOTE}) ...")
         started = time.perf_counter()
         warm = GenerationConfig.greedy(max_tokens=2, ignore_eos=True)
