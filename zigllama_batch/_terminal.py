@@ -17,7 +17,10 @@ from typing import TextIO
 
 from .engine.gguf_loader import LoadProgress
 
-__all__ = ["LoadLine", "StatusLine"]
+__all__ = ["FIRST_RUN_NOTE", "LoadLine", "StatusLine"]
+
+FIRST_RUN_NOTE = "on a machine's first run this compiles the kernels: about 30 s"
+"""Why a model's first steps may take long (they load the compiled kernels, or compile them)."""
 
 _ERASE_TO_END = "\x1b[K"  # ANSI: clear the rest of the line (what a shorter line leaves)
 

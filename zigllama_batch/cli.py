@@ -18,9 +18,9 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from ._terminal import LoadLine, StatusLine
+from ._terminal import FIRST_RUN_NOTE, LoadLine, StatusLine
 from .batching.types import BatchConfig, BatchingStrategy
-from .demo import DEMO_REQUESTS, FIRST_RUN_NOTE
+from .demo import DEMO_REQUESTS
 from .engine.hub import DEFAULT_MODEL, MODELS
 from .errors import ZigllamaBatchError
 from .generation import GenerationConfig, Prompt

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import TextIO
 
+from ._terminal import FIRST_RUN_NOTE
 from .batching import BatchConfig, BatchingStrategy, BatchProcessor, BatchRequest, StreamChunk
 from .engine.model import LLaMAModel
 from .engine.tokenizer import Tokenizer
@@ -24,9 +25,6 @@ __all__ = ["DEMO_REQUESTS", "DemoSummary", "demo_config", "demo_requests", "run_
 
 DEMO_REQUESTS = 32
 """Requests the demo fires at once: enough to fill the default batch."""
-
-FIRST_RUN_NOTE = "on a machine's first run this compiles the kernels: about 30 s"
-"""Why the first steps may take long (they load the compiled kernels, or compile them)."""
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from zigllama_batch import ModelLoadError
+from zigllama_batch import LLaMAModel, ModelLoadError, Tokenizer
 from zigllama_batch.engine.hub import (
     DEFAULT_MODEL,
     MODELS,
@@ -332,3 +332,17 @@ def test_the_packaged_models_are_known_by_name() -> None:
     ]
     assert "Gemma Terms of Use" in gemma.license
     assert "Apache" in DEFAULT_MODEL.license
+
+
+@pytest.mark.real_model
+def test_the_name_a_loaded_model_shows_loads_it_again(
+    real: tuple[LLaMAModel, Tokenizer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The id the demo, the server and the logs show for the default model (its file name
+    without .gguf), in any case, stands for the same file as its short name."""
+    monkeypatch.delenv("ZIGLLAMA_BATCH_MODEL", raising=False)
+    model, _ = real
+    shown = model.config.name
+    assert shown == DEFAULT_MODEL.id
+    same = {model_path(n, progress=False) for n in (shown, shown.upper(), DEFAULT_MODEL.name)}
+    assert same == {model_path(None, progress=False)}
