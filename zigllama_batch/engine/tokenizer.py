@@ -194,6 +194,10 @@ class Tokenizer:
         """Beginning-of-sequence token, or None."""
         self.eos_id: int | None = special("eos")
         """End-of-sequence token, or None."""
+        self.unk_id: int | None = special("unknown")
+        """The token unknown text maps to, as the metadata names it, or None."""
+        self.pad_id: int | None = special("padding")
+        """Padding token, as the metadata names it, or None (nothing here pads)."""
         add_bos = metadata.get("tokenizer.ggml.add_bos_token")
         self.add_bos: bool = bool(default_add_bos if add_bos is None else add_bos)
         """Whether plain-text prompts start with the BOS token."""

@@ -42,6 +42,9 @@ from .router import PrefixAwareRouter
 
 __all__ = ["OpenAIIngress", "RayAppArgs", "build_app"]
 
+_SERVING = BatchConfig.serving()
+"""The batching settings ``zigllama-batch serve`` runs with: the arguments' defaults."""
+
 
 class RayAppArgs(BaseModel):
     """Arguments of :func:`build_app` (``key=value`` on ``serve run``, ``args:`` in a config)."""
@@ -59,9 +62,9 @@ class RayAppArgs(BaseModel):
     cpus_per_replica: float | None = Field(default=None, gt=0)
     """CPUs Ray reserves per model replica, and its BLAS threads (None: this node's CPUs
     divided among ``num_replicas``, at least 1)."""
-    strategy: BatchingStrategy = BatchingStrategy.CONTINUOUS
-    max_batch_size: int = Field(default=32, ge=1)
-    max_queue_size: int = Field(default=256, ge=0)
+    strategy: BatchingStrategy = _SERVING.strategy
+    max_batch_size: int = Field(default=_SERVING.max_batch_size, ge=1)
+    max_queue_size: int = Field(default=_SERVING.max_queue_size, ge=0)
     max_context: int | None = None
     kv_cache_mb: float | None = Field(default=None, gt=0)
     """Key/value memory of each replica (None: half the memory available after loading)."""
@@ -142,14 +145,12 @@ def build_app(args: RayAppArgs | dict[str, Any]) -> Application:
     """
     if not isinstance(args, RayAppArgs):
         args = RayAppArgs.model_validate(args)
-    config = BatchConfig(
+    config = BatchConfig.serving(
         strategy=args.strategy,
         max_batch_size=args.max_batch_size,
         max_queue_size=args.max_queue_size,
         max_context=args.max_context,
         kv_cache_mb=args.kv_cache_mb,
-        # Any batch size can run: each sequence feeds at least one token a step.
-        max_step_tokens=max(BatchConfig().max_step_tokens, args.max_batch_size),
     )
     fixed = args.num_replicas if isinstance(args.num_replicas, int) else args.min_replicas
     cpus = args.cpus_per_replica or max(1, (os.cpu_count() or 1) // max(1, fixed))

@@ -30,6 +30,7 @@ import uvicorn.logging
 
 from ..batching.processor import BatchProcessor
 from ..batching.types import BatchConfig
+from ..engine.gguf_loader import LoadProgressCallback
 from ..engine.hub import model_path
 from ..generator import load_model
 from ..kv import KVStats
@@ -103,12 +104,14 @@ def serve(
     cors_origins: Sequence[str] | None = None,
     drain_timeout: float = 30.0,
     log_level: str = "info",
+    on_progress: LoadProgressCallback | None = None,
 ) -> int:
     """Bind the address, load the model and serve it until SIGTERM/SIGINT; returns the exit
     status (1 when the address cannot be bound).
 
     Progress and the settings go to stderr: the model file, then, once the server listens, the
-    model id clients pass, the address and the batching settings.
+    model id clients pass, the address and the batching settings. ``on_progress`` is told how
+    loading the model goes (:func:`~zigllama_batch.load_model`'s).
 
     Raises:
         ModelLoadError: the model cannot be found, fetched or read.
@@ -123,7 +126,7 @@ def serve(
     try:
         path = model_path(model or None)
         print(f"loading {path}", file=sys.stderr, flush=True)
-        llama, tokenizer = load_model(path)
+        llama, tokenizer = load_model(path, on_progress=on_progress)
         if config.max_context is None:  # memory is bounded by kv_cache_mb, not by slot sizes
             config = dataclasses.replace(config, max_context=llama.config.context_length)
         processor = BatchProcessor(llama, tokenizer, config)
