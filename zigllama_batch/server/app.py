@@ -2,7 +2,7 @@
 
 Inside: :func:`create_app`. Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``
 (both also as server-sent events with ``stream: true``), ``GET /v1/models`` and
-``GET /v1/models/{id}``, ``GET /health`` and ``GET /metrics``. The app is a thin layer: batching, cancellation and limits live in the
+``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` and the web page at ``GET /``. The app is a thin layer: batching, cancellation and limits live in the
 processor; here requests are parsed and validated, errors are shaped as OpenAI's
 ``{"error": {"message", "type", "param", "code"}}``, and a client that goes away cancels its
 request (streamed or not).
@@ -53,6 +53,7 @@ from .tools import (
     tool_calls,
     with_tools,
 )
+from .web import PAGE_PATHS, page_routes
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
@@ -166,6 +167,7 @@ def create_app(
             Route("/v1/models/{model:path}", api.model, methods=["GET"]),
             Route("/health", api.health, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            *page_routes(),
         ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
@@ -178,12 +180,12 @@ def create_app(
     return app
 
 
-_OPEN_PATHS = frozenset({"/health", "/metrics"})
-"""Paths that need no API key and are not API requests (probes and scrapes)."""
+_OPEN_PATHS = frozenset({"/health", "/metrics", *PAGE_PATHS})
+"""Paths that need no API key and are not API requests (probes, scrapes, the web page)."""
 
 
 class _BearerAuth:
-    """Requires ``Authorization: Bearer <key>`` on every path but ``/health`` and ``/metrics``
+    """Requires ``Authorization: Bearer <key>`` on every path but the open ones (``_OPEN_PATHS``)
     (paths taken relative to where the app is mounted). The scheme is case-insensitive (RFC
     9110); a request with more than one ``Authorization`` header is refused, so a proxy that
     checked one of them cannot disagree with the server about which."""
@@ -220,7 +222,7 @@ class _BearerAuth:
 
 
 class _CountOutcomes:
-    """Counts every API request (all paths but ``/health`` and ``/metrics``) in exactly one
+    """Counts every API request (all paths but ``_OPEN_PATHS``) in exactly one
     outcome of ``zigllama_requests_total``. A request the processor took (the handler marks
     it in ``scope["state"]``) is counted by the processor when it ends; any other is counted
     here by its status: 401 ``unauthorized``, other 4xx ``invalid`` (499, a client gone before
