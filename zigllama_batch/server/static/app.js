@@ -228,9 +228,8 @@ async function loadModel() {
     $("key-panel").classList.remove("needed");
     $("send").disabled = false;
     if (chat.autoSend) {
-      const text = chat.autoSend;
       chat.autoSend = null;
-      send(text);
+      $("chat-form").requestSubmit(); // the message start() put in the box
     }
   } catch (error) {
     $("model-name").textContent = "(unknown)";
@@ -287,7 +286,8 @@ async function* serverSentEvents(body) {
 async function send(text) {
   if (!chat.model || chat.controller) return;
   const section = $("chat");
-  chat.messages.push({ role: "user", content: text });
+  const conversation = chat.messages; // "Clear" starts another; this reply belongs to this one
+  conversation.push({ role: "user", content: text });
   addMessage("user", text);
   const reply = addMessage("assistant", "");
   reply.classList.add("streaming");
@@ -295,7 +295,7 @@ async function send(text) {
   $("chat-stats").textContent = "waiting for the first token…";
   setBusy(true);
 
-  const body = { model: chat.model, messages: chat.messages, stream: true, stream_options: { include_usage: true } };
+  const body = { model: chat.model, messages: conversation, stream: true, stream_options: { include_usage: true } };
   const maxTokens = Number.parseInt($("max-tokens").value, 10);
   if (maxTokens > 0) body.max_tokens = maxTokens;
   const temperature = Number.parseFloat($("temperature").value);
@@ -351,10 +351,10 @@ async function send(text) {
   reply.classList.remove("streaming");
   reply.dataset.deltas = String(deltas);
   const said = reply.textContent;
-  if (said) chat.messages.push({ role: "assistant", content: said });
+  if (said) conversation.push({ role: "assistant", content: said });
   else reply.remove();
   if (error) {
-    if (!said) chat.messages.pop(); // the question got no answer: leave it out of the next one
+    if (!said) conversation.pop(); // the question got no answer: leave it out of the next one
     addMessage("error", error);
   }
   const tokens = usage?.completion_tokens ?? deltas;
