@@ -3,7 +3,8 @@
 Inside: :func:`create_app`. Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``
 and ``POST /v1/responses`` (all three also as server-sent events with ``stream: true``),
 ``GET /v1/responses/{id}`` (a stored response), ``GET /v1/models`` and ``GET /v1/models/{id}``,
-``POST /tokenize`` and ``POST /detokenize``, ``GET /health`` and ``GET /metrics``.
+``POST /tokenize`` and ``POST /detokenize``, ``GET /health``, ``GET /metrics`` and the web page
+at ``GET /`` (:mod:`.web`).
 
 The app is a thin layer. Batching, cancellation and limits live in the processor; each endpoint
 is an adapter (:mod:`.completions`, :mod:`.chat`, :mod:`.responses`) over one streaming core
@@ -35,6 +36,7 @@ from .middleware import add_middleware
 from .responses import Responses
 from .store import DEFAULT_RESPONSE_STORE_SIZE, ResponseStore
 from .tokenization import Tokenization
+from .web import page_routes
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
@@ -113,6 +115,7 @@ def create_app(
             Route("/detokenize", tokenization.detokenize, methods=["POST"]),
             Route("/health", info.health, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            *page_routes(),
         ],
         exception_handlers={HTTPException: http_error_handler, Exception: server_error_handler},
         lifespan=lifespan,

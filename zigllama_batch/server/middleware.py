@@ -7,8 +7,8 @@ took the request and will count it). CORS is Starlette's own ``CORSMiddleware``,
 browser's preflight ``OPTIONS`` is answered before the key is asked for and is not counted as a
 request, and every answer (a 401 too) carries the CORS headers a browser needs to read it.
 
-Paths are taken relative to where the app is mounted; ``/health`` and ``/metrics`` are probes
-and scrapes, open and not counted.
+Paths are taken relative to where the app is mounted; ``/health`` and ``/metrics`` (probes and
+scrapes) and the web page's files are open and not counted.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError
 from .metrics import ProcessorMetrics
+from .web import PAGE_PATHS
 
 __all__ = ["OPEN_PATHS", "BearerAuth", "CountOutcomes", "add_middleware", "mark_taken"]
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})
-"""Paths that need no API key and are not API requests (probes and scrapes)."""
+OPEN_PATHS = frozenset({"/health", "/metrics", *PAGE_PATHS})
+"""Paths that need no API key and are not API requests (probes, scrapes, the web page)."""
 
 _TAKEN = "zigllama_taken"
 """Key in the ASGI scope's ``state``: the processor took the request and counts its outcome."""
