@@ -103,7 +103,9 @@ class LLaMAModel:
         )
 
     def step(self, items: Sequence[SequenceStep], cache: KVCache) -> F32:
-        """Run one forward step over a ragged batch and return each item's next-token logits.
+        """Run one forward step over a ragged batch and return the next-token logits of each
+        item's last new token (and of the ``draft`` tokens before it, for an item that has
+        drafted tokens to verify).
 
         Writes the new tokens' keys and values into their slots of ``cache``.
 
@@ -113,11 +115,12 @@ class LLaMAModel:
             cache: the cache whose slots the items name.
 
         Returns:
-            ``(len(items), vocab_size)`` float32 logits of each item's last new token.
+            ``(rows, vocab_size)`` float32 logits: for each item in order, ``1 + item.draft``
+            rows (its last ``1 + draft`` new tokens); one row per item when none drafts.
 
         Raises:
-            ValueError: an item names a bad slot, is empty, overruns the cache or holds a token
-                id outside the vocabulary.
+            ValueError: an item names a bad slot, is empty, overruns the cache, holds a token
+                id outside the vocabulary or drafts as many tokens as it feeds.
         """
         if not items:
             return np.zeros((0, self.vocab_size), np.float32)
@@ -133,8 +136,8 @@ class LLaMAModel:
         for i, layer in enumerate(w.layers):
             rotation = batch.rotations[self._table_of_layer[i]]
             self._layer(x, layer, cache.k[i], cache.v[i], batch, rotation, self._windows[i])
-        last = _rms_norm(x[batch.last_rows], w.output_norm, self.config.rms_eps)  # (B, D)
-        return linear(last, w.output)  # (B, vocab)
+        last = _rms_norm(x[batch.last_rows], w.output_norm, self.config.rms_eps)  # (R, D)
+        return linear(last, w.output)  # (R, vocab)
 
     def _layer(
         self,
@@ -228,7 +231,7 @@ class _Batch:
     positions: I64  # (N,) absolute position of every new token
     token_slots: I64  # (N,) cache slot of every new token
     rows: list[slice]  # per item: its rows among the N tokens
-    last_rows: I64  # (B,) row of each item's last token
+    last_rows: I64  # (R,) rows whose logits the step returns: each item's last 1 + draft
     slots: list[int]
     starts: list[int]
     prefill_items: list[int]  # items with more than one new token
@@ -263,6 +266,8 @@ class _Batch:
             seen.add(item.slot)
             if n == 0:
                 raise ValueError(f"item {i}: no new tokens")
+            if not 0 <= item.draft < n:
+                raise ValueError(f"item {i}: {item.draft} drafted of {n} new tokens")
             if item.start_pos < 0 or item.start_pos + n > cache.max_context:
                 raise ValueError(
                     f"item {i}: positions {item.start_pos}..{item.start_pos + n - 1} do not fit "
@@ -288,7 +293,12 @@ class _Batch:
             positions=all_positions,
             token_slots=np.concatenate(token_slots),
             rows=rows,
-            last_rows=np.array([r.stop - 1 for r in rows], dtype=np.int64),
+            last_rows=np.concatenate(
+                [
+                    np.arange(r.stop - 1 - it.draft, r.stop)
+                    for r, it in zip(rows, items, strict=True)
+                ]
+            ),
             slots=[item.slot for item in items],
             starts=[item.start_pos for item in items],
             prefill_items=prefill_items,
