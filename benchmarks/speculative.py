@@ -90,8 +90,10 @@ async def one_stream(p: BatchProcessor, task: str, max_tokens: int) -> dict[str,
     r = await p.submit(request(task, max_tokens))
     seconds = time.perf_counter() - t0
     g = r.result
+    decode_s = seconds - r.time_to_first_token_ms / 1000
     return {
         "tokens_per_s": g.completion_tokens / seconds,
+        "decode_tokens_per_s": (g.completion_tokens - 1) / decode_s,
         "tokens": g.completion_tokens,
         "steps": r.timeline.steps,
         "drafted": g.draft_tokens,
@@ -118,7 +120,13 @@ async def concurrent(p: BatchProcessor, n: int, max_tokens: int) -> dict[str, An
 
 
 async def measure(
-    model: LLaMAModel, tokenizer: Tokenizer, rounds: int, k: int, max_tokens: int
+    model: LLaMAModel,
+    tokenizer: Tokenizer,
+    rounds: int,
+    k: int,
+    max_tokens: int,
+    tasks: list[str],
+    batches: list[int],
 ) -> dict[str, Any]:
     configs = {
         "off": BatchConfig(strategy=CONTINUOUS, max_batch_size=32, speculative_tokens=0),
@@ -134,17 +142,17 @@ async def measure(
         await on.submit(request("chat", 4))
         for r in range(rounds):
             order = ["off", "on"] if r % 2 == 0 else ["on", "off"]
-            for task in TASKS:
+            for task in tasks:
                 for mode in order:
                     out = await one_stream(processors[mode], task, max_tokens)
                     runs[mode].setdefault(task, []).append(out)
-            for n in (8, 32):
+            for n in batches:
                 for mode in order:
                     out = await concurrent(processors[mode], n, max_tokens)
                     runs[mode].setdefault(f"batch{n}", []).append(out)
             print(f"round {r + 1}/{rounds} done", flush=True)
     rows = []
-    for name in [*TASKS, "batch8", "batch32"]:
+    for name in [*tasks, *(f"batch{n}" for n in batches)]:
         a, b = runs["off"][name], runs["on"][name]
         off_tps = statistics.median(x["tokens_per_s"] for x in a)
         on_tps = statistics.median(x["tokens_per_s"] for x in b)
@@ -164,6 +172,10 @@ async def measure(
             "acceptance": accepted / drafted if drafted else 0.0,
             "identical_output": same,
         }
+        if "decode_tokens_per_s" in b[0]:
+            off_d = statistics.median(x["decode_tokens_per_s"] for x in a)
+            on_d = statistics.median(x["decode_tokens_per_s"] for x in b)
+            row.update(off_decode=off_d, on_decode=on_d, decode_speedup=on_d / off_d)
         if "steps" in b[0]:
             row["steps_off"] = a[0]["steps"]
             row["steps_on"] = b[0]["steps"]
@@ -200,10 +212,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--k", type=int, default=6, help="speculative_tokens when on")
     ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--tasks", default=",".join(TASKS), help="one-stream tasks to run")
+    ap.add_argument("--batches", default="8,32", help="concurrent streams to run")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     model, tokenizer = load_model(args.model)
-    result = asyncio.run(measure(model, tokenizer, args.rounds, args.k, args.max_tokens))
+    tasks = [t for t in args.tasks.split(",") if t]
+    batches = [int(n) for n in args.batches.split(",") if n]
+    result = asyncio.run(
+        measure(model, tokenizer, args.rounds, args.k, args.max_tokens, tasks, batches)
+    )
     result.update(
         model=model.config.name,
         k=args.k,
@@ -212,12 +230,23 @@ def main() -> None:
         machine={"cpu": cpu_name(), "python": platform.python_version()},
     )
     print(f"\n{result['model']}, speculative_tokens={args.k}, medians of {args.rounds} rounds")
-    print(f"{'workload':<9} {'off t/s':>8} {'on t/s':>8} {'speedup':>8} {'accepted':>14} same")
+    print("tokens/s: completion tokens over latency; decode: after the first token")
+    print(
+        f"{'workload':<9} {'off t/s':>8} {'on t/s':>8} {'speedup':>8} {'decode off':>10} "
+        f"{'on':>7} {'speedup':>8} {'accepted':>10} {'steps':>8} same"
+    )
     for r in result["rows"]:
         acc = f"{r['accepted']}/{r['drafted']}"
+        decode = (
+            f"{r['off_decode']:10.1f} {r['on_decode']:7.1f} {r['decode_speedup']:7.2f}x"
+            if "off_decode" in r
+            else f"{'':10} {'':7} {'':8}"
+        )
+        steps = f"{r['steps_off']}/{r['steps_on']}" if "steps_on" in r else ""
         print(
             f"{r['workload']:<9} {r['off_tokens_per_s']:8.1f} {r['on_tokens_per_s']:8.1f} "
-            f"{r['speedup']:7.2f}x {acc:>14} {'yes' if r['identical_output'] else 'NO'}"
+            f"{r['speedup']:7.2f}x {decode} {acc:>10} {steps:>8} "
+            f"{'yes' if r['identical_output'] else 'NO'}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"speculative-{result['model']}"

@@ -115,7 +115,7 @@ class Scheduler:
         )
         self.deliveries = CallbackDelivery(self.end, stats.on_slow_callback)
         self.workers = [_Worker(i) for i in range(config.num_workers)]
-        self._executor = StepExecutor(engine.step, config.num_workers)
+        self._executor = StepExecutor(engine.step)
         self.preparation = Preparation(
             self._executor, engine, self.queue, self.end, self.abort, self._notify
         )

@@ -74,8 +74,9 @@ class BatchConfig:
     timeout_ms: float = 100.0
     """DYNAMIC_TIMEOUT: longest a request waits for its batch to fill."""
     num_workers: int = 1
-    """Batches in the executor at once, each with its own cache slots. More than one only helps
-    with more cores than one batch's matrix multiplies can use."""
+    """Batches run at once, each with its own cache slots; their steps take turns (every step
+    of a process runs in one thread, on all cores). More than one lets a static strategy start
+    a new batch while another still runs."""
     max_queue_size: int = 1024
     """Requests allowed to wait; one more raises QueueFull at once."""
     latency_target_ms: float = 5000.0

@@ -8,9 +8,10 @@ vLLM's ``ngram`` drafter and llama.cpp's lookup). Work that copies from its cont
 editing a passage, answering from retrieved text, rewriting code) gets long drafts; open-ended
 text mostly gets none, and then nothing is drafted.
 
-It also tracks how well its drafts do: :meth:`limit` shrinks the number drafted after drafts
-that were rejected and grows it back after accepted ones, so a sequence whose lookups are
-wrong stops paying for verifying them. Left out: a draft model (a second, smaller network);
+It also tracks how well its drafts do: the number it drafts (:attr:`limit`) shrinks after
+drafts that were rejected and grows back after accepted ones, and a draft rejected whole
+makes it pause (one step, then two, four, ... up to :data:`MAX_PAUSE` after consecutive
+ones), so a sequence whose lookups are wrong stops paying for verifying them. Left out: a draft model (a second, smaller network);
 drafts are deterministic, which is what lets verification stay exact (see
 :meth:`~zigllama_batch.engine.runner.Engine.step`).
 """
@@ -27,12 +28,14 @@ chance."""
 MIN_NGRAM = 2
 """Shortest ending looked up: single tokens (a space, a comma) recur everywhere and mostly
 mispredict."""
+MAX_PAUSE = 32
+"""Most steps a sequence waits before drafting again after drafts rejected whole."""
 
 
 class PromptLookup:
     """One sequence's tokens, indexed by their n-grams, and the drafts they suggest."""
 
-    __slots__ = ("_index", "_limit", "tokens")
+    __slots__ = ("_index", "_limit", "_pause", "_wait", "tokens")
 
     def __init__(self, tokens: Iterable[int], *, limit: int) -> None:
         """Args:
@@ -46,6 +49,8 @@ class PromptLookup:
             n: {} for n in range(MIN_NGRAM, MAX_NGRAM + 1)
         }
         self._limit = limit
+        self._pause = 0  # steps to wait after the next draft rejected whole
+        self._wait = 0  # steps left before drafting again
         self.extend(tokens)
 
     def extend(self, tokens: Iterable[int]) -> None:
@@ -62,6 +67,9 @@ class PromptLookup:
         """Up to ``min(k, limit)`` tokens that followed the longest recent ending of the
         sequence found earlier in it; empty when there is none."""
         k = min(k, self._limit)
+        if self._wait:
+            self._wait -= 1
+            return []
         if k <= 0:
             return []
         tokens = self.tokens
@@ -76,9 +84,15 @@ class PromptLookup:
     def record(self, drafted: int, accepted: int, most: int) -> None:
         """The outcome of a draft: ``accepted`` of ``drafted`` tokens; ``most`` is the
         configured bound. All accepted doubles the limit (up to ``most``); a rejection sets it
-        to one more than were accepted."""
-        if drafted:
-            self._limit = min(most, 2 * self._limit) if accepted == drafted else accepted + 1
+        to one more than were accepted; none accepted also pauses drafting."""
+        if not drafted:
+            return
+        self._limit = min(most, 2 * self._limit) if accepted == drafted else accepted + 1
+        if accepted:
+            self._pause = 0
+        else:
+            self._pause = min(MAX_PAUSE, max(1, 2 * self._pause))
+            self._wait = self._pause
 
     @property
     def limit(self) -> int:
@@ -86,4 +100,4 @@ class PromptLookup:
         return self._limit
 
     def __repr__(self) -> str:
-        return f"PromptLookup(tokens={len(self.tokens)}, limit={self._limit})"
+        return f"PromptLookup(tokens={len(self.tokens)}, limit={self._limit}, wait={self._wait})"
