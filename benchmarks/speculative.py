@@ -61,7 +61,7 @@ def main():
     print(compute_total(prices, 0.08))
 '''
 TASKS: dict[str, str] = {
-    "repeat": f"Repeat the following passage exactly, word for word:\n\n{PASSAGE}",
+    "repeat": f"Repeat this passage exactly:\n\n{PASSAGE}",
     "edit": (
         "Rewrite the passage below, changing only the word 'rainforest' to 'jungle'. Keep "
         f"everything else identical.\n\n{PASSAGE}"

@@ -25,7 +25,7 @@ from zigllama_batch import (
     Tokenizer,
 )
 from zigllama_batch.engine import Engine, SequenceState, SequenceStep
-from zigllama_batch.engine.drafts import PromptLookup
+from zigllama_batch.engine.drafts import FIRST_LIMIT, PromptLookup
 
 Tiny = tuple[LLaMAModel, Tokenizer]
 
@@ -226,17 +226,22 @@ async def test_no_drafts_beyond_the_batch_size_bound(tiny: Tiny) -> None:
 
 
 def test_prompt_lookup_proposes_what_followed_the_longest_recent_ending() -> None:
-    """The longest ending found earlier wins, its most recent occurrence, and the limit
-    follows the drafts' outcomes."""
+    """The longest ending found earlier wins, its most recent occurrence; the limit starts
+    small, doubles with drafts accepted whole, and a mostly rejected draft pauses drafting."""
     lookup = PromptLookup([7, 2, 3, 4, 9, 2, 3, 4, 5, 6, 7, 1, 2, 3, 4], limit=4)
-    assert lookup.propose(8) == [5, 6, 7, 1]  # [2, 3, 4]: its latest occurrence
+    assert lookup.limit == FIRST_LIMIT == 2
+    assert lookup.propose(8) == [5, 6]  # [2, 3, 4]: its latest occurrence
+    lookup.record(drafted=2, accepted=2, most=4)
+    assert lookup.limit == 4
+    assert lookup.propose(8) == [5, 6, 7, 1]
     lookup.extend([5])
     assert lookup.propose(2) == [6, 7]
     assert PromptLookup([1, 2, 3], limit=4).propose(4) == []
+    assert PromptLookup([1, 2, 1, 2], limit=4).propose(4) == []  # 2-token endings are ignored
     lookup.record(drafted=4, accepted=1, most=4)
     assert lookup.limit == 2
-    lookup.record(drafted=2, accepted=2, most=4)
-    assert lookup.limit == 4
+    assert lookup.propose(2) == []  # paused for one step
+    assert lookup.propose(2) == [6, 7]
 
 
 def test_speculative_settings_are_validated() -> None:

@@ -8,26 +8,30 @@ vLLM's ``ngram`` drafter and llama.cpp's lookup). Work that copies from its cont
 editing a passage, answering from retrieved text, rewriting code) gets long drafts; open-ended
 text mostly gets none, and then nothing is drafted.
 
-It also tracks how well its drafts do: the number it drafts (:attr:`limit`) shrinks after
-drafts that were rejected and grows back after accepted ones, and a draft rejected whole
-makes it pause (one step, then two, four, ... up to :data:`MAX_PAUSE` after consecutive
-ones), so a sequence whose lookups are wrong stops paying for verifying them. Left out: a draft model (a second, smaller network);
-drafts are deterministic, which is what lets verification stay exact (see
-:meth:`~zigllama_batch.engine.runner.Engine.step`).
+It also tracks how well its drafts do: the number it drafts (:attr:`limit`) starts small,
+doubles after drafts accepted whole and shrinks after rejected ones, and a draft less than
+half accepted makes it pause (one step, then two, four, ... up to :data:`MAX_PAUSE` after
+consecutive ones), so a sequence whose lookups are wrong stops paying for verifying them.
+
+Left out: a draft model (a second, smaller network). Drafts are deterministic, which is what
+lets verification stay exact (see :meth:`~zigllama_batch.engine.runner.Engine.step`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["MAX_NGRAM", "MIN_NGRAM", "PromptLookup"]
+__all__ = ["FIRST_LIMIT", "MAX_NGRAM", "MAX_PAUSE", "MIN_NGRAM", "PromptLookup"]
 
 MAX_NGRAM = 4
 """Longest ending looked up: longer matches predict better, and four tokens rarely recur by
 chance."""
-MIN_NGRAM = 2
-"""Shortest ending looked up: single tokens (a space, a comma) recur everywhere and mostly
-mispredict."""
+MIN_NGRAM = 3
+"""Shortest ending looked up: shorter ones (a space and a comma, "of the") recur everywhere
+and mostly mispredict (open chat on the default model: a third of 2-token matches' drafts
+accepted)."""
+FIRST_LIMIT = 2
+"""Tokens a sequence's first draft may have: a wrong draft costs a row each."""
 MAX_PAUSE = 32
 """Most steps a sequence waits before drafting again after drafts rejected whole."""
 
@@ -40,7 +44,8 @@ class PromptLookup:
     def __init__(self, tokens: Iterable[int], *, limit: int) -> None:
         """Args:
         tokens: the sequence so far (its prompt).
-        limit: the most tokens one draft may have.
+        limit: the most tokens one draft may have (the first has at most
+            :data:`FIRST_LIMIT`).
         """
         self.tokens: list[int] = []
         # n -> the n-gram ending at position p -> p, for every p before the last token (the
@@ -48,7 +53,7 @@ class PromptLookup:
         self._index: dict[int, dict[tuple[int, ...], int]] = {
             n: {} for n in range(MIN_NGRAM, MAX_NGRAM + 1)
         }
-        self._limit = limit
+        self._limit = min(limit, FIRST_LIMIT)  # grows with accepted drafts
         self._pause = 0  # steps to wait after the next draft rejected whole
         self._wait = 0  # steps left before drafting again
         self.extend(tokens)
@@ -84,11 +89,13 @@ class PromptLookup:
     def record(self, drafted: int, accepted: int, most: int) -> None:
         """The outcome of a draft: ``accepted`` of ``drafted`` tokens; ``most`` is the
         configured bound. All accepted doubles the limit (up to ``most``); a rejection sets it
-        to one more than were accepted; none accepted also pauses drafting."""
+        to one more than were accepted. Less than half accepted costs more than it saves (a
+        row of a small step costs about half a step) and pauses drafting, for twice as long
+        as the last pause if that one was for the same reason."""
         if not drafted:
             return
         self._limit = min(most, 2 * self._limit) if accepted == drafted else accepted + 1
-        if accepted:
+        if 2 * accepted >= drafted:
             self._pause = 0
         else:
             self._pause = min(MAX_PAUSE, max(1, 2 * self._pause))
