@@ -205,6 +205,10 @@ class GenerationResult:
     """Log-probability of each generated token, when asked for."""
     cached_tokens: int = 0
     """Prompt tokens whose keys and values came from the prefix cache instead of the model."""
+    draft_tokens: int = 0
+    """Drafted tokens verified for this generation (speculative decoding; 0 when off)."""
+    accepted_draft_tokens: int = 0
+    """Of those, the ones accepted: tokens generated without a step of their own."""
 
     @property
     def tokens_per_second(self) -> float:

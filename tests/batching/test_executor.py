@@ -24,7 +24,7 @@ async def test_cancelling_the_caller_waits_for_the_running_step() -> None:
         finished.append(True)
         return [None]
 
-    executor = StepExecutor(step, 1)
+    executor = StepExecutor(step)
     task = asyncio.create_task(executor.run([SequenceStep(0, [1], 0)]))
     await asyncio.to_thread(started.wait, 5)
     task.cancel()
@@ -45,7 +45,7 @@ async def test_a_step_error_is_raised_to_the_caller(error: Exception) -> None:
     def step(items: Sequence[SequenceStep]) -> list[TokenSample | None]:
         raise error
 
-    executor = StepExecutor(step, 1)
+    executor = StepExecutor(step)
     with pytest.raises(RuntimeError, match=r"kernel exploded|StopIteration"):
         await executor.run([SequenceStep(0, [1], 0)])
     executor.close()

@@ -57,6 +57,7 @@ class TrackedRequest:
     """One request as the processor tracks it, from submission to its outcome."""
 
     __slots__ = (
+        "accepted_drafts",
         "admitted",
         "awaits",
         "batch_sizes",
@@ -64,6 +65,7 @@ class TrackedRequest:
         "config",
         "deadline",
         "decoder",
+        "drafted",
         "finished",
         "first_token",
         "future",
@@ -111,6 +113,10 @@ class TrackedRequest:
         self.batch_sizes: list[int] = []
         self.cached_tokens = 0
         """Prompt tokens reused from the prefix cache (set at admission)."""
+        self.drafted = 0
+        """Drafted tokens verified in this request's steps (speculative decoding)."""
+        self.accepted_drafts = 0
+        """Of those, the ones accepted."""
         self.awaits: tuple[TrackedRequest, int] | None = None
         """A running request whose prompt shares this one's first ``n`` tokens and is still
         computing them: this one waits, then copies them (set by the scheduler)."""

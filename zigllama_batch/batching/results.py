@@ -30,6 +30,8 @@ def batch_result(rec: TrackedRequest, finished: float) -> BatchResult:
             time_to_first_token_ms=ttft_ms,
             total_time_ms=latency_ms,
             cached_tokens=rec.cached_tokens,
+            draft_tokens=rec.drafted,
+            accepted_draft_tokens=rec.accepted_drafts,
         ),
         latency_ms=latency_ms,
         queue_time_ms=(rec.admitted - rec.submitted) * _MS,

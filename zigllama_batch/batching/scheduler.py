@@ -25,7 +25,7 @@ delivery, result assembly, the executor, and the lifecycle the scheduler reads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..engine.step import SequenceStep, TokenSample
@@ -40,6 +40,7 @@ from .preparation import Preparation
 from .queue import RequestQueue
 from .request import RequestState, TrackedRequest, error_state
 from .results import batch_result
+from .speculation import Speculation
 from .stats import StatsRecorder
 from .strategies import Plan, make_strategy
 from .types import BatchConfig, BatchResult, EngineLike
@@ -48,16 +49,20 @@ __all__ = ["Scheduler", "build_step"]
 
 
 def build_step(
-    running: Sequence[TrackedRequest], max_tokens: int, chunk: int
+    running: Sequence[TrackedRequest],
+    max_tokens: int,
+    chunk: int,
+    drafts: Mapping[TrackedRequest, Sequence[int]] | None = None,
 ) -> list[tuple[TrackedRequest, SequenceStep]]:
     """Choose each running sequence's part of one step.
 
     Decoding sequences always feed their token (with the tokens an output constraint forced
-    after it); prefilling ones then share what is left of ``max_tokens``, in admission order,
-    at most ``chunk`` tokens each (but not those waiting for another sequence to compute their
-    shared prefix).
+    after it, and their ``drafts`` to verify, if any); prefilling ones then share what is left
+    of ``max_tokens``, in admission order, at most ``chunk`` tokens each (but not those waiting
+    for another sequence to compute their shared prefix).
     """
-    parts = [(r, r.seq.next_step(1)) for r in running if not r.seq.prefilling]
+    drafts = drafts or {}
+    parts = [(r, r.seq.next_step(1, drafts.get(r, ()))) for r in running if not r.seq.prefilling]
     budget = max_tokens - sum(len(step.token_ids) for _, step in parts)
     for r in running:
         if budget <= 0:
@@ -110,10 +115,11 @@ class Scheduler:
         )
         self.deliveries = CallbackDelivery(self.end, stats.on_slow_callback)
         self.workers = [_Worker(i) for i in range(config.num_workers)]
-        self._executor = StepExecutor(engine.step, config.num_workers)
+        self._executor = StepExecutor(engine.step)
         self.preparation = Preparation(
             self._executor, engine, self.queue, self.end, self.abort, self._notify
         )
+        self.speculation = Speculation(config, engine.max_context)
         self._changed = Wakeup()
         self._parked: dict[int, float | None] = {}  # idle worker -> when it wakes by itself
 
@@ -228,6 +234,7 @@ class Scheduler:
         for rec in worker.running:
             if rec.finished or rec.decoder.finished:
                 self.kv.free(rec)
+                self.speculation.forget(rec)
             else:
                 keep.append(rec)
         freed = len(worker.running) > len(keep)
@@ -238,13 +245,16 @@ class Scheduler:
     async def _step(self, worker: _Worker) -> None:
         """Build one step from the worker's batch, run it, and apply its outputs."""
         self.kv.before_step(worker.running)
-        parts = build_step(worker.running, self.config.max_step_tokens, self.config.prefill_chunk)
+        own = sum(len(r.seq.pending) for r in worker.running if not r.seq.prefilling)
+        drafts = self.speculation.drafts(worker.running, self.config.max_step_tokens - own)
+        parts = self._build(worker, drafts)
         while victims := self.kv.fit_step(worker.running, parts):  # memory is short
-            for rec in victims:
-                self._preempt(worker, rec)
-            parts = build_step(
-                worker.running, self.config.max_step_tokens, self.config.prefill_chunk
-            )
+            if drafts:  # drafts never push a sequence out: drop them first
+                drafts = {}
+            else:
+                for rec in victims:
+                    self._preempt(worker, rec)
+            parts = self._build(worker, drafts)
         items = [step for _, step in parts]
         started = self.clock.now()
         try:
@@ -267,16 +277,30 @@ class Scheduler:
         for (rec, step), out in zip(parts, outputs, strict=True):
             if rec.finished:
                 continue  # cancelled or timed out during the step
-            rec.seq.advance(step, out)
+            if rejected := rec.seq.advance(step, out):
+                self.kv.rollback(rec, rejected)  # drafted positions that were not accepted
             rec.steps += 1
             rec.batch_sizes.append(len(parts))
             if out is not None:
+                if step.draft:
+                    rec.drafted += step.draft
+                    rec.accepted_drafts += len(out.accepted)
+                    self.stats.on_speculation(step.draft, len(out.accepted))
+                self.speculation.observe(rec, step, out)
                 self._apply(rec, out, now)
+
+    def _build(
+        self, worker: _Worker, drafts: Mapping[TrackedRequest, Sequence[int]]
+    ) -> list[tuple[TrackedRequest, SequenceStep]]:
+        return build_step(
+            worker.running, self.config.max_step_tokens, self.config.prefill_chunk, drafts
+        )
 
     def _preempt(self, worker: _Worker, rec: TrackedRequest) -> None:
         """Take ``rec``'s slot back and queue it again, ahead of its priority level; it is
         recomputed when admitted (its stream pauses meanwhile)."""
         worker.running.remove(rec)
+        self.speculation.forget(rec)
         self.kv.preempt(rec)
         rec.state = RequestState.QUEUED
         self.queue.requeue(rec)

@@ -84,6 +84,10 @@ class StatsObserver:
     def on_preempt(self) -> None:
         """A running sequence was preempted to make room in key/value memory."""
 
+    def on_speculation(self, drafted: int, accepted: int) -> None:
+        """A step verified ``drafted`` drafted tokens of one sequence and accepted
+        ``accepted``."""
+
 
 @dataclass(slots=True)
 class _Series:
@@ -126,6 +130,8 @@ class StatsRecorder:
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.preemptions = 0
+        self.draft_tokens = 0
+        self.accepted_draft_tokens = 0
         self.slow_callbacks = 0
         self.latency = _Series(window)
         self.queue_time = _Series(window)
@@ -174,6 +180,12 @@ class StatsRecorder:
         self.preemptions += 1
         self._notify("on_preempt")
 
+    def on_speculation(self, drafted: int, accepted: int) -> None:
+        """A step verified ``drafted`` drafted tokens of a sequence, ``accepted`` of them."""
+        self.draft_tokens += drafted
+        self.accepted_draft_tokens += accepted
+        self._notify("on_speculation", drafted, accepted)
+
     def on_slow_callback(self) -> None:
         """A plain token callback held the event loop too long (see ``SLOW_CALLBACK_S``)."""
         self.slow_callbacks += 1
@@ -216,6 +228,8 @@ class StatsRecorder:
             prefix_pool_bytes=0 if kv is None else kv.pool_bytes,
             prefix_pool_evictions=0 if kv is None else kv.pool_evictions,
             preemptions=self.preemptions,
+            draft_tokens=self.draft_tokens,
+            accepted_draft_tokens=self.accepted_draft_tokens,
             kv_cache_tokens=0 if kv is None else kv.used_tokens,
             kv_cache_budget_tokens=0 if kv is None else kv.budget_tokens,
             kv_cache_usage=0.0 if kv is None else kv.usage,

@@ -74,8 +74,9 @@ class BatchConfig:
     timeout_ms: float = 100.0
     """DYNAMIC_TIMEOUT: longest a request waits for its batch to fill."""
     num_workers: int = 1
-    """Batches in the executor at once, each with its own cache slots. More than one only helps
-    with more cores than one batch's matrix multiplies can use."""
+    """Batches run at once, each with its own cache slots; their steps take turns (every step
+    of a process runs in one thread, on all cores). More than one lets a static strategy start
+    a new batch while another still runs."""
     max_queue_size: int = 1024
     """Requests allowed to wait; one more raises QueueFull at once."""
     latency_target_ms: float = 5000.0
@@ -104,6 +105,14 @@ class BatchConfig:
     """Host memory for prefixes evicted from the cache slots, kept for later requests (least
     recently used ones go first); 256 MiB holds ~5,800 tokens of SmolLM2-135M. 0: no pool.
     Taken from ``kv_cache_mb``, of which it gets at most a quarter."""
+    speculative_tokens: int = 0
+    """Most drafted tokens a decoding sequence verifies in one step (speculative decoding with
+    prompt lookup: tokens that followed the sequence's current ending earlier in its prompt or
+    output). Output is the same as without; work that copies from its context takes fewer
+    steps. 0 turns it off."""
+    speculative_max_batch: int = 4
+    """Drafting happens only while at most this many sequences decode in a batch: verifying
+    drafts adds rows to a step, nearly free for a few sequences, not for many."""
     kv_cache_mb: float | None = None
     """All key/value memory: running sequences, prefixes kept for reuse and the pool together.
     A request is admitted when its prompt fits; when running sequences outgrow it, the lowest
@@ -122,6 +131,8 @@ class BatchConfig:
         _positive_int("max_queue_size", self.max_queue_size)
         _positive_int("max_step_tokens", self.max_step_tokens)
         _positive_int("prefill_chunk", self.prefill_chunk)
+        _non_negative_int("speculative_tokens", self.speculative_tokens, maximum=64)
+        _positive_int("speculative_max_batch", self.speculative_max_batch)
         _non_negative("prefix_cache_mb", self.prefix_cache_mb)
         if self.kv_cache_mb is not None:
             _non_negative("kv_cache_mb", self.kv_cache_mb, strict=True)
@@ -352,6 +363,10 @@ class BatchStats:
     preemptions: int = 0
     """Running sequences preempted (their slot taken back when memory ran short; recomputed
     when admitted again)."""
+    draft_tokens: int = 0
+    """Drafted tokens verified (speculative decoding, ``BatchConfig.speculative_tokens``)."""
+    accepted_draft_tokens: int = 0
+    """Of those, the ones accepted: tokens generated without a step of their own."""
     kv_cache_tokens: int = 0
     """Positions of keys and values held now: running sequences, and prefixes kept for reuse."""
     kv_cache_budget_tokens: int = 0
@@ -489,6 +504,11 @@ def _positive_int(name: str, value: object, *, maximum: int | None = None) -> No
         raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
     if maximum is not None and value > maximum:
         raise ValueError(f"{name}: must be at most {maximum}, got {value}")
+
+
+def _non_negative_int(name: str, value: object, *, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise ValueError(f"{name}: must be an int from 0 to {maximum}, got {value!r}")
 
 
 def _non_negative(name: str, value: object, *, strict: bool = False) -> None:

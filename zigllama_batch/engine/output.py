@@ -101,7 +101,13 @@ class OutputDecoder:
         return chunk
 
     def result(
-        self, *, time_to_first_token_ms: float, total_time_ms: float, cached_tokens: int = 0
+        self,
+        *,
+        time_to_first_token_ms: float,
+        total_time_ms: float,
+        cached_tokens: int = 0,
+        draft_tokens: int = 0,
+        accepted_draft_tokens: int = 0,
     ) -> GenerationResult:
         """The finished generation, with the timings its runner measured.
 
@@ -120,6 +126,8 @@ class OutputDecoder:
             total_time_ms=total_time_ms,
             logprobs=tuple(self.logprobs) if self._config.logprobs else None,
             cached_tokens=cached_tokens,
+            draft_tokens=draft_tokens,
+            accepted_draft_tokens=accepted_draft_tokens,
         )
 
     def _finish(self, reason: FinishReason, chunk: str) -> str:

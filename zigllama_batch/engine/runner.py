@@ -77,8 +77,8 @@ class Model(Protocol):
         ...
 
     def step(self, items: Sequence[SequenceStep], cache: KVCache) -> NDArray[np.float32]:
-        """One forward pass over a ragged batch; the next-token logits of each item's last new
-        token, ``(len(items), vocab)``."""
+        """One forward pass over a ragged batch; the next-token logits of each item's last
+        ``1 + item.draft`` new tokens, item after item, ``(rows, vocab)``."""
         ...
 
 
@@ -178,30 +178,70 @@ class Engine:
     def step(self, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
         """Run one forward pass over ``items`` and sample where asked.
 
+        An item with drafted tokens is verified: a token is sampled at the position before
+        the drafts, as for any item; while it equals the next draft, the next one is sampled
+        at that draft's position. Each is chosen exactly as without drafts (the same
+        penalties, constraint, temperature and random draws, in the same order), so the output
+        is the one the sequence would have produced one token a step; only the number of steps
+        differs. (For a draft that is one token, not a distribution, drawing from the target
+        and accepting when the draw is the draft is speculative sampling's rule.)
+
         Returns:
-            One entry per item: the sampled token, or None for items without a sampling state.
+            One entry per item: the sampled token (after the drafts it accepted), or None for
+            items without a sampling state.
         """
         moves = [(it.slot, it.start_pos, it.transfer) for it in items if it.transfer is not None]
         if moves:  # prefix reuse, before the forward pass
             self.cache.prepare(moves, self.pool)
         logits = self.model.step(items, self.cache)
+        first = np.cumsum([0, *(1 + it.draft for it in items)])  # each item's first logits row
         rows = [i for i, it in enumerate(items) if it.sampling is not None]
         out: list[TokenSample | None] = [None] * len(items)
-        if rows:
-            states = [s for it in items if (s := it.sampling) is not None]
-            # Every item samples, as a rule: hand the logits over as they are (a copy of 32 rows
-            # of a 262k vocabulary costs ~9 ms).
-            tokens, logprobs = sample(logits if len(rows) == len(items) else logits[rows], states)
-            for j, i in enumerate(rows):
-                hook = states[j].hook
-                out[i] = TokenSample(
-                    int(tokens[j]),
-                    float(logprobs[j]),
-                    states[j].forced,
-                    completes=hook is not None and hook.finished,
-                    constraint_error=None if hook is None else hook.error,
-                )
+        if not rows:
+            return out
+        states = [s for it in items if (s := it.sampling) is not None]
+        # Every item samples one row, as a rule: hand the logits over as they are (a copy of 32
+        # rows of a 262k vocabulary costs ~9 ms).
+        plain = len(rows) == len(items) == logits.shape[0]
+        tokens, logprobs = sample(logits if plain else logits[first[rows]], states)
+        accepted: dict[int, list[tuple[int, float]]] = {}
+        verifying = [j for j, i in enumerate(rows) if items[i].draft]  # indexes into states
+        d = 0  # the draft each verifying item compares its last choice with
+        while verifying:
+            going = []
+            for j in verifying:
+                it, state = items[rows[j]], states[j]
+                if tokens[j] == it.token_ids[len(it.token_ids) - it.draft + d] and _goes_on(state):
+                    accepted.setdefault(j, []).append((int(tokens[j]), float(logprobs[j])))
+                    going.append(j)
+            d += 1
+            if not going:
+                break
+            # Choose again at the accepted draft's position (logits row d of the item).
+            more, more_logprobs = sample(
+                logits[[first[rows[j]] + d for j in going]], [states[j] for j in going]
+            )
+            for k, j in enumerate(going):
+                tokens[j], logprobs[j] = more[k], more_logprobs[k]
+            verifying = [j for j in going if d < items[rows[j]].draft]
+        for j, i in enumerate(rows):
+            hook = states[j].hook
+            out[i] = TokenSample(
+                int(tokens[j]),
+                float(logprobs[j]),
+                states[j].forced,
+                completes=hook is not None and hook.finished,
+                constraint_error=None if hook is None else hook.error,
+                accepted=tuple(accepted.get(j, ())),
+            )
         return out
 
     def __repr__(self) -> str:
         return f"Engine({self.model!r}, {self.cache!r})"
+
+
+def _goes_on(state: SamplingState) -> bool:
+    """True when a sequence may accept its next draft after its last choice: its constraint
+    forced nothing after that token, is not complete and has not failed."""
+    hook = state.hook
+    return not state.forced and (hook is None or (not hook.finished and hook.error is None))

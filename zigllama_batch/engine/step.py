@@ -1,10 +1,11 @@
 """What one engine step takes in and gives back, and the per-sequence progress that builds it.
 
 Inside: :class:`SequenceStep` (one sequence's share of a step: its cache slot, its new tokens,
-the position of the first, the sampling state when a token is to be sampled, and what its slot
-takes in before the step),
-:class:`TokenSample` (the token sampled for it) and :class:`SequenceState` (how far a sequence
-has got: how many of its tokens are in its cache slot, and what it feeds next). The batch
+the position of the first, the sampling state when a token is to be sampled, how many of the
+new tokens are drafts to verify, and what its slot takes in before the step),
+:class:`TokenSample` (the token sampled for it, after the drafted tokens it accepted) and
+:class:`SequenceState` (how far a sequence has got: how many of its tokens are in its cache
+slot, and what it feeds next). The batch
 processor and :class:`~zigllama_batch.generator.TextGenerator` both build their steps from a
 ``SequenceState``, so a prompt is chunked, and a decode token fed, the same way wherever it runs.
 """
@@ -37,6 +38,10 @@ class SequenceStep:
     transfer: Transfer | None = None
     """What the storage moves into and out of ``slot`` before the step (the KV manager's
     business); None when ``slot`` already holds positions ``[0, start_pos)``."""
+    draft: int = 0
+    """How many of the last ``token_ids`` are drafted (speculative) tokens: the step samples
+    at the position before them and at each of them, and accepts a draft only where it is the
+    token sampled there (see :class:`TokenSample`). Zero for a plain step."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,14 +57,23 @@ class TokenSample:
     """The output constraint is complete after this token and the forced ones."""
     constraint_error: str | None = None
     """Why the output constraint cannot go on (the request then ends with an error)."""
+    accepted: tuple[tuple[int, float], ...] = ()
+    """Drafted tokens the step accepted before this one, each with its log-probability: the
+    tokens sampled at the drafts' positions that were the drafts themselves. This token is
+    the one sampled after them (where a draft was not, or after the last)."""
 
     def each(self) -> list[TokenSample]:
-        """This token, then each forced one as a sample of its own (logprob NaN); only the
-        last says whether the constraint is complete."""
-        if not self.forced:
+        """The accepted drafts, this token, then each forced one, as samples of their own
+        (forced ones with logprob NaN); only the last says whether the constraint is
+        complete."""
+        if not self.forced and not self.accepted:
             return [self]
+        drafts = [TokenSample(t, lp) for t, lp in self.accepted]
+        if not self.forced:
+            return [*drafts, TokenSample(self.token_id, self.logprob, completes=self.completes)]
         *rest, last = self.forced
         return [
+            *drafts,
             TokenSample(self.token_id, self.logprob),
             *(TokenSample(t, math.nan) for t in rest),
             TokenSample(last, math.nan, completes=self.completes),
@@ -147,9 +161,10 @@ class SequenceState:
         """True while prompt tokens remain to be fed to the model."""
         return self.num_computed < len(self.prompt_ids)
 
-    def next_step(self, budget: int) -> SequenceStep:
+    def next_step(self, budget: int, draft: Sequence[int] = ()) -> SequenceStep:
         """The step that feeds this sequence's next tokens: up to ``budget`` prompt tokens, or
-        the last sampled token."""
+        the last sampled token (and any forced after it) followed by ``draft``, drafted tokens
+        to verify (decode only)."""
         start = self.num_computed
         if self.prefilling:
             chunk = self.prompt_ids[start : start + budget]
@@ -157,16 +172,26 @@ class SequenceState:
             sampling = self.sampling if completes else None
             return SequenceStep(self.slot, chunk, start, sampling, self.transfer)
         assert self.pending, "a decode step needs a sampled token"
+        if draft:
+            tokens = [*self.pending, *draft]
+            return SequenceStep(self.slot, tokens, start, self.sampling, draft=len(draft))
         return SequenceStep(self.slot, self.pending, start, self.sampling)
 
-    def advance(self, step: SequenceStep, sample: TokenSample | None) -> None:
-        """Account for a step of this sequence that ran, and the token it sampled (if any)."""
+    def advance(self, step: SequenceStep, sample: TokenSample | None) -> int:
+        """Account for a step of this sequence that ran, and the token it sampled (if any).
+
+        Returns:
+            Drafted tokens the step did not accept: their positions are computed and must be
+            rolled back (:meth:`rollback`).
+        """
         if not self.prefilling:
             self.outputs.extend(step.token_ids)
         self.num_computed += len(step.token_ids)
         self.transfer = None  # made, if due
         if sample is not None:
             self.pending = [sample.token_id, *sample.forced]
+        accepted = 0 if sample is None else len(sample.accepted)
+        return step.draft - accepted
 
     def __repr__(self) -> str:
         return (
