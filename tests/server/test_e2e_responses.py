@@ -63,8 +63,31 @@ async def test_create_answers_with_output_text_and_usage(
 async def test_stream_gives_text_deltas_and_the_final_response(
     server: ServerProcess, client: AsyncOpenAI
 ) -> None:
-    """responses.stream yields text deltas that add up to the final response's output_text;
-    max_output_tokens makes it incomplete, saying why."""
+    """responses.stream yields text deltas that add up to the completed response's
+    output_text, which get_final_response returns."""
+    async with client.responses.stream(
+        model=server.model,
+        input="Say hello in one short sentence.",
+        max_output_tokens=200,
+        temperature=0,
+    ) as stream:
+        text = ""
+        async for event in stream:
+            if event.type == "response.output_text.delta":
+                text += event.delta
+        final = await stream.get_final_response()
+    assert final.status == "completed"
+    assert text
+    assert text == final.output_text
+    assert final.usage is not None
+    assert final.usage.output_tokens > 0
+
+
+async def test_a_stream_cut_by_max_output_tokens_ends_incomplete_saying_why(
+    server: ServerProcess, client: AsyncOpenAI
+) -> None:
+    """max_output_tokens ends a stream with response.incomplete (not response.completed),
+    whose response holds the text streamed, the reason and the usage."""
     async with client.responses.stream(
         model=server.model,
         input="Tell me a long story about a cat.",
@@ -73,10 +96,14 @@ async def test_stream_gives_text_deltas_and_the_final_response(
         extra_body={"ignore_eos": True},
     ) as stream:
         text = ""
+        ends = []
         async for event in stream:
             if event.type == "response.output_text.delta":
                 text += event.delta
-        final = await stream.get_final_response()
+            elif event.type in ("response.completed", "response.incomplete", "response.failed"):
+                ends.append(event)
+    assert [end.type for end in ends] == ["response.incomplete"]
+    final = ends[0].response
     assert final.status == "incomplete"
     assert final.incomplete_details is not None
     assert final.incomplete_details.reason == "max_output_tokens"

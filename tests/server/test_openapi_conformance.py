@@ -26,6 +26,7 @@ import copy
 import functools
 import json
 import re
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,7 +226,9 @@ def _unserved_items(body: Mapping[str, Any]) -> bool:
 
 def _includes_unserved(body: Mapping[str, Any]) -> bool:
     include = body.get("include")
-    return isinstance(include, list) and any(v not in HONOURED_INCLUDES for v in include)
+    return isinstance(include, list) and any(
+        not isinstance(v, str) or v not in HONOURED_INCLUDES for v in include
+    )
 
 
 def _reasoning(key: str, allowed: tuple[object, ...]) -> Callable[[Mapping[str, Any]], bool]:
@@ -551,7 +554,10 @@ def collect(stream: Any) -> tuple[dict[tuple[str, ...], Finding], list[str], int
     sent = 0
     for event in stream:
         if isinstance(event, events.NonFatalError | events.FatalError):
-            errors.append(f"{type(event).__name__}: {getattr(event, 'value', event)!r}")
+            # The traceback: an error is most often in this module's own checks or hooks.
+            error = getattr(event, "value", None)
+            shown = "".join(traceback.format_exception(error)) if error is not None else ""
+            errors.append(f"{type(event).__name__}: {shown or event!r}")
         if not isinstance(event, events.ScenarioFinished):
             continue
         recorder = event.recorder
