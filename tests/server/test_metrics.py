@@ -38,12 +38,14 @@ def test_ray_replicas_export_the_same_series_as_the_server(processor: BatchProce
 
 
 def test_processor_events_reach_the_prometheus_series(processor: BatchProcessor) -> None:
-    """Finished requests, steps, prefix lookups and preemptions are counted once each."""
+    """Finished requests, steps, prefix lookups, preemptions and speculation are counted once
+    each."""
     metrics = ProcessorMetrics(processor)
     metrics.on_finish(RequestState.CANCELLED, 3, None)
     metrics.on_step(2, 2, 0.01)
     metrics.on_prefix_lookup(10, 4)
     metrics.on_preempt()
+    metrics.on_speculation(6, 4)
     metrics.on_reject()
     text = metrics.render().decode()
     assert 'zigllama_requests_total{outcome="cancelled"} 1.0' in text
@@ -51,4 +53,6 @@ def test_processor_events_reach_the_prometheus_series(processor: BatchProcessor)
     assert "zigllama_generated_tokens_total 3.0" in text
     assert "zigllama_prefix_cache_hits_tokens_total 4.0" in text
     assert "zigllama_preemptions_total 1.0" in text
+    assert "zigllama_spec_draft_tokens_total 6.0" in text
+    assert "zigllama_spec_accepted_tokens_total 4.0" in text
     assert "zigllama_step_batch_size_count 1.0" in text

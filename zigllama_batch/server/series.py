@@ -109,6 +109,16 @@ PREEMPTIONS = Series(
     "Running sequences preempted when key/value memory ran short (recomputed later)",
     "counter",
 )
+SPEC_DRAFTED = Series(
+    "zigllama_spec_draft_tokens",
+    "Tokens drafted by speculative decoding and verified",
+    "counter",
+)
+SPEC_ACCEPTED = Series(
+    "zigllama_spec_accepted_tokens",
+    "Drafted tokens that verification accepted (the rest were rolled back)",
+    "counter",
+)
 
 SERIES: tuple[Series, ...] = (
     REQUESTS,
@@ -122,6 +132,8 @@ SERIES: tuple[Series, ...] = (
     PREFIX_QUERIES,
     PREFIX_HITS,
     PREEMPTIONS,
+    SPEC_DRAFTED,
+    SPEC_ACCEPTED,
     Series(
         "zigllama_prefix_cache_pool_bytes",
         "Host memory held by prefixes evicted from the cache slots",
@@ -166,6 +178,13 @@ class SeriesObserver(StatsObserver, abc.ABC):
     def on_preempt(self) -> None:
         """Count a preemption."""
         self.count(PREEMPTIONS, 1)
+
+    def on_speculation(self, drafted: int, accepted: int) -> None:
+        """Count a sequence's drafted tokens verified in a step, and those accepted."""
+        if drafted:
+            self.count(SPEC_DRAFTED, drafted)
+        if accepted:
+            self.count(SPEC_ACCEPTED, accepted)
 
     def on_reject(self) -> None:
         """Count a request the processor refused (queue full, not running)."""
