@@ -8,7 +8,8 @@ engine busy), make a step raise, charge a ManualClock per step, and read back ev
 composition. It keeps the token ids each slot holds, as a real cache keeps their keys and
 values, and checks what a real step would refuse: two items in one slot, a slot outside the
 cache, a step that starts past what its slot holds, a copy from a slot that does not hold the
-prefix.
+prefix. A scored prompt chunk (prompt logprobs) gets logits that favour, at each position, the
+letter the fake would sample there.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from zigllama_batch import GenerationConfig, ManualClock, Tokenizer
 from zigllama_batch.engine import SequenceStep, TokenSample
@@ -135,6 +138,9 @@ class FakeEngine:
             )
             self.held[it.slot] = [*held[: it.start_pos], *it.token_ids]
         self.most_held = max(self.most_held, sum(map(len, self.held)))
+        for it in items:
+            if it.scores is not None:
+                it.scores.score(it.start_pos, self.logits(it.start_pos, len(it.token_ids)))
         if self.clock is not None and self.step_cost is not None:
             self.clock.advance(self.step_cost(items))
         return [
@@ -166,6 +172,13 @@ class FakeEngine:
     def token_at(self, position: int) -> int:
         """The token a sequence gets after ``position`` tokens."""
         return self.letters[position % 26]
+
+    def logits(self, start: int, n: int) -> np.ndarray:
+        """The fake's next-token logits at positions ``start`` to ``start + n - 1``
+        ``(n, vocab)``: 4 for the letter :meth:`token_at` gives after each, 0 elsewhere."""
+        rows = np.zeros((n, self.tokenizer.vocab_size), np.float32)
+        rows[np.arange(n), [self.token_at(start + i + 1) for i in range(n)]] = 4.0
+        return rows
 
     def hold(self) -> None:
         """Make the next steps wait until release()."""

@@ -20,7 +20,7 @@ def test_presets_are_valid_and_overridable(preset: str) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("max_tokens", 0),
+        ("max_tokens", -1),
         ("max_tokens", 1.5),
         ("max_tokens", True),
         ("temperature", -0.1),
@@ -41,6 +41,10 @@ def test_presets_are_valid_and_overridable(preset: str) -> None:
         ("stop_token_ids", [-2]),
         ("ignore_eos", 1),
         ("logprobs", "yes"),
+        ("prompt_logprobs", -1),
+        ("prompt_logprobs", 21),
+        ("prompt_logprobs", True),
+        ("prompt_logprobs", 2.0),
     ],
 )
 def test_invalid_field_raises_value_error_naming_it(field: str, value: object) -> None:

@@ -44,6 +44,7 @@ from .generation import (
     GenerationResult,
     Prompt,
     StreamCallback,
+    TokenLogprob,
 )
 from .generator import TextGenerator, load_model
 from .structured import StructuredOutput
@@ -84,6 +85,7 @@ __all__ = [
     "StreamChunk",
     "StructuredOutput",
     "TextGenerator",
+    "TokenLogprob",
     "Tokenizer",
     "ZigllamaBatchError",
     "__version__",

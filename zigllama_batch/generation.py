@@ -2,10 +2,13 @@
 
 :class:`GenerationConfig` holds the decoding settings of one request (validated, frozen, with the
 presets ``greedy()``, ``precise()``, ``balanced()`` and ``creative()``); :class:`GenerationResult`
-is the finished output; :class:`FinishReason` says why it ended. Both the single-sequence
-:class:`~zigllama_batch.generator.TextGenerator` and the batch processor use these types.
+is the finished output; :class:`FinishReason` says why it ended; :class:`TokenLogprob` is one
+prompt token's log-probability with the most likely alternatives at its position. Both the
+single-sequence :class:`~zigllama_batch.generator.TextGenerator` and the batch processor use
+these types.
 
-Simplified: one completion per request (no ``n``/``best_of``), logprobs of the chosen token only.
+Simplified: one completion per request (no ``n``/``best_of``); generated tokens carry the chosen
+token's logprob only (alternatives are given for prompt tokens, ``prompt_logprobs``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = [
     "GenerationResult",
     "Prompt",
     "StreamCallback",
+    "TokenLogprob",
 ]
 
 ChatMessage = dict[str, Any]
@@ -53,6 +57,10 @@ GREEDY_BELOW = 1e-5
 """Temperatures below this decode greedily (vLLM's ``_SAMPLING_EPS``): dividing float32 logits by
 a smaller one gains nothing over greedy and, near float32's smallest numbers, divides by zero."""
 
+MAX_LOGPROBS = 20
+"""Most alternatives ``prompt_logprobs`` may ask for at each position (vLLM's default limit;
+OpenAI's legacy completions allow 5)."""
+
 MIN_REPETITION_PENALTY = 1e-2
 """Smallest accepted ``repetition_penalty``. Below it the penalty only says "repeat", as 0.01
 already does, and near float32's smallest numbers the division makes logits infinite."""
@@ -69,7 +77,9 @@ class GenerationConfig:
     """
 
     max_tokens: int = 128
-    """Most tokens to generate; 128 is a short answer that keeps a CPU request under seconds."""
+    """Most tokens to generate; 128 is a short answer that keeps a CPU request under seconds.
+    0 generates nothing: the prompt runs through the model (for ``prompt_logprobs``) and the
+    generation ends with ``length``."""
     temperature: float = 0.7
     """Softmax temperature; 0 picks the most likely token. 0.7 is a common chat default."""
     top_k: int = 40
@@ -97,6 +107,11 @@ class GenerationConfig:
     """Keep generating past the end-of-sequence token (for benchmarks of fixed length)."""
     logprobs: bool = False
     """Return the log-probability of each chosen token under the model's raw distribution."""
+    prompt_logprobs: int | None = None
+    """Return the log-probability of each prompt token given the ones before it, with this many
+    most likely alternatives at its position (0: the token's own only; at most
+    :data:`MAX_LOGPROBS`), under the raw distribution as ``logprobs``. Every prompt position
+    then runs through the model: no cached prefix stands in for it. None: not asked."""
     structured: StructuredOutput | None = None
     """A shape the text must have (JSON schema, regex, choice, grammar): every token the
     constraint does not allow is masked, and the generation ends with ``stop`` once the
@@ -108,7 +123,7 @@ class GenerationConfig:
         # Lists are accepted for convenience and frozen into tuples, so the config stays hashable.
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        _check_int("max_tokens", self.max_tokens, minimum=1)
+        _check_int("max_tokens", self.max_tokens, minimum=0)
         _check_float("temperature", self.temperature, low=0.0, high=100.0)
         _check_int("top_k", self.top_k, minimum=0)
         _check_float("top_p", self.top_p, low=0.0, high=1.0)
@@ -130,6 +145,12 @@ class GenerationConfig:
         for name in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequest(f"{name}: must be a bool, got {getattr(self, name)!r}")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, minimum=0)
+            if self.prompt_logprobs > MAX_LOGPROBS:
+                raise InvalidRequest(
+                    f"prompt_logprobs: must be at most {MAX_LOGPROBS}, got {self.prompt_logprobs}"
+                )
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise InvalidRequest(
                 f"structured: must be a StructuredOutput, got {type(self.structured).__name__}"
@@ -183,6 +204,18 @@ class GenerationConfig:
         return cls(**{"temperature": 1.1, "top_k": 0, "top_p": 0.95, "min_p": 0.05, **overrides})
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log-probability at its position, and the most likely tokens there."""
+
+    token_id: int
+    logprob: float
+    """Natural log of the token's probability under the model's raw distribution."""
+    top: tuple[tuple[int, float], ...] = ()
+    """The most likely tokens at this position as ``(token_id, logprob)``, best first (ties
+    by lower id); as many as asked for."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerationResult:
     """The output of one finished generation."""
@@ -203,6 +236,9 @@ class GenerationResult:
     """Milliseconds from the start of the request to its end."""
     logprobs: tuple[float, ...] | None = field(default=None)
     """Log-probability of each generated token, when asked for."""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """One entry per prompt token, when ``prompt_logprobs`` asked for them: the token given
+    the ones before it; None for the first (nothing comes before it)."""
     cached_tokens: int = 0
     """Prompt tokens whose keys and values came from the prefix cache instead of the model."""
     draft_tokens: int = 0

@@ -21,6 +21,7 @@ from .engine.hub import model_path
 from .engine.model import LLaMAModel
 from .engine.output import OutputDecoder
 from .engine.runner import DEFAULT_PREFILL_CHUNK, Engine, Model
+from .engine.scoring import PromptScores
 from .engine.step import SequenceState
 from .engine.tokenizer import Tokenizer
 from .errors import ConstraintFailed, PromptTooLong
@@ -76,6 +77,7 @@ class _Run:
     decoder: OutputDecoder
     started: float
     first_token: float | None = None
+    scores: PromptScores | None = None
 
 
 class TextGenerator:
@@ -150,7 +152,14 @@ class TextGenerator:
             prompt_tokens=len(prompt_ids),
             max_context=self.engine.max_context,
         )
-        return _Run(prompt_ids=prompt_ids, config=config, decoder=decoder, started=started)
+        top = config.prompt_logprobs
+        return _Run(
+            prompt_ids=prompt_ids,
+            config=config,
+            decoder=decoder,
+            started=started,
+            scores=None if top is None else PromptScores(prompt_ids, top),
+        )
 
     def _tokens(self, run: _Run, callback: StreamCallback | None) -> Iterator[str]:
         """Run the engine until the decoder finishes; yield each token's text chunk."""
@@ -158,15 +167,24 @@ class TextGenerator:
         slot = self.slots.allocate()
         try:
             sampling = engine.new_sampling(run.config, run.prompt_ids)
-            seq = SequenceState(run.prompt_ids, slot=slot, sampling=sampling)
+            seq = SequenceState(
+                run.prompt_ids,
+                slot=slot,
+                sampling=sampling,
+                scores=run.scores,
+                generates=run.config.max_tokens > 0,
+            )
             while True:
                 step = seq.next_step(self.prefill_chunk)
                 out = engine.step([step])[0]
                 seq.advance(step, out)
-                if out is None:  # a prompt chunk before the last
+                if out is None and seq.prefilling:  # a prompt chunk before the last
                     continue
                 if run.first_token is None:
                     run.first_token = time.perf_counter()
+                if out is None:  # the prompt has run, and nothing is to be generated
+                    run.decoder.finish_empty()
+                    return
                 if out.constraint_error is not None:
                     raise ConstraintFailed(
                         f"the output constraint could not be continued: {out.constraint_error}"
@@ -187,4 +205,5 @@ class TextGenerator:
         return run.decoder.result(
             time_to_first_token_ms=((run.first_token or now) - run.started) * 1000,
             total_time_ms=(now - run.started) * 1000,
+            prompt_logprobs=None if run.scores is None else run.scores.result(),
         )

@@ -283,14 +283,20 @@ async def test_context_error_names_the_field_that_was_sent(client: httpx.AsyncCl
         assert f"({field})" in error["message"]
 
 
-async def test_max_tokens_zero_is_refused_with_the_reason(client: httpx.AsyncClient) -> None:
-    """max_tokens 0 (valid in the spec, meaningful only with echo) is refused by name, with a
-    message saying why this server differs."""
+async def test_max_tokens_zero_is_an_empty_completion_and_a_refused_chat(
+    client: httpx.AsyncClient,
+) -> None:
+    """max_tokens 0 (valid in the completions spec) answers an empty text ending with length;
+    a chat completion of nothing is refused by name."""
     r = await client.post("/v1/completions", json=completion(max_tokens=0))
-    error = assert_error(r, 400, param="max_tokens")
-    assert "echo" in error["message"]
-    r = await client.post("/v1/chat/completions", json=chat(max_completion_tokens=0))
-    assert_error(r, 400, param="max_completion_tokens")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["text"] == ""
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 0
+    for field in ("max_tokens", "max_completion_tokens"):
+        r = await client.post("/v1/chat/completions", json=chat(**{field: 0}))
+        assert_error(r, 400, param=field)
 
 
 async def test_405_carries_allow(client: httpx.AsyncClient) -> None:

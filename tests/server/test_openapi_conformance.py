@@ -114,6 +114,10 @@ def _below(key: str, limit: int) -> Callable[[Mapping[str, Any]], bool]:
     return test
 
 
+def _chat(test: Callable[[Mapping[str, Any]], bool]) -> Callable[[Mapping[str, Any]], bool]:
+    return lambda body: "messages" in body and test(body)
+
+
 def _non_text_part(body: Mapping[str, Any]) -> bool:
     for message in body.get("messages") or []:
         content = message.get("content") if isinstance(message, Mapping) else None
@@ -274,14 +278,12 @@ DOCUMENTED_REFUSALS = [
     Refusal("function_call", _set("function_call")),
     Refusal("audio", _set("audio")),
     Refusal("modalities", _set("modalities")),
-    # Generating nothing (meaningful only with echo, which is not implemented).
-    Refusal("max_tokens", _below("max_tokens", 1), message="must be >= 1"),
+    # A chat completion of nothing (a completion of 0 tokens is served: the prompt, with echo).
+    Refusal("max_tokens", _chat(_below("max_tokens", 1)), message="must be >= 1"),
     Refusal("max_completion_tokens", _below("max_completion_tokens", 1), message="must be >= 1"),
     # Structured output: a schema llguidance cannot compile, or a second constraint (tools).
     Refusal("response_format", _response_format_not_text),
-    # The prompt is not repeated in a completion.
-    Refusal("echo", lambda body: body.get("echo") is True),
-    # Only the chosen token's logprob is known, no alternatives.
+    # Generated tokens carry the chosen token's logprob only, no alternatives.
     Refusal("logprobs", _above("logprobs", 1)),  # completions: an int
     Refusal("top_logprobs", _above("top_logprobs", 0)),
     # At most 16 stop strings (OpenAI allows 4, so no spec-valid request meets this one).
@@ -391,7 +393,8 @@ def chunk_validators() -> dict[str, jsonschema_rs.Draft202012Validator]:
     """A validator of one streamed event per operation path (a response's events are
     ``ResponseStreamEvent``s). OpenAI documents a completion's chunks as completion objects; like a chat chunk's (and like OpenAI's own streams), their
     ``finish_reason`` is null until the last one."""
-    components = _nullable_to_json_schema(copy.deepcopy(reduced_openai_description()["components"]))
+    spec = with_echo_nulls(reduced_openai_description())
+    components = _nullable_to_json_schema(spec["components"])
     completion = components["schemas"]["CreateCompletionResponse"]
     choice = completion["properties"]["choices"]["items"]["properties"]
     choice["finish_reason"] = {"anyOf": [choice["finish_reason"], {"type": "null"}]}
@@ -405,6 +408,19 @@ def chunk_validators() -> dict[str, jsonschema_rs.Draft202012Validator]:
         "/completions": of("CreateCompletionResponse"),
         "/responses": of("ResponseStreamEvent"),
     }
+
+
+def with_echo_nulls(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with a completion's ``token_logprobs`` and ``top_logprobs`` items nullable. The
+    description says numbers and objects, but OpenAI's API (and vLLM's) answer null for the
+    first prompt token of an ``echo`` with ``logprobs``, which has nothing before it; clients
+    such as lm-evaluation-harness read that shape."""
+    spec = copy.deepcopy(spec)
+    choice = spec["components"]["schemas"]["CreateCompletionResponse"]["properties"]["choices"]
+    logprobs = choice["items"]["properties"]["logprobs"]["anyOf"][0]["properties"]
+    for key in ("token_logprobs", "top_logprobs"):
+        logprobs[key]["items"] = {"anyOf": [logprobs[key]["items"], {"type": "null"}]}
+    return spec
 
 
 def without_event_streams(spec: dict[str, Any]) -> dict[str, Any]:
@@ -634,7 +650,7 @@ def test_openai_conformance(tiny: Tiny, operation: str) -> None:
     method, path = operation.split(" ")
     config = schemathesis.Config.from_dict(CONFIG)
     schema = schemathesis.openapi.from_dict(
-        without_event_streams(reduced_openai_description()), config=config
+        without_event_streams(with_echo_nulls(reduced_openai_description())), config=config
     )
     schema = schema.include(method=method, path=path)
     schema.app = served_app(tiny)

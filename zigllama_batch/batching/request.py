@@ -16,9 +16,10 @@ import math
 from collections.abc import Sequence
 
 from ..engine.output import OutputDecoder
+from ..engine.scoring import PromptScores
 from ..engine.step import SequenceState, TokenSample
 from ..errors import InvalidRequest, RequestCancelled, RequestTimeout, ZigllamaBatchError
-from ..generation import GenerationConfig
+from ..generation import GenerationConfig, TokenLogprob
 from .types import BatchRequest, BatchResult, RequestId, StreamChunk
 
 __all__ = ["FINISHED", "RequestState", "TrackedRequest", "error_state"]
@@ -106,7 +107,12 @@ class TrackedRequest:
         step for every sequence, so kept as a flag rather than derived."""
         # Progress through the model; its slot and sampling state are set at admission, and
         # one worker owns it while it runs.
-        self.seq = SequenceState(self.prompt_ids)
+        top = self.config.prompt_logprobs
+        self.seq = SequenceState(
+            self.prompt_ids,
+            scores=None if top is None else PromptScores(self.prompt_ids, top),
+            generates=self.config.max_tokens > 0,
+        )
         self.admitted: float | None = None
         self.first_token: float | None = None
         self.steps = 0
@@ -130,8 +136,10 @@ class TrackedRequest:
 
     def accept(self, sample: TokenSample, now: float) -> StreamChunk:
         """Take a token a step gave this request (sampled, or forced by its constraint: one of
-        :meth:`TokenSample.each`); the chunk of text it adds."""
-        if self.first_token is None:
+        :meth:`TokenSample.each`); the chunk of text it adds (the first with the prompt's
+        logprobs, when asked for)."""
+        first = self.first_token is None
+        if first:
             self.first_token = now
         logprob = None if math.isnan(sample.logprob) else sample.logprob
         text = self.decoder.add(sample.token_id, logprob, completes=sample.completes)
@@ -140,7 +148,13 @@ class TrackedRequest:
             sample.token_id,
             self.decoder.finish_reason,
             logprob if self.config.logprobs else None,
+            self.prompt_logprobs() if first else None,
         )
+
+    def prompt_logprobs(self) -> tuple[TokenLogprob | None, ...] | None:
+        """The prompt's logprobs, when asked for (once its prompt has run)."""
+        scores = self.seq.scores
+        return None if scores is None else scores.result()
 
     def finish(
         self,

@@ -4,7 +4,8 @@ Inside: :func:`batch_result`. The output itself (text, tokens, finish reason, lo
 from the request's :meth:`~zigllama_batch.engine.output.OutputDecoder.result`, the one place a
 :class:`~zigllama_batch.generation.GenerationResult` is made (:class:`TextGenerator` uses it
 too); here it gets the processor's timings: latency, queue time and time to first token from
-the processor's clock, and the steps and batch sizes the request ran in.
+the processor's clock, the steps and batch sizes the request ran in, and the prompt's logprobs
+its sequence gathered.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def batch_result(rec: TrackedRequest, finished: float) -> BatchResult:
             cached_tokens=rec.cached_tokens,
             draft_tokens=rec.drafted,
             accepted_draft_tokens=rec.accepted_drafts,
+            prompt_logprobs=rec.prompt_logprobs(),
         ),
         latency_ms=latency_ms,
         queue_time_ms=(rec.admitted - rec.submitted) * _MS,

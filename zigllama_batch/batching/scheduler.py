@@ -13,7 +13,8 @@ chunks of at most ``prefill_chunk`` tokens, in admission order, until ``max_step
 spent), preempt what the KV manager says no longer fits (back to the queue, ahead of its
 priority level, to be recomputed), run the step in the executor, and apply the outputs on the
 event loop: each sampled token goes to its request (text and stop rules), its stream and its
-callback, and a request whose text is done completes. A running step is never abandoned:
+callback, and a request whose text is done completes (a request for no tokens, once its prompt
+has run). A running step is never abandoned:
 cancellations, deadlines and a non-draining close take effect between steps, and only the
 worker that owns a slot frees it.
 
@@ -288,6 +289,8 @@ class Scheduler:
                     self.stats.on_speculation(step.draft, len(out.accepted))
                 self.speculation.observe(rec, step, out)
                 self._apply(rec, out, now)
+            elif not rec.seq.prefilling:  # its prompt has run, and it generates nothing
+                self._complete_empty(rec, now)
 
     def _build(
         self, worker: _Worker, drafts: Mapping[TrackedRequest, Sequence[int]]
@@ -322,6 +325,12 @@ class Scheduler:
             if rec.decoder.finished:
                 self.deliveries.complete(rec, batch_result(rec, now))
                 return
+
+    def _complete_empty(self, rec: TrackedRequest, now: float) -> None:
+        """Complete a request for no tokens (``max_tokens`` 0) whose prompt has run."""
+        rec.first_token = now
+        rec.decoder.finish_empty()
+        self.deliveries.complete(rec, batch_result(rec, now))
 
     def close(self) -> None:
         """Release the executor and all key/value memory (every worker has returned, no

@@ -183,8 +183,10 @@ class Adaptive:
         self.costs.observe(new_tokens, seconds)
 
     def observe_finish(self, generated: int, max_tokens: int) -> None:
-        """Learn how much of max_tokens requests really use."""
-        self.output_fraction = 0.9 * self.output_fraction + 0.1 * (generated / max_tokens)
+        """Learn how much of max_tokens requests really use (a request for none tells
+        nothing)."""
+        if max_tokens:
+            self.output_fraction = 0.9 * self.output_fraction + 0.1 * (generated / max_tokens)
 
     def service_s(self, head: Sequence[tuple[int, int]]) -> float:
         """Predicted seconds from dispatch to the last of these requests finishing."""

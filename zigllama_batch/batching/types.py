@@ -17,7 +17,7 @@ from ..engine.runner import DEFAULT_PREFILL_CHUNK
 from ..engine.step import SequenceStep, TokenSample
 from ..engine.tokenizer import Tokenizer
 from ..errors import InvalidRequest
-from ..generation import FinishReason, GenerationConfig, GenerationResult, Prompt
+from ..generation import FinishReason, GenerationConfig, GenerationResult, Prompt, TokenLogprob
 from ..kv import KVEngine
 from ..structured import StructuredOutput
 
@@ -255,6 +255,9 @@ class StreamChunk:
     finish_reason: FinishReason | None = None
     logprob: float | None = None
     """The token's log-probability, when the request asked for logprobs."""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """On a request's first chunk, when it asked for them: the prompt's logprobs (as
+    :attr:`GenerationResult.prompt_logprobs`); None on every other chunk."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

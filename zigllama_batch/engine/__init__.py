@@ -6,7 +6,8 @@ Nothing here knows about asyncio. The pieces, in the order data flows through th
 for a product with a weight, whatever its type), ``tokenizer`` (text <-> ids), ``step``
 (``SequenceStep``: what a step takes per sequence; ``SequenceState``: a sequence's progress),
 ``model`` (``LLaMAModel.step``: one ragged forward pass, writing keys and values into
-:mod:`zigllama_batch.kv`'s storage), ``sampler`` (next tokens, with a
+:mod:`zigllama_batch.kv`'s storage), ``scoring`` (log-probabilities of given tokens: a
+prompt's own, gathered chunk by chunk), ``sampler`` (next tokens, with a
 per-sequence logits hook), ``grammar`` (that hook for an output constraint, with
 ``json_schema`` and ``closing``: objects closed by default, completion within the budget),
 ``runner`` (``Engine.step``: forward + sampling, typed against the
@@ -20,6 +21,7 @@ from .model import LLaMAModel
 from .output import OutputDecoder
 from .runner import DEFAULT_PREFILL_CHUNK, Engine, Model, ModelConfig
 from .sampler import LogitsHook, SamplingState
+from .scoring import PromptScores
 from .step import SequenceState, SequenceStep, TokenSample
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .tokenizer_files import save_tokenizer_files
@@ -36,6 +38,7 @@ __all__ = [
     "Model",
     "ModelConfig",
     "OutputDecoder",
+    "PromptScores",
     "SamplingState",
     "SequenceState",
     "SequenceStep",

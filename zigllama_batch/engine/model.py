@@ -11,7 +11,8 @@ feed a chunk of their prompt, others one decode token.
   (:func:`~zigllama_batch.engine.kernels.attend_decode`), each token over the positions up to
   its own; prompt chunks run one by one with a causal mask.
   A windowed layer (Gemma 3's local layers) attends only to its window's positions.
-- Only each item's last new token goes through the output head.
+- Only each item's last new token goes through the output head (its last ``1 + draft`` when it
+  verifies drafts, all of them when its prompt chunk is scored: ``SequenceStep.logit_rows``).
 - Every product with a weight matrix goes through :func:`~zigllama_batch.engine.kernels.linear`,
   whatever the weight's GGUF type: the weights stay quantized, and which kernel runs for how
   many rows is the kernels module's business.
@@ -105,8 +106,8 @@ class LLaMAModel:
 
     def step(self, items: Sequence[SequenceStep], cache: KVCache) -> F32:
         """Run one forward step over a ragged batch and return the next-token logits of each
-        item's last new token (and of the ``draft`` tokens before it, for an item that has
-        drafted tokens to verify).
+        item's last ``item.logit_rows`` new tokens: its last one, the ``draft`` tokens before it
+        too for an item that has drafted tokens to verify, every one for a scored prompt chunk.
 
         Writes the new tokens' keys and values into their slots of ``cache``.
 
@@ -116,8 +117,8 @@ class LLaMAModel:
             cache: the cache whose slots the items name.
 
         Returns:
-            ``(rows, vocab_size)`` float32 logits: for each item in order, ``1 + item.draft``
-            rows (its last ``1 + draft`` new tokens); one row per item when none drafts.
+            ``(rows, vocab_size)`` float32 logits: for each item in order, ``item.logit_rows``
+            rows (its last new tokens); one row per item when none drafts or is scored.
 
         Raises:
             ValueError: an item names a bad slot, is empty, overruns the cache, holds a token
@@ -232,7 +233,7 @@ class _Batch:
     positions: I64  # (N,) absolute position of every new token
     token_slots: I64  # (N,) cache slot of every new token
     rows: list[slice]  # per item: its rows among the N tokens
-    last_rows: I64  # (R,) rows whose logits the step returns: each item's last 1 + draft
+    last_rows: I64  # (R,) rows whose logits the step returns: each item's last logit_rows
     slots: list[int]
     starts: list[int]
     prefill_items: list[int]  # items of more than _FEW_TOKENS new tokens
@@ -296,7 +297,7 @@ class _Batch:
             rows=rows,
             last_rows=np.concatenate(
                 [
-                    np.arange(r.stop - 1 - it.draft, r.stop)
+                    np.arange(r.stop - it.logit_rows, r.stop)
                     for r, it in zip(rows, items, strict=True)
                 ]
             ),

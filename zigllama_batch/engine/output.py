@@ -9,7 +9,7 @@ until it cannot. Once finished, :meth:`OutputDecoder.result` is the one place a
 
 from __future__ import annotations
 
-from ..generation import FinishReason, GenerationConfig, GenerationResult
+from ..generation import FinishReason, GenerationConfig, GenerationResult, TokenLogprob
 from .tokenizer import Tokenizer
 
 __all__ = ["OutputDecoder"]
@@ -100,6 +100,17 @@ class OutputDecoder:
         self.text += chunk
         return chunk
 
+    def finish_empty(self) -> None:
+        """End a sequence that generates nothing (``max_tokens`` 0) once its prompt has run:
+        ``length``, with no text.
+
+        Raises:
+            RuntimeError: the sequence is already finished, or may generate.
+        """
+        if self.finish_reason is not None or self._config.max_tokens:
+            raise RuntimeError("only an unfinished sequence of max_tokens 0 ends empty")
+        self.finish_reason = FinishReason.LENGTH
+
     def result(
         self,
         *,
@@ -108,8 +119,10 @@ class OutputDecoder:
         cached_tokens: int = 0,
         draft_tokens: int = 0,
         accepted_draft_tokens: int = 0,
+        prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None,
     ) -> GenerationResult:
-        """The finished generation, with the timings its runner measured.
+        """The finished generation, with the timings its runner measured and the prompt's
+        logprobs when they were asked for.
 
         Raises:
             RuntimeError: the sequence has not finished.
@@ -128,6 +141,7 @@ class OutputDecoder:
             cached_tokens=cached_tokens,
             draft_tokens=draft_tokens,
             accepted_draft_tokens=accepted_draft_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _finish(self, reason: FinishReason, chunk: str) -> str:

@@ -78,7 +78,7 @@ class Model(Protocol):
 
     def step(self, items: Sequence[SequenceStep], cache: KVCache) -> NDArray[np.float32]:
         """One forward pass over a ragged batch; the next-token logits of each item's last
-        ``1 + item.draft`` new tokens, item after item, ``(rows, vocab)``."""
+        ``item.logit_rows`` new tokens, item after item, ``(rows, vocab)``."""
         ...
 
 
@@ -176,7 +176,8 @@ class Engine:
         self.grammars.check(structured)
 
     def step(self, items: Sequence[SequenceStep]) -> list[TokenSample | None]:
-        """Run one forward pass over ``items`` and sample where asked.
+        """Run one forward pass over ``items``, score the prompt chunks that are scored (into
+        their :class:`~zigllama_batch.engine.scoring.PromptScores`) and sample where asked.
 
         An item with drafted tokens is verified: a token is sampled at the position before
         the drafts, as for any item; while it equals the next draft, the next one is sampled
@@ -194,7 +195,12 @@ class Engine:
         if moves:  # prefix reuse, before the forward pass
             self.cache.prepare(moves, self.pool)
         logits = self.model.step(items, self.cache)
-        first = np.cumsum([0, *(1 + it.draft for it in items)])  # each item's first logits row
+        first = np.cumsum([0, *(it.logit_rows for it in items)])  # each item's first logits row
+        for i, it in enumerate(items):
+            if it.scores is not None:  # a row for each of its positions
+                it.scores.score(it.start_pos, logits[first[i] : first[i + 1]])
+        # The row each item samples at first: its last, or the one before its drafts.
+        at = [first[i] + it.logit_rows - 1 - it.draft for i, it in enumerate(items)]
         rows = [i for i, it in enumerate(items) if it.sampling is not None]
         out: list[TokenSample | None] = [None] * len(items)
         if not rows:
@@ -203,7 +209,7 @@ class Engine:
         # Every item samples one row, as a rule: hand the logits over as they are (a copy of 32
         # rows of a 262k vocabulary costs ~9 ms).
         plain = len(rows) == len(items) == logits.shape[0]
-        tokens, logprobs = sample(logits if plain else logits[first[rows]], states)
+        tokens, logprobs = sample(logits if plain else logits[[at[i] for i in rows]], states)
         accepted: dict[int, list[tuple[int, float]]] = {}
         verifying = [j for j, i in enumerate(rows) if items[i].draft]  # indexes into states
         d = 0  # the draft each verifying item compares its last choice with
@@ -219,7 +225,7 @@ class Engine:
                 break
             # Choose again at the accepted draft's position (logits row d of the item).
             more, more_logprobs = sample(
-                logits[[first[rows[j]] + d for j in going]], [states[j] for j in going]
+                logits[[at[rows[j]] + d for j in going]], [states[j] for j in going]
             )
             for k, j in enumerate(going):
                 tokens[j], logprobs[j] = more[k], more_logprobs[k]

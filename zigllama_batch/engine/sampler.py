@@ -25,6 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..generation import GenerationConfig
+from .scoring import token_logprobs
 
 __all__ = ["LogitsHook", "SamplingState", "sample"]
 
@@ -154,12 +155,8 @@ def sample(logits: F32, states: Sequence[SamplingState]) -> tuple[NDArray[np.int
         tokens[drawn] = _draw(x, [states[i] for i in drawn])
 
     wants_logprobs = [i for i, s in enumerate(states) if s.config.logprobs]
-    if wants_logprobs:
-        raw = logits[wants_logprobs].astype(np.float64)
-        top = raw.max(axis=1)
-        lse = top + np.log(np.exp(raw - top[:, None]).sum(axis=1))
-        chosen = raw[np.arange(len(wants_logprobs)), tokens[wants_logprobs]]
-        logprobs[wants_logprobs] = chosen - lse
+    if wants_logprobs:  # as a prompt token's score is computed
+        logprobs[wants_logprobs] = token_logprobs(logits[wants_logprobs], tokens[wants_logprobs])[0]
     for i, state in enumerate(states):
         state.record(int(tokens[i]))
     return tokens, logprobs

@@ -2,7 +2,8 @@
 
 Inside: :class:`SequenceStep` (one sequence's share of a step: its cache slot, its new tokens,
 the position of the first, the sampling state when a token is to be sampled, how many of the
-new tokens are drafts to verify, and what its slot takes in before the step),
+new tokens are drafts to verify, what its slot takes in before the step, and where the scores
+of a prompt chunk go when the prompt is scored),
 :class:`TokenSample` (the token sampled for it, after the drafted tokens it accepted) and
 :class:`SequenceState` (how far a sequence has got: how many of its tokens are in its cache
 slot, and what it feeds next). The batch
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from ..kv.storage import Transfer
 from .sampler import SamplingState
+from .scoring import PromptScores
 
 __all__ = ["SequenceState", "SequenceStep", "TokenSample"]
 
@@ -42,6 +44,15 @@ class SequenceStep:
     """How many of the last ``token_ids`` are drafted (speculative) tokens: the step samples
     at the position before them and at each of them, and accepts a draft only where it is the
     token sampled there (see :class:`TokenSample`). Zero for a plain step."""
+    scores: PromptScores | None = None
+    """Score the prompt tokens this chunk's positions predict, into this (the prompt's
+    logprobs, see :mod:`~zigllama_batch.engine.scoring`); None: the prompt is not scored."""
+
+    @property
+    def logit_rows(self) -> int:
+        """How many of the last new tokens get their next-token logits computed: every one
+        of a scored prompt chunk, else the last ``1 + draft`` (the positions sampled at)."""
+        return len(self.token_ids) if self.scores is not None else 1 + self.draft
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,17 +96,20 @@ class SequenceState:
     and the step that feeds the next ones.
 
     The prompt goes in chunks of at most the caller's budget; the step that completes it carries
-    the sampling state, so the first token is sampled from the last prompt position. After that,
-    each step feeds the token sampled last.
+    the sampling state, so the first token is sampled from the last prompt position (unless the
+    sequence generates nothing: then its prompt is all it computes). After that, each step feeds
+    the token sampled last. When the prompt is scored, each chunk carries the scores to fill.
     """
 
     __slots__ = (
+        "generates",
         "num_computed",
         "outputs",
         "pending",
         "prompt_ids",
         "restarts",
         "sampling",
+        "scores",
         "slot",
         "transfer",
     )
@@ -106,15 +120,22 @@ class SequenceState:
         *,
         slot: int = -1,
         sampling: SamplingState | None = None,
+        scores: PromptScores | None = None,
+        generates: bool = True,
     ) -> None:
         """Args:
         prompt_ids: the prompt's token ids (at least one).
         slot: the cache slot, once the sequence has one.
         sampling: the sampling state, once the sequence has one.
+        scores: where the prompt's logprobs go, when they are asked for.
+        generates: False for a sequence that only computes its prompt (``max_tokens`` 0):
+            the step that completes it samples nothing.
         """
         self.prompt_ids = prompt_ids
         self.slot = slot
         self.sampling = sampling
+        self.scores = scores
+        self.generates = generates
         self.num_computed = 0
         """Tokens (prompt, then output) whose keys and values are in the slot."""
         self.pending: list[int] = []
@@ -152,9 +173,19 @@ class SequenceState:
         """Start after the first ``n`` prompt tokens, whose keys and values the slot holds by
         the first step (in place, or moved in by its transfer). At least the last prompt token
         is always computed, so its logits give the first sampled token."""
-        if not 0 <= n < len(self.prompt_ids) or self.num_computed:
+        if (
+            not 0 <= n < len(self.prompt_ids)
+            or self.num_computed
+            or (n and not self.may_reuse_prefix)
+        ):
             raise ValueError(f"cannot reuse {n} of {len(self.prompt_ids)} prompt tokens now")
         self.num_computed = n
+
+    @property
+    def may_reuse_prefix(self) -> bool:
+        """False while the prompt is being scored: every position's logits are needed, and a
+        prefix taken from the cache has none."""
+        return self.scores is None or self.scores.complete
 
     @property
     def prefilling(self) -> bool:
@@ -169,8 +200,9 @@ class SequenceState:
         if self.prefilling:
             chunk = self.prompt_ids[start : start + budget]
             completes = start + len(chunk) == len(self.prompt_ids)
-            sampling = self.sampling if completes else None
-            return SequenceStep(self.slot, chunk, start, sampling, self.transfer)
+            sampling = self.sampling if completes and self.generates else None
+            scores = None if self.may_reuse_prefix else self.scores
+            return SequenceStep(self.slot, chunk, start, sampling, self.transfer, scores=scores)
         assert self.pending, "a decode step needs a sampled token"
         if draft:
             tokens = [*self.pending, *draft]

@@ -12,11 +12,12 @@ longest prefix is taken in place; otherwise the least valuable free slot is take
 request's first step copies the prefix from the slot holding it, which stays pinned until the
 copy ran. A request whose prompt shares a longer prefix with a sequence of the same worker
 still computing it waits (no step budget spent) and copies once it is computed, so a burst of
-requests with one system prompt computes it once. Among waiting requests of one aged priority
-level, those with cached prefixes are admitted first (:meth:`PrefixPlacement.preference`). What
-a slot held before a new sequence
-overwrites it goes to a bounded host-memory pool (its first step saves it), where later
-prompts find it as they find slots.
+requests with one system prompt computes it once. A request whose prompt is scored (prompt
+logprobs) reuses nothing: a cached prefix has no logits. Among waiting requests of one aged
+priority level, those with cached prefixes are admitted first
+(:meth:`PrefixPlacement.preference`). What a slot held before a new sequence overwrites it goes
+to a bounded host-memory pool (its first step saves it), where later prompts find it as they
+find slots.
 """
 
 from __future__ import annotations
@@ -203,8 +204,8 @@ class PrefixPlacement:
     def place(self, rec: Occupant, batch: Sequence[Occupant]) -> None:
         salt = rec.cache_salt
         found = self.prefixes.match(rec.seq.prompt_ids, salt, free=self.slots.free_slots())
-        reuse = min(found.length, len(rec.seq.prompt_ids) - 1)  # the last token gives the logits
-        rec.awaits = self._in_flight(rec, batch, reuse)
+        reuse = min(found.length, _most_reused(rec))
+        rec.awaits = self._in_flight(rec, batch, reuse) if rec.seq.may_reuse_prefix else None
         in_place = (
             rec.awaits is None
             and reuse > 0
@@ -227,8 +228,10 @@ class PrefixPlacement:
             self._reuse(rec, found, reuse, in_place=in_place)
 
     def preference(self, rec: Occupant) -> int:
+        if not rec.seq.may_reuse_prefix:
+            return 0
         found = self.prefixes.match(rec.seq.prompt_ids, rec.cache_salt)
-        return min(found.length, len(rec.seq.prompt_ids) - 1)
+        return min(found.length, _most_reused(rec))
 
     def before_step(self, batch: Sequence[Occupant]) -> None:
         """Requests waiting for a prefix in flight start once it is computed (or once the
@@ -242,7 +245,7 @@ class PrefixPlacement:
                 continue  # still computing it
             rec.awaits = None
             found = self.prefixes.match(rec.seq.prompt_ids, rec.cache_salt)
-            self._reuse(rec, found, min(found.length, len(rec.seq.prompt_ids) - 1), in_place=False)
+            self._reuse(rec, found, min(found.length, _most_reused(rec)), in_place=False)
 
     def after_step(self, parts: StepParts) -> None:
         for rec, step in parts:  # whatever became of the request, the step wrote these
@@ -322,3 +325,9 @@ class PrefixPlacement:
             self.prefixes.unpin_pool(t.from_pool)
         if t.save is not None and not ran:  # the slot still holds it; no save
             self.prefixes.forget(t.save)
+
+
+def _most_reused(rec: Occupant) -> int:
+    """Most prompt tokens ``rec`` may take from a cached prefix: all but the last (whose logits
+    give the first token), or none while its prompt is scored (every position's logits count)."""
+    return len(rec.seq.prompt_ids) - 1 if rec.seq.may_reuse_prefix else 0

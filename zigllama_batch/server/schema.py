@@ -10,9 +10,12 @@ How fields are read, as OpenAI and vLLM read them:
   ``/v1/completions``); a required field (``model``, ``messages``, ``prompt``'s key) must be there.
 - Unknown fields, at the top level and inside known objects (``stream_options``, messages), are
   ignored: they cannot change the answer. Known fields that would change the answer but are not
-  implemented (``n`` > 1, ``best_of`` > 1, ``echo``, ``suffix``, ``logit_bias``, tools, audio
-  output, more than one logprob alternative, ``max_tokens`` 0) are refused with a 400 that
+  implemented (``n`` > 1, ``best_of`` > 1, ``suffix``, ``logit_bias``, tools, audio output,
+  more than one logprob alternative, a chat completion of 0 tokens) are refused with a 400 that
   names the field, rather than silently ignored.
+- ``/v1/completions`` takes ``max_tokens`` 0 (nothing is generated) and ``echo``; with both
+  ``echo`` and ``logprobs``, the prompt's tokens are scored too (:func:`generation_config` asks
+  for ``prompt_logprobs``).
 - The output may be constrained by one of: ``response_format`` (``json_object``,
   ``json_schema``), vLLM's ``structured_outputs`` (``json``, ``regex``, ``choice``,
   ``grammar``), or llama.cpp's ``json_schema`` and ``grammar``.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -145,6 +148,9 @@ class _Sampling(_Body):
     cache_salt: str | None = None  # vLLM's extension: prefixes are shared only within a salt
     user: str | None = None  # accepted, not used
 
+    min_tokens: ClassVar[int] = 1
+    """The least completion length served (0 where the prompt alone can be the answer)."""
+
     def requested_max_tokens(self) -> int | None:
         """The completion length the client asked for, if it did."""
         return self.max_tokens
@@ -158,10 +164,9 @@ class _Sampling(_Body):
         if self.n != 1:
             raise InvalidRequest("n: only n=1 is supported")
         requested = self.requested_max_tokens()
-        if requested is not None and requested < 1:
+        if requested is not None and requested < self.min_tokens:
             raise InvalidRequest(
-                f"{self.max_tokens_field()}: must be >= 1, got {requested} (this server does "
-                "not implement echo, the one use of generating nothing)"
+                f"{self.max_tokens_field()}: must be >= {self.min_tokens}, got {requested}"
             )
         if len(self.stop_strings()) > 16:
             raise InvalidRequest("stop: at most 16 stop strings")
@@ -234,7 +239,8 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[Int] | list[list[Int]] | None
     max_tokens: Int | None = 16  # the OpenAI default for completions
     logprobs: Int | None = Field(None, ge=0)
-    echo: bool = False
+    echo: bool = False  # the prompt comes first in the text (and in logprobs, scored)
+    min_tokens: ClassVar[int] = 0  # with echo, the prompt is the answer
 
     def prompt_value(self) -> str | list[int]:
         """The one prompt: text or token ids (a list of prompts must hold exactly one)."""
@@ -248,12 +254,17 @@ class CompletionRequest(_Sampling):
         return prompt
 
     def check_supported(self) -> None:
-        """As for every request, plus ``echo`` and logprob alternatives."""
+        """As for every request, plus logprob alternatives."""
         super().check_supported()
-        if self.echo:
-            raise InvalidRequest("echo: not supported by this server")
         if self.logprobs is not None and self.logprobs > 1:
-            raise InvalidRequest("logprobs: only the chosen token's logprob is available (<= 1)")
+            raise InvalidRequest(
+                "logprobs: at most 1 (generated tokens carry the chosen token's logprob only)"
+            )
+
+    def prompt_logprobs(self) -> int | None:
+        """The alternatives each prompt token is scored with: ``logprobs``, when the prompt is
+        echoed with logprobs; None otherwise."""
+        return self.logprobs if self.echo else None
 
 
 class ChatMessage(BaseModel):
@@ -368,6 +379,7 @@ def generation_config(
         stop=tuple(body.stop_strings()),
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
+        prompt_logprobs=body.prompt_logprobs() if isinstance(body, CompletionRequest) else None,
         structured=structured[1] if (structured := body.structured()) is not None else None,
     )
 
