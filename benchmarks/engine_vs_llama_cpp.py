@@ -14,7 +14,7 @@ engine's after load; llama.cpp's peak while it runs (it maps the file).
         [--baseline-src DIR] [--rounds 3] [--batches 1,8,32]
 
 Build both llama.cpp programs from the llama.cpp vendored in llama-cpp-python 0.3.36's source
-package (see the README). Writes ``engine_vs_llama_cpp-NAME.json`` and ``.png`` into
+package (see docs/benchmarks.md). Writes ``engine_vs_llama_cpp-NAME.json`` and ``.png`` into
 ``benchmarks/results``.
 """
 

@@ -467,7 +467,8 @@ def _serve(args: argparse.Namespace) -> int:
         from .server.run import serve
     except ImportError as exc:
         print(
-            f"error: the server needs its extra: pip install 'zigllama-batch[server]' ({exc})",
+            f"error: the server needs its extra: from the repository, pip install -e '.[server]' "
+            f"({exc})",
             file=sys.stderr,
         )
         return 2
@@ -501,7 +502,7 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
         from .ray_serve.local import LocalServe
     except ImportError as exc:
         print(
-            f"error: --ray needs its extra: pip install 'zigllama-batch[ray]' ({exc})",
+            f"error: --ray needs its extra: from the repository, pip install -e '.[ray]' ({exc})",
             file=sys.stderr,
         )
         return 2

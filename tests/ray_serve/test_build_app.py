@@ -1,5 +1,5 @@
 """build_app: the deployments, options and layout it builds from its arguments, and the Serve
-config file the README shows (no Ray instance needed)."""
+config file docs/ray.md shows (no Ray instance needed)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ray.serve.schema import ServeDeploySchema
 from zigllama_batch.ray_serve import ModelReplica, OpenAIIngress, build_app
 from zigllama_batch.ray_serve.replica import ReplicaSettings
 
-README = Path(__file__).parents[2] / "README.md"
+RAY_DOC = Path(__file__).parents[2] / "docs" / "ray.md"
 
 
 def deployments(args: dict[str, Any]) -> dict[str, Any]:
@@ -83,9 +83,9 @@ def test_bad_arguments_are_refused_by_name(args: dict[str, Any]) -> None:
         build_app(args)
 
 
-def test_the_readmes_serve_config_is_valid() -> None:
-    """The Serve config file in the README passes Serve's schema and builds."""
-    text = README.read_text()
+def test_the_documented_serve_config_is_valid() -> None:
+    """The Serve config file in docs/ray.md passes Serve's schema and builds."""
+    text = RAY_DOC.read_text()
     (block,) = re.findall(r"```yaml\n(# config\.yaml.*?)```", text, re.S)
     config = yaml.safe_load(block)
     ServeDeploySchema.model_validate(config)

@@ -341,7 +341,7 @@ async def test_huge_prompt_lists_are_refused_before_any_per_item_work(
 ) -> None:
     """Thousands of empty messages (no content bytes, so a cheap body) or token ids are refused
     as longer than the context before validation item by item or the chat template, either of
-    which would stall the event loop (the README's abuse benchmark measures it)."""
+    which would stall the event loop (docs/server.md gives what the abuse benchmark measures)."""
     _, client, processor = app_and_client
     assert processor.tokenizer.message_token_floor["user"] >= 1
     calls = 0

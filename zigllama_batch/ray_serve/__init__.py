@@ -1,6 +1,6 @@
 """Ray Serve integration: replicas that each own a BatchProcessor, behind Serve's HTTP proxy.
 
-Install with ``pip install 'zigllama-batch[ray]'``, then::
+Install with ``pip install -e '.[ray]'`` from the repository, then::
 
     serve run zigllama_batch.ray_serve:build_app model=smollm2-135m num_replicas=2
 

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server (optional extra: ``pip install 'zigllama-batch[server]'``).
+"""The OpenAI-compatible HTTP server (optional extra: ``pip install -e '.[server]'`` from the
+repository).
 
 ``create_app(processor)`` builds a Starlette app to mount in an existing asyncio service;
 ``zigllama-batch serve`` runs it with uvicorn (see :mod:`zigllama_batch.server.run`).
