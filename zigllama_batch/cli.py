@@ -359,6 +359,8 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> GenerationConfig:
     """The GenerationConfig the sampling flags describe (ValueError names a bad field)."""
+    if args.max_tokens < 1:  # the config allows 0 (scoring a prompt); a command generates
+        raise ValueError(f"max_tokens: must be >= 1, got {args.max_tokens}")
     return GenerationConfig(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
