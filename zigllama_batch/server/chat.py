@@ -8,7 +8,7 @@ streamed as tool-call deltas), and ``auto`` (text, then any calls the model wrot
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ..batching.types import BatchResult, StreamChunk
@@ -16,7 +16,7 @@ from ..engine.tokenizer import Tokenizer
 from ..generation import FinishReason
 from .backend import ChunkStream
 from .choices import ChoiceTurn, prepare_sampling
-from .core import Core
+from .core import Core, token_logprob
 from .schema import ChatCompletionRequest
 from .tools import (
     TaggedCallStream,
@@ -39,10 +39,6 @@ class ChatCompletions:
 
     def __init__(self, core: Core) -> None:
         self.core = core
-
-    def raw_prompt(self, data: Mapping[str, Any]) -> object:
-        """The body's ``messages``."""
-        return data.get("messages")
 
     async def prepare(self, body: ChatCompletionRequest) -> ChoiceTurn:
         """The request the body asks for."""
@@ -119,7 +115,10 @@ class _ChatTurn(ChoiceTurn):
         r = result.result
         logprobs = None
         if r.logprobs is not None:
-            content = [self._logprob(t, lp) for t, lp in zip(r.token_ids, r.logprobs, strict=True)]
+            content = [
+                token_logprob(self.tokenizer, t, lp)
+                for t, lp in zip(r.token_ids, r.logprobs, strict=True)
+            ]
             logprobs = {"content": content, "refusal": None}
         message, finish = self.message(result)
         return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
@@ -130,7 +129,7 @@ class _ChatTurn(ChoiceTurn):
             logprobs = None
             if chunk.logprob is not None:
                 logprobs = {
-                    "content": [self._logprob(chunk.token_id, chunk.logprob)],
+                    "content": [token_logprob(self.tokenizer, chunk.token_id, chunk.logprob)],
                     "refusal": None,
                 }
             finish = str(chunk.finish_reason) if chunk.finish_reason is not None else None
@@ -143,15 +142,6 @@ class _ChatTurn(ChoiceTurn):
             if not chunk.text and chunk.finish_reason is None and chunk.logprob is None:
                 continue  # text held back (partial character or possible stop string)
             yield chunk
-
-    def _logprob(self, token_id: int, logprob: float) -> dict[str, Any]:
-        raw = self.tokenizer.token_bytes(token_id)
-        return {
-            "token": raw.decode("utf-8", errors="replace"),
-            "logprob": logprob,
-            "bytes": list(raw),
-            "top_logprobs": [],
-        }
 
 
 class _ToolCallTurn(_ChatTurn):

@@ -15,7 +15,7 @@ nothing: the answer is the prompt with ``echo``, else an empty text, ending with
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from ..batching.types import BatchRequest, BatchResult
@@ -39,10 +39,6 @@ class Completions:
 
     def __init__(self, core: Core) -> None:
         self.core = core
-
-    def raw_prompt(self, data: Mapping[str, Any]) -> object:
-        """The body's ``prompt``."""
-        return data.get("prompt")
 
     async def prepare(self, body: CompletionRequest) -> _CompletionTurn:
         """The request the body asks for."""

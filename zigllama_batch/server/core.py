@@ -4,7 +4,8 @@ answer or server-sent events out.
 Inside: :class:`Core` (reads and bounds the body, validates it, hands it to an adapter, submits
 what the adapter prepared, and answers with its rendering), :class:`Turn` (one prepared request:
 what to run and how to render it), the :class:`Adapter` protocol, :class:`Event` (one server-sent
-event), :class:`Usage` and :class:`EventStream`.
+event), :class:`Usage`, :class:`EventStream` and :func:`token_logprob` (a generated token's
+logprob as chat completions and responses render it).
 
 What every endpoint gets from here, the same way:
 
@@ -35,13 +36,26 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..batching.types import BatchRequest, BatchResult
+from ..engine.tokenizer import Tokenizer
 from ..errors import InvalidRequest, ZigllamaBatchError
 from ..structured import StructuredOutput
 from .backend import Backend, ChunkStream
 from .errors import JSON, ApiError, api_error, too_large, validation_error
 from .middleware import mark_taken
 
-__all__ = ["DONE", "Adapter", "Core", "Event", "EventStream", "Turn", "Usage"]
+__all__ = ["DONE", "Adapter", "Core", "Event", "EventStream", "Turn", "Usage", "token_logprob"]
+
+
+def token_logprob(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict[str, Any]:
+    """One generated token's logprob in the shape chat completions and responses share (no
+    alternatives: ``top_logprobs`` is empty)."""
+    raw = tokenizer.token_bytes(token_id)
+    return {
+        "token": raw.decode("utf-8", errors="replace"),
+        "logprob": logprob,
+        "bytes": list(raw),
+        "top_logprobs": [],
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +158,9 @@ class Adapter(Protocol):
     def schema(self) -> type[BaseModel]: ...
 
     @property
-    def prompt_param(self) -> str: ...
-
-    def raw_prompt(self, data: Mapping[str, Any]) -> object:
-        """The prompt in the raw body, for the cheap length check (None: nothing to check)."""
+    def prompt_param(self) -> str:
+        """The body field holding the prompt: checked for length before validation, and named
+        when it is too long."""
         ...
 
     async def prepare(self, body: Any) -> Turn:
@@ -205,7 +218,7 @@ class Core:
         data = await self.read_json(request)
         # Before pydantic validates a long list item by item on the loop (34,000 messages:
         # ~0.1 s; 250,000 token ids tried against each type of the prompt's union: ~0.8 s).
-        self.processor.check_prompt_length(adapter.raw_prompt(data))
+        self.processor.check_prompt_length(data.get(adapter.prompt_param))
         try:
             body = adapter.schema.model_validate(data)
         except ValidationError as exc:

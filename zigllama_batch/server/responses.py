@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -45,10 +45,6 @@ class Responses:
     def __init__(self, core: Core, store: ResponseStore) -> None:
         self.core = core
         self.store = store
-
-    def raw_prompt(self, data: Mapping[str, Any]) -> object:
-        """The body's ``input`` (a string, or items the length check reads as messages)."""
-        return data.get("input")
 
     async def prepare(self, body: ResponsesRequest) -> ResponseTurn:
         """The request the body asks for.

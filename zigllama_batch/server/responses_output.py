@@ -25,7 +25,7 @@ from ..batching.types import BatchRequest, BatchResult
 from ..engine.tokenizer import Tokenizer
 from ..generation import FinishReason
 from .backend import ChunkStream
-from .core import Event, Turn, Usage
+from .core import Event, Turn, Usage, token_logprob
 from .errors import ApiError
 from .responses_events import OutputWriter
 from .responses_schema import ResponsesRequest
@@ -176,16 +176,9 @@ class ResponseTurn(Turn):
     ) -> list[dict[str, Any]] | None:
         if logprobs is None:
             return None
-        return [self._logprob(t, lp) for t, lp in zip(token_ids, logprobs, strict=True)]
-
-    def _logprob(self, token_id: int, logprob: float) -> dict[str, Any]:
-        raw = self.tokenizer.token_bytes(token_id)
-        return {
-            "token": raw.decode("utf-8", errors="replace"),
-            "logprob": logprob,
-            "bytes": list(raw),
-            "top_logprobs": [],
-        }
+        return [
+            token_logprob(self.tokenizer, t, lp) for t, lp in zip(token_ids, logprobs, strict=True)
+        ]
 
     # -- streamed ----------------------------------------------------------------------------
 
@@ -209,7 +202,7 @@ class ResponseTurn(Turn):
                 if chunk.text or chunk.logprob is not None:
                     logprobs = None
                     if chunk.logprob is not None:
-                        logprobs = [self._logprob(chunk.token_id, chunk.logprob)]
+                        logprobs = [token_logprob(self.tokenizer, chunk.token_id, chunk.logprob)]
                     yield out.text(chunk.text, logprobs)
             elif calls is not None:
                 for delta in calls.feed(chunk.text, final=finish is not None):
