@@ -11,7 +11,7 @@ import openai
 import pydantic
 import pytest
 from openai import AsyncOpenAI
-from test_e2e_openai import client, server
+from test_e2e_openai import WEATHER_TOOL, client, server
 
 from zigllama_batch.testing import ServerProcess
 
@@ -19,21 +19,8 @@ __all__ = ["client", "server"]  # the fixtures of test_e2e_openai, a server per 
 
 pytestmark = [pytest.mark.real_model, pytest.mark.asyncio(loop_factories=["asyncio"])]
 
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "Current weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 30},
-            "unit": {"enum": ["celsius", "fahrenheit"]},
-        },
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
+WEATHER = {"type": "function", **WEATHER_TOOL["function"], "strict": True}
+"""The chat completions tests' function, as the Responses API declares a tool (flat)."""
 
 
 class Capital(pydantic.BaseModel):
