@@ -256,30 +256,43 @@ async function errorMessage(response) {
   }
 }
 
-/** The data of each server-sent event of a response body, as it arrives. */
+/** The data of each server-sent event of a response body, as it arrives, up to "[DONE]". */
 async function* serverSentEvents(body) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   let data = [];
+  let ended = false; // the body was read to its end
   try {
     for (;;) {
       const { value, done } = await reader.read();
-      if (done) return;
+      if (done) {
+        ended = true;
+        return;
+      }
       buffer += value;
       const lines = buffer.split("\n");
       buffer = lines.pop(); // the last line may not have arrived whole
       for (const raw of lines) {
         const line = raw.endsWith("\r") ? raw.slice(0, -1) : raw;
         if (line === "") {
-          if (data.length) yield data.join("\n");
+          const event = data.join("\n");
           data = [];
+          if (event === "[DONE]") {
+            // The server ends the body next: read that end rather than cancel a finished
+            // response (the browser would report it aborted).
+            while (!(await reader.read()).done);
+            ended = true;
+            return;
+          }
+          if (event) yield event;
         } else if (line.startsWith("data:")) {
           data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
         } // comments and the event, id and retry fields: this API sends none it needs
       }
     }
   } finally {
-    reader.cancel().catch(() => {}); // leaving early closes the connection: the server stops
+    // Leaving early (Stop, an error event) closes the connection: the server stops generating.
+    if (!ended) reader.cancel().catch(() => {});
   }
 }
 
@@ -320,7 +333,6 @@ async function send(text) {
       if (response.status === 401) needKey("This server needs an API key.");
     } else {
       for await (const data of serverSentEvents(response.body)) {
-        if (data === "[DONE]") break;
         const event = JSON.parse(data);
         if (event.error) {
           error = event.error.message;
