@@ -9,7 +9,8 @@ feed a chunk of their prompt, others one decode token.
 - Attention runs against each sequence's KV-cache slot. Decode items (one token, or a few:
   drafts to verify) go to one compiled kernel per layer
   (:func:`~zigllama_batch.engine.kernels.attend_decode`), each token over the positions up to
-  its own; prompt chunks run one by one with a causal mask.
+  its own; prompt chunks one by one, each in one call
+  (:func:`~zigllama_batch.engine.kernels.attend_prefill`) with a causal mask.
   A windowed layer (Gemma 3's local layers) attends only to its window's positions.
 - Only each item's last new token goes through the output head (its last ``1 + draft`` when it
   verifies drafts, all of them when its prompt chunk is scored: ``SequenceStep.logit_rows``).
@@ -41,7 +42,14 @@ from numpy.typing import NDArray
 from ..kv.storage import KVCache
 from .architecture import Activation
 from .gguf_loader import LayerWeights, LlamaConfig, LlamaWeights
-from .kernels import attend_decode, embedding_rows, linear
+from .kernels import (
+    attend_decode,
+    attend_prefill,
+    embedding_rows,
+    gated_activation,
+    linear,
+    rms_norm,
+)
 from .step import SequenceStep
 
 __all__ = ["LLaMAModel"]
@@ -138,7 +146,7 @@ class LLaMAModel:
         for i, layer in enumerate(w.layers):
             rotation = batch.rotations[self._table_of_layer[i]]
             self._layer(x, layer, cache.k[i], cache.v[i], batch, rotation, self._windows[i])
-        last = _rms_norm(x[batch.last_rows], w.output_norm, self.config.rms_eps)  # (R, D)
+        last = rms_norm(x[batch.last_rows], w.output_norm, self.config.rms_eps)  # (R, D)
         return linear(last, w.output)  # (R, vocab)
 
     def _layer(
@@ -158,14 +166,14 @@ class LLaMAModel:
         n, hd = x.shape[0], c.head_dim
         q_width, kv_width = c.n_heads * hd, c.n_kv_heads * hd
 
-        h = _rms_norm(x, layer.attn_norm, c.rms_eps)
+        h = rms_norm(x, layer.attn_norm, c.rms_eps)
         qkv = linear(h, layer.wqkv)  # (N, (H + 2 KVH) hd)
         if layer.bqkv is not None:
             qkv += layer.bqkv
         qk = qkv[:, : q_width + kv_width].reshape(n, c.n_heads + c.n_kv_heads, hd)
         if layer.q_norm is not None and layer.k_norm is not None:  # per-head RMSNorm
-            q_normed = _rms_norm(qk[:, : c.n_heads].reshape(-1, hd), layer.q_norm, c.rms_eps)
-            k_normed = _rms_norm(qk[:, c.n_heads :].reshape(-1, hd), layer.k_norm, c.rms_eps)
+            q_normed = rms_norm(qk[:, : c.n_heads].reshape(-1, hd), layer.q_norm, c.rms_eps)
+            k_normed = rms_norm(qk[:, c.n_heads :].reshape(-1, hd), layer.k_norm, c.rms_eps)
             qk = np.concatenate(
                 [q_normed.reshape(n, c.n_heads, hd), k_normed.reshape(n, c.n_kv_heads, hd)],
                 axis=1,
@@ -190,7 +198,7 @@ class LLaMAModel:
             )
         for item_index in batch.prefill_items:
             rows = batch.rows[item_index]
-            attn[rows] = _prefill_attention(
+            attn[rows] = attend_prefill(
                 q[rows],
                 k_cache,
                 v_cache,
@@ -200,17 +208,15 @@ class LLaMAModel:
             )
         out = linear(attn.reshape(n, q_width), layer.wo)  # (N, D)
         if layer.post_attn_norm is not None:
-            out = _rms_norm(out, layer.post_attn_norm, c.rms_eps)
+            out = rms_norm(out, layer.post_attn_norm, c.rms_eps)
         x += out
 
-        h = _rms_norm(x, layer.ffn_norm, c.rms_eps)
+        h = rms_norm(x, layer.ffn_norm, c.rms_eps)
         gate_up = linear(h, layer.w_gate_up)  # (N, 2F)
-        gate, up = gate_up[:, : c.ffn_dim], gate_up[:, c.ffn_dim :]
-        act = _gelu_tanh(gate) if self._gelu else _silu(gate)
-        act *= up
+        act = gated_activation(gate_up, self._gelu)  # (N, F): act(gate) * up
         out = linear(act, layer.w_down)
         if layer.post_ffn_norm is not None:
-            out = _rms_norm(out, layer.post_ffn_norm, c.rms_eps)
+            out = rms_norm(out, layer.post_ffn_norm, c.rms_eps)
         x += out
 
     def _rope_tables(self, length: int) -> list[NDArray[np.complex64]]:
@@ -318,16 +324,9 @@ class _Batch:
 _FEW_TOKENS = 16
 """Items of at most this many new tokens (a decode token with drafts to verify, or with the
 tokens a constraint forced) attend row by row in the compiled kernel, each row to the
-positions up to its own; longer ones (prompt chunks) block by block with BLAS. A 5-token item
-of the default model: 0.2 ms a layer through numpy's blocks, ~0.05 ms in the kernel."""
-
-_QUERY_BLOCK = 128
-"""Prompt tokens whose attention is computed together: small enough that a causal chunk skips
-most masked products, large enough for BLAS (64 and 128 are equally fast; 512 is 2x slower
-at 512 positions)."""
-_CAUSAL = np.triu(np.full((_QUERY_BLOCK, _QUERY_BLOCK), -np.inf, np.float32), 1)
-"""-inf above the diagonal: what a block of queries must not see among its own positions."""
-
+positions up to its own; longer ones (prompt chunks) in blocks of queries
+(:func:`~zigllama_batch.engine.kernels.attend_prefill`). A 5-token item of the default model:
+0.2 ms a layer as a block with numpy's BLAS, ~0.05 ms in the row kernel."""
 
 _ROPE_POSITIONS = 4096
 """Positions the RoPE tables cover at first; they grow (to a power of two) the first time a
@@ -348,88 +347,3 @@ def _rotation(
     angles = np.outer(positions, inv_freq)  # (context, hd/2)
     table: NDArray[np.complex64] = np.exp(1j * angles).astype(np.complex64)
     return table
-
-
-def _silu(gate: F32) -> F32:
-    """silu(gate) = gate / (1 + e^-gate), in one new array."""
-    act = np.negative(gate)
-    np.exp(act, out=act)
-    act += 1.0
-    np.divide(gate, act, out=act)
-    return act
-
-
-_GELU_C = np.float32(np.sqrt(2.0 / np.pi))
-
-
-def _gelu_tanh(gate: F32) -> F32:
-    """GELU, tanh approximation: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), in one new
-    array."""
-    act = gate * gate
-    act *= np.float32(0.044715)
-    act += 1.0
-    act *= gate
-    act *= _GELU_C
-    np.tanh(act, out=act)
-    act += 1.0
-    act *= gate
-    act *= np.float32(0.5)
-    return act
-
-
-def _rms_norm(x: F32, weight: F32, eps: float) -> F32:
-    """RMSNorm over rows: x / sqrt(mean(x^2) + eps) * weight. x: (N, D)."""
-    rms = np.einsum("ij,ij->i", x, x)  # (N,) sum of squares
-    rms *= np.float32(1.0 / x.shape[1])
-    rms += np.float32(eps)
-    np.sqrt(rms, out=rms)
-    out: F32 = x / rms[:, None]
-    out *= weight
-    return out
-
-
-def _softmax_inplace(scores: F32) -> F32:
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return scores
-
-
-def _prefill_attention(
-    q: F32, k_cache: F32, v_cache: F32, slot: int, start: int, window: int | None
-) -> F32:
-    """Causal attention of one prompt chunk over its slot. q: (T, H, hd). Returns (T, H, hd).
-
-    Queries go in blocks of ``_QUERY_BLOCK``, each attending only to the positions it can see
-    (a causal chunk skips half of the products; a window skips what lies before it), with the
-    query heads that share a key/value head stacked into one matrix product per KV head.
-    """
-    t, n_heads, hd = q.shape
-    n_kv = k_cache.shape[1]
-    group = n_heads // n_kv
-    qg = np.ascontiguousarray(q.reshape(t, n_kv, group, hd).transpose(1, 0, 2, 3))  # (KVH,T,G,hd)
-    out = np.empty((t, n_kv, group, hd), np.float32)
-    for b0 in range(0, t, _QUERY_BLOCK):
-        b1 = min(t, b0 + _QUERY_BLOCK)
-        nb, end = b1 - b0, start + b1
-        lo = 0 if window is None else max(0, start + b0 - window + 1)  # first position seen
-        keys = k_cache[slot, :, lo:end]  # (KVH, L, hd)
-        values = v_cache[slot, :, lo:end]
-        scores = qg[:, b0:b1].reshape(n_kv, nb * group, hd) @ keys.transpose(0, 2, 1)
-        per_query = scores.reshape(n_kv, nb, group, end - lo)
-        if window is None:
-            # Row i of the block sits at position start + b0 + i and sees positions up to it:
-            # only the block's own columns need masking.
-            per_query[..., start + b0 - lo :] += _CAUSAL[:nb, None, :nb]
-        else:  # what each query sees: (query - window, query]
-            query_pos = np.arange(start + b0, end)[:, None]
-            distance = query_pos - np.arange(lo, end)[None, :]  # (nb, L)
-            mask = np.where((distance >= 0) & (distance < window), 0.0, -np.inf)
-            per_query += mask.astype(np.float32)[:, None, :]
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        total = scores.sum(axis=-1, keepdims=True)
-        block = scores @ values  # (KVH, nb G, hd), normalised after: fewer divisions
-        block /= total
-        out[b0:b1] = block.reshape(n_kv, nb, group, hd).transpose(1, 0, 2, 3)
-    return out.reshape(t, n_heads, hd)

@@ -1,5 +1,7 @@
 """Weights kept as GGUF stores them, and the one entry point the forward pass calls for a
-linear layer: :func:`linear`; and the attention of decode tokens, :func:`attend_decode`.
+linear layer: :func:`linear`; the rest of a block's compiled work: attention
+(:func:`attend_decode` for decode tokens, :func:`attend_prefill` for a prompt chunk),
+:func:`rms_norm` and :func:`gated_activation`.
 
 Inside: :class:`Weight` (one matrix of one GGUF type: block planes, or float32 for the types
 read as float32), :class:`Linear` (the row-wise concatenation of weights that one product
@@ -41,8 +43,16 @@ from numpy.typing import NDArray
 from threadpoolctl import ThreadpoolController
 
 from ... import _blas_env
-from .attention import decode_attention
+from .attention import decode_attention, prefill_attention
 from .blocks import FORMATS, Planes, pack
+from .elementwise import (
+    GELU_TANH,
+    MANY_ROWS,
+    SILU,
+    gated,
+    rms_parallel,
+    rms_serial,
+)
 from .matmul import decode_rows, decode_tiles, gemm, gemv, gemv_fused, gemv_nibbles, tile_rows
 from .tiles import TILE, Tiles
 
@@ -52,9 +62,12 @@ __all__ = [
     "Linear",
     "Weight",
     "attend_decode",
+    "attend_prefill",
     "dequantize",
     "embedding_rows",
+    "gated_activation",
     "linear",
+    "rms_norm",
     "set_threads",
 ]
 
@@ -226,6 +239,54 @@ def attend_decode(q: F32, k_cache: F32, v_cache: F32, slots: I64, starts: I64, e
     out = np.empty_like(q)
     _use_threads()
     decode_attention(q, k_cache, v_cache, slots, starts, ends, out)
+    return out
+
+
+def attend_prefill(
+    q: F32, k_cache: F32, v_cache: F32, slot: int, start: int, window: int | None
+) -> F32:
+    """Causal attention of one prompt chunk: its queries ``q`` (T, H, hd), already scaled, at
+    positions ``start``.. of slot ``slot`` of a layer's caches (slots, KVH, positions, hd),
+    each over the positions up to its own (the last ``window`` of them, when given). Returns
+    (T, H, hd)."""
+    t, n_heads, hd = q.shape
+    n_kv = k_cache.shape[1]
+    group = n_heads // n_kv
+    qg = np.ascontiguousarray(q.reshape(t, n_kv, group, hd).transpose(1, 0, 2, 3))  # (KVH,T,G,hd)
+    out = np.empty_like(qg)
+    _use_threads()
+    prefill_attention(qg, k_cache, v_cache, slot, start, window or 0, _QUERY_BLOCK, out)
+    return out.transpose(1, 0, 2, 3).reshape(t, n_heads, hd)
+
+
+_QUERY_BLOCK = 64
+"""Prompt tokens whose attention one thread computes together (with the query heads that
+share a key/value head): enough rows for BLAS, and enough blocks that the causal triangle's
+uneven blocks spread over the threads."""
+
+
+def rms_norm(x: F32, weight: F32, eps: float) -> F32:
+    """RMSNorm of each row of ``x`` (N, D): ``x / sqrt(mean(x^2) + eps) * weight``, as a new
+    array."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    if x.shape[0] >= MANY_ROWS:
+        _use_threads()
+        rms_parallel(x, weight, eps, out)
+    else:
+        rms_serial(x, weight, eps, out)
+    return out
+
+
+def gated_activation(gate_up: F32, gelu: bool) -> F32:
+    """``act(gate) * up`` for each row of ``gate_up`` (N, 2F), gate its first F columns and up
+    the rest: SiLU, ``g / (1 + e^-g)``, or with ``gelu`` GELU's tanh approximation,
+    ``0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))``. Returns (N, F)."""
+    gate_up = np.ascontiguousarray(gate_up, dtype=np.float32)
+    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
+    kind = GELU_TANH if gelu else SILU
+    _use_threads()
+    gated(gate_up, kind, out)
     return out
 
 

@@ -1,10 +1,15 @@
-"""numba kernel: attention of single-token (decode) items over their cache slots.
+"""numba kernels: attention over cache slots, of decode items and of prompt chunks.
 
-Each item attends with its query heads to positions ``[start, end)`` of its own slot; the
-query heads that share a key/value head read that head's keys and values once. Threads take
-(item, key/value head) pairs. One call per layer whatever the slots are, so no copy or view of
-the cache is made, and an item's result never depends on the other items of the step.
-Softmax in float32, with the maximum subtracted, as numpy's path for prompt chunks does.
+:func:`decode_attention`: each single-token item attends with its query heads to positions
+``[start, end)`` of its own slot; the query heads that share a key/value head read that
+head's keys and values once. Threads take (item, key/value head) pairs. One call per layer
+whatever the slots are, so no copy or view of the cache is made, and an item's result never
+depends on the other items of the step.
+
+:func:`prefill_attention`: one prompt chunk, causal, threads taking (key/value head, block of
+queries) pairs, the products in BLAS.
+
+Softmax in float32, with the maximum subtracted, and :func:`~.elementwise.exp`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["decode_attention"]
+from .elementwise import exp
+
+__all__ = ["decode_attention", "prefill_attention"]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -47,7 +54,7 @@ def decode_attention(
                 top = max(top, scores[h, p])
             total = np.float32(0.0)
             for p in range(n):
-                e = np.exp(scores[h, p] - top)
+                e = exp(scores[h, p] - top)
                 scores[h, p] = e
                 total += e
             inverse = np.float32(1.0) / total
@@ -62,3 +69,60 @@ def decode_attention(
         for h in range(group):
             for d in range(hd):
                 out[i, g * group + h, d] = mixed[h, d]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def prefill_attention(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    slot: int,
+    start: int,
+    window: int,
+    block: int,
+    out: np.ndarray,
+) -> None:
+    """Causal attention of one prompt chunk over its slot: ``out[g, i, h]`` is query
+    ``q[g, i, h]`` (the chunk's token i, at position ``start + i``) over the positions it
+    sees, ``(start + i - window, start + i]`` (``window`` 0: all from 0). q, out: (KVH, T, G,
+    hd) float32 C-contiguous, q already scaled; caches: (slots, KVH, positions, hd).
+
+    Threads take (key/value head, block of ``block`` queries) pairs; each multiplies its
+    queries with the keys they can see and the weights with the values in two BLAS calls
+    (scipy's BLAS, one thread in each of numba's), so no numpy BLAS thread starts between the
+    compiled kernels of a step."""
+    n_kv, t, group, hd = q.shape
+    n_blocks = -(-t // block)
+    for task in prange(n_kv * n_blocks):
+        g, b0 = task // n_blocks, (task % n_blocks) * block
+        b1 = min(t, b0 + block)
+        nb, end = b1 - b0, start + b1
+        lo = 0 if window == 0 else max(0, start + b0 - window + 1)  # first position seen
+        queries = q[g, b0:b1].reshape(nb * group, hd)
+        scores = np.dot(queries, k_cache[slot, g, lo:end].T)  # (nb G, L)
+        total = np.empty(nb * group, np.float32)
+        for i in range(nb):
+            pos = start + b0 + i
+            first = 0 if window == 0 else max(0, pos - window + 1) - lo  # columns seen:
+            last = pos - lo + 1  # [first, last)
+            for h in range(group):
+                r = i * group + h
+                top = scores[r, first]
+                for p in range(first + 1, last):
+                    top = max(top, scores[r, p])
+                s = np.float32(0.0)
+                for p in range(first):
+                    scores[r, p] = 0.0
+                for p in range(first, last):
+                    e = exp(scores[r, p] - top)
+                    scores[r, p] = e
+                    s += e
+                for p in range(last, end - lo):
+                    scores[r, p] = 0.0
+                total[r] = s
+        mixed = np.dot(scores, v_cache[slot, g, lo:end])  # (nb G, hd), normalised after
+        for r in range(nb * group):
+            inverse = np.float32(1.0) / total[r]
+            i, h = r // group, r % group
+            for d in range(hd):
+                out[g, b0 + i, h, d] = mixed[r, d] * inverse

@@ -17,7 +17,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["field", "join"]
+__all__ = ["field", "float_bits", "join"]
 
 _I8 = ir.IntType(8)
 
@@ -54,3 +54,19 @@ integer below 256."""
 
 join = cast(Callable[[Any, Any, Any], Any], intrinsic(_join))
 """``join(low, high, shift)``: ``low | (high << shift)`` as a uint8."""
+
+
+def _float_bits(typingctx: Any, bits: Any) -> Any:
+    signature = types.float32(bits)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        (value,) = args
+        if value.type.width != 32:
+            value = builder.trunc(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return signature, codegen
+
+
+float_bits = cast(Callable[[Any], Any], intrinsic(_float_bits))
+"""``float_bits(i)``: the float32 whose bits are the low 32 bits of integer ``i``."""
