@@ -22,7 +22,7 @@ up when the sequence first drafts).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..engine.draft_model import DraftItem, DraftModel
@@ -56,6 +56,7 @@ class ModelDrafter:
         self,
         model: DraftModel,
         executor: StepExecutor,
+        fail: Callable[[Sequence[TrackedRequest], str, Exception], None],
         *,
         most: int,
         chunk: int,
@@ -64,6 +65,7 @@ class ModelDrafter:
         """Args:
         model: the draft model, with its cache.
         executor: where its proposals run (the step thread).
+        fail: ends requests whose proposal raised (with a reason, and the exception).
         most: the most tokens one draft may have (``speculative_tokens``).
         chunk: the most tokens one sequence feeds in a call (``prefill_chunk``).
         budget: the most tokens all sequences feed in a call (``max_step_tokens``).
@@ -73,6 +75,7 @@ class ModelDrafter:
         self.chunk = chunk
         self.budget = budget
         self._executor = executor
+        self._fail = fail
         self._slots = SlotTable(model.n_slots)
         self._sequences: dict[TrackedRequest, _Drafting] = {}
 
@@ -101,11 +104,9 @@ class ModelDrafter:
     ) -> dict[TrackedRequest, list[int]]:
         """Drafts for ``wanted`` (each a sequence :meth:`allow` gave tokens, and how many), in
         one call of the step thread; a sequence still catching up on its prompt gets none.
-
-        Raises:
-            Exception: whatever the draft model raised (what each slot holds stays as it was
-                before the call).
-        """
+        When the draft model raises, the requests of the call end with a GenerationError (as
+        those of a failed step do) and get none; what each slot holds stays as before the
+        call, since a feed writes only past it."""
         budget = self.budget
         items: list[DraftItem] = []
         owners: list[tuple[TrackedRequest, _Drafting]] = []
@@ -120,7 +121,11 @@ class ModelDrafter:
             items.append(DraftItem(state.slot, feed, state.held, k))
             owners.append((rec, state))
             budget -= len(feed)
-        drafts = await self._executor.call(self.model.propose, items)
+        try:
+            drafts = await self._executor.call(self.model.propose, items)
+        except Exception as exc:
+            self._fail([rec for rec, _ in owners], "the draft model's step failed", exc)
+            return {}
         out: dict[TrackedRequest, list[int]] = {}
         for (rec, state), item, draft in zip(owners, items, drafts, strict=True):
             state.held += len(item.token_ids)

@@ -129,6 +129,7 @@ class Scheduler:
             drafter = ModelDrafter(
                 draft_model,
                 self._executor,
+                self._failed,
                 most=config.speculative_tokens,
                 chunk=config.prefill_chunk,
                 budget=config.max_step_tokens,
@@ -261,14 +262,7 @@ class Scheduler:
         own = sum(len(r.seq.pending) for r in worker.running if not r.seq.prefilling)
         # Drafts first: a draft model's are computed in the executor, and the KV manager's
         # preparation of the step below runs with no await between it and the step.
-        try:
-            drafts = await self.speculation.drafts(
-                worker.running, self.config.max_step_tokens - own
-            )
-        except Exception as exc:
-            decoding = [r for r in worker.running if not r.seq.prefilling]
-            self._failed(decoding, "the draft model's step failed", exc)
-            return
+        drafts = await self.speculation.drafts(worker.running, self.config.max_step_tokens - own)
         self.kv.before_step(worker.running)
         parts = self._build(worker, drafts)
         while victims := self.kv.fit_step(worker.running, parts):  # memory is short

@@ -56,11 +56,7 @@ class Speculation:
     ) -> dict[TrackedRequest, list[int]]:
         """Drafted tokens for the decoding sequences of ``running``, at most ``budget`` in
         all (the step's token budget after every sequence's own tokens). The draft model's,
-        if any are asked of it, are computed in the step thread.
-
-        Raises:
-            Exception: the draft model failed.
-        """
+        if any are asked of it, are computed in the step thread."""
         decoding = [r for r in running if not r.seq.prefilling and not r.finished]
         if not self.most or not decoding or len(decoding) > self.max_batch:
             return {}
