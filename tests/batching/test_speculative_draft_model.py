@@ -110,6 +110,26 @@ async def test_greedy_output_is_identical_with_a_draft_model_under_every_strateg
     assert sum(r.accepted_draft_tokens for r in on) == stats.accepted_draft_tokens
 
 
+async def test_two_workers_share_the_draft_models_slots(lively: Loaded, half: Loaded) -> None:
+    """Two workers whose batches draft at once, each a call of its own, give the output of
+    one without drafts."""
+    config = GenerationConfig.greedy(max_tokens=30, ignore_eos=True)
+    common: dict[str, Any] = {"strategy": "fixed_size", "max_batch_size": 3, "num_workers": 2}
+    prompts = PROMPTS[:6]
+    off, _ = await run(lively, None, config, prompts=prompts, **common)
+    on, stats = await run(
+        lively,
+        half,
+        config,
+        prompts=prompts,
+        speculative_tokens=4,
+        speculative_max_batch=3,
+        **common,
+    )
+    assert [r.token_ids for r in on] == [r.token_ids for r in off]
+    assert stats.draft_tokens > 0
+
+
 async def test_a_draft_model_drafts_more_than_prompt_lookup_alone(
     lively: Loaded, half: Loaded
 ) -> None:

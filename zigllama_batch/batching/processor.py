@@ -93,9 +93,9 @@ class BatchProcessor:
             speculative decoding where prompt lookup finds none (see
             :class:`~zigllama_batch.batching.speculation.Speculation`); it needs
             ``config.speculative_tokens`` > 0. A model is passed here, beside the target,
-            rather than in the config: the config is frozen plain settings that the CLI,
-            the server and the Ray app build and compare, and a loaded model is neither a
-            setting nor cheap to copy.
+            rather than in the config: a config is frozen plain settings (the CLI, the
+            server and the Ray app build one from their flags; it prints, compares and
+            copies as a value), and a loaded model is none of that.
         clock: time source of every timeout, deadline and latency; tests pass a
             :class:`~zigllama_batch.batching.clock.ManualClock`.
 
