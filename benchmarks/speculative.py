@@ -1,5 +1,5 @@
-"""Speculative decoding (prompt lookup) on and off: one stream on grounded and open tasks, and
-8 and 32 concurrent streams.
+"""Speculative decoding (prompt lookup, and a draft model when given) on and off: one stream on
+grounded and open tasks, and 8 and 32 concurrent streams.
 
 Tasks: repeating a passage, rewriting it with one word changed, answering from it by quoting,
 renaming a function in a piece of code (grounded: the answer copies from the prompt), and
@@ -11,8 +11,12 @@ Greedy output must be identical on and off (checked, reported). Also reported: d
 accepted tokens, accepted per verify step, steps per request.
 
     python benchmarks/speculative.py [--model smollm2-135m] [--rounds 3] [--k 6]
+        [--draft-model smollm2-135m]
 
-Writes ``benchmarks/results/speculative-NAME.json`` and ``.png``.
+With ``--draft-model`` (a GGUF file or a packaged model's name, as ``--model``), "on" drafts
+with that model where prompt lookup finds nothing (it must share the target's vocabulary).
+Writes ``benchmarks/results/speculative-NAME.json`` and ``.png`` (``speculative-NAME-draft-
+DRAFT`` with a draft model).
 """
 
 from __future__ import annotations
@@ -122,6 +126,7 @@ async def concurrent(p: BatchProcessor, n: int, max_tokens: int) -> dict[str, An
 async def measure(
     model: LLaMAModel,
     tokenizer: Tokenizer,
+    draft: tuple[LLaMAModel, Tokenizer] | None,
     rounds: int,
     k: int,
     max_tokens: int,
@@ -135,7 +140,7 @@ async def measure(
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {"off": {}, "on": {}}
     async with (
         BatchProcessor(model, tokenizer, configs["off"]) as off,
-        BatchProcessor(model, tokenizer, configs["on"]) as on,
+        BatchProcessor(model, tokenizer, configs["on"], draft_model=draft) as on,
     ):
         processors = {"off": off, "on": on}
         await off.submit(request("chat", 4))  # warm-up: compiled kernels loaded
@@ -198,8 +203,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for i, r in enumerate(rows):
         ax.text(i, r["speedup"], f"{r['speedup']:.2f}x", ha="center", va="bottom")
     ax.set_ylabel("tokens/s, on / off")
+    drafter = "prompt lookup"
+    if result.get("draft_model"):
+        drafter += f", then {result['draft_model']}"
     ax.set_title(
-        f"{result['model']}: speculative_tokens={result['k']} (prompt lookup), "
+        f"{result['model']}: speculative_tokens={result['k']} ({drafter}), "
         f"{result['machine']['cpu']}, 2 threads"
     )
     fig.tight_layout()
@@ -211,25 +219,37 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="GGUF file or packaged model name")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--k", type=int, default=6, help="speculative_tokens when on")
+    ap.add_argument(
+        "--draft-model",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="draft with this model too when on (GGUF file or packaged model name)",
+    )
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--tasks", default=",".join(TASKS), help="one-stream tasks to run")
     ap.add_argument("--batches", default="8,32", help="concurrent streams to run")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     model, tokenizer = load_model(args.model)
+    draft = None if args.draft_model is None else load_model(args.draft_model)
     tasks = [t for t in args.tasks.split(",") if t]
     batches = [int(n) for n in args.batches.split(",") if n]
     result = asyncio.run(
-        measure(model, tokenizer, args.rounds, args.k, args.max_tokens, tasks, batches)
+        measure(model, tokenizer, draft, args.rounds, args.k, args.max_tokens, tasks, batches)
     )
     result.update(
         model=model.config.name,
+        draft_model=None if draft is None else draft[0].config.name,
         k=args.k,
         rounds=args.rounds,
         max_tokens=args.max_tokens,
         machine={"cpu": cpu_name(), "python": platform.python_version()},
     )
-    print(f"\n{result['model']}, speculative_tokens={args.k}, medians of {args.rounds} rounds")
+    drafter = "" if draft is None else f", draft model {result['draft_model']}"
+    print(
+        f"\n{result['model']}, speculative_tokens={args.k}{drafter}, medians of {args.rounds} "
+        "rounds"
+    )
     print("tokens/s: completion tokens over latency; decode: after the first token")
     print(
         f"{'workload':<9} {'off t/s':>8} {'on t/s':>8} {'speedup':>8} {'decode off':>10} "
@@ -250,6 +270,8 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"speculative-{result['model']}"
+    if draft is not None:
+        stem += f"-draft-{result['draft_model']}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out / f"{stem}.png")
     print(f"wrote {args.out / stem}.json and .png")

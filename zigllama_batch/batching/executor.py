@@ -1,5 +1,5 @@
-"""The one place blocking work leaves the event loop: engine steps, and the preparation of
-requests, in worker threads.
+"""The one place blocking work leaves the event loop: engine steps (and a draft model's
+proposals), and the preparation of requests, in worker threads.
 
 Every engine step of the process runs in one thread, whatever processor or worker it belongs
 to. The compiled kernels' threads (numba's OpenMP layer) belong to the thread that calls them:
@@ -8,7 +8,9 @@ cores from each other. Measured on 2 cores: one stream alone decoded 108 tokens/
 second processor had run a step from its own thread, both decoded 21-46 tokens/s. So workers
 and processors take turns in that thread, a step at a time (a step uses every core already).
 
-Inside: :class:`StepExecutor`. A step, once started, always runs to its end: cancelling the task
+Inside: :class:`StepExecutor`. A draft model's proposals (speculative decoding) are numeric
+work of the same kind and run in the same thread, as calls of their own just before the step
+that verifies them. A step, once started, always runs to its end: cancelling the task
 that awaits it takes effect only after the step returns, so no slot is freed (and no request
 ended) while a thread may still be writing its keys and values. An engine error comes back as
 the exception the step raised (a ``StopIteration``, which a future cannot carry, as a
@@ -26,7 +28,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from ..engine.step import SequenceStep, TokenSample
 
@@ -35,6 +37,7 @@ __all__ = ["PREPARE_THREADS", "StepExecutor"]
 Step = Callable[[Sequence[SequenceStep]], list[TokenSample | None]]
 
 _T = TypeVar("_T")
+_A = TypeVar("_A")
 
 PREPARE_THREADS = 4
 """Requests prepared at once. Most preparations take microseconds (a cached constraint is
@@ -73,8 +76,19 @@ class StepExecutor:
             asyncio.CancelledError: the awaiting task was cancelled; raised once the step has
                 finished.
         """
+        return await self.call(self._step, items)
+
+    async def call(self, work: Callable[[_A], _T], arg: _A) -> _T:
+        """Run other numeric work (a draft model's proposals) in the step thread, as a step
+        runs: never abandoned, in turn with every step of the process.
+
+        Raises:
+            Exception: whatever ``work`` raised.
+            asyncio.CancelledError: the awaiting task was cancelled; raised once the work has
+                finished.
+        """
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(_STEPS, _call, self._step, items)
+        future = loop.run_in_executor(_STEPS, _call, work, arg)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -90,8 +104,8 @@ class StepExecutor:
         self._aside.shutdown(wait=False)
 
 
-def _call(step: Step, items: Sequence[SequenceStep]) -> Any:
+def _call(work: Callable[[_A], _T], arg: _A) -> _T:
     try:
-        return step(items)
+        return work(arg)
     except StopIteration as exc:
         raise RuntimeError(f"the engine step raised {exc!r}") from exc

@@ -22,6 +22,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
+from ..engine.draft_model import DraftModel, check_draft_model
 from ..engine.output import OutputDecoder
 from ..engine.runner import Engine, Model
 from ..engine.tokenizer import Tokenizer
@@ -80,14 +81,27 @@ class BatchProcessor:
         tokenizer: Tokenizer,
         config: BatchConfig | None = None,
         *,
+        draft_model: tuple[Model, Tokenizer] | None = None,
         clock: Clock | None = None,
     ) -> None:
         """Args:
         model: the loaded model.
         tokenizer: its tokenizer.
         config: batching settings (default ``BatchConfig()``).
+        draft_model: a smaller model of the same vocabulary and its tokenizer (as
+            :func:`~zigllama_batch.load_model` returns them), to draft tokens for
+            speculative decoding where prompt lookup finds none (see
+            :class:`~zigllama_batch.batching.speculation.Speculation`); it needs
+            ``config.speculative_tokens`` > 0. A model is passed here, beside the target,
+            rather than in the config: a config is frozen plain settings (the CLI, the
+            server and the Ray app build one from their flags; it prints, compares and
+            copies as a value), and a loaded model is none of that.
         clock: time source of every timeout, deadline and latency; tests pass a
             :class:`~zigllama_batch.batching.clock.ManualClock`.
+
+        Raises:
+            InvalidRequest: the draft model does not share the target's vocabulary (size or
+                special tokens), or ``speculative_tokens`` is 0 so it would never draft.
         """
         config = config or BatchConfig()
         engine = Engine(
@@ -96,20 +110,34 @@ class BatchProcessor:
             n_slots=config.max_batch_size * config.num_workers,
             max_context=config.max_context,
         )
-        self._setup(engine, config, clock)
+        self._setup(engine, config, clock, draft_model, model.config.vocab_size)
 
     @classmethod
     def from_engine(
-        cls, engine: EngineLike, config: BatchConfig | None = None, *, clock: Clock | None = None
+        cls,
+        engine: EngineLike,
+        config: BatchConfig | None = None,
+        *,
+        draft_model: tuple[Model, Tokenizer] | None = None,
+        clock: Clock | None = None,
     ) -> BatchProcessor:
         """A processor over an existing engine (any object with the engine's ``step()``
         signature, such as a test double). The engine needs ``max_batch_size * num_workers``
-        slots."""
+        slots; ``draft_model`` is as the constructor's (its vocabulary checked against the
+        engine's tokenizer)."""
         self = cls.__new__(cls)
-        self._setup(engine, config or BatchConfig(), clock)
+        tokens = engine.tokenizer.vocab_size
+        self._setup(engine, config or BatchConfig(), clock, draft_model, tokens)
         return self
 
-    def _setup(self, engine: EngineLike, config: BatchConfig, clock: Clock | None) -> None:
+    def _setup(
+        self,
+        engine: EngineLike,
+        config: BatchConfig,
+        clock: Clock | None,
+        draft_model: tuple[Model, Tokenizer] | None,
+        vocab_size: int,
+    ) -> None:
         needed = config.max_batch_size * config.num_workers
         if engine.n_slots < needed:
             raise ValueError(f"the engine has {engine.n_slots} slots; this config needs {needed}")
@@ -118,8 +146,26 @@ class BatchProcessor:
                 f"max_context: the engine's slots hold {engine.max_context} positions, the config "
                 f"asks for {config.max_context}; build the engine with the size you want"
             )
+        draft = None
+        if draft_model is not None:
+            if not config.speculative_tokens:
+                raise InvalidRequest(
+                    "draft_model: speculative_tokens is 0, so the draft model would never "
+                    "draft; set BatchConfig(speculative_tokens=k)"
+                )
+            check_draft_model(draft_model, tokenizer=engine.tokenizer, vocab_size=vocab_size)
+            # As many slots as sequences may draft at once: only while at most
+            # speculative_max_batch sequences of a worker decode.
+            per_worker = min(config.speculative_max_batch, config.max_batch_size)
+            draft = DraftModel(
+                draft_model[0],
+                n_slots=per_worker * config.num_workers,
+                max_context=engine.max_context,
+            )
         self.config = config
         self.engine = engine
+        self.draft_model = draft
+        """The draft model speculative decoding drafts with, and its cache; None without."""
         self.tokenizer = engine.tokenizer
         self.clock: Clock = clock or MonotonicClock()
         self._home = HomeLoop()
@@ -132,6 +178,7 @@ class BatchProcessor:
             stats=self._stats,
             lifecycle=self._lifecycle,
             kv_budget=_kv_budget(engine, config),
+            draft_model=draft,
         )
         # A sequence never holds more positions than its slot, nor than the budget.
         self._max_context = min(engine.max_context, self._scheduler.kv.budget_tokens)
@@ -481,6 +528,7 @@ class BatchProcessor:
             idle_workers=self._scheduler.idle_workers,
             prefix_pins=self._scheduler.kv.pins,
             preparing=len(self._scheduler.preparation.preparing),
+            draft_slots=self._scheduler.speculation.draft_slots,
         )
 
     def encode_prompt(

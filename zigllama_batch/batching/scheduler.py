@@ -8,20 +8,21 @@ out); plan (ask the strategy how many waiting requests join the worker's batch n
 (in queue order, while the KV manager finds each a slot and room for its prompt, with the
 prompt tokens it may skip; then its sampling state); if the batch is empty, sleep until a
 request arrives, the strategy's wake-up time passes or the processor closes; otherwise build
-one step (every decoding sequence feeds its last token, then prefilling sequences feed prompt
-chunks of at most ``prefill_chunk`` tokens, in admission order, until ``max_step_tokens`` is
-spent), preempt what the KV manager says no longer fits (back to the queue, ahead of its
-priority level, to be recomputed), run the step in the executor, and apply the outputs on the
-event loop: each sampled token goes to its request (text and stop rules), its stream and its
-callback, and a request whose text is done completes (a request for no tokens, once its prompt
-has run). A running step is never abandoned:
-cancellations, deadlines and a non-draining close take effect between steps, and only the
-worker that owns a slot frees it.
+one step (every decoding sequence feeds its last token and the tokens drafted for it, if it
+speculates, then prefilling sequences feed prompt chunks of at most ``prefill_chunk`` tokens,
+in admission order, until ``max_step_tokens`` is spent; a draft model's drafts are computed in
+the executor first), preempt what the KV manager says no longer fits (back to the queue, ahead
+of its priority level, to be recomputed), run the step in the executor, and apply the outputs
+on the event loop: each sampled token goes to its request (text and stop rules), its stream
+and its callback, and a request whose text is done completes (a request for no tokens, once
+its prompt has run). A running step is never abandoned: cancellations, deadlines and a
+non-draining close take effect between steps, and only the worker that owns a slot frees it.
 
 Inside: :func:`build_step` (pure) and :class:`Scheduler`. Elsewhere, each in its own module: what
 the scheduler needs of an engine (``types.EngineLike``), who is admitted in what order
 (``admission``), key/value memory (``kv.KVManager``), preparation, deadlines, callback
-delivery, result assembly, the executor, and the lifecycle the scheduler reads.
+delivery, result assembly, the executor, speculation (``speculation``, and ``model_drafter``
+for a draft model), and the lifecycle the scheduler reads.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..engine.draft_model import DraftModel
 from ..engine.step import SequenceStep, TokenSample
 from ..errors import ConstraintFailed, GenerationError, ProcessorStopped, ZigllamaBatchError
 from ..kv import KVManager
@@ -37,6 +39,7 @@ from .clock import Clock, Wakeup
 from .delivery import CallbackDelivery
 from .executor import StepExecutor
 from .lifecycle import Lifecycle
+from .model_drafter import ModelDrafter
 from .preparation import Preparation
 from .queue import RequestQueue
 from .request import RequestState, TrackedRequest, error_state
@@ -93,6 +96,7 @@ class Scheduler:
         stats: StatsRecorder,
         lifecycle: Lifecycle,
         kv_budget: tuple[int, int],
+        draft_model: DraftModel | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -120,7 +124,17 @@ class Scheduler:
         self.preparation = Preparation(
             self._executor, engine, self.queue, self.end, self.abort, self._notify
         )
-        self.speculation = Speculation(config, engine.max_context)
+        drafter = None
+        if draft_model is not None:
+            drafter = ModelDrafter(
+                draft_model,
+                self._executor,
+                self._failed,
+                most=config.speculative_tokens,
+                chunk=config.prefill_chunk,
+                budget=config.max_step_tokens,
+            )
+        self.speculation = Speculation(config, engine.max_context, drafter)
         self._changed = Wakeup()
         self._parked: dict[int, float | None] = {}  # idle worker -> when it wakes by itself
 
@@ -245,9 +259,11 @@ class Scheduler:
 
     async def _step(self, worker: _Worker) -> None:
         """Build one step from the worker's batch, run it, and apply its outputs."""
-        self.kv.before_step(worker.running)
         own = sum(len(r.seq.pending) for r in worker.running if not r.seq.prefilling)
-        drafts = self.speculation.drafts(worker.running, self.config.max_step_tokens - own)
+        # Drafts first: a draft model's are computed in the executor, and the KV manager's
+        # preparation of the step below runs with no await between it and the step.
+        drafts = await self.speculation.drafts(worker.running, self.config.max_step_tokens - own)
+        self.kv.before_step(worker.running)
         parts = self._build(worker, drafts)
         while victims := self.kv.fit_step(worker.running, parts):  # memory is short
             if drafts:  # drafts never push a sequence out: drop them first
@@ -261,11 +277,8 @@ class Scheduler:
         try:
             outputs = await self._executor.run(items)
         except Exception as exc:
-            error = GenerationError(f"the engine step failed: {exc!r}")
-            error.__cause__ = exc
             self.kv.step_failed(parts)
-            for rec, _ in parts:
-                self.end(rec, RequestState.FAILED, error=error)
+            self._failed([rec for rec, _ in parts], "the engine step failed", exc)
             return
         now = self.clock.now()
         n_tokens = sum(len(step.token_ids) for step in items)
@@ -291,6 +304,13 @@ class Scheduler:
                 self._apply(rec, out, now)
             elif not rec.seq.prefilling:  # its prompt has run, and it generates nothing
                 self._complete_empty(rec, now)
+
+    def _failed(self, recs: Sequence[TrackedRequest], what: str, exc: Exception) -> None:
+        """End ``recs`` with a GenerationError: ``what`` failed with ``exc``."""
+        error = GenerationError(f"{what}: {exc!r}")
+        error.__cause__ = exc
+        for rec in recs:
+            self.end(rec, RequestState.FAILED, error=error)
 
     def _build(
         self, worker: _Worker, drafts: Mapping[TrackedRequest, Sequence[int]]
@@ -333,10 +353,11 @@ class Scheduler:
         self.deliveries.complete(rec, batch_result(rec, now))
 
     def close(self) -> None:
-        """Release the executor and all key/value memory (every worker has returned, no
-        preparation is awaited)."""
+        """Release the executor and all key/value memory, the draft model's too (every worker
+        has returned, no preparation is awaited)."""
         self._executor.close()
         self.kv.close()
+        self.speculation.close()
 
     def __repr__(self) -> str:
         return f"<Scheduler queued={len(self.queue)} running={self.running} kv={self.kv!r}>"

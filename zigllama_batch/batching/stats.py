@@ -49,6 +49,8 @@ class Bookkeeping(NamedTuple):
     """Slots a pending prefix copy reads from."""
     preparing: int = 0
     """Accepted requests whose sampling state is being built in a worker thread."""
+    draft_slots: int = 0
+    """Slots of the draft model's cache held (speculative decoding with a draft model)."""
 
     @property
     def idle(self) -> bool:
@@ -61,6 +63,7 @@ class Bookkeeping(NamedTuple):
             or self.callbacks
             or self.prefix_pins
             or self.preparing
+            or self.draft_slots
         )
 
 

@@ -11,11 +11,13 @@ prompt's own, gathered chunk by chunk), ``sampler`` (next tokens, with a
 per-sequence logits hook), ``grammar`` (that hook for an output constraint, with
 ``json_schema`` and ``closing``: objects closed by default, completion within the budget),
 ``runner`` (``Engine.step``: forward + sampling, typed against the
-``Model`` protocol), ``output`` (ids -> text with stop rules, and the finished result) and ``hub``
+``Model`` protocol; drafted tokens verified), ``drafts`` and ``draft_model`` (what speculative
+decoding drafts: prompt lookup, or a smaller model of the same vocabulary), ``output`` (ids -> text with stop rules, and the finished result) and ``hub``
 (packaged models by name: download, verification, cache); ``tokenizer_files`` writes a
 tokenizer as the files Hugging Face's libraries read.
 """
 
+from .draft_model import DraftItem, DraftModel
 from .gguf_loader import LlamaConfig, LoadProgress, LoadProgressCallback, read_gguf
 from .model import LLaMAModel
 from .output import OutputDecoder
@@ -28,6 +30,8 @@ from .tokenizer_files import save_tokenizer_files
 
 __all__ = [
     "DEFAULT_PREFILL_CHUNK",
+    "DraftItem",
+    "DraftModel",
     "Engine",
     "IncrementalDetokenizer",
     "LLaMAModel",

@@ -188,6 +188,20 @@ class SequenceState:
         return self.scores is None or self.scores.complete
 
     @property
+    def length(self) -> int:
+        """Tokens of a decoding sequence: those its slot holds, then the ones pending."""
+        return self.num_computed + len(self.pending)
+
+    def tokens_from(self, start: int) -> list[int]:
+        """The sequence's tokens from position ``start`` on (prompt, output fed, pending):
+        what a second cache holding its first ``start`` positions (a draft model's) feeds to
+        catch up. For a decoding sequence."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return [*self.outputs[start - n :], *self.pending]
+        return [*self.prompt_ids[start:], *self.outputs, *self.pending]
+
+    @property
     def prefilling(self) -> bool:
         """True while prompt tokens remain to be fed to the model."""
         return self.num_computed < len(self.prompt_ids)

@@ -260,6 +260,16 @@ class Tokenizer:
         """The bytes ``token_id`` adds to generated text (none for control tokens)."""
         return self._token_bytes[token_id]
 
+    @cached_property
+    def special_tokens(self) -> Mapping[int, str]:
+        """The control tokens (and the unknown token) by id: what two tokenizers must agree
+        on for one model's tokens to mean the same to another (a draft model's)."""
+        return {
+            i: t
+            for i, (t, ty) in enumerate(zip(self._tokens, self._types, strict=True))
+            if ty == _TokenType.CONTROL or ty == _TokenType.UNKNOWN
+        }
+
     def token_to_str(self, token_id: int) -> str:
         """The vocabulary entry of ``token_id`` as stored in the file (e.g. ``'Ġworld'``)."""
         return self._tokens[token_id]
