@@ -1,6 +1,7 @@
 """The compiled parts of a block besides its products: prompt-chunk attention, RMSNorm and the
 gated activation equal their numpy definitions (in float64), and the float32 ``exp`` they use
-stays within 3 ulp over its whole range."""
+stays within 3 ulp over its whole range; RoPE with the cache writes
+equals numpy's complex product."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import numpy as np
 import pytest
 from numba import njit
 
-from zigllama_batch.engine.kernels import attend_prefill, gated_activation, rms_norm
+from zigllama_batch.engine.kernels import (
+    attend_prefill,
+    gated_activation,
+    rms_norm,
+    rotate_and_store,
+)
 from zigllama_batch.engine.kernels.elementwise import exp
 
 
@@ -95,3 +101,29 @@ def test_exp_is_within_3_ulp_over_float32s_range() -> None:
     _exp_all(ends, out[:3])
     assert 0 < out[0] == out[1] < 1.001 * np.finfo(np.float32).tiny
     assert np.isfinite(out[2])
+
+
+@pytest.mark.parametrize("n", [1, 3, 20])
+def test_rope_store_rotates_scales_and_writes_the_cache_as_numpy_does(n: int) -> None:
+    """Queries come back rotated then scaled, keys (rotated) and values land at their slots'
+    positions, as numpy's complex64 product (up to its rounding: numpy may fuse a multiply
+    and an add); nothing else in the cache changes."""
+    rng = np.random.default_rng(n)
+    n_heads, n_kv, hd = 6, 2, 8
+    qk = rng.standard_normal((n, n_heads + n_kv, hd)).astype(np.float32)
+    v = rng.standard_normal((n, n_kv, hd)).astype(np.float32)
+    angles = rng.uniform(0, 6.3, (n, 1, hd // 2))
+    rotation = np.exp(1j * angles).astype(np.complex64)
+    k_cache = np.zeros((4, n_kv, 32, hd), np.float32)
+    v_cache = np.zeros_like(k_cache)
+    slots = rng.integers(0, 4, n).astype(np.int64)
+    positions = rng.permutation(32)[:n].astype(np.int64)
+    q = rotate_and_store(qk, v, rotation, 0.125, k_cache, v_cache, slots, positions)
+    rotated = (qk.view(np.complex64) * rotation).view(np.float32)
+    want_q = rotated[:, :n_heads] * np.float32(0.125)
+    np.testing.assert_allclose(q, want_q, rtol=1e-6, atol=1e-7)
+    want_k, want_v = np.zeros_like(k_cache), np.zeros_like(v_cache)
+    want_k[slots, :, positions] = rotated[:, n_heads:]
+    want_v[slots, :, positions] = v
+    np.testing.assert_allclose(k_cache, want_k, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(v_cache, want_v)

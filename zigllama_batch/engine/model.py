@@ -49,6 +49,7 @@ from .kernels import (
     gated_activation,
     linear,
     rms_norm,
+    rotate_and_store,
 )
 from .step import SequenceStep
 
@@ -178,14 +179,12 @@ class LLaMAModel:
                 [q_normed.reshape(n, c.n_heads, hd), k_normed.reshape(n, c.n_kv_heads, hd)],
                 axis=1,
             )
-        # RoPE on queries and keys at once: pairs of dims as complex numbers times e^(i angle).
-        qk = (qk.view(np.complex64) * rotation).view(np.float32)  # (N, H + KVH, hd)
-        q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
         v = qkv[:, q_width + kv_width :].reshape(n, c.n_kv_heads, hd)
-        k_cache[batch.token_slots, :, batch.positions] = k  # (N, KVH, hd) written in place
-        v_cache[batch.token_slots, :, batch.positions] = v
-
-        q *= np.float32(c.query_scale)
+        # RoPE on queries and keys (pairs of dims as complex numbers times e^(i angle)), keys
+        # and values into their slots, the queries scaled: (N, H, hd).
+        q = rotate_and_store(
+            qk, v, rotation, c.query_scale, k_cache, v_cache, batch.token_slots, batch.positions
+        )
         attn = np.empty((n, c.n_heads, hd), np.float32)  # (N, H, hd)
         if batch.decode_rows.size:
             attn[batch.decode_rows] = attend_decode(

@@ -44,7 +44,7 @@ from numpy.typing import NDArray
 from threadpoolctl import ThreadpoolController
 
 from ... import _blas_env
-from .attention import decode_attention, prefill_attention
+from .attention import decode_attention, prefill_attention, rope_store, rope_store_parallel
 from .blocks import FORMATS, Planes, pack
 from .elementwise import (
     GELU_TANH,
@@ -69,6 +69,7 @@ __all__ = [
     "gated_activation",
     "linear",
     "rms_norm",
+    "rotate_and_store",
     "set_threads",
 ]
 
@@ -264,6 +265,32 @@ _QUERY_BLOCK = 64
 """Prompt tokens whose attention one thread computes together (with the query heads that
 share a key/value head): enough rows for BLAS, and enough blocks that the causal triangle's
 uneven blocks spread over the threads."""
+
+
+def rotate_and_store(
+    qk: F32,
+    v: F32,
+    rotation: NDArray[np.complex64],
+    scale: float,
+    k_cache: F32,
+    v_cache: F32,
+    slots: I64,
+    positions: I64,
+) -> F32:
+    """RoPE on the new tokens' query and key heads ``qk`` (N, H + KVH, hd), times their
+    factors ``rotation`` (N, hd/2) complex64 (pairs of dims as complex numbers); writes the
+    keys and the values ``v`` (N, KVH, hd) at ``positions`` of ``slots`` of a layer's caches
+    (slots, KVH, positions, hd), and returns the queries times ``scale``, (N, H, hd)."""
+    n, n_heads = qk.shape[0], qk.shape[1] - v.shape[1]
+    q = np.empty((n, n_heads, qk.shape[2]), np.float32)
+    factors = np.ascontiguousarray(rotation).view(np.float32).reshape(n, -1)  # (N, hd)
+    args = (np.ascontiguousarray(qk), np.ascontiguousarray(v), factors, scale)
+    if n >= MANY_ROWS:
+        _use_threads()
+        rope_store_parallel(*args, k_cache, v_cache, slots, positions, q)
+    else:
+        rope_store(*args, k_cache, v_cache, slots, positions, q)
+    return q
 
 
 def rms_norm(x: F32, weight: F32, eps: float) -> F32:

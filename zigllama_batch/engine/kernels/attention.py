@@ -10,6 +10,9 @@ depends on the other items of the step.
 queries) pairs, the products in BLAS.
 
 Softmax in float32, with the maximum subtracted, and :func:`~.elementwise.exp`.
+
+:func:`rope_store`: what comes before attention, in one pass over the new tokens: RoPE on
+their queries and keys, the queries scaled, the keys and values written to the cache.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from numba import njit, prange
 
 from .elementwise import exp
 
-__all__ = ["decode_attention", "prefill_attention"]
+__all__ = ["decode_attention", "prefill_attention", "rope_store", "rope_store_parallel"]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -126,3 +129,77 @@ def prefill_attention(
             i, h = r // group, r % group
             for d in range(hd):
                 out[g, b0 + i, h, d] = mixed[r, d] * inverse
+
+
+@njit(inline="always", cache=True)
+def _rope_row(
+    qk: np.ndarray,
+    v: np.ndarray,
+    rotation: np.ndarray,
+    scale: float,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    slot: int,
+    position: int,
+    q_out: np.ndarray,
+) -> None:
+    n_heads = q_out.shape[0]
+    half = rotation.shape[0] // 2
+    s = np.float32(scale)
+    for h in range(qk.shape[0]):
+        for i in range(half):
+            a, b = qk[h, 2 * i], qk[h, 2 * i + 1]
+            c, d = rotation[2 * i], rotation[2 * i + 1]
+            real, imag = a * c - b * d, a * d + b * c
+            if h < n_heads:
+                q_out[h, 2 * i] = real * s
+                q_out[h, 2 * i + 1] = imag * s
+            else:
+                k_cache[slot, h - n_heads, position, 2 * i] = real
+                k_cache[slot, h - n_heads, position, 2 * i + 1] = imag
+    for g in range(v.shape[0]):
+        for d in range(v.shape[1]):
+            v_cache[slot, g, position, d] = v[g, d]
+
+
+@njit(cache=True)
+def rope_store(
+    qk: np.ndarray,
+    v: np.ndarray,
+    rotation: np.ndarray,
+    scale: float,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    slots: np.ndarray,
+    positions: np.ndarray,
+    q_out: np.ndarray,
+) -> None:
+    """RoPE on the new tokens' query and key heads, the queries scaled into ``q_out`` (N, H,
+    hd), the keys and values written to their slots' positions of the caches. qk: (N, H +
+    KVH, hd); v: (N, KVH, hd); rotation: (N, hd), each pair of dims ``(cos, sin)`` of the
+    token's angle; slots, positions: (N,) int64. The complex product ``(a c - b d, a d +
+    b c)``, then the scale."""
+    for n in range(qk.shape[0]):
+        _rope_row(
+            qk[n], v[n], rotation[n], scale, k_cache, v_cache, slots[n], positions[n], q_out[n]
+        )
+
+
+@njit(parallel=True, cache=True)
+def rope_store_parallel(
+    qk: np.ndarray,
+    v: np.ndarray,
+    rotation: np.ndarray,
+    scale: float,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    slots: np.ndarray,
+    positions: np.ndarray,
+    q_out: np.ndarray,
+) -> None:
+    """:func:`rope_store`, tokens spread over the threads (a prompt chunk: distinct
+    positions, so no two threads write the same cache row)."""
+    for n in prange(qk.shape[0]):
+        _rope_row(
+            qk[n], v[n], rotation[n], scale, k_cache, v_cache, slots[n], positions[n], q_out[n]
+        )
