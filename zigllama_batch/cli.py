@@ -43,8 +43,11 @@ _BATCH_FLAGS = {
     "max_queue_size": "--max-queue-size",
     "max_context": "--max-context",
     "kv_cache_mb": "--kv-cache-mb",
+    "speculative_tokens": "--speculative-tokens",
+    "draft_model": "--draft-model",
 }
-"""BatchConfig fields that `demo` and `serve` flags set."""
+"""Settings that `demo` and `serve` flags set (BatchConfig's fields, and the draft model), by
+the names their errors give them."""
 _SERVING = BatchConfig.serving()
 """What `demo` and `serve` run with unless a flag says otherwise (their flags' defaults)."""
 
@@ -197,6 +200,22 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="key/value memory for all sequences and cached prefixes; beyond it, requests wait "
         "or are preempted (default: half the memory available after loading)",
+    )
+    srv.add_argument(
+        "--speculative-tokens",
+        metavar="K",
+        type=int,
+        default=_SERVING.speculative_tokens,
+        help="most drafted tokens a decoding sequence verifies a step (speculative decoding: "
+        "prompt lookup, and the draft model if given; same output, fewer steps on text that "
+        "copies from its context); 0: off",
+    )
+    srv.add_argument(
+        "--draft-model",
+        metavar="PATH|NAME",
+        default=None,
+        help="a smaller model of the same vocabulary drafting tokens where prompt lookup finds "
+        "none (needs --speculative-tokens; not with --ray)",
     )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     srv.add_argument(
@@ -463,6 +482,11 @@ def _export_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.draft_model and not args.speculative_tokens:  # before loading anything
+        print(
+            "error: --draft-model drafts only with --speculative-tokens K (K > 0)", file=sys.stderr
+        )
+        return 2
     if args.ray:
         return _serve_on_ray(args)
     try:
@@ -481,9 +505,11 @@ def _serve(args: argparse.Namespace) -> int:
             max_queue_size=args.max_queue_size,
             max_context=args.max_context,
             kv_cache_mb=args.kv_cache_mb,
+            speculative_tokens=args.speculative_tokens,
         )
         return serve(
             model=args.model,
+            draft_model=args.draft_model,
             config=config,
             host=args.host,
             port=args.port,
@@ -500,6 +526,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on_ray(args: argparse.Namespace) -> int:
+    if args.draft_model or args.speculative_tokens:
+        print(
+            "error: --speculative-tokens and --draft-model are not served through --ray yet",
+            file=sys.stderr,
+        )
+        return 2
     try:
         from .ray_serve.local import LocalServe
     except ImportError as exc:

@@ -104,3 +104,33 @@ def test_the_port_is_listened_on_before_the_model_loads() -> None:
             pass  # accepted into the backlog while nothing serves yet
     finally:
         sock.close()
+
+
+def test_serve_drafts_with_a_draft_model_when_asked(tiny_path: Path) -> None:
+    """--speculative-tokens with --draft-model serves with both drafters, says so at start,
+    and answers as without them (greedy text is the same)."""
+    body = {"model": "tiny", "prompt": "one two three", "max_tokens": 12, "temperature": 0}
+    with ServerProcess("--model", str(tiny_path)) as plain:
+        want = httpx.post(f"{plain.base_url}/v1/completions", json=body).json()
+    server = ServerProcess(
+        "--model", str(tiny_path), "--speculative-tokens", "4", "--draft-model", str(tiny_path)
+    )
+    with server:
+        got = httpx.post(f"{server.base_url}/v1/completions", json=body).json()
+    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    assert (
+        "speculation     up to 4 drafted tokens a sequence (prompt lookup, then the draft "
+        f"model {tiny_path}), while at most 4 sequences decode" in server.output
+    )
+
+
+def test_a_draft_model_without_speculative_tokens_is_refused(
+    tiny_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--draft-model alone would never draft: exit 2 at once, before any model loads."""
+    assert (
+        main(["serve", "--port", "0", "--model", str(tiny_path), "--draft-model", str(tiny_path)])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err == "error: --draft-model drafts only with --speculative-tokens K (K > 0)\n"

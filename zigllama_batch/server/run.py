@@ -97,6 +97,7 @@ def serve(
     *,
     model: str | None,
     config: BatchConfig,
+    draft_model: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
@@ -111,11 +112,13 @@ def serve(
 
     Progress and the settings go to stderr: the model file, then, once the server listens, the
     model id clients pass, the address and the batching settings. ``on_progress`` is told how
-    loading the model goes (:func:`~zigllama_batch.load_model`'s).
+    loading the model goes (:func:`~zigllama_batch.load_model`'s). ``draft_model`` (a path or
+    a name, like ``model``) drafts tokens for speculative decoding.
 
     Raises:
-        ModelLoadError: the model cannot be found, fetched or read.
-        ValueError: the loaded model cannot take a setting of ``config`` (``max_context``).
+        ModelLoadError: the model (or the draft model) cannot be found, fetched or read.
+        ValueError: the loaded model cannot take a setting of ``config`` (``max_context``), or
+            the draft model does not share its vocabulary.
     """
     try:
         sock = _bind(host, port)
@@ -129,7 +132,12 @@ def serve(
         llama, tokenizer = load_model(path, on_progress=on_progress)
         if config.max_context is None:  # memory is bounded by kv_cache_mb, not by slot sizes
             config = dataclasses.replace(config, max_context=llama.config.context_length)
-        processor = BatchProcessor(llama, tokenizer, config)
+        drafter = None
+        if draft_model is not None:
+            draft_path = model_path(draft_model)
+            print(f"loading the draft model {draft_path}", file=sys.stderr, flush=True)
+            drafter = load_model(draft_path, on_progress=on_progress)
+        processor = BatchProcessor(llama, tokenizer, config, draft_model=drafter)
         name = model_name or processor.model_name
         api_key = api_key or os.environ.get(API_KEY_ENV) or None
         app = create_app(
@@ -156,6 +164,7 @@ def serve(
             name,
             f"http://{_address(host, sock.getsockname()[1])}",
             config,
+            draft=draft_model,
             context=processor.max_context,
             kv=processor.kv_stats(),
             api_key=api_key is not None,
@@ -170,12 +179,23 @@ def serve(
     return 0 if server.started else 1
 
 
+def _speculation(config: BatchConfig, draft: str | None) -> str:
+    if not config.speculative_tokens:
+        return "off (--speculative-tokens)"
+    drafters = "prompt lookup" + (f", then the draft model {draft}" if draft else "")
+    return (
+        f"up to {config.speculative_tokens} drafted tokens a sequence ({drafters}), while at "
+        f"most {config.speculative_max_batch} sequences decode"
+    )
+
+
 def _banner(
     path: Path,
     name: str,
     url: str,
     config: BatchConfig,
     *,
+    draft: str | None = None,
     context: int,
     kv: KVStats,
     api_key: bool,
@@ -189,6 +209,7 @@ def _banner(
         ("strategy", config.strategy.value),
         ("max batch size", str(config.max_batch_size)),
         ("queue size", str(config.max_queue_size)),
+        ("speculation", _speculation(config, draft)),
         ("context", f"{context} tokens per sequence"),
         ("KV memory", _kv_budget(kv, context)),
         ("API key", "on" if api_key else "off (no authentication)"),
