@@ -17,7 +17,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["field", "float_bits", "join"]
+__all__ = ["field", "float_bits", "join", "nibble"]
 
 _I8 = ir.IntType(8)
 
@@ -70,3 +70,23 @@ def _float_bits(typingctx: Any, bits: Any) -> Any:
 
 float_bits = cast(Callable[[Any], Any], intrinsic(_float_bits))
 """``float_bits(i)``: the float32 whose bits are the low 32 bits of integer ``i``."""
+
+
+def _nibble(typingctx: Any, byte: Any, shift: Any) -> Any:
+    signature = types.int32(byte, shift)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        b, s = args
+        wide = builder.zext(_byte(builder, b), ir.IntType(32))
+        s32 = builder.zext(_byte(builder, s), ir.IntType(32))
+        return builder.and_(builder.lshr(wide, s32), ir.Constant(ir.IntType(32), 15))
+
+    return signature, codegen
+
+
+nibble = cast(Callable[[Any, Any], Any], intrinsic(_nibble))
+"""``nibble(byte, shift)``: ``(byte >> shift) & 15`` as an int32, the byte widened first. For a
+row of bytes LLVM then widens 16 bytes at once from memory (``vpmovzxbd``) and masks or shifts
+32-bit lanes, where :func:`field` masks bytes in 16-byte registers and widens each result
+(Q4_0 at one row: ~10% faster, 28 against 25 GB/s on 2 Zen 4 cores, a streaming read of the
+same bytes 35)."""

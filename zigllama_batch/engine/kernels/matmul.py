@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .blocks import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0, decode_row
-from .bytes8 import field, join
+from .bytes8 import field, join, nibble
 from .tiles import TILE, decode_column
 
 __all__ = ["decode_rows", "decode_tiles", "gemm", "gemv", "gemv_fused", "gemv_nibbles", "tile_rows"]
@@ -193,8 +193,8 @@ def gemv_fused(
                             xb0, xb1 = x[n + 1, k + j], x[n + 1, k + half + j]
                             for o in range(tile):
                                 q = qs[t, b, j, o]
-                                lo = np.float32(field(q, 0, 15))
-                                hi = np.float32(field(q, 4, 15))
+                                lo = np.float32(nibble(q, 0))
+                                hi = np.float32(nibble(q, 4))
                                 part[n, o] += lo * xa0 + hi * xa1
                                 part[n + 1, o] += lo * xb0 + hi * xb1
                         if n_rows % 2:
@@ -202,7 +202,7 @@ def gemv_fused(
                             x0, x1 = x[n, k + j], x[n, k + half + j]
                             for o in range(tile):
                                 q = qs[t, b, j, o]
-                                lo, hi = field(q, 0, 15), field(q, 4, 15)
+                                lo, hi = nibble(q, 0), nibble(q, 4)
                                 part[n, o] += np.float32(lo) * x0 + np.float32(hi) * x1
                 else:
                     for j in range(half):
@@ -311,7 +311,7 @@ def gemv_nibbles(
                 x0, x1 = x[0, k + j], x[0, k + half + j]
                 for o in range(TILE):
                     q = qs[t, b, j, o]
-                    part[o] += np.float32(field(q, 0, 15)) * x0 + np.float32(field(q, 4, 15)) * x1
+                    part[o] += np.float32(nibble(q, 0)) * x0 + np.float32(nibble(q, 4)) * x1
             if code == Q4_0:
                 bias = sums[b] * np.float32(8)
                 for o in range(TILE):
