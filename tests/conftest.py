@@ -9,6 +9,7 @@ import pytest
 from tiny_gguf import TinySpec, write_tiny_gguf
 
 from zigllama_batch import LLaMAModel, Tokenizer, load_model
+from zigllama_batch.engine import SequenceStep
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +22,18 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny(tiny_path: Path) -> tuple[LLaMAModel, Tokenizer]:
     """The tiny model and tokenizer, loaded once."""
     return load_model(tiny_path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels(tiny: tuple[LLaMAModel, Tokenizer]) -> None:
+    """The engine's compiled kernels, compiled (or loaded from numba's cache) before any test
+    runs: on a fresh machine their first use takes seconds, which a test bounded in real time
+    must not pay. A prompt chunk of 20 tokens (the threaded paths), a 4-token item and one
+    decode token touch every kernel a float32 model's step uses."""
+    model, _ = tiny
+    cache = model.new_cache(2, 64)
+    model.step([SequenceStep(0, list(range(3, 23)), 0)], cache)
+    model.step([SequenceStep(1, [5, 6, 7, 8], 0), SequenceStep(0, [9], 20)], cache)
 
 
 @pytest.fixture
