@@ -39,7 +39,7 @@ from zigllama_batch.testing import ServerProcess, cpu_name
 
 sys.path.insert(0, str(Path(__file__).parent))
 from speculative import TASKS
-from vs_llama_cpp import _free_port
+from vs_llama_cpp import LlamaServer
 
 
 async def one_stream(base_url: str, model: str, task: str, max_tokens: int) -> dict[str, Any]:
@@ -73,40 +73,6 @@ async def one_stream(base_url: str, model: str, task: str, max_tokens: int) -> d
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "text": "".join(pieces)}
 
 
-class LlamaServer:
-    """``llama-server`` on a free loopback port, 2 threads, one slot."""
-
-    def __init__(self, binary: Path, model: Path, extra: list[str]) -> None:
-        self.port = _free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.command = [
-            str(binary),
-            *("-m", str(model), "--host", "127.0.0.1", "--port", str(self.port)),
-            *("-np", "1", "-c", "4096", "-t", "2", "-tb", "2"),
-            *extra,
-        ]
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def __aenter__(self) -> LlamaServer:
-        self.process = await asyncio.create_subprocess_exec(
-            *self.command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-        )
-        async with httpx.AsyncClient(timeout=5) as client:
-            for _ in range(600):
-                try:
-                    if (await client.get(f"{self.base_url}/health")).status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.2)
-        raise RuntimeError(f"llama-server did not become healthy: {self.command}")
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.process is not None
-        self.process.terminate()
-        await asyncio.wait_for(self.process.wait(), timeout=30)
-
-
 async def run_server(
     name: str, start: Callable[[], Any], tasks: list[str], max_tokens: int
 ) -> dict[str, dict[str, Any]]:
@@ -134,19 +100,19 @@ class _Ours:
         await asyncio.to_thread(self.server.stop)
 
 
-async def measure(args: argparse.Namespace, tasks: list[str]) -> dict[str, Any]:
-    path = model_path(args.model, progress=False)
+async def measure(args: argparse.Namespace, tasks: list[str], path: Path) -> dict[str, Any]:
     k = str(args.k)
+    one_slot = ["-np", "1", "-c", "4096", "-t", "2", "-tb", "2"]  # 2 threads, one sequence
     servers: dict[str, Callable[[], Any]] = {
         "ours, off": lambda: _Ours("--model", str(path), "--max-batch-size", "1"),
         "ours, speculative": lambda: _Ours(
             "--model", str(path), "--max-batch-size", "1", "--speculative-tokens", k
         ),
-        "llama.cpp, default": lambda: LlamaServer(args.llama_server, path, []),
+        "llama.cpp, default": lambda: LlamaServer(args.llama_server, path, one_slot),
         "llama.cpp, ngram-simple": lambda: LlamaServer(
             args.llama_server,
             path,
-            ["--spec-type", "ngram-simple", "--spec-draft-n-max", k],
+            [*one_slot, "--spec-type", "ngram-simple", "--spec-draft-n-max", k],
         ),
     }
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in servers}
@@ -207,8 +173,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
-    result = asyncio.run(measure(args, tasks))
-    name = Path(model_path(args.model, progress=False)).stem
+    path = Path(model_path(args.model, progress=False))
+    result = asyncio.run(measure(args, tasks, path))
+    name = path.stem
     result.update(
         model=name,
         k=args.k,

@@ -100,33 +100,41 @@ async def run_ours(texts: list[str]) -> list[dict[str, float]]:
         server.stop()
 
 
-async def run_llama(binary: Path, texts: list[str]) -> list[dict[str, float]]:
-    port = _free_port()
-    command = [
-        str(binary),
-        *("-m", str(default_model_path())),
-        *("--host", "127.0.0.1", "--port", str(port)),
-        *("-np", str(CLIENTS), "-c", str(CLIENTS * 1024), "-t", "2"),
-    ]
-    process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
+class LlamaServer:
+    """``llama-server`` serving ``model`` on a free loopback port with ``args`` (slots,
+    context, threads, ...), as an async context manager that waits until it is healthy."""
+
+    def __init__(self, binary: Path, model: Path, args: list[str]) -> None:
+        self.base_url = f"http://127.0.0.1:{_free_port()}"
+        port = self.base_url.rsplit(":", 1)[1]
+        self.command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", port, *args]
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> LlamaServer:
+        self.process = await asyncio.create_subprocess_exec(
+            *self.command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
         async with httpx.AsyncClient(timeout=5) as client:
             for _ in range(600):
                 try:
-                    if (await client.get(f"{base_url}/health")).status_code == 200:
-                        break
+                    if (await client.get(f"{self.base_url}/health")).status_code == 200:
+                        return self
                 except httpx.TransportError:
                     pass
                 await asyncio.sleep(0.2)
-            else:
-                raise RuntimeError("llama-server did not become healthy")
-        return [await wave(base_url, "default", texts) for _ in range(2)]
-    finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), timeout=30)
+        await self.__aexit__()
+        raise RuntimeError(f"llama-server did not become healthy: {self.command}")
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.process is not None
+        self.process.terminate()
+        await asyncio.wait_for(self.process.wait(), timeout=30)
+
+
+async def run_llama(binary: Path, texts: list[str]) -> list[dict[str, float]]:
+    args = ["-np", str(CLIENTS), "-c", str(CLIENTS * 1024), "-t", "2"]
+    async with LlamaServer(binary, default_model_path(), args) as server:
+        return [await wave(server.base_url, "default", texts) for _ in range(2)]
 
 
 def main() -> None:
