@@ -171,18 +171,21 @@ def bench_prefill(
     return {"prompt_tokens": length, "ms": t * 1e3, "tokens_per_s": length / t}
 
 
-def bench_memory(model_path: str | None, slots: int, context: int) -> dict[str, float]:
+def bench_memory(
+    model_path: str | None, slots: int, context: int, activations: str
+) -> dict[str, float]:
     """Peak resident set of a fresh process that loads the model and fills every slot of a
     ``slots`` x ``context`` cache to its last position."""
     cmd = [sys.executable, __file__, "--memory-only", f"--slots={slots}", f"--context={context}"]
+    cmd.append(f"--activations={activations}")
     if model_path:
         cmd.append(f"--model={model_path}")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def _memory_only(model_path: str | None, slots: int, context: int) -> None:
-    model, tokenizer = load_model(model_path, progress=False)
+def _memory_only(model_path: str | None, slots: int, context: int, activations: str) -> None:
+    model, tokenizer = load_model(model_path, progress=False, activations=activations)
     engine = Engine(model, tokenizer, n_slots=slots, max_context=context)
     chunk = 512
     for start in range(0, context, chunk):
@@ -216,6 +219,12 @@ def main() -> None:
     ap.add_argument(
         "--prefill", default=",".join(map(str, PREFILL_LENGTHS)), help="prompt lengths timed"
     )
+    ap.add_argument(
+        "--activations",
+        choices=("float32", "int8"),
+        default="float32",
+        help="what the quantized layers multiply (see load_model)",
+    )
     ap.add_argument("--out", default=None, help="JSON results file (default: by model)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
@@ -223,12 +232,12 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_only:
-        _memory_only(args.model, args.slots, args.context)
+        _memory_only(args.model, args.slots, args.context, args.activations)
         return
 
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, activations=args.activations)
     load_s = time.perf_counter() - t0
     rss_after_load = _rss_kib("VmRSS") / 1024
     peak_during_load = _peak_rss_kib() / 1024
@@ -241,7 +250,7 @@ def main() -> None:
     gain = bench_batching_gain(engine, args.steps, rng)
     del engine
     bound = bandwidth_bound(model.weights.nbytes)
-    memory = None if args.skip_memory else bench_memory(args.model, 32, 1024)
+    memory = None if args.skip_memory else bench_memory(args.model, 32, 1024, args.activations)
 
     b1 = next(d for d in decode if d["batch"] == 1)["tokens_per_s"]
     b32 = next((d for d in decode if d["batch"] == 32), {"tokens_per_s": float("nan")})[
@@ -249,6 +258,7 @@ def main() -> None:
     ]
     result = {
         "model": repr(model),
+        "activations": args.activations,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": _cores(),

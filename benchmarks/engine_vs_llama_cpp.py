@@ -5,17 +5,18 @@ llama.cpp runs its own benchmarks on the file: ``llama-bench`` (``tg32``: batch-
 ``pp256``, ``pp1000``: prefill) and ``llama-batched-bench`` (decode of 8 and 32 sequences at
 once, each after a 128-token prompt), 2 threads. This engine runs ``benchmarks/engine.py`` in a
 fresh process on the same file (and, with ``--baseline-src``, a second source tree of this
-library: an older commit, for old against new). The programs take turns, round after round, so
+library: an older commit, for old against new; with ``--int8``, this engine a second time with
+int8 activations, llama.cpp's arithmetic). The programs take turns, round after round, so
 drift of the machine falls on all of them; medians over the rounds. Resident memory: this
 engine's after load; llama.cpp's peak while it runs (it maps the file).
 
     python benchmarks/engine_vs_llama_cpp.py --model FILE.gguf \\
         --llama-bench PATH/llama-bench --llama-batched-bench PATH/llama-batched-bench \\
-        [--baseline-src DIR] [--rounds 3] [--batches 1,8,32]
+        [--baseline-src DIR] [--int8] [--rounds 3] [--batches 1,8,32]
 
 Build both llama.cpp programs from the llama.cpp vendored in llama-cpp-python 0.3.36's source
 package (see docs/benchmarks.md). Writes ``engine_vs_llama_cpp-NAME.json`` and ``.png`` into
-``benchmarks/results``.
+``benchmarks/results`` (``NAME-int8`` with ``--int8``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import psutil
 from zigllama_batch.testing import cpu_name
 
 ENGINE = Path(__file__).parent / "engine.py"
+INT8 = "zigllama_batch (int8 activations)"
 PREFILL = (256, 1000)
 
 
@@ -92,9 +94,14 @@ def run_batched_bench(
 
 
 def run_engine(
-    model: Path, batches: list[int], steps: int, src: Path | None = None
+    model: Path,
+    batches: list[int],
+    steps: int,
+    src: Path | None = None,
+    activations: str = "float32",
 ) -> dict[str, float]:
-    """benchmarks/engine.py of a source tree (this one by default) on ``model``."""
+    """benchmarks/engine.py of a source tree (this one by default) on ``model``; this tree
+    runs with ``activations`` (see ``load_model``)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "engine.json"
         env = dict(os.environ)
@@ -108,6 +115,8 @@ def run_engine(
             *("--model", str(model), "--steps", str(steps), "--skip-memory"),
             *("--out", str(out)),
         ]
+        if src is None:
+            command += ["--activations", activations]
         # An older tree's engine.py may predate --batches/--prefill: it then runs its own set.
         if (
             "--batches"
@@ -147,11 +156,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="engine decode steps per batch size")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--int8",
+        action="store_true",
+        help="also run this engine with int8 activations (load_model(activations='int8'))",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
     runs: dict[str, list[dict[str, float]]] = {"zigllama_batch": [], "llama.cpp": []}
+    if args.int8:
+        runs[INT8] = []
     if args.baseline_src:
         runs["zigllama_batch (baseline)"] = []
     for i in range(args.rounds):
@@ -161,6 +177,8 @@ def main() -> None:
         llama.update(run_batched_bench(args.llama_batched_bench, args.model, args.threads, batches))
         llama["batch1"] = llama["tg32"]
         runs["llama.cpp"].append(llama)
+        if args.int8:
+            runs[INT8].append(run_engine(args.model, batches, args.steps, activations="int8"))
         if args.baseline_src:
             baseline = run_engine(args.model, batches, args.steps, args.baseline_src)
             runs["zigllama_batch (baseline)"].append(baseline)
@@ -182,6 +200,14 @@ def main() -> None:
         f"{'ours / llama.cpp':28}{'':>11}"
         + "".join(f"{ratios.get(c, float('nan')):>10.2f}" for c in columns)
     )
+    int8_ratios = {}
+    if args.int8:
+        int8 = medians[INT8]
+        int8_ratios = {c: int8[c] / llama[c] for c in columns if c in int8 and c in llama}
+        print(
+            f"{'ours int8 / llama.cpp':28}{'':>11}"
+            + "".join(f"{int8_ratios.get(c, float('nan')):>10.2f}" for c in columns)
+        )
     if "bandwidth_bound_batch1" in ours:
         bound = ours["bandwidth_bound_batch1"]
         print(
@@ -190,7 +216,7 @@ def main() -> None:
         )
     print(f"memory limit (1.15 x file + 300 MiB): {1.15 * file_mib + 300:.0f} MiB")
 
-    name = args.model.name.removesuffix(".gguf")
+    name = args.model.name.removesuffix(".gguf") + ("-int8" if args.int8 else "")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "model": args.model.name,
@@ -203,6 +229,7 @@ def main() -> None:
         "rounds": runs,
         "medians": medians,
         "ours_over_llama_cpp": ratios,
+        "ours_int8_over_llama_cpp": int8_ratios,
     }
     path = args.out / f"engine_vs_llama_cpp-{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

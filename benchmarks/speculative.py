@@ -225,13 +225,23 @@ def main() -> None:
         metavar="NAME_OR_PATH",
         help="draft with this model too when on (GGUF file or packaged model name)",
     )
+    ap.add_argument(
+        "--activations",
+        choices=("float32", "int8"),
+        default="float32",
+        help="what the quantized layers multiply (see load_model)",
+    )
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--tasks", default=",".join(TASKS), help="one-stream tasks to run")
     ap.add_argument("--batches", default="8,32", help="concurrent streams to run")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    model, tokenizer = load_model(args.model)
-    draft = None if args.draft_model is None else load_model(args.draft_model)
+    model, tokenizer = load_model(args.model, activations=args.activations)
+    draft = (
+        None
+        if args.draft_model is None
+        else load_model(args.draft_model, activations=args.activations)
+    )
     tasks = [t for t in args.tasks.split(",") if t]
     batches = [int(n) for n in args.batches.split(",") if n]
     result = asyncio.run(
@@ -241,14 +251,15 @@ def main() -> None:
         model=model.config.name,
         draft_model=None if draft is None else draft[0].config.name,
         k=args.k,
+        activations=args.activations,
         rounds=args.rounds,
         max_tokens=args.max_tokens,
         machine={"cpu": cpu_name(), "python": platform.python_version()},
     )
     drafter = "" if draft is None else f", draft model {result['draft_model']}"
     print(
-        f"\n{result['model']}, speculative_tokens={args.k}{drafter}, medians of {args.rounds} "
-        "rounds"
+        f"\n{result['model']}, speculative_tokens={args.k}{drafter}, {args.activations} "
+        f"activations, medians of {args.rounds} rounds"
     )
     print("tokens/s: completion tokens over latency; decode: after the first token")
     print(
@@ -270,6 +281,8 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"speculative-{result['model']}"
+    if args.activations != "float32":
+        stem += f"-{args.activations}"
     if draft is not None:
         stem += f"-draft-{result['draft_model']}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")

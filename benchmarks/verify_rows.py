@@ -29,9 +29,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="GGUF file or packaged model name")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--activations",
+        choices=("float32", "int8"),
+        default="float32",
+        help="what the quantized layers multiply (see load_model)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    model, _ = load_model(args.model)
+    model, _ = load_model(args.model, activations=args.activations)
     cache = model.new_cache(1, 1024)
     prompt = list(range(200, 400))
     model.step([SequenceStep(0, prompt, 0)], cache)
@@ -55,7 +61,10 @@ def main() -> None:
         }
         for rows in ROWS
     ]
-    print(f"{model.config.name}, one sequence at 200 positions, medians of {args.rounds} rounds")
+    print(
+        f"{model.config.name}, {args.activations} activations, one sequence at 200 positions, "
+        f"medians of {args.rounds} rounds"
+    )
     print(f"{'rows':>4} {'step ms':>8} {'row / step':>10} {'best speed-up':>14}")
     for r in table:
         print(
@@ -66,10 +75,12 @@ def main() -> None:
         "model": model.config.name,
         "machine": {"cpu": cpu_name(), "python": platform.python_version()},
         "rounds": args.rounds,
+        "activations": args.activations,
         "rows": table,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"verify_rows-{model.config.name}.json"
+    suffix = "" if args.activations == "float32" else f"-{args.activations}"
+    path = args.out / f"verify_rows-{model.config.name}{suffix}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,6 +40,38 @@ def test_generate_streams_text_and_reports_stats(
     assert out.strip()
     assert err.startswith("[tiny: 5 tokens")  # the model, named by its file
     assert "finish: length" in err
+
+
+def test_generate_with_int8_activations_loads_the_model_for_them(
+    tiny_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`generate --activations int8` passes the choice to load_model and generates."""
+    import zigllama_batch.generator
+
+    asked: list[str] = []
+    real_load = zigllama_batch.generator.load_model
+
+    def load(*args: Any, activations: str, **kwargs: Any) -> Any:
+        asked.append(activations)
+        return real_load(*args, activations=activations, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(zigllama_batch.generator, "load_model", load)
+    code = main(["generate", "the cat", "--model", str(tiny_path), "--max-tokens", "3"])
+    code += main(
+        [
+            "generate",
+            "the cat",
+            "--model",
+            str(tiny_path),
+            "--max-tokens",
+            "3",
+            "--activations",
+            "int8",
+        ]
+    )
+    assert code == 0
+    assert asked == ["float32", "int8"]
+    assert capsys.readouterr().err.count("finish: length") == 2
 
 
 def test_generate_chat_without_streaming(

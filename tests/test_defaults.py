@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from zigllama_batch import BatchConfig, BatchingStrategy
+from zigllama_batch import BatchConfig, BatchingStrategy, load_model
 from zigllama_batch.cli import _parser, main
 from zigllama_batch.demo import demo_config
+from zigllama_batch.generation import DEFAULT_ACTIVATIONS
 
 SERVING = BatchConfig.serving()
 
@@ -47,6 +48,23 @@ def test_cli_flags_default_to_the_serving_config(command: str) -> None:
     assert flags["max_batch_size"] == SERVING.max_batch_size
     if command == "serve":
         assert flags["max_queue_size"] == SERVING.max_queue_size
+    assert flags["activations"] == DEFAULT_ACTIVATIONS
+
+
+def test_every_way_to_load_a_model_defaults_to_the_same_activations() -> None:
+    """generate, demo, serve, the Ray app and load_model() all default to
+    DEFAULT_ACTIVATIONS, the exact float32 products."""
+    import inspect
+
+    from zigllama_batch.ray_serve.app import RayAppArgs
+    from zigllama_batch.server.run import serve
+
+    assert DEFAULT_ACTIVATIONS == "float32"
+    assert _flag_defaults("generate")["activations"] == DEFAULT_ACTIVATIONS
+    assert RayAppArgs().activations == DEFAULT_ACTIVATIONS
+    for function in (load_model, serve):
+        default = inspect.signature(function).parameters["activations"].default
+        assert default == DEFAULT_ACTIVATIONS
 
 
 def test_serve_runs_the_config_its_flags_describe(
@@ -92,3 +110,7 @@ def test_the_ray_app_arguments_default_to_the_serving_config() -> None:
     bound = build_app({"max_batch_size": 1000})._bound_deployment
     settings = next(a for a in bound.init_args if isinstance(a, ReplicaSettings))
     assert settings.config == BatchConfig.serving(max_batch_size=1000)
+    assert settings.activations == DEFAULT_ACTIVATIONS
+    bound = build_app({"activations": "int8"})._bound_deployment
+    settings = next(a for a in bound.init_args if isinstance(a, ReplicaSettings))
+    assert settings.activations == "int8"

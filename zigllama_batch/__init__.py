@@ -38,6 +38,7 @@ from .errors import (
     ZigllamaBatchError,
 )
 from .generation import (
+    Activations,
     ChatMessage,
     FinishReason,
     GenerationConfig,
@@ -52,6 +53,7 @@ from .structured import StructuredOutput
 __version__ = "0.1.0"
 
 __all__ = [
+    "Activations",
     "BatchConfig",
     "BatchProcessor",
     "BatchRequest",

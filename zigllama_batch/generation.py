@@ -17,12 +17,13 @@ import enum
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from .errors import InvalidRequest
 from .structured import StructuredOutput
 
 __all__ = [
+    "Activations",
     "ChatMessage",
     "FinishReason",
     "GenerationConfig",
@@ -31,6 +32,12 @@ __all__ = [
     "StreamCallback",
     "TokenLogprob",
 ]
+
+Activations = Literal["float32", "int8"]
+"""What a model's quantized layers multiply: the exact float32 activations, or activations
+rounded to int8 as llama.cpp does (see :func:`~zigllama_batch.load_model`)."""
+
+DEFAULT_ACTIVATIONS: Activations = "float32"  # exact: every product the file's values give
 
 ChatMessage = dict[str, Any]
 """One chat message, e.g. ``{"role": "user", "content": "Hi"}``."""

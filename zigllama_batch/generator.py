@@ -10,6 +10,7 @@ same prompt chunk size (``DEFAULT_PREFILL_CHUNK`` unless told otherwise).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from .engine.gguf_loader import LoadProgress, LoadProgressCallback, read_gguf
 from .engine.hub import model_path
+from .engine.kernels.int8 import available as int8_available
 from .engine.model import LLaMAModel
 from .engine.output import OutputDecoder
 from .engine.runner import DEFAULT_PREFILL_CHUNK, Engine, Model
@@ -25,10 +27,20 @@ from .engine.scoring import PromptScores
 from .engine.step import SequenceState
 from .engine.tokenizer import Tokenizer
 from .errors import ConstraintFailed, PromptTooLong
-from .generation import GenerationConfig, GenerationResult, Prompt, StreamCallback
+from .generation import (
+    DEFAULT_ACTIVATIONS,
+    Activations,
+    GenerationConfig,
+    GenerationResult,
+    Prompt,
+    StreamCallback,
+)
 from .kv.slots import SlotTable
 
 __all__ = ["TextGenerator", "load_model"]
+
+
+_log = logging.getLogger(__name__)
 
 
 def load_model(
@@ -36,6 +48,7 @@ def load_model(
     *,
     progress: bool = True,
     on_progress: LoadProgressCallback | None = None,
+    activations: Activations = DEFAULT_ACTIVATIONS,
 ) -> tuple[LLaMAModel, Tokenizer]:
     """Load a GGUF model (Llama, Qwen2, Qwen3 or Gemma 3 architecture) and its tokenizer.
 
@@ -48,8 +61,14 @@ def load_model(
         progress: show download progress on stderr.
         on_progress: called as loading goes on (tensors read, then the tokenizer, then ready;
             see :class:`~zigllama_batch.engine.gguf_loader.LoadProgress`); nothing is printed.
+        activations: ``"float32"`` (exact: every product computes with the file's values and
+            float32 activations) or ``"int8"``: the layers stored as Q4_0, Q4_1 or Q8_0
+            multiply activations rounded to int8 in blocks of 32, as llama.cpp does; several
+            times faster for batches and prompts, results about 0.5% off per product. Where the
+            CPU lacks AVX2, ``"int8"`` logs a warning and computes exactly.
 
     Raises:
+        ValueError: ``activations`` is neither.
         ModelLoadError: the file is missing (the message lists the names that work), malformed
             or unsupported, or cannot be fetched.
     """
@@ -61,7 +80,13 @@ def load_model(
         if on_progress is not None:
             on_progress(update)
 
-    contents = read_gguf(file, progress=report)
+    if activations not in ("float32", "int8"):
+        raise ValueError(f"activations: must be 'float32' or 'int8', got {activations!r}")
+    int8 = activations == "int8"
+    if int8 and not int8_available():
+        _log.warning("int8 activations need AVX2 or AVX-512 VNNI; computing in float32")
+        int8 = False
+    contents = read_gguf(file, progress=report, int8_activations=int8)
     report(replace(last[-1], stage="tokenizer"))
     model, tokenizer = LLaMAModel(contents.config, contents.weights), Tokenizer(contents.metadata)
     report(replace(last[-1], stage="ready"))

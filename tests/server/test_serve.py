@@ -36,6 +36,8 @@ def test_serve_says_what_it_serves_where_and_how(tiny_path: Path) -> None:
         "3",
         "--max-queue-size",
         "7",
+        "--activations",
+        "int8",
         "--max-context",
         "128",
         "--drain-timeout",
@@ -56,6 +58,7 @@ def test_serve_says_what_it_serves_where_and_how(tiny_path: Path) -> None:
     for line in [
         f"model file      {tiny_path}",
         "model id        tiny  (clients pass it as `model`)",
+        "activations     int8",
         "strategy        dynamic_timeout",
         "max batch size  3",
         "queue size      7",

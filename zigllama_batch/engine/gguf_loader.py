@@ -215,7 +215,10 @@ class GGUFContents:
 
 
 def read_gguf(
-    path: str | os.PathLike[str], *, progress: LoadProgressCallback | None = None
+    path: str | os.PathLike[str],
+    *,
+    progress: LoadProgressCallback | None = None,
+    int8_activations: bool = False,
 ) -> GGUFContents:
     """Read a GGUF file of a supported architecture: its hyperparameters, and its weights in
     their block types (float32 for the types the kernels do not read).
@@ -224,6 +227,8 @@ def read_gguf(
         path: the file.
         progress: called with stage ``"tensors"`` once the file is open and after each tensor
             (see :class:`LoadProgress`).
+        int8_activations: lay the Q4_0, Q4_1 and Q8_0 layers out for products with int8
+            activations (:mod:`~zigllama_batch.engine.kernels.int8`), not the exact ones.
 
     Raises:
         ModelLoadError: the file is missing, is not GGUF, is of an architecture not in
@@ -237,7 +242,7 @@ def read_gguf(
     config = _config_from_metadata(metadata, tensors, path)
     as_float: dict[str, int] = {}  # type name -> float32 bytes, for types read as float32
     read = _TensorsRead(path, tensors, progress)
-    weights = _load_weights(config, tensors, path, as_float, read.add)
+    weights = _load_weights(config, tensors, path, as_float, read.add, int8_activations)
     del reader, tensors  # unmaps the file: the weights are copies
     if as_float:
         listed = ", ".join(f"{name} ({n / 2**20:.0f} MiB)" for name, n in sorted(as_float.items()))
@@ -460,6 +465,7 @@ def _load_weights(
     path: Path,
     as_float: dict[str, int],
     read: Callable[[str], None],
+    int8: bool = False,
 ) -> LlamaWeights:
     """The weights, each tensor reported to ``read`` by name once it is read."""
     arch, d, hd = config.architecture, config.dim, config.head_dim
@@ -496,17 +502,19 @@ def _load_weights(
                     matrix(p + "attn_q.weight", q_out, d, config.n_heads),
                     matrix(p + "attn_k.weight", kv_out, d, config.n_kv_heads),
                     matrix(p + "attn_v.weight", kv_out, d),
-                ]
+                ],
+                int8=int8,
             ),
-            wo=Linear.of(matrix(p + "attn_output.weight", d, q_out)),
+            wo=Linear.of(matrix(p + "attn_output.weight", d, q_out), int8=int8),
             ffn_norm=vector(p + "ffn_norm.weight", d),
             w_gate_up=Weight.concat(
                 [
                     matrix(p + "ffn_gate.weight", config.ffn_dim, d),
                     matrix(p + "ffn_up.weight", config.ffn_dim, d),
-                ]
+                ],
+                int8=int8,
             ),
-            w_down=Linear.of(matrix(p + "ffn_down.weight", d, config.ffn_dim)),
+            w_down=Linear.of(matrix(p + "ffn_down.weight", d, config.ffn_dim), int8=int8),
         )
         if arch.qkv_bias:
             layer.bqkv = np.concatenate(
@@ -525,10 +533,10 @@ def _load_weights(
         layers.append(layer)
     embed = matrix("token_embd.weight", config.vocab_size, d)
     if config.tied_embeddings:  # one copy, as tiles: the head multiplies it, look-ups decode it
-        output = Linear.of(embed)
+        output = Linear.of(embed, int8=int8)
         embed = output.parts[0]
     else:
-        output = Linear.of(matrix("output.weight", config.vocab_size, d))
+        output = Linear.of(matrix("output.weight", config.vocab_size, d), int8=int8)
     rope_freqs = vector("rope_freqs.weight", hd // 2) if "rope_freqs.weight" in tensors else None
     return LlamaWeights(
         embed=embed,

@@ -34,6 +34,7 @@ from starlette.applications import Starlette
 
 from ..batching.types import BatchConfig, BatchingStrategy
 from ..engine.tokenizer import Tokenizer
+from ..generation import DEFAULT_ACTIVATIONS, Activations
 from ..server.app import DEFAULT_MAX_BODY_BYTES, create_app
 from ..server.run import API_KEY_ENV
 from .remote import ModelInfo, RemoteProcessor
@@ -53,6 +54,8 @@ class RayAppArgs(BaseModel):
 
     model: str | None = None
     """A GGUF path or a packaged model's name (on every node); None: the default model."""
+    activations: Activations = DEFAULT_ACTIVATIONS
+    """What the quantized layers multiply (see :func:`~zigllama_batch.load_model`)."""
     model_name: str | None = None
     """The id clients pass as ``model`` (default: the model's name)."""
     num_replicas: int | Literal["auto"] = Field(default=1)
@@ -160,6 +163,7 @@ def build_app(args: RayAppArgs | dict[str, Any]) -> Application:
     )
     settings = ReplicaSettings(
         model=args.model,
+        activations=args.activations,
         config=config,
         threads=max(1, int(cpus)),
         drain_timeout=args.drain_timeout,

@@ -13,6 +13,7 @@ then replaces the replica.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from ..batching.types import BatchConfig, BatchRequest, BatchResult, StreamChunk
 from ..engine.gguf_loader import read_gguf_metadata
 from ..engine.hub import model_path
 from ..engine.kernels import set_threads as set_kernel_threads
+from ..generation import Activations
 from ..generator import load_model
 from ..structured import StructuredOutput
 from .metrics import RayMetrics
@@ -45,6 +47,7 @@ class ReplicaSettings:
     """How each model replica runs."""
 
     model: str | None  # a GGUF path or a packaged model's name; None: the default model
+    activations: Activations  # what the quantized layers multiply (see load_model)
     config: BatchConfig
     threads: int  # BLAS threads: the CPUs Ray reserves for the replica
     drain_timeout: float  # seconds a stopping replica lets running requests finish
@@ -60,7 +63,11 @@ class ModelReplica:
         self._blas = threadpool_limits(limits=settings.threads, user_api="blas")
         set_kernel_threads(settings.threads)  # numba's kernels too (after BLAS: see its doc)
         self.path = str(await asyncio.to_thread(model_path, settings.model, progress=False))
-        model, tokenizer = await asyncio.to_thread(load_model, self.path, progress=False)
+        model, tokenizer = await asyncio.to_thread(
+            functools.partial(load_model, activations=settings.activations),
+            self.path,
+            progress=False,
+        )
         self.processor = BatchProcessor(model, tokenizer, settings.config)
         self.metrics = RayMetrics(self.processor)
         self.processor.stats_recorder.observers.append(self.metrics)

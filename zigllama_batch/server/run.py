@@ -32,6 +32,7 @@ from ..batching.processor import BatchProcessor
 from ..batching.types import BatchConfig
 from ..engine.gguf_loader import LoadProgressCallback
 from ..engine.hub import model_path
+from ..generation import DEFAULT_ACTIVATIONS, Activations
 from ..generator import load_model
 from ..kv import KVStats
 from .app import create_app
@@ -97,6 +98,7 @@ def serve(
     *,
     model: str | None,
     config: BatchConfig,
+    activations: Activations = DEFAULT_ACTIVATIONS,
     draft_model: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -113,7 +115,8 @@ def serve(
     Progress and the settings go to stderr: the model file, then, once the server listens, the
     model id clients pass, the address and the batching settings. ``on_progress`` is told how
     loading the model goes (:func:`~zigllama_batch.load_model`'s). ``draft_model`` (a path or
-    a name, like ``model``) drafts tokens for speculative decoding.
+    a name, like ``model``) drafts tokens for speculative decoding. ``activations``: as
+    :func:`~zigllama_batch.load_model`'s (the draft model's too).
 
     Raises:
         ModelLoadError: the model (or the draft model) cannot be found, fetched or read.
@@ -129,14 +132,14 @@ def serve(
     try:
         path = model_path(model or None)
         print(f"loading {path}", file=sys.stderr, flush=True)
-        llama, tokenizer = load_model(path, on_progress=on_progress)
+        llama, tokenizer = load_model(path, on_progress=on_progress, activations=activations)
         if config.max_context is None:  # memory is bounded by kv_cache_mb, not by slot sizes
             config = dataclasses.replace(config, max_context=llama.config.context_length)
         drafter = None
         if draft_model is not None:
             draft_path = model_path(draft_model)
             print(f"loading the draft model {draft_path}", file=sys.stderr, flush=True)
-            drafter = load_model(draft_path, on_progress=on_progress)
+            drafter = load_model(draft_path, on_progress=on_progress, activations=activations)
         processor = BatchProcessor(llama, tokenizer, config, draft_model=drafter)
         name = model_name or processor.model_name
         api_key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -164,6 +167,7 @@ def serve(
             name,
             f"http://{_address(host, sock.getsockname()[1])}",
             config,
+            activations=activations,
             draft=draft_model,
             context=processor.max_context,
             kv=processor.kv_stats(),
@@ -195,6 +199,7 @@ def _banner(
     url: str,
     config: BatchConfig,
     *,
+    activations: str = DEFAULT_ACTIVATIONS,
     draft: str | None = None,
     context: int,
     kv: KVStats,
@@ -206,6 +211,7 @@ def _banner(
     settings = [
         ("model file", str(path)),
         ("model id", f"{name}  (clients pass it as `model`)"),
+        ("activations", activations),
         ("strategy", config.strategy.value),
         ("max batch size", str(config.max_batch_size)),
         ("queue size", str(config.max_queue_size)),

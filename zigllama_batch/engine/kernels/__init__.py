@@ -18,6 +18,10 @@ project's 2-core machine; ``benchmarks/kernels.py`` reruns the measurement):
 - more rows (batched decode, prompt chunks): :func:`~.matmul.gemm`, L2-sized tiles of
   decoded rows multiplied by BLAS.
 - float32 weights: numpy's BLAS.
+- with int8 activations (``Linear(..., int8=True)``, opt-in: ``load_model(activations=
+  "int8")``), Q4_0, Q4_1 and Q8_0 weights at every row count: :func:`~.int8.packed_product`,
+  integer dot products of the weights' bytes and the activations rounded to int8 (:mod:`.int8`,
+  llama.cpp's arithmetic; not the exact values).
 
 Compiled kernels are cached on disk (numba's ``cache=True``, in ``__pycache__``): the first
 process compiles them (about 25 s), later ones load them. numba checks only the entry points'
@@ -54,6 +58,8 @@ from .elementwise import (
     rms_parallel,
     rms_serial,
 )
+from .int8 import TYPES as INT8_TYPES
+from .int8 import Packed, packed_product, packed_rows, quantize
 from .matmul import decode_rows, decode_tiles, gemm, gemv, gemv_fused, gemv_nibbles, tile_rows
 from .tiles import TILE, Tiles
 
@@ -117,6 +123,7 @@ class Weight:
     planes: Planes | None = None
     tiles: Tiles | None = None
     dense: F32 | None = None
+    packed: Packed | None = None
 
     @staticmethod
     def from_gguf(raw: NDArray[np.generic], qtype: Q, rows: int, cols: int) -> Weight:
@@ -143,7 +150,7 @@ class Weight:
     @property
     def nbytes(self) -> int:
         """Bytes held."""
-        held = (self.dense, self.planes, self.tiles)
+        held = (self.dense, self.planes, self.tiles, self.packed)
         return sum(a.nbytes for a in held if a is not None)
 
     def take(self, rows: I64) -> Weight:
@@ -152,17 +159,23 @@ class Weight:
             return Weight.from_float(self.dense[rows])
         return Weight(self.qtype, len(rows), self.cols, planes=self._planes.take(rows))
 
-    def for_products(self) -> Weight:
-        """This weight laid out for :func:`linear` (tiles; a dense weight as it is)."""
-        if self.dense is not None or self.tiles is not None:
+    def for_products(self, int8: bool = False) -> Weight:
+        """This weight laid out for :func:`linear` (tiles; a dense weight as it is); with
+        ``int8``, a type of :data:`~.int8.TYPES` is laid out for products with int8
+        activations (:mod:`.int8`) instead."""
+        if self.dense is not None or self.tiles is not None or self.packed is not None:
             return self
+        if int8 and self.qtype in INT8_TYPES:
+            packed = Packed.from_planes(self._planes, self.qtype, self.rows, self.cols)
+            return Weight(self.qtype, self.rows, self.cols, packed=packed)
         tiles = Tiles.from_planes(self._planes, self.qtype, self.rows, self.cols)
         return Weight(self.qtype, self.rows, self.cols, tiles=tiles)
 
     @staticmethod
-    def concat(parts: Sequence[Weight]) -> Linear:
+    def concat(parts: Sequence[Weight], *, int8: bool = False) -> Linear:
         """A layer whose rows are those of ``parts`` one after another (weights in row planes
-        or dense): parts of one type are merged into one product."""
+        or dense): parts of one type are merged into one product. ``int8``: as for
+        :class:`Linear`."""
         merged: list[Weight] = []
         for part in parts:
             last = merged[-1] if merged else None
@@ -170,7 +183,7 @@ class Weight:
                 merged[-1] = last._append(part)
             else:
                 merged.append(part)
-        return Linear(tuple(merged))
+        return Linear(tuple(merged), int8=int8)
 
     def _append(self, other: Weight) -> Weight:
         rows = self.rows + other.rows
@@ -192,17 +205,20 @@ class Weight:
 @dataclass(frozen=True, slots=True, eq=False)
 class Linear:
     """A linear layer's weight: the rows of ``parts`` one after another (one part unless
-    fused matrices are of different types), each laid out for products."""
+    fused matrices are of different types), each laid out for products; with ``int8``, the
+    parts of :data:`~.int8.TYPES` multiply int8 activations (:mod:`.int8`: llama.cpp's
+    arithmetic, not the exact values)."""
 
     parts: tuple[Weight, ...]
+    int8: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "parts", tuple(p.for_products() for p in self.parts))
+        object.__setattr__(self, "parts", tuple(p.for_products(self.int8) for p in self.parts))
 
     @staticmethod
-    def of(weight: Weight) -> Linear:
+    def of(weight: Weight, *, int8: bool = False) -> Linear:
         """A layer of one weight (a copy laid out for products, when it is in row planes)."""
-        return Linear((weight,))
+        return Linear((weight,), int8=int8)
 
     @property
     def rows(self) -> int:
@@ -223,12 +239,11 @@ class Linear:
 def linear(x: F32, w: Linear) -> F32:
     """``x @ W.T``: activations x (N, in) times the layer's weight (out, in), as (N, out)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if len(w.parts) == 1:
-        return _product(x, w.parts[0], np.empty((x.shape[0], w.rows), np.float32))
     out = np.empty((x.shape[0], w.rows), np.float32)
+    x8 = quantize(x) if any(p.packed is not None for p in w.parts) else None
     start = 0
     for part in w.parts:
-        _product(x, part, out[:, start : start + part.rows])
+        _product(x, x8, part, out[:, start : start + part.rows])
         start += part.rows
     return out
 
@@ -327,12 +342,18 @@ def _use_threads() -> None:
         _thread_state.threads = _threads
 
 
-def _product(x: F32, w: Weight, out: F32) -> F32:
+def _product(
+    x: F32, x8: tuple[NDArray[np.int32], NDArray[np.int32], F32] | None, w: Weight, out: F32
+) -> F32:
     if w.dense is not None:
         np.matmul(x, w.dense.T, out=out)
         return out
-    assert w.tiles is not None
     _use_threads()
+    if w.packed is not None:
+        assert x8 is not None
+        packed_product(*x8, w.packed, out)
+        return out
+    assert w.tiles is not None
     t = w.tiles
     if x.shape[0] > GEMV_MAX_ROWS[w.qtype]:
         gemm(t.code, t.block, *t.arrays, x, out)
@@ -351,6 +372,9 @@ def embedding_rows(w: Weight, ids: I64) -> F32:
         return w.dense[ids]
     out = np.empty((len(ids), w.cols), np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if w.packed is not None:  # a tied embedding, as the output head's int8 layout
+        packed_rows(w.packed, ids, out)
+        return out
     if w.tiles is not None:  # a tied embedding, held once, as the output head's tiles
         t = w.tiles
         tile_rows(t.code, t.block, *t.arrays, np.unique(ids // TILE), ids, out)
@@ -364,7 +388,7 @@ def dequantize(w: Weight | Linear) -> F32:
     """The whole weight as float32 (rows, cols), whatever its layout."""
     if isinstance(w, Linear):
         return np.concatenate([dequantize(p) for p in w.parts])
-    if w.tiles is None:
+    if w.tiles is None:  # planes, dense or packed: every row looked up
         return embedding_rows(w, np.arange(w.rows, dtype=np.int64))
     t = w.tiles  # every tile whole (embedding_rows would repeat them)
     out = np.empty((w.cols, t.scale.shape[0] * TILE), np.float32)
