@@ -345,7 +345,7 @@ def _add_activations_flag(parser: argparse.ArgumentParser) -> None:
         "--activations",
         default=DEFAULT_ACTIVATIONS,
         choices=["float32", "int8"],
-        help="what the Q4_0, Q4_1 and Q8_0 layers multiply: float32 (exact) or int8 (as "
+        help="what the Q4_0, Q4_1, Q4_K and Q8_0 layers multiply: float32 (exact) or int8 (as "
         "llama.cpp: several times faster for batches and prompts, products about 0.5%% off)",
     )
 

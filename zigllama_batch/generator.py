@@ -62,7 +62,7 @@ def load_model(
         on_progress: called as loading goes on (tensors read, then the tokenizer, then ready;
             see :class:`~zigllama_batch.engine.gguf_loader.LoadProgress`); nothing is printed.
         activations: ``"float32"`` (exact: every product computes with the file's values and
-            float32 activations) or ``"int8"``: the layers stored as Q4_0, Q4_1 or Q8_0
+            float32 activations) or ``"int8"``: the layers stored as Q4_0, Q4_1, Q4_K or Q8_0
             multiply activations rounded to int8 in blocks of 32, as llama.cpp does; several
             times faster for batches and prompts, results about 0.5% off per product. Where the
             CPU lacks AVX2, ``"int8"`` logs a warning and computes exactly.

@@ -97,7 +97,7 @@ def test_each_rows_int8_product_is_the_same_in_any_batch() -> None:
 
 
 def test_layers_of_other_types_keep_the_exact_products_in_int8_mode() -> None:
-    """Only Q4_0, Q4_1 and Q8_0 parts are laid out for int8: a Q6_K part beside a Q8_0 one
+    """Only the types of TYPES are laid out for int8: a Q6_K part beside a Q8_0 one
     keeps its exact product, and the stacked layer is one product."""
     a = Weight.from_gguf(quantized(Q.Q8_0, 16, 256), Q.Q8_0, 16, 256)
     b = Weight.from_gguf(quantized(Q.Q6_K, 8, 256, seed=4), Q.Q6_K, 8, 256)
@@ -120,7 +120,8 @@ def test_a_model_loaded_with_int8_activations_is_close_to_exact_and_batch_invari
     same in a batch of 9 as alone."""
     suffixes = ["attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight"]
     suffixes += ["ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "token_embd.weight"]
-    path = write_gguf(qtypes=dict.fromkeys(suffixes, qtype), dim=64, ffn_dim=256, embed_scale=0.1)
+    dim = 256 if qtype == Q.Q4_K else 64  # a K-quant block is 256 values
+    path = write_gguf(qtypes=dict.fromkeys(suffixes, qtype), dim=dim, ffn_dim=256, embed_scale=0.1)
     exact, _ = load_model(path)
     model, _ = load_model(path, activations="int8")
     assert all(p.packed is not None for p in model.weights.layers[0].wqkv.parts)

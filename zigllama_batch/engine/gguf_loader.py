@@ -227,7 +227,7 @@ def read_gguf(
         path: the file.
         progress: called with stage ``"tensors"`` once the file is open and after each tensor
             (see :class:`LoadProgress`).
-        int8_activations: lay the Q4_0, Q4_1 and Q8_0 layers out for products with int8
+        int8_activations: lay the Q4_0, Q4_1, Q4_K and Q8_0 layers out for products with int8
             activations (:mod:`~zigllama_batch.engine.kernels.int8`), not the exact ones.
 
     Raises:

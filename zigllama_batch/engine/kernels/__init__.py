@@ -19,7 +19,7 @@ project's 2-core machine; ``benchmarks/kernels.py`` reruns the measurement):
   decoded rows multiplied by BLAS.
 - float32 weights: numpy's BLAS.
 - with int8 activations (``Linear(..., int8=True)``, opt-in: ``load_model(activations=
-  "int8")``), Q4_0, Q4_1 and Q8_0 weights at every row count: :func:`~.int8.packed_product`,
+  "int8")``), Q4_0, Q4_1, Q4_K and Q8_0 weights at every row count: :func:`~.int8.packed_product`,
   integer dot products of the weights' bytes and the activations rounded to int8 (:mod:`.int8`,
   llama.cpp's arithmetic; not the exact values).
 

@@ -13,7 +13,8 @@ group and block the bytes in 64-byte chunks of 4 bytes of each row, the order ``
 sums in: ``wq (groups, blocks, chunk bytes)``, with each block's scale (and Q4_1's minimum)
 ``(groups, blocks, 16)`` float32.
 
-Left out: the other block types, which keep the exact kernels in this mode.
+Left out: the other block types (Q5_0, Q5_1, Q5_K, Q6_K, F16, BF16), which keep the exact
+kernels in this mode.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from .dot8 import GROUP, ISA, MAX_ROWS, Q8_BIAS, group_kernel
 
 __all__ = ["TYPES", "Packed", "available", "packed_product", "packed_rows", "quantize"]
 
-TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0})
-"""The block types multiplied with int8 activations."""
+TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K})
+"""The block types multiplied with int8 activations (Q4_K as Q4_1: see :meth:`Packed.from_planes`)."""
 
 U8 = NDArray[np.uint8]
 F32 = NDArray[np.float32]
@@ -45,7 +46,7 @@ def available() -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Packed:
-    """A Q4_0, Q4_1 or Q8_0 matrix in the interleaved layout (see the module docstring)."""
+    """A Q4_0, Q4_1, Q4_K or Q8_0 matrix in the interleaved layout (see the module docstring)."""
 
     wq: U8  # (groups, blocks, 256 or 512)
     scale: F32  # (groups, blocks, 16)
@@ -61,7 +62,15 @@ class Packed:
     @staticmethod
     def from_planes(planes: Planes, qtype: Q, rows: int, cols: int) -> Packed:
         """``rows`` x ``cols`` values of ``qtype`` (one of :data:`TYPES`), held as row planes,
-        interleaved; the last group padded with zero rows."""
+        interleaved; the last group padded with zero rows.
+
+        Q4_K is held as Q4_1 blocks of 32: each sub-block's scale ``d * sc`` and minimum
+        ``-(dmin * m)`` as float32, computed as ``gguf`` computes them, so every value is still
+        bit for bit gguf's; 24 bytes per 32 values against the file's 18 (the exact kernels'
+        layout keeps the 6-bit sub-block scales).
+        """
+        if qtype == Q.Q4_K:
+            planes, qtype = _k4_as_q4_1(planes, rows), Q.Q4_1
         n_blocks, groups = cols // 32, -(-rows // GROUP)
         width = planes.qs.shape[1] // n_blocks  # bytes a block: 16 (Q4) or 32 (Q8_0)
         qs = np.zeros((groups * GROUP, n_blocks, width), np.uint8)
@@ -85,6 +94,22 @@ class Packed:
             rows=rows,
             code=FORMATS[qtype].code,
         )
+
+
+def _k4_as_q4_1(planes: Planes, rows: int) -> Planes:
+    """Q4_K planes as the Q4_1 planes of the same values (see :meth:`Packed.from_planes`)."""
+    n_super = planes.scale.shape[1]
+    # Each 64 values of a super-block: 32 bytes, the first 32 values in their low nibbles.
+    nib = planes.qs.reshape(rows, n_super, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
+    values = (nib & 15).reshape(rows, n_super * 8, 32)  # (rows, sub-blocks, 32)
+    qs = (values[..., :16] | (values[..., 16:] << 4)).astype(np.uint8)  # byte j: values j, j + 16
+    sub = planes.sub.reshape(rows, n_super, 2, 8).astype(np.float32)  # scales, then minimums
+    scale = planes.scale[:, :, None] * sub[:, :, 0]
+    offset = -(planes.offset[:, :, None] * sub[:, :, 1])
+    empty = np.zeros((rows, 0), np.uint8)
+    return Planes(
+        qs.reshape(rows, -1), empty, scale.reshape(rows, -1), offset.reshape(rows, -1), empty
+    )
 
 
 def quantize(x: F32) -> tuple[I32, I32, F32]:
