@@ -244,6 +244,16 @@ def test_prompt_lookup_proposes_what_followed_the_longest_recent_ending() -> Non
     assert lookup.propose(2) == [6, 7]
 
 
+def test_prompt_lookup_drafts_a_loop_past_the_sequence_end() -> None:
+    """A match close to the end is copied on into the draft itself: text looping with period
+    3 drafts k tokens of the loop, not only the 3 tokens the sequence holds after the match."""
+    lookup = PromptLookup([9, 1, 2, 3, 1, 2, 3, 1, 2, 3], limit=8)
+    lookup.record(drafted=2, accepted=2, most=8)
+    lookup.record(drafted=4, accepted=4, most=8)
+    assert lookup.limit == 8
+    assert lookup.propose(7) == [1, 2, 3, 1, 2, 3, 1]
+
+
 def test_speculative_settings_are_validated() -> None:
     """speculative_tokens must be 0-64, speculative_max_batch at least 1."""
     with pytest.raises(ValueError, match="speculative_tokens"):

