@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from zigllama_batch import GenerationConfig, load_model
+from zigllama_batch import Activations, GenerationConfig, load_model
 from zigllama_batch.engine import Engine, LLaMAModel, SequenceStep, TokenSample
 from zigllama_batch.engine.hub import model_path
 from zigllama_batch.engine.kernels import linear
@@ -172,7 +172,7 @@ def bench_prefill(
 
 
 def bench_memory(
-    model_path: str | None, slots: int, context: int, activations: str
+    model_path: str | None, slots: int, context: int, activations: Activations
 ) -> dict[str, float]:
     """Peak resident set of a fresh process that loads the model and fills every slot of a
     ``slots`` x ``context`` cache to its last position."""
@@ -184,7 +184,9 @@ def bench_memory(
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def _memory_only(model_path: str | None, slots: int, context: int, activations: str) -> None:
+def _memory_only(
+    model_path: str | None, slots: int, context: int, activations: Activations
+) -> None:
     model, tokenizer = load_model(model_path, progress=False, activations=activations)
     engine = Engine(model, tokenizer, n_slots=slots, max_context=context)
     chunk = 512

@@ -38,9 +38,10 @@ PROMPTS = [
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
+    z: np.ndarray = logits.astype(np.float64)
     z -= z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    out: np.ndarray = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return out
 
 
 def teacher_forced(model: Any, tokens: list[int]) -> np.ndarray:
@@ -91,14 +92,14 @@ def main() -> None:
     perplexity = {k: float(np.exp(v / count)) for k, v in nll.items()}
 
     config = GenerationConfig.greedy(max_tokens=args.max_tokens)
-    runs = []
+    runs: list[dict[str, Any]] = []
     for prompt in PROMPTS:
         message = [{"role": "user", "content": prompt}]
         outs = []
         for model in (exact, int8):
             started = time.perf_counter()
-            result = TextGenerator(model, tokenizer).generate(message, config)
-            outs.append((result.token_ids, time.perf_counter() - started))
+            generated = TextGenerator(model, tokenizer).generate(message, config)
+            outs.append((generated.token_ids, time.perf_counter() - started))
         (ta, _), (tb, _) = outs
         same = next(
             (i for i, (x, y) in enumerate(zip(ta, tb, strict=False)) if x != y),
