@@ -3,10 +3,11 @@
 LLVM does not turn a numba loop into ``vpdpbusd`` (AVX-512 VNNI: 64 products of an unsigned
 and a signed byte summed four by four into 16 int32 lanes, one instruction) or into AVX2's
 ``vpmaddubsw`` + ``vpmaddwd`` pair, and numba has no vector types to call them with. This
-module builds one intrinsic per (block type, rows): :func:`group_kernel` returns a numba
-intrinsic that multiplies one group of 16 output rows of a weight in the interleaved layout of
-:mod:`.int8` by 1-4 activation rows quantized to int8, over all blocks, keeping every
-accumulator in registers.
+module builds one intrinsic per row count: :func:`group_kernel` returns a numba intrinsic
+(branching on the block type inside) that multiplies one group of 16 output rows of a weight in the interleaved layout of
+:mod:`.int8` by 1-4 activation rows quantized to int8, over all blocks: each block's 64-byte
+loads are unpacked once and serve every row. (The compiled code spills some vector registers
+to the stack, 44 stack accesses over the nine variants; not examined further.)
 
 Which instructions: :data:`ISA` is ``"avx512vnni"`` where the CPU has them (AMD Zen 4 and 5,
 Intel Xeon since Ice Lake), else ``"avx2"``, else None (then :mod:`.int8` is unavailable).
@@ -38,13 +39,13 @@ GROUP = 16
 """Output rows one call computes: the 16 int32 lanes of an AVX-512 register."""
 
 MAX_ROWS = 4
-"""Most activation rows one call multiplies: each row holds two accumulator registers and a
-float sum, beside the 8 registers of a block's unpacked weights (32 registers in all)."""
+"""Most activation rows one call multiplies: each row needs two integer accumulators and a
+float sum, beside the 8 vectors of a block's unpacked weights (AVX-512 has 32 registers)."""
 
 _CHAINS = 2
-"""Independent accumulators per row and block: ``vpdpbusd`` has a latency of several cycles,
-and one chain of eight dependent ones left the units idle (one row: 0.14 against 0.09 ms for
-an 8192 x 2048 Q4_0 matrix in cache, 2 threads, AMD EPYC Zen 4)."""
+"""Independent accumulators per row and block, so that consecutive ``vpdpbusd`` need not
+wait for each other's result (its latency is several cycles). In-cache timings of 1, 2, 4 and
+8 chains on an 8192 x 2048 Q4_0 matrix were within this machine's noise of each other."""
 
 
 def _host_isa() -> str | None:
