@@ -142,6 +142,23 @@ def test_load_model_refuses_unknown_activations(write_gguf: Callable[..., Path])
         load_model(write_gguf(), activations="int4")  # type: ignore[arg-type]
 
 
+def test_without_the_instructions_int8_warns_and_computes_exactly(
+    write_gguf: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On a CPU without AVX2, activations="int8" logs a warning naming what is missing and
+    loads the exact layout (no layer packed for int8)."""
+    import zigllama_batch.generator
+
+    monkeypatch.setattr(zigllama_batch.generator, "int8_available", lambda: False)
+    path = write_gguf(qtypes={"attn_q.weight": Q.Q8_0}, dim=64, ffn_dim=256)
+    with caplog.at_level("WARNING", logger="zigllama_batch.generator"):
+        model, _ = load_model(path, activations="int8")
+    assert "need AVX2 or AVX-512 VNNI" in caplog.text
+    assert all(p.packed is None for p in model.weights.layers[0].wqkv.parts)
+
+
 _AVX2_CHECK = """
 import numpy as np, gguf
 from gguf import GGMLQuantizationType as Q
