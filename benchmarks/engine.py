@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from zigllama_batch import Activations, GenerationConfig, load_model
 from zigllama_batch.engine import Engine, LLaMAModel, SequenceStep, TokenSample
 from zigllama_batch.engine.hub import model_path
 from zigllama_batch.engine.kernels import linear
+from zigllama_batch.generation import DEFAULT_ACTIVATIONS
 
 BATCHES = (1, 8, 32, 64)
 PREFILL_LENGTHS = (16, 256, 1000)
@@ -223,8 +224,8 @@ def main() -> None:
     )
     ap.add_argument(
         "--activations",
-        choices=("float32", "int8"),
-        default="float32",
+        choices=get_args(Activations),
+        default=DEFAULT_ACTIVATIONS,
         help="what the quantized layers multiply (see load_model)",
     )
     ap.add_argument("--out", default=None, help="JSON results file (default: by model)")

@@ -35,6 +35,8 @@ from typing import Any
 
 import psutil
 
+from zigllama_batch import Activations
+from zigllama_batch.generation import DEFAULT_ACTIVATIONS
 from zigllama_batch.testing import cpu_name
 
 ENGINE = Path(__file__).parent / "engine.py"
@@ -98,7 +100,7 @@ def run_engine(
     batches: list[int],
     steps: int,
     src: Path | None = None,
-    activations: str = "float32",
+    activations: Activations = DEFAULT_ACTIVATIONS,
 ) -> dict[str, float]:
     """benchmarks/engine.py of a source tree (this one by default) on ``model``; this tree
     runs with ``activations`` (see ``load_model``)."""
@@ -195,19 +197,10 @@ def main() -> None:
             f"{name:28}{memory:>11.0f}"
             + "".join(f"{m.get(c, float('nan')):>10.1f}" for c in columns)
         )
-    ratios = {c: ours[c] / llama[c] for c in columns if c in ours and c in llama}
-    print(
-        f"{'ours / llama.cpp':28}{'':>11}"
-        + "".join(f"{ratios.get(c, float('nan')):>10.2f}" for c in columns)
+    ratios = _ratios("ours / llama.cpp", ours, llama, columns)
+    int8_ratios = (
+        _ratios("ours int8 / llama.cpp", medians[INT8], llama, columns) if args.int8 else {}
     )
-    int8_ratios = {}
-    if args.int8:
-        int8 = medians[INT8]
-        int8_ratios = {c: int8[c] / llama[c] for c in columns if c in int8 and c in llama}
-        print(
-            f"{'ours int8 / llama.cpp':28}{'':>11}"
-            + "".join(f"{int8_ratios.get(c, float('nan')):>10.2f}" for c in columns)
-        )
     if "bandwidth_bound_batch1" in ours:
         bound = ours["bandwidth_bound_batch1"]
         print(
@@ -235,6 +228,15 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
     _plot(medians, columns, args.out / f"engine_vs_llama_cpp-{name}.png", args.model.name)
     print(f"wrote {path}")
+
+
+def _ratios(
+    label: str, ours: dict[str, float], llama: dict[str, float], columns: list[str]
+) -> dict[str, float]:
+    """``ours`` over llama.cpp's figures, column by column, printed as a row of the table."""
+    ratios = {c: ours[c] / llama[c] for c in columns if c in ours and c in llama}
+    print(f"{label:28}{'':>11}" + "".join(f"{ratios.get(c, float('nan')):>10.2f}" for c in columns))
+    return ratios
 
 
 def _plot(medians: dict[str, dict[str, float]], columns: list[str], path: Path, title: str) -> None:

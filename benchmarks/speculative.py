@@ -28,9 +28,10 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from zigllama_batch import (
+    Activations,
     BatchConfig,
     BatchingStrategy,
     BatchProcessor,
@@ -40,6 +41,7 @@ from zigllama_batch import (
     Tokenizer,
     load_model,
 )
+from zigllama_batch.generation import DEFAULT_ACTIVATIONS
 from zigllama_batch.testing import cpu_name
 
 PASSAGE = (
@@ -227,8 +229,8 @@ def main() -> None:
     )
     ap.add_argument(
         "--activations",
-        choices=("float32", "int8"),
-        default="float32",
+        choices=get_args(Activations),
+        default=DEFAULT_ACTIVATIONS,
         help="what the quantized layers multiply (see load_model)",
     )
     ap.add_argument("--max-tokens", type=int, default=160)

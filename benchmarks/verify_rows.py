@@ -17,9 +17,11 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import get_args
 
-from zigllama_batch import load_model
+from zigllama_batch import Activations, load_model
 from zigllama_batch.engine import SequenceStep
+from zigllama_batch.generation import DEFAULT_ACTIVATIONS
 from zigllama_batch.testing import cpu_name
 
 ROWS = (1, 2, 3, 4, 5, 7)
@@ -31,8 +33,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument(
         "--activations",
-        choices=("float32", "int8"),
-        default="float32",
+        choices=get_args(Activations),
+        default=DEFAULT_ACTIVATIONS,
         help="what the quantized layers multiply (see load_model)",
     )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")

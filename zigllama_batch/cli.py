@@ -17,13 +17,14 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import get_args
 
 from ._terminal import FIRST_RUN_NOTE, LoadLine, StatusLine
 from .batching.types import BatchConfig, BatchingStrategy
 from .demo import DEMO_REQUESTS
 from .engine.hub import DEFAULT_MODEL, MODELS
 from .errors import ZigllamaBatchError
-from .generation import DEFAULT_ACTIVATIONS, GenerationConfig, Prompt
+from .generation import DEFAULT_ACTIVATIONS, Activations, GenerationConfig, Prompt
 
 __all__ = ["main"]
 
@@ -344,7 +345,7 @@ def _add_activations_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--activations",
         default=DEFAULT_ACTIVATIONS,
-        choices=["float32", "int8"],
+        choices=get_args(Activations),
         help="what the Q4_0, Q4_1, Q4_K and Q8_0 layers multiply: float32 (exact) or int8 (as "
         "llama.cpp: several times faster for batches and prompts, products about 0.5%% off)",
     )

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import get_args
 
 from .engine.gguf_loader import LoadProgress, LoadProgressCallback, read_gguf
 from .engine.hub import model_path
@@ -80,8 +81,9 @@ def load_model(
         if on_progress is not None:
             on_progress(update)
 
-    if activations not in ("float32", "int8"):
-        raise ValueError(f"activations: must be 'float32' or 'int8', got {activations!r}")
+    if activations not in get_args(Activations):
+        choices = " or ".join(map(repr, get_args(Activations)))
+        raise ValueError(f"activations: must be {choices}, got {activations!r}")
     int8 = activations == "int8"
     if int8 and not int8_available():
         _log.warning("int8 activations need AVX2 or AVX-512 VNNI; computing in float32")

@@ -5,9 +5,9 @@ output). It proposes what followed the last time the sequence's current ending o
 longest ending of :data:`MAX_NGRAM` down to :data:`MIN_NGRAM` tokens found earlier, its most
 recent occurrence, and up to k of the tokens after it (the "prompt lookup decoding" of
 vLLM's ``ngram`` drafter and llama.cpp's lookup), running on into its own draft when the
-match ends near the sequence's end (text that loops drafts whole periods). Work that copies from its context (quoting,
-editing a passage, answering from retrieved text, rewriting code) gets long drafts; open-ended
-text mostly gets none, and then nothing is drafted.
+match ends near the sequence's end (text that loops drafts whole periods). Work that copies
+from its context (quoting, editing a passage, answering from retrieved text, rewriting code)
+gets long drafts; open-ended text mostly gets none, and then nothing is drafted.
 
 :class:`DraftPace` tracks how well one sequence's drafts do, for prompt lookup and the draft
 model alike: the number it drafts (:attr:`~DraftPace.limit`) starts small, doubles after

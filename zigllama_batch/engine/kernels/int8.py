@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 
 from .blocks import FORMATS, Q4_0, Q8_0, Planes
 from .dot8 import GROUP, ISA, MAX_ROWS, Q8_BIAS, group_kernel
+from .elementwise import MANY_ROWS
 
 __all__ = ["TYPES", "Packed", "available", "packed_product", "packed_rows", "quantize"]
 
@@ -119,7 +120,7 @@ def quantize(x: F32) -> tuple[I32, I32, F32]:
     q = np.empty((n, k), np.int8)
     sums = np.empty((n, k // 32), np.int32)
     scales = np.empty((n, k // 32), np.float32)
-    if n >= 16:
+    if n >= MANY_ROWS:  # a pass over each row, like RMSNorm: threads pay from as many rows
         _quantize_parallel(x, q, sums, scales)
     else:
         _quantize(x, q, sums, scales)
@@ -213,13 +214,8 @@ def _rows(code, bias, wq, scale, offset, ids, out):  # type: ignore[no-untyped-d
             for j in range(chunk):  # byte j of the row's block
                 at = (j // 4) * GROUP * 4 + lane * 4 + j % 4
                 byte = wq[g, b, at]
-                if code == Q8_0:
-                    v = (
-                        np.float32(np.int8(np.uint8(byte ^ bias)))
-                        if bias
-                        else np.float32(np.int8(byte))
-                    )
-                    out[i, b * 32 + j] = d * v
+                if code == Q8_0:  # stored q + bias (0 or 128) as a byte
+                    out[i, b * 32 + j] = d * np.float32(np.int8(np.uint8(byte ^ bias)))
                 else:
                     lo, hi = np.float32(byte & 15), np.float32(byte >> 4)
                     if code == Q4_0:
