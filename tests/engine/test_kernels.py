@@ -70,7 +70,7 @@ def test_products_equal_dequantize_then_float32_for_every_row_count(qtype: Q) ->
     dense = dequantize(weight).astype(np.float64)
     rng = np.random.default_rng(2)
     limit = GEMV_MAX_ROWS.get(qtype, 0)
-    for n in sorted({1, 2, limit, limit + 1, 17, 40} - {0}):
+    for n in sorted({1, 2, 3, 4, 7, limit, limit + 1, 17, 40} - {0}):
         x = rng.standard_normal((n, 512)).astype(np.float32)
         want = x @ dense.T
         got = linear(x, Linear.of(weight))

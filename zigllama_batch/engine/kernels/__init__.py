@@ -11,10 +11,11 @@ computes at once, e.g. Q, K and V), :func:`linear`, :func:`embedding_rows` and
 Which kernel runs is decided here, by the number of activation rows (measured on this
 project's 2-core machine; ``benchmarks/kernels.py`` reruns the measurement):
 
-- up to :data:`GEMV_MAX_ROWS` rows (decode, a few streams; per type):
-  :func:`~.matmul.gemv_fused`, which reads each weight byte once and decodes it in cache; at
-  one row its time is the bytes read (Q4_0 and Q4_1 at one row: :func:`~.matmul.gemv_nibbles`,
-  the same sums without the row loop).
+- up to :data:`GEMV_MAX_ROWS` rows (decode, a few streams, a sequence verifying drafted
+  tokens; per type): a kernel that reads each weight byte once and decodes it in cache. Q8_0,
+  Q4_0 and Q4_1: :func:`~.matmul.gemv_registers` (:mod:`.dotf`: partial sums in registers,
+  three rows a pass), or at one row of Q4_0 and Q4_1 :func:`~.matmul.gemv_nibbles`; at one
+  row the time is the bytes read. Other types: :func:`~.matmul.gemv_fused`.
 - more rows (batched decode, prompt chunks): :func:`~.matmul.gemm`, L2-sized tiles of
   decoded rows multiplied by BLAS.
 - float32 weights: numpy's BLAS.
@@ -60,7 +61,16 @@ from .elementwise import (
 )
 from .int8 import TYPES as INT8_TYPES
 from .int8 import Packed, packed_product, packed_rows, quantize
-from .matmul import decode_rows, decode_tiles, gemm, gemv, gemv_fused, gemv_nibbles, tile_rows
+from .matmul import (
+    decode_rows,
+    decode_tiles,
+    gemm,
+    gemv,
+    gemv_fused,
+    gemv_nibbles,
+    gemv_registers,
+    tile_rows,
+)
 from .tiles import TILE, Tiles
 
 __all__ = [
@@ -83,9 +93,9 @@ F32 = NDArray[np.float32]
 I64 = NDArray[np.int64]
 
 GEMV_MAX_ROWS: dict[Q, int] = {
-    Q.Q8_0: 16,
-    Q.Q4_0: 20,
-    Q.Q4_1: 12,
+    Q.Q8_0: 48,
+    Q.Q4_0: 48,
+    Q.Q4_1: 48,
     Q.Q5_0: 6,
     Q.Q5_1: 6,
     Q.Q4_K: 8,
@@ -94,15 +104,19 @@ GEMV_MAX_ROWS: dict[Q, int] = {
     Q.F16: 2,
     Q.BF16: 2,
 }
-"""Most activation rows multiplied by the matrix-vector kernel, per type; more go to the tiled
-BLAS product. Where the two cross over (``python benchmarks/kernels.py``: an 8192 x 2048 matrix
-read from memory, 2 threads, AMD EPYC Zen 4; ``benchmarks/results/kernels.json``): the fused
-kernel costs about a pass over the weights per row (Q8_0: 0.68 ms at 1 row, 2.9 at 8, 6.4 at
-16, 12.0 at 32); the BLAS product a decode of each tile plus BLAS's packing of it (Q8_0: 5.0 ms
-at 8 rows, 7.2 at 16, 10.1 at 32). Types whose unpacking costs more per value hand over sooner
-(Q6_K: 4.4 against 5.9 ms at 4 rows, 8.5 against 6.6 at 8). Q4_0 over a whole 1B-shaped
-model's linear layers (one step's products, both kernels, AMD EPYC Zen 4): 271 against 360
-ms at 16 rows, 457 against 429 at 24, 628 against 517 at 32."""
+"""Most activation rows multiplied by a matrix-vector kernel, per type; more go to the tiled
+BLAS product. Where they cross over (``python benchmarks/kernels.py``: an 8192 x 2048 matrix
+read from memory, 2 threads, AMD EPYC Zen 4; ``benchmarks/results/kernels.json``): Q8_0,
+Q4_0 and Q4_1 take :func:`~.matmul.gemv_registers`, whose partial sums stay in registers
+(Q4_0: 1.8 ms at 8 rows, 7.0 at 32, 12.2 at 48, 19.8 at 64; the BLAS product 5.3, 9.7, 14.6
+and 15.3). The other types' :func:`~.matmul.gemv_fused` costs about a pass over the weights
+per row, and types whose unpacking costs more per value hand over sooner (Q6_K: 4.4 against
+5.9 ms at 4 rows, 8.5 against 6.6 at 8)."""
+
+_REGISTER_TYPES = frozenset((Q.Q8_0, Q.Q4_0, Q.Q4_1))
+"""The types :func:`~.matmul.gemv_registers` multiplies (all their row counts up to
+:data:`GEMV_MAX_ROWS` but one row of Q4_0 and Q4_1, where unpacking nibbles is the cost and
+:func:`~.matmul.gemv_nibbles` does it in fewer instructions: 0.41 against 0.86 ms)."""
 
 _WIDTH = 32  # see blocks.decode_row: the block width, passed as a value on purpose
 
@@ -361,6 +375,8 @@ def _product(
         gemv(t.code, t.block, *t.arrays, x, out)
     elif x.shape[0] == 1 and w.qtype in (Q.Q4_0, Q.Q4_1):
         gemv_nibbles(t.code, t.qs, t.scale, t.offset, x, out, _WIDTH)
+    elif w.qtype in _REGISTER_TYPES:
+        gemv_registers(t.code, t.qs, t.scale, t.offset, x, out)
     else:
         gemv_fused(t.code, *t.arrays, x, out, _WIDTH)
     return out

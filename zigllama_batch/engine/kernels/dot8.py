@@ -32,6 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .blocks import Q4_0, Q4_1, Q8_0
+from .dotf import by_block_type
 
 __all__ = ["GROUP", "ISA", "MAX_ROWS", "Q8_BIAS", "group_kernel"]
 
@@ -162,17 +163,9 @@ def group_kernel(rows: int) -> Callable[..., None]:
                 for t, a in zip(sig.args[1:8], args[1:8], strict=True)
             ]
             g, r0 = (builder.sext(a, _I64) if a.type.width < 64 else a for a in args[8:])
-            code_v = args[0]
-            is_q4_0 = builder.icmp_signed("==", code_v, ir.Constant(code_v.type, Q4_0))
-            is_q4_1 = builder.icmp_signed("==", code_v, ir.Constant(code_v.type, Q4_1))
-            with builder.if_else(is_q4_0) as (then, otherwise):
-                with then:
-                    _group_body(builder, Q4_0, rows, arrays, g, r0)
-                with otherwise, builder.if_else(is_q4_1) as (q4_1, q8_0):
-                    with q4_1:
-                        _group_body(builder, Q4_1, rows, arrays, g, r0)
-                    with q8_0:
-                        _group_body(builder, Q8_0, rows, arrays, g, r0)
+            by_block_type(
+                builder, args[0], lambda code: _group_body(builder, code, rows, arrays, g, r0)
+            )
             return context.get_dummy_value()
 
         return sig, codegen

@@ -23,9 +23,19 @@ from numba import njit, prange
 
 from .blocks import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0, decode_row
 from .bytes8 import field, join, nibble
+from .dotf import MAX_ROWS, chunk_kernel
 from .tiles import TILE, decode_column
 
-__all__ = ["decode_rows", "decode_tiles", "gemm", "gemv", "gemv_fused", "gemv_nibbles", "tile_rows"]
+__all__ = [
+    "decode_rows",
+    "decode_tiles",
+    "gemm",
+    "gemv",
+    "gemv_fused",
+    "gemv_nibbles",
+    "gemv_registers",
+    "tile_rows",
+]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -60,6 +70,57 @@ def gemv(
         last = min(n_out, first + tile)
         for n in range(n_rows):
             out[n, first:last] = acc[n, : last - first]
+
+
+_K1, _K2, _K3 = (chunk_kernel(rows) for rows in (1, 2, 3))
+
+
+@njit(cache=True)
+def _pass(code, qs, scale, offset, x, sums, part, t, r0, rows):  # type: ignore[no-untyped-def]
+    """Rows r0..r0 + rows (1 to 3) times tile t's output rows, into part (3, TILE)."""
+    if rows == 3:
+        _K3(code, qs, scale, offset, x, sums, part, t, r0)
+    elif rows == 2:
+        _K2(code, qs, scale, offset, x, sums, part, t, r0)
+    else:
+        _K1(code, qs, scale, offset, x, sums, part, t, r0)
+
+
+@njit(parallel=True, cache=True)
+def gemv_registers(
+    code: int,
+    qs: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    x: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """:func:`gemv_fused` for Q4_0, Q4_1 and Q8_0 weights, with the partial sums in registers
+    (:mod:`.dotf`). Threads take tiles; each multiplies its tile by up to three activation
+    rows a pass (a tile of 2048-wide Q4_0 is 128 KiB: passes after the first read it from
+    L2)."""
+    n_tiles, n_blocks, tile = qs.shape[0], qs.shape[1], qs.shape[3]
+    n_rows, n_out = x.shape[0], out.shape[1]
+    sums = np.zeros((n_rows, n_blocks), np.float32)  # each block's sum of x
+    for n in range(n_rows):
+        for b in range(n_blocks):
+            for j in range(32):
+                sums[n, b] += x[n, b * 32 + j]
+    # As few passes as three rows a pass allow, their rows as even as can be: a pass costs
+    # about the same at one row as at three (its weights are decoded either way).
+    passes = -(-n_rows // MAX_ROWS)
+    for t in prange(n_tiles):
+        part = np.empty((MAX_ROWS, tile), np.float32)
+        first = t * tile
+        lanes = min(tile, n_out - first)
+        r = 0
+        for g in range(passes):
+            rows = n_rows // passes + (1 if g < n_rows % passes else 0)
+            _pass(code, qs, scale, offset, x, sums, part, t, r, rows)
+            for i in range(rows):
+                for o in range(lanes):
+                    out[r + i, first + o] = part[i, o]
+            r += rows
 
 
 @njit(parallel=True, cache=True)
