@@ -1,10 +1,11 @@
 """The quantized kernels per block type and row count: which one to run for how many rows.
 
 For each type, a matrix of the 1B model's FFN shape (8192 x 2048, four copies cycled so the
-weights come from memory, not cache) is multiplied by 1, 2, 4, 8, 12, 16, 32 and 256 activation
-rows with both products: the fused matrix-vector kernel and the tiled BLAS one. Reported: the
-median milliseconds of each, billions of weight values a second, GB/s of weight bytes read,
-and where the faster one changes; ``GEMV_MAX_ROWS`` in ``zigllama_batch/engine/kernels`` comes
+weights come from memory, not cache) is multiplied by 1, 2, 3, 4, 8, 12, 16, 32, 48, 64 and 256
+activation rows with both products: the few-row kernel the type uses (``gemv_registers`` for
+Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1, ``gemv_fused`` for the others; at one row of Q4_0 and Q4_1
+``gemv_nibbles``) and the tiled BLAS one. Reported: the median milliseconds of each, billions
+of weight values a second, GB/s of weight bytes read, and where the faster one changes; ``GEMV_MAX_ROWS`` in ``zigllama_batch/engine/kernels`` comes
 from this table.
 
     python benchmarks/kernels.py [--types q8_0,q4_0,...] [--repeats 12]
@@ -25,12 +26,12 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from zigllama_batch.engine.kernels import GEMV_MAX_ROWS, Linear, Weight
+from zigllama_batch.engine.kernels import GEMV_MAX_ROWS, REGISTER_TYPES, Linear, Weight
 from zigllama_batch.engine.kernels.blocks import FORMATS
-from zigllama_batch.engine.kernels.matmul import gemm, gemv_fused
+from zigllama_batch.engine.kernels.matmul import gemm, gemv_fused, gemv_nibbles, gemv_registers
 from zigllama_batch.testing import cpu_name
 
-ROWS = (1, 2, 4, 8, 12, 16, 32, 256)
+ROWS = (1, 2, 3, 4, 8, 12, 16, 32, 48, 64, 256)
 SHAPE = (8192, 2048)
 COPIES = 4
 _SCALES = {Q.Q4_1: (0, 2), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
@@ -56,21 +57,26 @@ def measure(qtype: Q, repeats: int) -> list[dict[str, float]]:
         x = rng.standard_normal((n, cols)).astype(np.float32)
         out = np.empty((n, rows), np.float32)
 
-        def fused(w: Weight, x: np.ndarray, out: np.ndarray) -> None:
+        def gemv(w: Weight, x: np.ndarray, out: np.ndarray) -> None:
             t = w.tiles
             assert t is not None
-            gemv_fused(t.code, *t.arrays, x, out, 32)
+            if x.shape[0] == 1 and qtype in (Q.Q4_0, Q.Q4_1):
+                gemv_nibbles(t.code, t.qs, t.scale, t.offset, x, out, 32)
+            elif qtype in REGISTER_TYPES:
+                gemv_registers(t.code, t.qs, t.qh, t.scale, t.offset, x, out)
+            else:
+                gemv_fused(t.code, *t.arrays, x, out, 32)
 
         def tiled(w: Weight, x: np.ndarray, out: np.ndarray) -> None:
             t = w.tiles
             assert t is not None
             gemm(t.code, t.block, *t.arrays, x, out)
 
-        times: dict[str, list[float]] = {"fused": [], "tiled": []}
-        fused(weights[0], x, out)
+        times: dict[str, list[float]] = {"gemv": [], "tiled": []}
+        gemv(weights[0], x, out)
         tiled(weights[0], x, out)
         for r in range(repeats):  # the two alternate; each repeat on the next copy
-            for name, kernel in (("fused", fused), ("tiled", tiled)):
+            for name, kernel in (("gemv", gemv), ("tiled", tiled)):
                 t0 = time.perf_counter()
                 kernel(weights[r % COPIES], x, out)
                 times[name].append(time.perf_counter() - t0)
@@ -92,19 +98,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
     args = ap.parse_args()
     report = {}
-    print(f"{SHAPE[0]} x {SHAPE[1]} weights, medians of {args.repeats}; ms fused / tiled")
+    print(f"{SHAPE[0]} x {SHAPE[1]} weights, medians of {args.repeats}; ms gemv / tiled")
     for name in args.types.split(","):
         qtype = Q[name.upper()]
         rows = measure(qtype, args.repeats)
         report[qtype.name] = rows
-        cells = "  ".join(
-            f"{int(r['rows'])}: {r['fused_ms']:.2f}/{r['tiled_ms']:.2f}" for r in rows
-        )
-        faster = [int(r["rows"]) for r in rows if r["fused_ms"] <= r["tiled_ms"]]
+        cells = "  ".join(f"{int(r['rows'])}: {r['gemv_ms']:.2f}/{r['tiled_ms']:.2f}" for r in rows)
+        faster = [int(r["rows"]) for r in rows if r["gemv_ms"] <= r["tiled_ms"]]
         one = rows[0]
         print(
-            f"{qtype.name:5} {cells}\n      1 row: {one['fused_gvalues_per_s']:.1f} Gvalues/s, "
-            f"{one['fused_gb_per_s']:.1f} GB/s; fused faster at {faster}; "
+            f"{qtype.name:5} {cells}\n      1 row: {one['gemv_gvalues_per_s']:.1f} Gvalues/s, "
+            f"{one['gemv_gb_per_s']:.1f} GB/s; gemv faster at {faster}; "
             f"GEMV_MAX_ROWS = {GEMV_MAX_ROWS[qtype]}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ project's 2-core machine; ``benchmarks/kernels.py`` reruns the measurement):
 
 - up to :data:`GEMV_MAX_ROWS` rows (decode, a few streams, a sequence verifying drafted
   tokens; per type): a kernel that reads each weight byte once and decodes it in cache. Q8_0,
-  Q4_0 and Q4_1: :func:`~.matmul.gemv_registers` (:mod:`.dotf`: partial sums in registers,
+  Q4_0, Q4_1, Q5_0 and Q5_1: :func:`~.matmul.gemv_registers` (:mod:`.dotf`: partial sums in registers,
   three rows a pass), or at one row of Q4_0 and Q4_1 :func:`~.matmul.gemv_nibbles`; at one
   row the time is the bytes read. Other types: :func:`~.matmul.gemv_fused`.
 - more rows (batched decode, prompt chunks): :func:`~.matmul.gemm`, L2-sized tiles of
@@ -76,6 +76,7 @@ from .tiles import TILE, Tiles
 __all__ = [
     "FORMATS",
     "GEMV_MAX_ROWS",
+    "REGISTER_TYPES",
     "Linear",
     "Weight",
     "attend_decode",
@@ -96,8 +97,8 @@ GEMV_MAX_ROWS: dict[Q, int] = {
     Q.Q8_0: 48,
     Q.Q4_0: 48,
     Q.Q4_1: 48,
-    Q.Q5_0: 6,
-    Q.Q5_1: 6,
+    Q.Q5_0: 16,
+    Q.Q5_1: 16,
     Q.Q4_K: 8,
     Q.Q5_K: 6,
     Q.Q6_K: 4,
@@ -106,17 +107,19 @@ GEMV_MAX_ROWS: dict[Q, int] = {
 }
 """Most activation rows multiplied by a matrix-vector kernel, per type; more go to the tiled
 BLAS product. Where they cross over (``python benchmarks/kernels.py``: an 8192 x 2048 matrix
-read from memory, 2 threads, AMD EPYC Zen 4; ``benchmarks/results/kernels.json``): Q8_0,
-Q4_0 and Q4_1 take :func:`~.matmul.gemv_registers`, whose partial sums stay in registers
-(Q4_0: 1.8 ms at 8 rows, 7.0 at 32, 12.2 at 48, 19.8 at 64; the BLAS product 5.3, 9.7, 14.6
-and 15.3). The other types' :func:`~.matmul.gemv_fused` costs about a pass over the weights
-per row, and types whose unpacking costs more per value hand over sooner (Q6_K: 4.4 against
-5.9 ms at 4 rows, 8.5 against 6.6 at 8)."""
+read from memory, 2 threads, AMD EPYC Zen 4; ``benchmarks/results/kernels.json``): the types
+of :data:`REGISTER_TYPES` take :func:`~.matmul.gemv_registers`, whose partial sums stay in
+registers (Q4_0: 1.8 ms at 8 rows, 7.0 at 32, 12.2 at 48, 19.8 at 64; the BLAS product 5.3,
+9.7, 14.6 and 15.3; Q5_0, whose fifth bits cost more to unpack: 6.6 against 7.9 ms at 16
+rows, 13.1 against 10.9 at 32). The other types' :func:`~.matmul.gemv_fused` costs about a
+pass over the weights per row, and types whose unpacking costs more per value hand over
+sooner (Q6_K: 4.4 against 5.9 ms at 4 rows, 8.5 against 6.6 at 8)."""
 
-_REGISTER_TYPES = frozenset((Q.Q8_0, Q.Q4_0, Q.Q4_1))
+REGISTER_TYPES = frozenset((Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1))
 """The types :func:`~.matmul.gemv_registers` multiplies (all their row counts up to
 :data:`GEMV_MAX_ROWS` but one row of Q4_0 and Q4_1, where unpacking nibbles is the cost and
-:func:`~.matmul.gemv_nibbles` does it in fewer instructions: 0.41 against 0.86 ms)."""
+:func:`~.matmul.gemv_nibbles` does it in fewer instructions: 0.41 against 0.86 ms; at one row
+of Q5_0 it takes 0.92 ms against :func:`~.matmul.gemv_fused`'s 1.60)."""
 
 _WIDTH = 32  # see blocks.decode_row: the block width, passed as a value on purpose
 
@@ -375,8 +378,8 @@ def _product(
         gemv(t.code, t.block, *t.arrays, x, out)
     elif x.shape[0] == 1 and w.qtype in (Q.Q4_0, Q.Q4_1):
         gemv_nibbles(t.code, t.qs, t.scale, t.offset, x, out, _WIDTH)
-    elif w.qtype in _REGISTER_TYPES:
-        gemv_registers(t.code, t.qs, t.scale, t.offset, x, out)
+    elif w.qtype in REGISTER_TYPES:
+        gemv_registers(t.code, t.qs, t.qh, t.scale, t.offset, x, out)
     else:
         gemv_fused(t.code, *t.arrays, x, out, _WIDTH)
     return out

@@ -164,7 +164,10 @@ def group_kernel(rows: int) -> Callable[..., None]:
             ]
             g, r0 = (builder.sext(a, _I64) if a.type.width < 64 else a for a in args[8:])
             by_block_type(
-                builder, args[0], lambda code: _group_body(builder, code, rows, arrays, g, r0)
+                builder,
+                args[0],
+                (Q4_0, Q4_1, Q8_0),
+                lambda code: _group_body(builder, code, rows, arrays, g, r0),
             )
             return context.get_dummy_value()
 

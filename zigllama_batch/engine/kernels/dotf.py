@@ -1,5 +1,5 @@
-"""Exact float32 products of a few activation rows with tiled Q4_0, Q4_1 and Q8_0 weights,
-written as LLVM IR for numba.
+"""Exact float32 products of a few activation rows with tiled Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0
+weights, written as LLVM IR for numba.
 
 Two to a few dozen activation rows (a few streams decoding, a sequence verifying its drafted
 tokens) make a product bound by arithmetic, not by reading the weights: every decoded weight
@@ -27,7 +27,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import Q4_0, Q4_1, Q8_0
+from .blocks import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 
 __all__ = ["CHUNKS", "LANES", "MAX_ROWS", "TYPES", "by_block_type", "chunk_kernel"]
 
@@ -44,7 +44,7 @@ MAX_ROWS = 3
 registers (24), beside the decoded weights (AVX-512 has 32 registers; the block totals spill
 to the stack, read and written once a block)."""
 
-TYPES = (Q4_0, Q4_1, Q8_0)
+TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
 """The block types (their numbers in :data:`~.blocks.FORMATS`) :func:`chunk_kernel` takes."""
 
 _I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
@@ -60,29 +60,33 @@ def _splat(builder: Any, value: Any) -> Any:
     return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
 
 
-def by_block_type(builder: Any, code: Any, emit: Callable[[int], None]) -> None:
-    """IR that runs, of ``emit(Q4_0)``, ``emit(Q4_1)`` and ``emit(Q8_0)``, the one for the
-    block type numbered by the value ``code`` (any other number takes Q8_0's)."""
-    is_q4_0 = builder.icmp_signed("==", code, ir.Constant(code.type, Q4_0))
-    is_q4_1 = builder.icmp_signed("==", code, ir.Constant(code.type, Q4_1))
-    with builder.if_else(is_q4_0) as (then, otherwise):
+def by_block_type(
+    builder: Any, code: Any, codes: tuple[int, ...], emit: Callable[[int], None]
+) -> None:
+    """IR that runs ``emit(c)`` for the ``c`` of ``codes`` equal to the value ``code`` (any
+    other value takes the last one's)."""
+    first, *rest = codes
+    if not rest:
+        emit(first)
+        return
+    with builder.if_else(builder.icmp_signed("==", code, ir.Constant(code.type, first))) as (
+        then,
+        otherwise,
+    ):
         with then:
-            emit(Q4_0)
-        with otherwise, builder.if_else(is_q4_1) as (q4_1, q8_0):
-            with q4_1:
-                emit(Q4_1)
-            with q8_0:
-                emit(Q8_0)
+            emit(first)
+        with otherwise:
+            by_block_type(builder, code, tuple(rest), emit)
 
 
 def chunk_kernel(rows: int) -> Callable[..., None]:
-    """The intrinsic ``kernel(code, qs, scale, offset, x, sums, out, t, r0)`` for ``rows``
+    """The intrinsic ``kernel(code, qs, qh, scale, offset, x, sums, out, t, r0)`` for ``rows``
     activation rows (1 to :data:`MAX_ROWS`) and a weight of block type ``code`` (one of
     :data:`TYPES`): writes into ``out[r, :]`` (float32 (rows or more, TILE), C-contiguous) the
     products of tile ``t``'s output rows with activation rows ``r0 + r``.
 
-    ``qs`` (tiles, blocks, bytes, TILE) uint8 and ``scale``/``offset`` (tiles, blocks, TILE)
-    float32 are a :class:`~.tiles.Tiles` weight's planes (C-contiguous); ``x`` (N, in) float32
+    ``qs``/``qh`` (tiles, blocks, bytes, TILE) uint8 and ``scale``/``offset`` (tiles, blocks,
+    TILE) float32 are a :class:`~.tiles.Tiles` weight's planes (C-contiguous); ``x`` (N, in) float32
     C-contiguous; ``sums`` (N, blocks) float32 each block's sum of ``x``.
     """
 
@@ -90,6 +94,7 @@ def chunk_kernel(rows: int) -> Callable[..., None]:
         typingctx: Any,
         code: Any,
         qs: Any,
+        qh: Any,
         scale: Any,
         offset: Any,
         x: Any,
@@ -98,16 +103,19 @@ def chunk_kernel(rows: int) -> Callable[..., None]:
         t: Any,
         r0: Any,
     ) -> Any:
-        sig = types.void(code, qs, scale, offset, x, sums, out, t, r0)
+        sig = types.void(code, qs, qh, scale, offset, x, sums, out, t, r0)
 
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
             arrays = [
                 context.make_array(ty)(context, builder, a)
-                for ty, a in zip(sig.args[1:7], args[1:7], strict=True)
+                for ty, a in zip(sig.args[1:8], args[1:8], strict=True)
             ]
-            t, r0 = (builder.sext(a, _I64) if a.type.width < 64 else a for a in args[7:])
+            t, r0 = (builder.sext(a, _I64) if a.type.width < 64 else a for a in args[8:])
             by_block_type(
-                builder, args[0], lambda code: _chunk_body(builder, code, rows, arrays, t, r0)
+                builder,
+                args[0],
+                TYPES,
+                lambda code: _chunk_body(builder, code, rows, arrays, t, r0),
             )
             return context.get_dummy_value()
 
@@ -118,8 +126,9 @@ def chunk_kernel(rows: int) -> Callable[..., None]:
 
 def _chunk_body(builder: Any, code: int, rows: int, arrays: list[Any], t: Any, r0: Any) -> None:
     """The IR of :func:`chunk_kernel` for one block type."""
-    qs_a, scale_a, offset_a, x_a, sums_a, out_a = arrays
-    nibbles = code in (Q4_0, Q4_1)
+    qs_a, qh_a, scale_a, offset_a, x_a, sums_a, out_a = arrays
+    nibbles = code != Q8_0
+    fifth = code in (Q5_0, Q5_1)  # a fifth bit per value, bit j of the block's 4 qh bytes
     n_blocks = builder.extract_value(qs_a.shape, 1)
     n_bytes = builder.extract_value(qs_a.shape, 2)
     tile = builder.extract_value(qs_a.shape, 3)
@@ -147,6 +156,18 @@ def _chunk_body(builder: Any, code: int, rows: int, arrays: list[Any], t: Any, r
             p = builder.gep(x_a.data, [builder.add(x_start[r], k(j))])
             return _splat(builder, builder.load(p))
 
+        def high_bit(v: int, ch: int) -> Any:
+            """Value v's fifth bit, as 16 (or 0), for the 16 rows of run ch."""
+            at = builder.add(
+                builder.mul(builder.add(builder.mul(tb, k(4)), k(v >> 3)), tile), k(LANES * ch)
+            )
+            p = builder.gep(qh_a.data, [at])
+            bits = builder.load(builder.bitcast(p, _B.as_pointer()), align=1)
+            bit = builder.and_(
+                builder.lshr(bits, ir.Constant(_B, [v & 7] * LANES)), ir.Constant(_B, [1] * LANES)
+            )
+            return builder.shl(bit, ir.Constant(_B, [4] * LANES))
+
         # One partial sum per row and chunk: rows x CHUNKS independent multiply-add chains.
         parts = [[zero] * CHUNKS for _ in range(rows)]
         for j in range(16 if nibbles else 32):
@@ -156,8 +177,12 @@ def _chunk_body(builder: Any, code: int, rows: int, arrays: list[Any], t: Any, r
                 p = builder.gep(qs_a.data, [builder.add(line, k(LANES * ch))])
                 w = builder.load(builder.bitcast(p, _B.as_pointer()), align=1)
                 if nibbles:  # byte j: value j in its low nibble, value j + 16 in its high
-                    lo = builder.uitofp(builder.and_(w, ir.Constant(_B, [15] * LANES)), _VF)
-                    hi = builder.uitofp(builder.lshr(w, ir.Constant(_B, [4] * LANES)), _VF)
+                    lo = builder.and_(w, ir.Constant(_B, [15] * LANES))
+                    hi = builder.lshr(w, ir.Constant(_B, [4] * LANES))
+                    if fifth:
+                        lo = builder.or_(lo, high_bit(j, ch))
+                        hi = builder.or_(hi, high_bit(j + 16, ch))
+                    lo, hi = builder.uitofp(lo, _VF), builder.uitofp(hi, _VF)
                     for r, (x0, x1) in enumerate(xs):
                         parts[r][ch] = builder.call(fma, [lo, x0, parts[r][ch]])
                         parts[r][ch] = builder.call(fma, [hi, x1, parts[r][ch]])
@@ -173,16 +198,16 @@ def _chunk_body(builder: Any, code: int, rows: int, arrays: list[Any], t: Any, r
             at = builder.add(builder.mul(tb, tile), k(LANES * ch))
             dp = builder.gep(scale_a.data, [at])
             d = builder.load(builder.bitcast(dp, _VF.as_pointer()), align=4)
-            if code == Q4_1:
+            if code in (Q4_1, Q5_1):
                 mp = builder.gep(offset_a.data, [at])
                 m = builder.load(builder.bitcast(mp, _VF.as_pointer()), align=4)
             for r in range(rows):
                 part = parts[r][ch]
-                if code == Q4_0:  # values q - 8
-                    eight = _splat(builder, ir.Constant(_F32, 8.0))
-                    part = builder.fsub(part, builder.fmul(sums[r], eight))
+                if code in (Q4_0, Q5_0):  # values q - 8, q - 16
+                    bias = _splat(builder, ir.Constant(_F32, 8.0 if code == Q4_0 else 16.0))
+                    part = builder.fsub(part, builder.fmul(sums[r], bias))
                 term = builder.fmul(d, part)
-                if code == Q4_1:  # + m * sum(x): the minimums' share
+                if code in (Q4_1, Q5_1):  # + m * sum(x): the minimums' share
                     term = builder.call(fma, [m, sums[r], term])
                 builder.store(builder.fadd(builder.load(acc[r][ch]), term), acc[r][ch])
     out_width = builder.extract_value(out_a.shape, 1)

@@ -76,26 +76,27 @@ _K1, _K2, _K3 = (chunk_kernel(rows) for rows in (1, 2, 3))
 
 
 @njit(cache=True)
-def _pass(code, qs, scale, offset, x, sums, part, t, r0, rows):  # type: ignore[no-untyped-def]
+def _pass(code, qs, qh, scale, offset, x, sums, part, t, r0, rows):  # type: ignore[no-untyped-def]
     """Rows r0..r0 + rows (1 to 3) times tile t's output rows, into part (3, TILE)."""
     if rows == 3:
-        _K3(code, qs, scale, offset, x, sums, part, t, r0)
+        _K3(code, qs, qh, scale, offset, x, sums, part, t, r0)
     elif rows == 2:
-        _K2(code, qs, scale, offset, x, sums, part, t, r0)
+        _K2(code, qs, qh, scale, offset, x, sums, part, t, r0)
     else:
-        _K1(code, qs, scale, offset, x, sums, part, t, r0)
+        _K1(code, qs, qh, scale, offset, x, sums, part, t, r0)
 
 
 @njit(parallel=True, cache=True)
 def gemv_registers(
     code: int,
     qs: np.ndarray,
+    qh: np.ndarray,
     scale: np.ndarray,
     offset: np.ndarray,
     x: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """:func:`gemv_fused` for Q4_0, Q4_1 and Q8_0 weights, with the partial sums in registers
+    """:func:`gemv_fused` for Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weights, with the partial sums in registers
     (:mod:`.dotf`). Threads take tiles; each multiplies its tile by up to three activation
     rows a pass (a tile of 2048-wide Q4_0 is 128 KiB: passes after the first read it from
     L2)."""
@@ -116,7 +117,7 @@ def gemv_registers(
         r = 0
         for g in range(passes):
             rows = n_rows // passes + (1 if g < n_rows % passes else 0)
-            _pass(code, qs, scale, offset, x, sums, part, t, r, rows)
+            _pass(code, qs, qh, scale, offset, x, sums, part, t, r, rows)
             for i in range(rows):
                 for o in range(lanes):
                     out[r + i, first + o] = part[i, o]
