@@ -109,9 +109,9 @@ GEMV_MAX_ROWS: dict[Q, int] = {
 BLAS product. Where they cross over (``python benchmarks/kernels.py``: an 8192 x 2048 matrix
 read from memory, 2 threads, AMD EPYC Zen 4; ``benchmarks/results/kernels.json``): the types
 of :data:`REGISTER_TYPES` take :func:`~.matmul.gemv_registers`, whose partial sums stay in
-registers (Q4_0: 1.8 ms at 8 rows, 7.0 at 32, 12.2 at 48, 19.8 at 64; the BLAS product 5.3,
-9.7, 14.6 and 15.3; Q5_0, whose fifth bits cost more to unpack: 6.6 against 7.9 ms at 16
-rows, 13.1 against 10.9 at 32). The other types' :func:`~.matmul.gemv_fused` costs about a
+registers (Q4_0: 1.97 ms at 8 rows, 7.5 at 32, 10.9 at 48, 14.6 at 64; the BLAS product 5.7,
+10.0, 12.1 and 15.0, and 46 against 56 at 256; Q5_0, whose fifth bits cost more to unpack: 6.9
+against 8.4 ms at 16 rows, 11.3 against 10.7 at 32). The other types' :func:`~.matmul.gemv_fused` costs about a
 pass over the weights per row, and types whose unpacking costs more per value hand over
 sooner (Q6_K: 4.4 against 5.9 ms at 4 rows, 8.5 against 6.6 at 8)."""
 
@@ -119,7 +119,7 @@ REGISTER_TYPES = frozenset((Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1))
 """The types :func:`~.matmul.gemv_registers` multiplies (all their row counts up to
 :data:`GEMV_MAX_ROWS` but one row of Q4_0 and Q4_1, where unpacking nibbles is the cost and
 :func:`~.matmul.gemv_nibbles` does it in fewer instructions: 0.41 against 0.86 ms; at one row
-of Q5_0 it takes 0.92 ms against :func:`~.matmul.gemv_fused`'s 1.60)."""
+of Q5_0 it takes 0.77-0.92 ms against :func:`~.matmul.gemv_fused`'s 1.60)."""
 
 _WIDTH = 32  # see blocks.decode_row: the block width, passed as a value on purpose
 
