@@ -4,9 +4,10 @@ For each type, a matrix of the 1B model's FFN shape (8192 x 2048, four copies cy
 weights come from memory, not cache) is multiplied by 1, 2, 3, 4, 8, 12, 16, 32, 48, 64 and 256
 activation rows with both products: the few-row kernel the type uses (``gemv_registers`` for
 Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1, ``gemv_fused`` for the others; at one row of Q4_0 and Q4_1
-``gemv_nibbles``) and the tiled BLAS one. Reported: the median milliseconds of each, billions
-of weight values a second, GB/s of weight bytes read, and where the faster one changes; ``GEMV_MAX_ROWS`` in ``zigllama_batch/engine/kernels`` comes
-from this table.
+``gemv_nibbles``: ``few_rows_product``) and the tiled BLAS one. Reported: the median
+milliseconds of each, billions of weight values a second, GB/s of weight bytes read, and where
+the faster one changes; ``GEMV_MAX_ROWS`` in ``zigllama_batch/engine/kernels`` comes from this
+table.
 
     python benchmarks/kernels.py [--types q8_0,q4_0,...] [--repeats 12]
 
@@ -26,9 +27,9 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from zigllama_batch.engine.kernels import GEMV_MAX_ROWS, REGISTER_TYPES, Linear, Weight
+from zigllama_batch.engine.kernels import GEMV_MAX_ROWS, Linear, Weight, few_rows_product
 from zigllama_batch.engine.kernels.blocks import FORMATS
-from zigllama_batch.engine.kernels.matmul import gemm, gemv_fused, gemv_nibbles, gemv_registers
+from zigllama_batch.engine.kernels.matmul import gemm
 from zigllama_batch.testing import cpu_name
 
 ROWS = (1, 2, 3, 4, 8, 12, 16, 32, 48, 64, 256)
@@ -58,14 +59,7 @@ def measure(qtype: Q, repeats: int) -> list[dict[str, float]]:
         out = np.empty((n, rows), np.float32)
 
         def gemv(w: Weight, x: np.ndarray, out: np.ndarray) -> None:
-            t = w.tiles
-            assert t is not None
-            if x.shape[0] == 1 and qtype in (Q.Q4_0, Q.Q4_1):
-                gemv_nibbles(t.code, t.qs, t.scale, t.offset, x, out, 32)
-            elif qtype in REGISTER_TYPES:
-                gemv_registers(t.code, t.qs, t.qh, t.scale, t.offset, x, out)
-            else:
-                gemv_fused(t.code, *t.arrays, x, out, 32)
+            few_rows_product(x, w, out)
 
         def tiled(w: Weight, x: np.ndarray, out: np.ndarray) -> None:
             t = w.tiles

@@ -76,13 +76,13 @@ from .tiles import TILE, Tiles
 __all__ = [
     "FORMATS",
     "GEMV_MAX_ROWS",
-    "REGISTER_TYPES",
     "Linear",
     "Weight",
     "attend_decode",
     "attend_prefill",
     "dequantize",
     "embedding_rows",
+    "few_rows_product",
     "gated_activation",
     "linear",
     "rms_norm",
@@ -108,14 +108,14 @@ GEMV_MAX_ROWS: dict[Q, int] = {
 """Most activation rows multiplied by a matrix-vector kernel, per type; more go to the tiled
 BLAS product. Where they cross over (``python benchmarks/kernels.py``: an 8192 x 2048 matrix
 read from memory, 2 threads, AMD EPYC Zen 4; ``benchmarks/results/kernels.json``): the types
-of :data:`REGISTER_TYPES` take :func:`~.matmul.gemv_registers`, whose partial sums stay in
+Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 take :func:`~.matmul.gemv_registers`, whose partial sums stay in
 registers (Q4_0: 1.97 ms at 8 rows, 7.5 at 32, 10.9 at 48, 14.6 at 64; the BLAS product 5.7,
 10.0, 12.1 and 15.0, and 46 against 56 at 256; Q5_0, whose fifth bits cost more to unpack: 6.9
 against 8.4 ms at 16 rows, 11.3 against 10.7 at 32). The other types' :func:`~.matmul.gemv_fused` costs about a
 pass over the weights per row, and types whose unpacking costs more per value hand over
 sooner (Q6_K: 4.4 against 5.9 ms at 4 rows, 8.5 against 6.6 at 8)."""
 
-REGISTER_TYPES = frozenset((Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1))
+_REGISTER_TYPES = frozenset((Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1))
 """The types :func:`~.matmul.gemv_registers` multiplies (all their row counts up to
 :data:`GEMV_MAX_ROWS` but one row of Q4_0 and Q4_1, where unpacking nibbles is the cost and
 :func:`~.matmul.gemv_nibbles` does it in fewer instructions: 0.41 against 0.86 ms; at one row
@@ -371,18 +371,28 @@ def _product(
         packed_product(*x8, w.packed, out)
         return out
     assert w.tiles is not None
-    t = w.tiles
     if x.shape[0] > GEMV_MAX_ROWS[w.qtype]:
+        t = w.tiles
         gemm(t.code, t.block, *t.arrays, x, out)
-    elif w.qtype in (Q.F16, Q.BF16):
+    else:
+        few_rows_product(x, w, out)
+    return out
+
+
+def few_rows_product(x: F32, w: Weight, out: F32) -> None:
+    """``out`` (N, rows) = ``x`` (N, cols) float32 C-contiguous times the tiled weight ``w``
+    transposed, by the matrix-vector kernel of its type and row count (what :func:`linear`
+    runs up to :data:`GEMV_MAX_ROWS` rows)."""
+    t = w.tiles
+    assert t is not None
+    if w.qtype in (Q.F16, Q.BF16):
         gemv(t.code, t.block, *t.arrays, x, out)
     elif x.shape[0] == 1 and w.qtype in (Q.Q4_0, Q.Q4_1):
         gemv_nibbles(t.code, t.qs, t.scale, t.offset, x, out, _WIDTH)
-    elif w.qtype in REGISTER_TYPES:
+    elif w.qtype in _REGISTER_TYPES:
         gemv_registers(t.code, t.qs, t.qh, t.scale, t.offset, x, out)
     else:
         gemv_fused(t.code, *t.arrays, x, out, _WIDTH)
-    return out
 
 
 def embedding_rows(w: Weight, ids: I64) -> F32:

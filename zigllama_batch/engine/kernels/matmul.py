@@ -96,10 +96,10 @@ def gemv_registers(
     x: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """:func:`gemv_fused` for Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weights, with the partial sums in registers
-    (:mod:`.dotf`). Threads take tiles; each multiplies its tile by up to three activation
-    rows a pass (a tile of 2048-wide Q4_0 is 128 KiB: passes after the first read it from
-    L2)."""
+    """:func:`gemv_fused` for Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weights, with the partial sums
+    in registers (:mod:`.dotf`). Threads take tiles; each multiplies its tile by up to three
+    activation rows a pass (a tile of 2048-wide Q4_0 is 128 KiB: passes after the first read
+    it from L2)."""
     n_tiles, n_blocks, tile = qs.shape[0], qs.shape[1], qs.shape[3]
     n_rows, n_out = x.shape[0], out.shape[1]
     sums = np.zeros((n_rows, n_blocks), np.float32)  # each block's sum of x
