@@ -4,9 +4,12 @@ Decode steps are timed A/B interleaved with the bare weight products of the same
 engine's own kernels, same shapes, same weights): their ratio, the engine's share of the
 matrix-multiply bound, holds on a noisy machine where absolute figures drift. The batching gain
 (tokens/s at batch 32 over batch 1) is measured the same way, from batch-1 and batch-32 steps
-alternated. Batch 1 is also set beside a memory-bandwidth bound: float32 matrix-vector
-products over as many bytes as the model's weights, the time any kernel needs to read them
-once. Medians everywhere.
+alternated. Batch 1 is also set beside a memory-bandwidth bound: float32 matrix-vector products
+over as many bytes as the model's weights, the time any kernel needs to read them once (its
+share from batch-1 steps alternated with those reads, too); prefill beside an arithmetic bound:
+a prompt token's multiply-adds at the rate numpy's BLAS multiplies large float32 matrices,
+which no kernel multiplying float32 activations by the weights' exact values exceeds (a float32
+engine included). Medians everywhere.
 
     python benchmarks/engine.py [--model PATH|NAME] [--steps 32] [--batches 1,8,32,64] [--out FILE]
 
@@ -61,20 +64,52 @@ def bare_matmuls(model: LLaMAModel, batch: int, scratch: dict[int, Any]) -> None
     linear(x, w.output)
 
 
-def bandwidth_bound(nbytes: int, repeats: int = 15) -> dict[str, float]:
+def bandwidth_bound(
+    engine: Engine, nbytes: int, steps: int, rng: np.random.Generator
+) -> dict[str, float]:
     """Seconds to read ``nbytes`` of float32 weights once in matrix-vector products (numpy's
-    BLAS, all cores): a floor on a batch-1 decode step over weights of that many bytes."""
+    BLAS, all cores): a floor on a batch-1 decode step over weights of that many bytes. Timed
+    alternately with batch-1 decode steps of ``engine``; ``share`` is the median over the
+    pairs of bound time / step time, so the machine's drift enters neither side alone."""
     cols = 4096
     w = np.ones((max(1, nbytes // (4 * cols)), cols), np.float32)
     x = np.ones(cols, np.float32)
     np.matvec(w, x)
-    times = []
-    for _ in range(repeats):
+    decoding = _Decoding(engine, [ALONE_SLOT], rng)
+    decoding.step()
+    times, steps_s = [], []
+    for _ in range(max(steps, 15)):
         t0 = time.perf_counter()
         np.matvec(w, x)
         times.append(time.perf_counter() - t0)
+        steps_s.append(decoding.step())
     t = statistics.median(times)
-    return {"ms": t * 1e3, "gb_per_s": w.nbytes / t / 1e9, "tokens_per_s": 1 / t}
+    share = statistics.median(b / s for b, s in zip(times, steps_s, strict=True))
+    return {"ms": t * 1e3, "gb_per_s": w.nbytes / t / 1e9, "tokens_per_s": 1 / t, "share": share}
+
+
+def arithmetic_bound(model: LLaMAModel, repeats: int = 7) -> dict[str, float]:
+    """A prompt token's float32 multiply-adds in the layers' weight products (``2 x`` their
+    weight values: the output head runs on one token of a prompt) at the rate numpy's BLAS
+    multiplies large float32 matrices on all cores: a ceiling on prefill for any kernel that
+    multiplies float32 activations by the weights' exact values, this engine's or a float32
+    one's."""
+    values = sum(
+        linear_layer.rows * linear_layer.cols
+        for layer in model.weights.layers
+        for linear_layer in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
+    )
+    a = np.ones((1024, 2048), np.float32)
+    b = np.ones((2048, 4096), np.float32)
+    out = np.empty((1024, 4096), np.float32)
+    np.matmul(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=out)
+        times.append(time.perf_counter() - t0)
+    flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / statistics.median(times)
+    return {"gflops": flops / 1e9, "tokens_per_s": flops / (2 * values)}
 
 
 class _Decoding:
@@ -251,8 +286,9 @@ def main() -> None:
     prefill = [bench_prefill(engine, int(n), 5, rng) for n in args.prefill.split(",")]
     decode = [bench_decode(engine, model, b, args.steps, rng) for b in batches]
     gain = bench_batching_gain(engine, args.steps, rng)
+    bound = bandwidth_bound(engine, model.weights.nbytes, args.steps, rng)
     del engine
-    bound = bandwidth_bound(model.weights.nbytes)
+    arithmetic = arithmetic_bound(model)
     memory = None if args.skip_memory else bench_memory(args.model, 32, 1024, args.activations)
 
     b1 = next(d for d in decode if d["batch"] == 1)["tokens_per_s"]
@@ -274,6 +310,7 @@ def main() -> None:
         "rss_after_load_mib": rss_after_load,
         "peak_rss_during_load_mib": peak_during_load,
         "bandwidth_bound_batch1": bound,
+        "arithmetic_bound_prefill": arithmetic,
         "prefill": prefill,
         "decode": decode,
         "batch32_over_batch1": b32 / b1,
@@ -285,9 +322,16 @@ def main() -> None:
         f"MiB (peak {peak_during_load:.0f}), file {file_mib:.0f} MiB, weights "
         f"{result['weights_mib']:.0f} MiB\n"
     )
-    print("prefill          ms    tokens/s")
+    print("prefill          ms    tokens/s  share of the arithmetic bound")
     for p in prefill:
-        print(f"  {p['prompt_tokens']:>4} tokens {p['ms']:>8.1f} {p['tokens_per_s']:>9.0f}")
+        print(
+            f"  {p['prompt_tokens']:>4} tokens {p['ms']:>8.1f} {p['tokens_per_s']:>9.0f} "
+            f"{p['tokens_per_s'] / arithmetic['tokens_per_s']:>9.0%}"
+        )
+    print(
+        f"arithmetic bound on prefill: {arithmetic['tokens_per_s']:.1f} tokens/s (float32 "
+        f"products at {arithmetic['gflops']:.0f} GFLOPS, numpy's BLAS on all cores)"
+    )
     print("\ndecode   step ms  tokens/s  matmul-bound tokens/s  share  other ms/step")
     for d in decode:
         print(
@@ -298,7 +342,8 @@ def main() -> None:
     print(
         f"\nbandwidth bound at batch 1: {bound['tokens_per_s']:.1f} tokens/s "
         f"({bound['gb_per_s']:.1f} GB/s of float32 weights); batch 1 reaches "
-        f"{b1 / bound['tokens_per_s']:.0%} of it"
+        f"{b1 / bound['tokens_per_s']:.0%} of it, {bound['share']:.0%} from steps alternated "
+        "with the bound's reads"
     )
     print(
         f"batch 32 / batch 1: {result['batch32_over_batch1']:.1f}x from the sections above, "

@@ -140,6 +140,10 @@ def run_engine(
         result[f"pp{row['prompt_tokens']}"] = row["tokens_per_s"]
     if "bandwidth_bound_batch1" in data:
         result["bandwidth_bound_batch1"] = data["bandwidth_bound_batch1"]["tokens_per_s"]
+        if "share" in data["bandwidth_bound_batch1"]:
+            result["batch1_share_of_bound"] = data["bandwidth_bound_batch1"]["share"]
+    if "arithmetic_bound_prefill" in data:
+        result["arithmetic_bound_prefill"] = data["arithmetic_bound_prefill"]["tokens_per_s"]
     return result
 
 
@@ -203,10 +207,19 @@ def main() -> None:
     )
     if "bandwidth_bound_batch1" in ours:
         bound = ours["bandwidth_bound_batch1"]
+        alternated = (
+            f", {ours['batch1_share_of_bound']:.0%} from steps alternated with its reads"
+            if "batch1_share_of_bound" in ours
+            else ""
+        )
         print(
             f"batch 1 at {ours['batch1'] / bound:.0%} of the same-run bandwidth bound "
-            f"({bound:.1f} tokens/s)"
+            f"({bound:.1f} tokens/s){alternated}"
         )
+    if "arithmetic_bound_prefill" in ours:
+        bound = ours["arithmetic_bound_prefill"]
+        shares = ", ".join(f"pp{n} {ours[f'pp{n}'] / bound:.0%}" for n in PREFILL)
+        print(f"prefill at {shares} of the same-run arithmetic bound ({bound:.1f} tokens/s)")
     print(f"memory limit (1.15 x file + 300 MiB): {1.15 * file_mib + 300:.0f} MiB")
 
     name = args.model.name.removesuffix(".gguf") + ("-int8" if args.int8 else "")
