@@ -10,7 +10,7 @@ requests cycling through all tasks at once, tokens/s = all completion tokens / w
 Greedy output must be identical on and off (checked, reported). Also reported: drafted and
 accepted tokens, accepted per verify step, steps per request.
 
-    python benchmarks/speculative.py [--model smollm2-135m] [--rounds 3] [--k 6]
+    python benchmarks/speculative.py [--model smollm2-135m] [--rounds 3] [--k 8]
         [--draft-model smollm2-135m]
 
 With ``--draft-model`` (a GGUF file or a packaged model's name, as ``--model``), "on" drafts
@@ -220,7 +220,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="GGUF file or packaged model name")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--k", type=int, default=6, help="speculative_tokens when on")
+    ap.add_argument("--k", type=int, default=8, help="speculative_tokens when on")
     ap.add_argument(
         "--draft-model",
         default=None,
