@@ -94,11 +94,7 @@ def arithmetic_bound(model: LLaMAModel, repeats: int = 7) -> dict[str, float]:
     multiplies large float32 matrices on all cores: a ceiling on prefill for any kernel that
     multiplies float32 activations by the weights' exact values, this engine's or a float32
     one's."""
-    values = sum(
-        linear_layer.rows * linear_layer.cols
-        for layer in model.weights.layers
-        for linear_layer in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
-    )
+    values = sum(w.rows * w.cols for layer in model.weights.layers for w in layer.linears)
     a = np.ones((1024, 2048), np.float32)
     b = np.ones((2048, 4096), np.float32)
     out = np.empty((1024, 4096), np.float32)

@@ -142,6 +142,11 @@ class LayerWeights:
     post_ffn_norm: F32 | None = None  # (dim,): RMSNorm of the feed-forward output
 
     @property
+    def linears(self) -> tuple[Linear, Linear, Linear, Linear]:
+        """The layer's weight matrices: Q/K/V, the attention output, gate/up and down."""
+        return (self.wqkv, self.wo, self.w_gate_up, self.w_down)
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by this layer."""
         vectors = (
@@ -153,8 +158,8 @@ class LayerWeights:
             self.post_attn_norm,
             self.post_ffn_norm,
         )
-        linears = (self.wqkv, self.wo, self.w_gate_up, self.w_down)
-        return sum(v.nbytes for v in vectors if v is not None) + sum(w.nbytes for w in linears)
+        linears = sum(w.nbytes for w in self.linears)
+        return sum(v.nbytes for v in vectors if v is not None) + linears
 
 
 @dataclass(slots=True, kw_only=True)

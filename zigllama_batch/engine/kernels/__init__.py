@@ -13,9 +13,9 @@ project's 2-core machine; ``benchmarks/kernels.py`` reruns the measurement):
 
 - up to :data:`GEMV_MAX_ROWS` rows (decode, a few streams, a sequence verifying drafted
   tokens; per type): a kernel that reads each weight byte once and decodes it in cache. Q8_0,
-  Q4_0, Q4_1, Q5_0 and Q5_1: :func:`~.matmul.gemv_registers` (:mod:`.dotf`: partial sums in registers,
-  three rows a pass), or at one row of Q4_0 and Q4_1 :func:`~.matmul.gemv_nibbles`; at one
-  row the time is the bytes read. Other types: :func:`~.matmul.gemv_fused`.
+  Q4_0, Q4_1, Q5_0 and Q5_1: :func:`~.matmul.gemv_registers` (:mod:`.dotf`: partial sums in
+  registers, three rows a pass), or at one row of Q4_0 and Q4_1 :func:`~.matmul.gemv_nibbles`;
+  at one row the time is the bytes read. Other types: :func:`~.matmul.gemv_fused`.
 - more rows (batched decode, prompt chunks): :func:`~.matmul.gemm`, L2-sized tiles of
   decoded rows multiplied by BLAS.
 - float32 weights: numpy's BLAS.
@@ -111,9 +111,9 @@ read from memory, 2 threads, AMD EPYC Zen 4; ``benchmarks/results/kernels.json``
 Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 take :func:`~.matmul.gemv_registers`, whose partial sums stay in
 registers (Q4_0: 1.97 ms at 8 rows, 7.5 at 32, 10.9 at 48, 14.6 at 64; the BLAS product 5.7,
 10.0, 12.1 and 15.0, and 46 against 56 at 256; Q5_0, whose fifth bits cost more to unpack: 6.9
-against 8.4 ms at 16 rows, 11.3 against 10.7 at 32). The other types' :func:`~.matmul.gemv_fused` costs about a
-pass over the weights per row, and types whose unpacking costs more per value hand over
-sooner (Q6_K: 4.4 against 5.9 ms at 4 rows, 8.5 against 6.6 at 8)."""
+against 8.4 ms at 16 rows, 11.3 against 10.7 at 32). The other types'
+:func:`~.matmul.gemv_fused` costs about a pass over the weights per row, and types whose
+unpacking costs more per value hand over sooner (Q6_K: 4.4 against 5.9 ms at 4 rows, 8.5 against 6.6 at 8)."""
 
 _REGISTER_TYPES = frozenset((Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1))
 """The types :func:`~.matmul.gemv_registers` multiplies (all their row counts up to
